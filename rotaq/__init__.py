@@ -1,0 +1,15 @@
+"""rotaq: graph rewriting for structured compression of trained neural networks.
+
+Public API: :func:`load`, :func:`optimize`, :class:`Recipe`, :class:`Model`, :func:`inspect`.
+Backends (ONNX Runtime, TVM) are imported lazily.
+"""
+
+from rotaq.api import OptimizeResult, optimize
+from rotaq.errors import RotaqError
+from rotaq.inspect import inspect
+from rotaq.loading import load
+from rotaq.model import Model
+from rotaq.recipe import Recipe
+
+__all__ = ["load", "optimize", "inspect", "Recipe", "Model", "OptimizeResult", "RotaqError"]
+__version__ = "0.1.0"

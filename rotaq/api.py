@@ -1,0 +1,90 @@
+"""``rotaq.optimize``: run a recipe on a model, verify it, report."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from rotaq.errors import VerificationError
+from rotaq.loading import load
+from rotaq.model import Model, max_rel_error
+from rotaq.recipe import Recipe
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class OptimizeResult:
+    model: Model
+    report: dict[str, Any]
+    reference: list = field(default_factory=list, repr=False)
+    exact: bool = False
+
+    def save(self, path: str) -> dict[str, Any]:
+        """Write the model (atomically), reload the written file, run it on the sample inputs
+        and record its error against the original in the report (``verify[<runtime>]``)."""
+        self.model.save(path)
+        written = load(path)
+        written.sample_inputs = self.model.sample_inputs
+        err = max_rel_error(self.reference, written.run())
+        runtime = "ort" if written.ir == "onnx" else "torch"
+        self.report["verify"][runtime] = err
+        self.report["max_rel_error"] = max(self.report["verify"].values())
+        self.report["output"] = os.path.abspath(path)
+        tol = self.report["tolerance"]
+        if self.exact and tol is not None and err > tol:
+            _remove_output(path)
+            raise VerificationError(f"{path}: written model differs from the original by "
+                                    f"{err:.3g} (max relative error) > tolerance {tol:g}")
+        return self.report
+
+
+def _remove_output(path: str) -> None:
+    for p in (path, path + ".data", os.path.splitext(path)[0] + ".onnx.data"):
+        if os.path.exists(p):
+            os.unlink(p)
+
+
+def optimize(model: Any, recipe: str | Recipe = "rotate", *, options: dict[str, Any] | None = None,
+             verify: bool = True, example_inputs: Any = None) -> OptimizeResult:
+    """Apply ``recipe`` (a built-in name, a JSON path or a :class:`Recipe`) to ``model``.
+
+    The original model is not modified. With ``verify`` the rewritten model is run on the
+    sample inputs beside the original; an exact recipe whose max relative error exceeds the
+    recipe's tolerance raises :class:`VerificationError`.
+    """
+    src = load(model, example_inputs)
+    rec = recipe if isinstance(recipe, Recipe) else Recipe.load(recipe)
+    if options:
+        rec = rec.with_options(options)
+    passes = rec.build()
+    exact = all(getattr(p, "exact", False) for p in passes)
+    reference = src.run() if verify else []
+    work = src.clone()
+    t0 = time.perf_counter()
+    pass_reports = []
+    for p in passes:
+        t = time.perf_counter()
+        log.info("running pass %s", p.name)
+        res = p(work)
+        work = res.model
+        pass_reports.append({"pass": p.name, "modified": res.modified, "stats": res.stats,
+                             "seconds": round(time.perf_counter() - t, 3)})
+    report: dict[str, Any] = {
+        "model": src.source.get("name", ""), "ir": src.ir, "recipe": rec.to_dict(),
+        "passes": pass_reports, "seconds": round(time.perf_counter() - t0, 3),
+        "exact": exact, "tolerance": rec.tolerance, "verify": {},
+    }
+    if verify:
+        err = max_rel_error(reference, work.run())
+        runtime = "ort" if work.ir == "onnx" else "torch"
+        report["verify"][runtime] = err
+        report["max_rel_error"] = err
+        report["verify_inputs"] = {k: list(v.shape) for k, v in src.sample_inputs.items()}
+        if exact and rec.tolerance is not None and err > rec.tolerance:
+            raise VerificationError(f"recipe '{rec.name}' is exact but changed the outputs by "
+                                    f"{err:.3g} (max relative error) > tolerance {rec.tolerance:g}")
+    return OptimizeResult(work, report, reference, exact)

@@ -1,0 +1,274 @@
+"""The ``rotaq`` command: a thin layer over the Python API.
+
+Exit codes: 0 success, 2 a problem with the input or a refused rewrite (one line on stderr),
+3 a verification failure, 1 an unexpected internal error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import Any
+
+from rotaq.errors import RotaqError, VerificationError
+
+log = logging.getLogger("rotaq")
+
+
+def _options(pairs: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for p in pairs or []:
+        if "=" not in p:
+            raise RotaqError(f"--set expects KEY=VALUE, got '{p}'")
+        k, v = p.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
+def _emit(data: dict[str, Any], as_json: bool, human) -> None:
+    if as_json:
+        json.dump(data, sys.stdout, indent=2, default=_jsonable)
+        sys.stdout.write("\n")
+    else:
+        human(data)
+
+
+def _jsonable(o: Any) -> Any:
+    import numpy as np
+
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    return str(o)
+
+
+# ---- inspect --------------------------------------------------------------------------------
+def _print_inspect(d: dict[str, Any]) -> None:
+    print(f"model: {d['model']}  ({d['ir']})")
+    print(f"linears: {d['num_linears']}")
+    kinds: dict[str, int] = {}
+    for n in d["norms"]:
+        kinds[n["kind"]] = kinds.get(n["kind"], 0) + 1
+    print("norms: " + ", ".join(f"{v} {'RMSNorm' if k == 'rms' else 'LayerNorm'}"
+                                for k, v in kinds.items()))
+    if d["attention"]:
+        a0 = d["attention"][0]
+        print(f"attention: {len(d['attention'])} sites ({a0['kind']}), {a0['num_heads']} heads, "
+              f"{a0['num_kv_heads']} KV heads, head size {a0['head_dim']}")
+    r = d["residual"]
+    print(f"residual stream: {'pre-norm' if d['pre_norm'] else 'not pre-norm'}, "
+          f"{r['blocks']} blocks, embedding {r['embedding']}, head {', '.join(map(str, r['head']))}")
+    if "stats" in d:
+        print(f"{'linear':48s} {'max/RMS':>9s} {'kurtosis':>9s}")
+        for row in d["stats"]:
+            print(f"{row['name'][:48]:48s} {row['max_rms']:9.2f} {row['kurtosis']:9.2f}")
+    if "stats_summary" in d:
+        print(json.dumps(d["stats_summary"], indent=2))
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    import rotaq
+    from rotaq.eval import stats as st
+
+    model = rotaq.load(args.model, ir="onnx" if args.onnx else "fx")
+    data = rotaq.inspect(model)
+    if args.stats or args.plot:
+        feeds = st.calibration_feeds(model, args.text, args.tokens, args.window)
+        before = st.activation_stats(model, feeds)
+        data["stats"] = st.summarize(before)
+        after = None
+        if args.recipe:
+            res = rotaq.optimize(model, args.recipe)
+            after = st.activation_stats(res.model, feeds)
+            data["stats_after"] = st.summarize(after)
+            data["stats_recipe"] = args.recipe
+            data["stats_summary"] = _stats_summary(before, after, data)
+        if args.plot:
+            key = _pick_layer(before, args.layer)
+            st.plot_channels(before[key], after[key] if after else None, args.plot,
+                             f"{data['model']}: input of {before[key]['name']}")
+            data["plot"] = {"file": os.path.abspath(args.plot), "layer": before[key]["name"]}
+    _emit(data, args.json, _print_inspect)
+    return 0
+
+
+def _stats_summary(before: dict, after: dict, data: dict) -> dict[str, Any]:
+    """Worst max/RMS per projection role, before and after (roles from the attention sites)."""
+    roles: dict[str, set[str]] = {"q/k/v": set(), "o": set(), "mlp-in": set(), "down": set()}
+    keys_of = {a["key"]: a for a in data["attention"]}
+    lin_by_name = {l["name"]: l["key"] for l in data["linears"]}
+    for a in keys_of.values():
+        for r in ("q_proj", "k_proj", "v_proj"):
+            if a[r] in lin_by_name:
+                roles["q/k/v"].add(lin_by_name[a[r]])
+        if a["o_proj"] in lin_by_name:
+            roles["o"].add(lin_by_name[a["o_proj"]])
+    out = {}
+    for role, keys in roles.items():
+        keys = [k for k in keys if k in before and k in after]
+        if keys:
+            out[role] = {"max_rms_before": max(before[k]["max_rms"] for k in keys),
+                         "max_rms_after": max(after[k]["max_rms"] for k in keys),
+                         "kurtosis_before": max(before[k]["kurtosis"] for k in keys),
+                         "kurtosis_after": max(after[k]["kurtosis"] for k in keys)}
+    every = [k for k in before if k in after]
+    out["all"] = {"max_rms_before": max(before[k]["max_rms"] for k in every),
+                  "max_rms_after": max(after[k]["max_rms"] for k in every)}
+    return out
+
+
+def _pick_layer(stats: dict[str, Any], layer: str | None) -> str:
+    if layer is None:
+        return max(stats, key=lambda k: stats[k]["max_rms"])
+    hits = [k for k, v in stats.items() if layer in (k, v["name"])] or \
+        [k for k, v in stats.items() if layer in v["name"]]
+    if not hits:
+        raise RotaqError(f"--layer '{layer}' matches no linear (try a name from `rotaq inspect`)")
+    return hits[0]
+
+
+# ---- export / optimize ----------------------------------------------------------------------
+def cmd_export(args: argparse.Namespace) -> int:
+    import rotaq
+
+    _check_output(args.model, args.output)
+    model = rotaq.load(args.model)
+    model.save(args.output)
+    _emit({"model": model.source.get("name", ""), "output": os.path.abspath(args.output)},
+          args.json, lambda d: print(f"wrote {d['output']}"))
+    return 0
+
+
+def _check_output(src: str, out: str) -> None:
+    if not out.lower().endswith((".onnx", ".pt2")):
+        raise RotaqError(f"{out}: output must end in .onnx or .pt2")
+    if os.path.exists(src) and os.path.abspath(src) == os.path.abspath(out):
+        raise RotaqError(f"{out}: refusing to overwrite the input model")
+
+
+def _print_optimize(d: dict[str, Any]) -> None:
+    print(f"recipe {d['recipe']['name']} on {d['model']} ({d['ir']}) in {d['seconds']} s")
+    for p in d["passes"]:
+        print(f"  {p['pass']}: " + ", ".join(f"{k}={v}" for k, v in p["stats"].items()))
+    for rt, err in d["verify"].items():
+        print(f"  max relative error ({rt}): {err:.3g}")
+    if "output" in d:
+        print(f"wrote {d['output']}")
+
+
+def cmd_optimize(args: argparse.Namespace) -> int:
+    import rotaq
+    from rotaq.eval import stats as st
+
+    _check_output(args.model, args.output)
+    model = rotaq.load(args.model)
+    res = rotaq.optimize(model, args.recipe, options=_options(args.set),
+                         verify=not args.no_verify)
+    if args.stats:
+        feeds = st.calibration_feeds(model, args.text, args.tokens, args.window)
+        before, after = st.activation_stats(model, feeds), st.activation_stats(res.model, feeds)
+        res.report["stats_before"] = st.summarize(before)
+        res.report["stats_after"] = st.summarize(after)
+    if args.no_verify:
+        res.model.save(args.output)
+        res.report["output"] = os.path.abspath(args.output)
+    else:
+        res.save(args.output)
+    _emit(res.report, args.json, _print_optimize)
+    return 0
+
+
+def cmd_recipes(args: argparse.Namespace) -> int:
+    from rotaq.recipe import Recipe, builtin_recipes
+
+    data = {n: Recipe.load(n).to_dict() for n in builtin_recipes()}
+    _emit(data, args.json, lambda d: [print(f"{k:14s} {v['description']}") for k, v in d.items()])
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rotaq", description=__doc__.splitlines()[0])
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress and details")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="command", required=True)
+    model_help = ("a built-in name (smollm2-135m, minilm-l6), a .onnx or .pt2 file, or a "
+                  "Hugging Face model directory")
+
+    def stats_args(sp):
+        sp.add_argument("--text", default="lee", help="calibration text: lee, wiki or a file")
+        sp.add_argument("--tokens", type=int, default=512, help="tokens of text for statistics")
+        sp.add_argument("--window", type=int, default=128, help="tokens per sequence")
+
+    sp = sub.add_parser("inspect", help="show linears, attention, norms and the residual stream")
+    sp.add_argument("model", help=model_help)
+    sp.add_argument("--json", action="store_true", help="print JSON")
+    sp.add_argument("--onnx", action="store_true", help="inspect the ONNX form of a torch model")
+    sp.add_argument("--stats", action="store_true",
+                    help="per-linear input max/RMS ratio and kurtosis on calibration text")
+    sp.add_argument("--recipe", default=None,
+                    help="with --stats/--plot: also measure after this recipe (e.g. rotate)")
+    sp.add_argument("--plot", default=None, metavar="FILE.png",
+                    help="draw per-channel input magnitudes of one linear (before/after --recipe)")
+    sp.add_argument("--layer", default=None,
+                    help="linear to plot (name or key; default: the worst max/RMS)")
+    stats_args(sp)
+    sp.set_defaults(func=cmd_inspect)
+
+    sp = sub.add_parser("export", help="write the ONNX (or .pt2) form of a torch model")
+    sp.add_argument("model", help=model_help)
+    sp.add_argument("-o", "--output", required=True, help="out.onnx or out.pt2")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_export)
+
+    sp = sub.add_parser("optimize", help="apply a recipe, verify, and write the result")
+    sp.add_argument("model", help=model_help)
+    sp.add_argument("--recipe", default="rotate", help="built-in recipe name or a .json file")
+    sp.add_argument("-o", "--output", required=True, help="out.onnx or out.pt2")
+    sp.add_argument("--set", action="append", metavar="KEY=VALUE",
+                    help="override a pass option (e.g. seed=1 or rotate.rotate_qk=true)")
+    sp.add_argument("--json", action="store_true", help="print the JSON report")
+    sp.add_argument("--no-verify", action="store_true", help="skip before/after verification")
+    sp.add_argument("--stats", action="store_true",
+                    help="add per-linear outlier statistics before and after to the report")
+    stats_args(sp)
+    sp.set_defaults(func=cmd_optimize)
+
+    sp = sub.add_parser("recipes", help="list the built-in recipes")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_recipes)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    try:
+        return args.func(args)
+    except VerificationError as err:
+        print(f"rotaq: verification failed: {err}", file=sys.stderr)
+        return 3
+    except RotaqError as err:
+        if args.debug:
+            raise
+        print(f"rotaq: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("rotaq: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # one line for the user, traceback with --debug
+        if args.debug:
+            raise
+        print(f"rotaq: internal error: {type(err).__name__}: {err} (rerun with --debug)",
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""Outlier statistics of the inputs of every linear, on calibration text.
+
+For a linear input X [tokens, channels]:
+- ``max_rms``: the worst token's max|x| / rms(x) (what a per-token quantizer's range must span);
+- ``kurtosis``: E[(x - mean)^4] / var^2 over all entries (3 for a Gaussian);
+- ``channel_max``: max|x| per channel (for plots).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import numpy as np
+
+from rotaq.model import Model
+
+log = logging.getLogger(__name__)
+
+
+def calibration_feeds(model: Model, corpus: str = "lee", n_tokens: int = 512,
+                      window: int = 128) -> dict[str, np.ndarray]:
+    """Token windows of real text for the model's tokenizer (sample inputs if none is known)."""
+    tok_dir = model.source.get("tokenizer")
+    if not tok_dir or not os.path.isdir(tok_dir):
+        log.warning("no tokenizer known for this model: statistics use its sample inputs")
+        return model.sample_inputs
+    from transformers import AutoTokenizer
+
+    from rotaq import assets
+
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    wins = np.asarray(assets.token_windows(tok, corpus, n_tokens, window), dtype=np.int64)
+    feeds = {"input_ids": wins}
+    names = set(model.graph.input_names)
+    if "attention_mask" in names:
+        feeds["attention_mask"] = np.ones_like(wins)
+    if "token_type_ids" in names:
+        feeds["token_type_ids"] = np.zeros_like(wins)
+    return feeds
+
+
+def input_stats(x: np.ndarray) -> dict[str, Any]:
+    x = np.asarray(x, np.float64).reshape(-1, x.shape[-1])
+    rms = np.sqrt(np.mean(x * x, axis=1)) + 1e-30
+    centered = x - x.mean()
+    var = float(np.mean(centered ** 2)) + 1e-30
+    return {
+        "max_rms": float(np.max(np.max(np.abs(x), axis=1) / rms)),
+        "kurtosis": float(np.mean(centered ** 4) / var ** 2),
+        "channel_max": np.max(np.abs(x), axis=0),
+    }
+
+
+def activation_stats(model: Model, feeds: dict[str, np.ndarray] | None = None,
+                     keys: list[str] | None = None) -> dict[str, dict[str, Any]]:
+    """Per linear (by key): ``name``, ``max_rms``, ``kurtosis``, ``channel_max``."""
+    a = model.analysis()
+    feeds = feeds if feeds is not None else calibration_feeds(model)
+    sites = [a.linears[k] for k in (keys or list(a.linears))]
+    values = sorted({s.input for s in sites})
+    caught = model.graph.capture(feeds, values)
+    out = {}
+    for s in sites:
+        st = input_stats(caught[s.input])
+        st["name"] = s.name or s.key
+        out[s.key] = st
+    return out
+
+
+def summarize(stats: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """JSON rows (channel magnitudes dropped)."""
+    return [{"key": k, "name": v["name"], "max_rms": round(v["max_rms"], 3),
+             "kurtosis": round(v["kurtosis"], 3)} for k, v in stats.items()]
+
+
+def plot_channels(before: dict[str, Any], after: dict[str, Any] | None, path: str,
+                  title: str) -> None:
+    """Per-channel max|x| of one linear's input, before (and after) a rewrite, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = 2 if after is not None else 1
+    fig, axes = plt.subplots(rows, 1, figsize=(10, 3.2 * rows), squeeze=False)
+    for ax, (label, st) in zip(axes[:, 0], [("original", before), ("rewritten", after)]):
+        if st is None:
+            continue
+        cm = st["channel_max"]
+        ax.bar(np.arange(len(cm)), cm, width=1.0, color="tab:blue" if label == "original"
+               else "tab:green")
+        ax.set_title(f"{label}: max/RMS {st['max_rms']:.1f}, kurtosis {st['kurtosis']:.1f}")
+        ax.set_xlabel("input channel")
+        ax.set_ylabel("max |x|")
+    fig.suptitle(title)
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)

@@ -1,0 +1,195 @@
+"""``rotaq.load``: a torch module, an ExportedProgram, a .pt2 / .onnx file, a Hugging Face model
+directory or a built-in model name, captured into a :class:`~rotaq.model.Model`."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from typing import Any
+
+import numpy as np
+
+from rotaq.errors import LoadError
+from rotaq.model import Model
+
+log = logging.getLogger(__name__)
+CAPTURE_VERSION = "1"  # bump when capture changes, to invalidate cached exports
+
+
+def load(src: Any, example_inputs: Any = None, *, ir: str = "fx", seq_len: int = 32) -> Model:
+    """Capture ``src`` as a Model.
+
+    - ``torch.nn.Module`` (+ ``example_inputs``: dict of tensors, or a tuple for positional
+      inputs): captured with torch.export (Hugging Face models with ``use_cache=False``);
+    - ``torch.export.ExportedProgram``;
+    - a path: ``.pt2``, ``.onnx`` (external data next to it), or a local HF model directory;
+    - a built-in name (``smollm2-135m``, ``minilm-l6``).
+
+    ``ir="onnx"`` gives the ONNX form of a torch source (exported once and cached for
+    built-ins).
+    """
+    import torch
+
+    if isinstance(src, Model):
+        return src
+    if isinstance(src, torch.nn.Module):
+        return _from_module(src, example_inputs, {"name": type(src).__name__}, ir)
+    if isinstance(src, torch.export.ExportedProgram):
+        from rotaq.rewriter.fx import FxGraph
+
+        g = FxGraph.from_exported(src)
+        return _maybe_onnx(Model(g, _np(g.example_inputs), {"name": "ExportedProgram"}), ir)
+    if not isinstance(src, (str, os.PathLike)):
+        raise LoadError(f"cannot load a {type(src).__name__}: give a torch module, an "
+                        "ExportedProgram, a .pt2/.onnx path, a model directory or a built-in name")
+    path = os.fspath(src)
+    from rotaq import assets
+
+    if os.path.isdir(path):
+        return _from_hf(path, seq_len, ir)
+    if os.path.exists(path) or path.endswith((".onnx", ".pt2")):
+        return _from_file(path, seq_len)
+    if path in assets.BUILTIN_MODELS:
+        return _from_builtin(path, seq_len, ir)
+    raise LoadError(f"{path}: no such file, directory or built-in model "
+                    f"(built-in: {', '.join(assets.BUILTIN_MODELS)})")
+
+
+def _np(inputs: dict[str, Any]) -> dict[str, np.ndarray]:
+    return {k: v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v)
+            for k, v in inputs.items()}
+
+
+def _from_module(module: Any, example_inputs: Any, source: dict, ir: str) -> Model:
+    import torch
+
+    from rotaq.rewriter.fx import FxGraph
+
+    if example_inputs is None:
+        raise LoadError("loading a torch module needs example_inputs (a dict of tensors)")
+    if isinstance(example_inputs, (tuple, list)):
+        import inspect
+
+        names = list(inspect.signature(module.forward).parameters)
+        example_inputs = dict(zip(names, example_inputs))
+    inputs = {k: torch.as_tensor(v) for k, v in example_inputs.items()}
+    cfg = getattr(module, "config", None)
+    if cfg is not None and hasattr(cfg, "use_cache"):
+        cfg.use_cache = False
+    g = FxGraph.from_module(module, inputs)
+    feeds = {k: v[:1] for k, v in _np(inputs).items()}
+    return _maybe_onnx(Model(g, feeds, dict(source)), ir)
+
+
+def _maybe_onnx(model: Model, ir: str, cache_path: str | None = None) -> Model:
+    if ir == "fx":
+        return model
+    if ir != "onnx":
+        raise LoadError(f"ir must be 'fx' or 'onnx', not '{ir}'")
+    import tempfile
+
+    from rotaq.rewriter.onnx import OnnxGraph
+
+    if cache_path is None:
+        tmp = tempfile.mkdtemp(prefix="rotaq-onnx-")
+        cache_path = os.path.join(tmp, "model.onnx")
+    if not os.path.exists(cache_path):
+        model.save(cache_path)
+    return Model(OnnxGraph.load(cache_path), model.sample_inputs, dict(model.source))
+
+
+def _from_hf(path: str, seq_len: int, ir: str) -> Model:
+    from rotaq import assets
+
+    module, tok, kind = assets.load_hf_model(path)
+    feeds = assets.sample_inputs(tok, kind, seq_len=seq_len)
+    source = {"name": os.path.abspath(path), "kind": kind, "tokenizer": os.path.abspath(path)}
+    return _from_module(module, {k: v for k, v in feeds.items()}, source, ir)
+
+
+def _from_builtin(name: str, seq_len: int, ir: str) -> Model:
+    """Built-ins are captured once; the ExportedProgram (and ONNX form) is cached."""
+    import torch
+
+    from rotaq import assets
+    from rotaq.rewriter.fx import FxGraph
+
+    folder = assets.cache_dir() / "exported"
+    folder.mkdir(parents=True, exist_ok=True)
+    tag = hashlib.sha1(f"{name}|{torch.__version__}|{CAPTURE_VERSION}".encode()).hexdigest()[:10]
+    pt2 = folder / f"{name}-{tag}.pt2"
+    tok_dir = str(assets.builtin_model_dir(name))
+    kind = assets.BUILTIN_MODELS[name].kind
+    source = {"name": name, "kind": kind, "tokenizer": tok_dir}
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    feeds = assets.sample_inputs(tok, kind, seq_len=seq_len)
+    model = None
+    if pt2.exists():
+        try:
+            g = FxGraph.load(str(pt2))
+            model = Model(g, feeds, source)
+        except LoadError as err:
+            log.warning("cached export %s unreadable (%s); capturing again", pt2, err)
+    if model is None:
+        log.info("capturing %s with torch.export (cached at %s)", name, pt2)
+        module, _, _ = assets.load_hf_model(name)
+        model = _from_module(module, feeds, source, "fx")
+        model.save(str(pt2))
+    onnx_cache = str(folder / f"{name}-{tag}.onnx") if ir == "onnx" else None
+    return _maybe_onnx(model, ir, onnx_cache)
+
+
+def _from_file(path: str, seq_len: int) -> Model:
+    ext = os.path.splitext(path)[1].lower()
+    if ext == ".onnx":
+        from rotaq.rewriter.onnx import OnnxGraph
+
+        g = OnnxGraph.load(path)
+    elif ext == ".pt2":
+        from rotaq.rewriter.fx import FxGraph
+
+        g = FxGraph.load(path)
+    else:
+        raise LoadError(f"{path}: unknown model file type '{ext}' (expected .onnx or .pt2)")
+    source = {k[len("rotaq."):]: v for k, v in g.metadata.items() if k.startswith("rotaq.")}
+    source.setdefault("name", os.path.abspath(path))
+    return Model(g, _sample_for(g, source, seq_len), source)
+
+
+def _sample_for(g: Any, source: dict, seq_len: int) -> dict[str, np.ndarray]:
+    """Real-text inputs when the tokenizer is known, else synthetic ones from the graph."""
+    from rotaq import assets
+
+    tok_dir = source.get("tokenizer")
+    if tok_dir and os.path.isdir(tok_dir):
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(tok_dir)
+        feeds = assets.sample_inputs(tok, source.get("kind", "causal-lm"), seq_len=seq_len)
+        names = set(g.input_names)
+        return {k: v for k, v in feeds.items() if k in names}
+    if getattr(g, "ir", "") == "fx":
+        return {k: v[:1] for k, v in _np(g.example_inputs).items()}
+    return _synthetic(g, seq_len)
+
+
+def _synthetic(g: Any, seq_len: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    view = g.view()
+    vocab = min((n.params["num_embeddings"] for n in view.nodes if n.op == "embedding"),
+                default=100)
+    feeds = {}
+    for name, (dtype, shape) in g.input_specs().items():
+        shape = [d if isinstance(d, int) and d > 0 else (1 if i == 0 else seq_len)
+                 for i, d in enumerate(shape)]
+        if np.issubdtype(dtype, np.integer):
+            hi = 2 if "mask" in name or "type" in name else vocab
+            feeds[name] = rng.integers(0, hi, size=shape).astype(dtype)
+            if "mask" in name:
+                feeds[name][:] = 1
+        else:
+            feeds[name] = rng.standard_normal(shape).astype(dtype)
+    return feeds

@@ -1,0 +1,54 @@
+"""The model container passed between load, passes, verification and save."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from rotaq.rewriter.analysis import Analysis, analyze
+
+
+@dataclass
+class Model:
+    """A captured graph (``FxGraph`` or ``OnnxGraph``) plus what is needed to run it.
+
+    ``source`` records where it came from: ``name`` (builtin name or path), ``kind``
+    (``causal-lm``, ``encoder`` or ``unknown``) and ``tokenizer`` (a directory, when known).
+    """
+
+    graph: Any
+    sample_inputs: dict[str, np.ndarray]
+    source: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def ir(self) -> str:
+        return self.graph.ir
+
+    def analysis(self) -> Analysis:
+        return analyze(self.graph.view())
+
+    def run(self, feeds: dict[str, np.ndarray] | None = None) -> list[np.ndarray]:
+        return self.graph.run(self.sample_inputs if feeds is None else feeds)
+
+    def clone(self) -> "Model":
+        return Model(self.graph.clone(), dict(self.sample_inputs), dict(self.source))
+
+    def save(self, path: str) -> None:
+        self.graph.metadata.update({f"rotaq.{k}": str(v) for k, v in self.source.items()})
+        self.graph.save(path)
+
+
+def max_rel_error(ref: list[np.ndarray], out: list[np.ndarray]) -> float:
+    """max |out - ref| / max |ref| over each output tensor; the worst output counts."""
+    if len(ref) != len(out):
+        raise ValueError(f"output count changed: {len(ref)} -> {len(out)}")
+    worst = 0.0
+    for r, o in zip(ref, out):
+        r64, o64 = np.asarray(r, np.float64), np.asarray(o, np.float64)
+        if r64.shape != o64.shape:
+            raise ValueError(f"output shape changed: {r64.shape} -> {o64.shape}")
+        scale = float(np.max(np.abs(r64))) or 1.0
+        worst = max(worst, float(np.max(np.abs(o64 - r64))) / scale)
+    return worst

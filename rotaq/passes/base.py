@@ -1,0 +1,76 @@
+"""Pass protocol, result type and registry.
+
+A pass is a frozen dataclass with a kebab-case ``name`` and ``__call__(model) -> PassResult``.
+Its fields are its options: the same names are used in Python, in recipe files and on the
+command line (``--set field=value``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Callable, TYPE_CHECKING
+
+from rotaq.errors import RotaqError
+
+if TYPE_CHECKING:
+    from rotaq.model import Model
+
+_REGISTRY: dict[str, type] = {}
+
+
+@dataclass
+class PassResult:
+    model: "Model"
+    modified: bool
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+def register(cls: type) -> type:
+    """Class decorator: make a pass available to recipes under ``cls.name``."""
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def pass_names() -> list[str]:
+    _load_builtin_passes()
+    return sorted(_REGISTRY)
+
+
+def make_pass(name: str, options: dict[str, Any]) -> Callable:
+    """Build a registered pass from its name and option dict, validating option names/types."""
+    _load_builtin_passes()
+    if name not in _REGISTRY:
+        raise RotaqError(f"unknown pass '{name}' (known: {', '.join(sorted(_REGISTRY))})")
+    cls = _REGISTRY[name]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    bad = sorted(set(options) - set(fields))
+    if bad:
+        raise RotaqError(f"pass '{name}' has no option {', '.join(bad)} "
+                         f"(options: {', '.join(sorted(fields))})")
+    return cls(**{k: _coerce(fields[k], v, name) for k, v in options.items()})
+
+
+def _coerce(f: dataclasses.Field, value: Any, pass_name: str) -> Any:
+    """Options from the command line arrive as strings; convert them to the field's type."""
+    typ = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    if not isinstance(value, str) or typ == "str":
+        return value
+    try:
+        if typ == "bool":
+            if value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if value.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if typ == "int":
+            return int(value)
+        if typ == "float":
+            return float(value)
+    except ValueError as err:
+        raise RotaqError(f"pass '{pass_name}': option {f.name} expects {typ}, got '{value}'") from err
+    return value
+
+
+def _load_builtin_passes() -> None:
+    from rotaq.passes import rotate  # noqa: F401  (registers itself)

@@ -1,0 +1,233 @@
+"""Exact rotation pass (QuaRot style), on any IR through the site interface.
+
+Residual mode (pre-norm RMSNorm models), with Q a random Hadamard matrix, d x d:
+
+- norm folding: ``Linear(RMSNorm_g(x)) -> Linear(RMSNorm_1(x))`` with ``W <- W diag(g)``;
+- residual stream: ``x -> x Q``. RMSNorm_1(x Q) = RMSNorm_1(x) Q because ||xQ|| = ||x||, so
+  readers take ``W <- W Q``, writers ``W <- Q^T W, b <- Q^T b``, embeddings ``E <- E Q`` and the
+  head ``W <- W Q``;
+- V/O per head: ``W_v <- (I (x) H)^T W_v`` and ``W_o <- W_o (I (x) H)`` with H the head_dim
+  Hadamard (softmax mixes tokens, not channels, so the per-head rotation passes through);
+- online Hadamard before each MLP writer (down projection): ``Linear(x) -> Linear(x K)`` with
+  ``W <- W K``, K = A (x) B emitted as Reshape + two small MatMuls;
+- optional online per-head rotation of Q and K after the positional embedding:
+  ``q -> q H, k -> k H`` leaves q k^T unchanged.
+
+Online mode (post-norm / LayerNorm models): every linear with a Hadamard-sized input gets
+``Linear(x) -> Linear(x K)`` with ``W <- W K``, linears sharing an input share one transform.
+
+All folds are computed in float64 and written back once per tensor.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+
+from rotaq.errors import RewriteError
+from rotaq.linalg.hadamard import (
+    is_hadamard_size, kronecker_split, normalized_hadamard, random_hadamard,
+)
+from rotaq.model import Model
+from rotaq.passes.base import PassResult, register
+from rotaq.rewriter.analysis import Analysis, closure, const_root, consumers_of
+from rotaq.rewriter.sites import Kronecker
+
+log = logging.getLogger(__name__)
+
+
+class _Weights:
+    """float64 working copies of linear weights, written back once."""
+
+    def __init__(self, graph) -> None:
+        self.graph = graph
+        self.cache: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
+
+    def get(self, key: str) -> tuple[np.ndarray, np.ndarray | None]:
+        if key not in self.cache:
+            self.cache[key] = self.graph.get_linear(key)
+        return self.cache[key]
+
+    def put(self, key: str, w: np.ndarray, b: np.ndarray | None) -> None:
+        self.cache[key] = (w, b)
+
+    def flush(self) -> None:
+        for key, (w, b) in self.cache.items():
+            self.graph.set_linear(key, w, b)
+
+
+@register
+@dataclass(frozen=True)
+class Rotate:
+    """Fold Hadamard rotations into the weights; emit the online ones as Kronecker subgraphs."""
+
+    name: ClassVar[str] = "rotate"
+    exact: ClassVar[bool] = True
+    mode: str = "auto"  # auto | residual | online
+    seed: int = 0
+    online_down: bool = True
+    rotate_ov: bool = True
+    rotate_qk: bool = False
+    online_head: bool = False  # online mode: also rotate the head's input
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("auto", "residual", "online"):
+            raise RewriteError(f"rotate: mode must be auto, residual or online, not '{self.mode}'")
+
+    def __call__(self, model: Model) -> PassResult:
+        a = model.analysis()
+        mode = self.mode
+        if mode == "auto":
+            mode = "residual" if a.pre_norm else "online"
+        if mode == "residual":
+            stats = self._residual(model, a)
+        else:
+            stats = self._online(model, a)
+        stats["mode"] = mode
+        return PassResult(model, True, stats)
+
+    # ---- residual-stream rotation ---------------------------------------------------------
+    def _residual(self, model: Model, a: Analysis) -> dict:
+        g = model.graph
+        res = a.residual
+        if not res.pre_norm:
+            raise RewriteError("rotate: mode=residual needs a pre-norm residual stream, and this "
+                               "model is not pre-norm; use mode=online")
+        stream_norms = [b.norm for b in res.blocks] + ([res.final_norm] if res.final_norm else [])
+        for nk in stream_norms:
+            n = a.norms[nk]
+            if n.kind != "rms":
+                raise RewriteError(
+                    f"rotate: LayerNorm '{n.name or n.key}' subtracts the mean, which does not "
+                    "commute with a rotation of the residual stream; use mode=online")
+        d = a.embeddings[res.embedding].dim
+        q = random_hadamard(d, self.seed)
+        w = _Weights(g)
+        readers_of = {b.norm: b.readers for b in res.blocks}
+        if res.final_norm:
+            readers_of[res.final_norm] = res.head
+        # 1. fold norm scales into the readers
+        folded = 0
+        for nk, readers in readers_of.items():
+            self._check_only_linears(a, nk, readers)
+            n = a.norms[nk]
+            if n.scale is None:
+                continue
+            node, idx = n.scale
+            view = g.view()
+            gamma = g.get_const(const_root(view, view.by_key[node].inputs[idx])).reshape(-1)
+            gamma = gamma + n.scale_offset
+            for r in readers:
+                wr, br = w.get(r)
+                w.put(r, wr * gamma[None, :], br)
+            g.set_const(node, idx, np.ones_like(gamma) - n.scale_offset)
+            folded += 1
+        # 2. rotate the stream
+        for key in self._stream_embeddings(a):
+            g.set_embedding(key, g.get_embedding(key) @ q)
+        for nk, readers in readers_of.items():
+            for r in readers:
+                wr, br = w.get(r)
+                w.put(r, wr @ q, br)
+        writers = [wk for b in res.blocks for wk in b.writers]
+        for wk in writers:
+            ww, bw = w.get(wk)
+            w.put(wk, q.T @ ww, None if bw is None else bw @ q)
+        # 3. per-head V/O rotation
+        ov = 0
+        if self.rotate_ov:
+            for site in a.attention:
+                if site.v_proj and site.o_proj and site.v_proj not in (site.q_proj, site.k_proj) \
+                        and is_hadamard_size(site.head_dim):
+                    h = normalized_hadamard(site.head_dim)
+                    wv, bv = w.get(site.v_proj)
+                    wo, bo = w.get(site.o_proj)
+                    hv = np.kron(np.eye(wv.shape[0] // site.head_dim), h)
+                    ho = np.kron(np.eye(wo.shape[1] // site.head_dim), h)
+                    w.put(site.v_proj, hv.T @ wv, None if bv is None else bv @ hv)
+                    w.put(site.o_proj, wo @ ho, bo)
+                    ov += 1
+        # 4. online Hadamard before MLP writers (down projections)
+        o_projs = {s.o_proj for s in a.attention}
+        online = 0
+        if self.online_down:
+            for wk in writers:
+                if wk in o_projs:
+                    continue
+                lin = a.linears[wk]
+                if not is_hadamard_size(lin.in_features):
+                    log.warning("no Hadamard of size %d: no online rotation before %s",
+                                lin.in_features, lin.name or wk)
+                    continue
+                fa, fb = kronecker_split(lin.in_features)
+                ww, bw = w.get(wk)
+                w.put(wk, ww @ np.kron(fa, fb), bw)
+                g.insert_transform(lin.input, [wk], Kronecker((fa, fb)))
+                online += 1
+        w.flush()
+        # 5. optional online Q/K rotation (after RoPE)
+        qk = self._online_qk(g, a) if self.rotate_qk else 0
+        return {"dim": d, "norms_folded": folded, "writers": len(writers),
+                "readers": sum(len(r) for r in readers_of.values()), "ov_heads_rotated": ov,
+                "online_hadamards": online, "qk_rotated": qk}
+
+    def _stream_embeddings(self, a: Analysis) -> list[str]:
+        """Embeddings whose outputs are summed into the stream start (token + position)."""
+        first = a.residual.embedding
+        keys = [first]
+        for key, e in a.embeddings.items():
+            if key != first and e.dim == a.embeddings[first].dim:
+                keys.append(key)
+        return keys
+
+    def _check_only_linears(self, a: Analysis, nk: str, readers: list[str]) -> None:
+        n = a.norms[nk]
+        others = [c for c in consumers_of(a.view, closure(a.view, n.output)) if c.op != "linear"]
+        if others:
+            raise RewriteError(f"rotate: the output of norm '{n.name or nk}' is read by a "
+                               f"'{others[0].op}' op, not only by linears; cannot fold it")
+
+    def _online_qk(self, g, a: Analysis) -> int:
+        count = 0
+        for site in a.attention:
+            if not site.q_value or not site.k_value or not is_hadamard_size(site.head_dim):
+                log.warning("attention %s: no per-head Q/K rotation point found", site.name)
+                continue
+            h = normalized_hadamard(site.head_dim)
+            g.insert_transform(site.q_value, [site.q_consumer], Kronecker((h,)))
+            g.insert_transform(site.k_value, [site.k_consumer], Kronecker((h,)))
+            count += 1
+        return count
+
+    # ---- per-linear online rotation ---------------------------------------------------------
+    def _online(self, model: Model, a: Analysis) -> dict:
+        g = model.graph
+        head = set(a.residual.head)
+        groups: dict[str, list[str]] = {}
+        for key, lin in a.linears.items():
+            if key in head and not self.online_head:
+                continue
+            groups.setdefault(lin.input, []).append(key)
+        w = _Weights(g)
+        done = skipped = inserted = 0
+        for value, keys in groups.items():
+            n = a.linears[keys[0]].in_features
+            if not is_hadamard_size(n):
+                log.warning("no Hadamard of size %d: %s left unrotated", n, keys)
+                skipped += len(keys)
+                continue
+            fa, fb = kronecker_split(n)
+            k = np.kron(fa, fb)
+            for key in keys:
+                wk, bk = w.get(key)
+                w.put(key, wk @ k, bk)
+            g.insert_transform(value, keys, Kronecker((fa, fb)))
+            done += len(keys)
+            inserted += 1
+        w.flush()
+        qk = self._online_qk(g, a) if self.rotate_qk else 0
+        return {"linears_rotated": done, "online_hadamards": inserted,
+                "skipped": skipped, "qk_rotated": qk}

@@ -1,0 +1,428 @@
+"""Structural matching on a :class:`GraphView`, shared by both IRs.
+
+Finds linears, embeddings, norms (fused ops and the decomposed pow/mean/rsqrt/mul RMSNorm),
+attention (fused SDPA/Attention ops and explicit matmul-softmax-matmul) with its projections
+and head counts, and the residual stream. Nothing here looks at names: ``scope`` is copied into
+sites for reports only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from rotaq.rewriter.sites import (
+    AttentionSite, Block, EmbeddingSite, GNode, GraphView, LinearSite, NormSite, ResidualStream,
+)
+
+_META_OPS = ("_assert", "sym_size", "sym_numel", "guards")
+
+
+@dataclass
+class Analysis:
+    view: GraphView
+    linears: dict[str, LinearSite]
+    embeddings: dict[str, EmbeddingSite]
+    norms: dict[str, NormSite]
+    attention: list[AttentionSite]
+    residual: ResidualStream
+    norm_internal: dict[str, set[str]] = field(default_factory=dict)
+
+    @property
+    def pre_norm(self) -> bool:
+        return self.residual.pre_norm
+
+    def linear_by_output(self, value: str) -> LinearSite | None:
+        n = self.view.producer.get(value)
+        return self.linears.get(n.key) if n is not None else None
+
+
+def analyze(view: GraphView) -> Analysis:
+    linears = {n.key: LinearSite(n.key, n.scope, n.params["in_features"], n.params["out_features"],
+                                 n.inputs[0], n.outputs[0], n.params["has_bias"],
+                                 n.params.get("weight_shared", False))
+               for n in view.nodes if n.op == "linear"}
+    embeddings = {n.key: EmbeddingSite(n.key, n.scope, n.params["num_embeddings"], n.params["dim"],
+                                       n.outputs[0]) for n in view.nodes if n.op == "embedding"}
+    norms, internal = _find_norms(view)
+    a = Analysis(view, linears, embeddings, norms, [], ResidualStream(False, None, None, [], []),
+                 internal)
+    a.attention = _find_attention(view, a)
+    a.residual = _find_residual(view, a)
+    return a
+
+
+# ---- helpers on the view ---------------------------------------------------------------------
+def _is_meta(n: GNode) -> bool:
+    return n.op == "other" and any(m in str(n.params.get("target", "")) for m in _META_OPS)
+
+
+def _scalar_const(view: GraphView, n: GNode) -> bool:
+    """True for mul/div of a tensor by a scalar (a constant with <= 1 element)."""
+    if n.op not in ("mul", "div"):
+        return False
+    if len(n.inputs) == 1 and "scalar" in n.params:
+        return True
+    others = [i for i in n.inputs if const_like(view, i)]
+    shp = [view.shape(i) for i in others]
+    return len(others) == 1 and shp[0] is not None and (len(shp[0]) == 0 or shp[0] == (1,))
+
+
+def const_root(view: GraphView, value: str) -> str | None:
+    """The constant that ``value`` is (or is a cast / reshape of), else None."""
+    for _ in range(8):
+        if view.is_const(value):
+            return value
+        p = view.producer.get(value)
+        if p is None or p.op not in ("cast", "identity", "reshape") or not p.inputs:
+            return None
+        value = p.inputs[0]
+    return None
+
+
+def const_like(view: GraphView, value: str) -> bool:
+    return const_root(view, value) is not None
+
+
+def passthrough(view: GraphView, n: GNode) -> bool:
+    """Ops that act on tokens only: the channel (last) axis reaches the output unchanged."""
+    if n.op in ("cast", "identity"):
+        return True
+    if n.op in ("slice", "reshape", "expand"):
+        si, so = view.shape(n.inputs[0]), view.shape(n.outputs[0])
+        return bool(si and so and si[-1] == so[-1] and si[-1] > 0)
+    return _scalar_const(view, n)
+
+
+def closure(view: GraphView, value: str) -> list[str]:
+    """``value`` and every value reached from it through passthrough ops."""
+    out, todo = [], [value]
+    while todo:
+        v = todo.pop()
+        if v in out:
+            continue
+        out.append(v)
+        for c in view.consumers.get(v, []):
+            if passthrough(view, c) and c.inputs and c.inputs[0] == v:
+                todo.extend(c.outputs)
+    return out
+
+
+def consumers_of(view: GraphView, values: list[str]) -> list[GNode]:
+    seen, out = set(), []
+    for v in values:
+        for c in view.consumers.get(v, []):
+            if c.key not in seen and not _is_meta(c) and not (passthrough(view, c) and c.inputs[0] == v):
+                seen.add(c.key)
+                out.append(c)
+    order = {n.key: i for i, n in enumerate(view.nodes)}
+    return sorted(out, key=lambda n: order[n.key])
+
+
+def first_linears(view: GraphView, value: str) -> list[str]:
+    return [c.key for c in consumers_of(view, closure(view, value)) if c.op == "linear"]
+
+
+def _root(view: GraphView, value: str) -> str:
+    while True:
+        p = view.producer.get(value)
+        if p is None or p.op not in ("cast", "identity"):
+            return value
+        value = p.inputs[0]
+
+
+def _upstream_linears(view: GraphView, value: str, limit: int = 64) -> list[str]:
+    """Nearest linears above ``value`` (BFS over producers, not crossing a linear)."""
+    found, seen, todo = [], set(), [value]
+    while todo and len(seen) < limit:
+        v = todo.pop(0)
+        if v in seen or view.is_const(v):
+            continue
+        seen.add(v)
+        p = view.producer.get(v)
+        if p is None:
+            continue
+        if p.op == "linear":
+            if p.key not in found:
+                found.append(p.key)
+            continue
+        if p.op in ("embedding", "sdpa", "softmax", "layer_norm", "rms_norm"):
+            continue
+        todo.extend(i for i in p.inputs if i)
+    return found
+
+
+def _writer(view: GraphView, value: str) -> str | None:
+    """The linear whose output reaches ``value`` through passthrough ops only."""
+    while True:
+        p = view.producer.get(value)
+        if p is None:
+            return None
+        if p.op == "linear":
+            return p.key
+        if not passthrough(view, p):
+            return None
+        value = p.inputs[0]
+
+
+# ---- norms -----------------------------------------------------------------------------------
+def _find_norms(view: GraphView) -> tuple[dict[str, NormSite], dict[str, set[str]]]:
+    norms: dict[str, NormSite] = {}
+    internal: dict[str, set[str]] = {}
+    for n in view.nodes:
+        if n.op in ("layer_norm", "rms_norm"):
+            kind = "layer" if n.op == "layer_norm" else "rms"
+            scale = (n.key, 1) if len(n.inputs) > 1 and n.inputs[1] else None
+            bias = (n.key, 2) if len(n.inputs) > 2 and n.inputs[2] else None
+            norms[n.key] = NormSite(n.key, n.scope, kind, n.params.get("dim", 0), n.inputs[0],
+                                    n.outputs[0], scale, bias, True)
+            internal[n.key] = {n.key}
+        elif n.op == "mean":
+            site = _decomposed_rms(view, n)
+            if site is not None:
+                norms[site[0].key] = site[0]
+                internal[site[0].key] = site[1]
+    return norms, internal
+
+
+def _decomposed_rms(view: GraphView, mean: GNode) -> tuple[NormSite, set[str]] | None:
+    """x * rsqrt(mean(x^2) + eps) [* g]  (also 1/sqrt, x / sqrt forms)."""
+    sq = view.producer.get(mean.inputs[0])
+    if sq is None:
+        return None
+    if sq.op == "pow" and sq.params.get("scalar") == 2.0:
+        x = sq.inputs[0]
+    elif sq.op == "mul" and len(sq.inputs) == 2 and sq.inputs[0] == sq.inputs[1]:
+        x = sq.inputs[0]
+    else:
+        return None
+    nodes = {sq.key, mean.key}
+    cur = mean
+    chain = view.consumers.get(cur.outputs[0], [])
+    if len(chain) == 1 and chain[0].op == "add":
+        cur = chain[0]
+        nodes.add(cur.key)
+        chain = view.consumers.get(cur.outputs[0], [])
+    if len(chain) != 1:
+        return None
+    r = chain[0]
+    nodes.add(r.key)
+    if r.op == "sqrt":
+        nxt = view.consumers.get(r.outputs[0], [])
+        if len(nxt) == 1 and nxt[0].op == "reciprocal":
+            r = nxt[0]
+            nodes.add(r.key)
+            mode = "mul"
+        elif len(nxt) == 1 and nxt[0].op == "div":
+            mode = "div"
+        else:
+            return None
+    elif r.op == "rsqrt":
+        mode = "mul"
+    else:
+        return None
+    apply = [c for c in view.consumers.get(r.outputs[0], []) if c.op == mode]
+    if len(apply) != 1:
+        return None
+    t = apply[0]
+    other = [i for i in t.inputs if i != r.outputs[0]]
+    if len(other) != 1 or _root(view, other[0]) != _root(view, x):
+        return None
+    nodes.add(t.key)
+    out = t.outputs[0]
+    scale, offset = None, 0.0
+    # optional cast, then a multiply by a constant vector g
+    val = out
+    for _ in range(3):
+        cs = [c for c in view.consumers.get(val, []) if not _is_meta(c)]
+        if len(cs) != 1:
+            break
+        c = cs[0]
+        if c.op == "cast":
+            val = c.outputs[0]
+            continue
+        if c.op == "mul" and len(c.inputs) == 2:
+            ci = [k for k, i in enumerate(c.inputs) if view.is_const(i)]
+            if len(ci) == 1 and (view.shape(c.inputs[ci[0]]) or (0,))[-1] > 1:
+                scale = (c.key, ci[0])
+                nodes.add(c.key)
+                out = c.outputs[0]
+            elif len(ci) == 0:  # x * (w + offset), offset a scalar (Gemma's 1 + w)
+                other = [i for i in c.inputs if i != val]
+                p = view.producer.get(other[0]) if other else None
+                if p is not None and p.op == "add" and "scalar" in p.params:
+                    pi = [k for k, i in enumerate(p.inputs) if const_like(view, i)]
+                    if len(pi) == 1:
+                        scale, offset = (p.key, pi[0]), p.params["scalar"]
+                        nodes.update((c.key, p.key))
+                        out = c.outputs[0]
+        break
+    dim = (view.shape(x) or (0,))[-1]
+    key = view.producer[out].key
+    site = NormSite(key, view.by_key[key].scope, "rms", dim, x, out, scale, None, False, offset)
+    return site, nodes
+
+
+# ---- attention -------------------------------------------------------------------------------
+def _find_attention(view: GraphView, a: Analysis) -> list[AttentionSite]:
+    sites = []
+    for n in view.nodes:
+        if n.op == "sdpa":
+            q, k, v = n.inputs[0], n.inputs[1], n.inputs[2]
+            sites.append(_attention_site(view, a, n, "sdpa", q, k, v, n.outputs[0],
+                                         q_consumer=n.key, k_consumer=n.key))
+        elif n.op == "softmax":
+            site = _explicit_attention(view, a, n)
+            if site is not None:
+                sites.append(site)
+    return sites
+
+
+def _explicit_attention(view: GraphView, a: Analysis, sm: GNode) -> AttentionSite | None:
+    # softmax -> (dropout/cast)* -> matmul(P, V)
+    pv = [c for c in consumers_of(view, closure(view, sm.outputs[0])) if c.op == "matmul"]
+    if len(pv) != 1 or view.is_const(pv[0].inputs[1]):
+        return None
+    # scores <- (add mask | mul/div scale | cast)* <- matmul(Q, K^T)
+    cur = sm.inputs[0]
+    for _ in range(8):
+        p = view.producer.get(cur)
+        if p is None:
+            return None
+        if p.op == "matmul":
+            break
+        if p.op not in ("add", "mul", "div", "cast", "identity"):
+            return None
+        cur = next((i for i in p.inputs if i and not view.is_const(i)
+                    and view.producer.get(i) is not None
+                    and view.producer[i].op in ("matmul", "add", "mul", "div", "cast", "identity")),
+                   "")
+    else:
+        return None
+    qk = view.producer[cur]
+    if any(view.is_const(i) for i in qk.inputs[:2]):
+        return None
+    q, kt = qk.inputs[0], qk.inputs[1]
+    kp = view.producer.get(kt)
+    k, k_consumer = kt, qk.key
+    if kp is not None and kp.op == "transpose":
+        k, k_consumer = kp.inputs[0], kp.key
+    return _attention_site(view, a, sm, "explicit", q, k, pv[0].inputs[1], pv[0].outputs[0],
+                           q_consumer=qk.key, k_consumer=k_consumer,
+                           k_has_head_last=k != kt)
+
+
+def _attention_site(view: GraphView, a: Analysis, n: GNode, kind: str, q: str, k: str, v: str,
+                    out: str, q_consumer: str, k_consumer: str,
+                    k_has_head_last: bool = True) -> AttentionSite:
+    qs, ks, vs = (_upstream_linears(view, x) for x in (q, k, v))
+    q_proj = qs[0] if len(qs) == 1 else None
+    k_proj = ks[0] if len(ks) == 1 else None
+    v_proj = vs[0] if len(vs) == 1 else None
+    o = _downstream_linear(view, out)
+    q_shape = view.shape(q) or ()
+    head_dim = q_shape[-1] if len(q_shape) == 4 and q_shape[-1] > 0 else 0
+    heads = n.params.get("num_heads")
+    kv_heads = n.params.get("num_kv_heads")
+    fused = q_proj is not None and q_proj == k_proj == v_proj
+    if head_dim == 0 and heads and q_proj:
+        head_dim = a.linears[q_proj].out_features // (3 if fused else 1) // heads
+    if not heads and head_dim and q_proj:
+        heads = a.linears[q_proj].out_features // (3 if fused else 1) // head_dim
+    if not kv_heads and head_dim and k_proj:
+        kv_heads = heads if fused else a.linears[k_proj].out_features // head_dim
+    scope = view.by_key[q_proj].scope.rsplit(".", 1)[0] if q_proj else n.scope
+    return AttentionSite(
+        n.key, scope, kind, int(heads or 0), int(kv_heads or 0), int(head_dim), q_proj, k_proj,
+        v_proj, o, q, k if k_has_head_last else "", q_consumer=q_consumer, k_consumer=k_consumer)
+
+
+def _downstream_linear(view: GraphView, value: str) -> str | None:
+    todo, seen = [value], set()
+    while todo:
+        v = todo.pop(0)
+        if v in seen:
+            continue
+        seen.add(v)
+        for c in view.consumers.get(v, []):
+            if c.op == "linear":
+                return c.key
+            if c.op in ("transpose", "reshape", "cast", "identity", "expand", "slice"):
+                todo.extend(c.outputs)
+    return None
+
+
+# ---- residual stream -------------------------------------------------------------------------
+def _residual_add(view: GraphView, n: GNode, stream: list[str]) -> str | None:
+    """If ``n`` adds a linear's output into the stream, return that writer linear."""
+    if n.op != "add" or len(n.inputs) != 2 or any(view.is_const(i) for i in n.inputs):
+        return None
+    ins = [i for i in n.inputs if i in stream]
+    if len(ins) != 1:
+        return None
+    other = n.inputs[1] if n.inputs[0] in stream else n.inputs[0]
+    return _writer(view, other)
+
+
+def _find_residual(view: GraphView, a: Analysis) -> ResidualStream:
+    res = ResidualStream(False, None, None, [], [])
+    emb = next(iter(a.embeddings.values()), None)
+    if emb is None:
+        return res
+    res.embedding = emb.key
+    v = emb.output
+    for _ in range(10_000):
+        stream = closure(view, v)
+        cons = consumers_of(view, stream)
+        adds = [(c, w) for c in cons for w in [_residual_add(view, c, stream)] if w]
+        norms = [c for c in cons if c.key in a.norms or any(
+            c.key in s for s in a.norm_internal.values())]
+        norm_keys = [k for k, s in a.norm_internal.items() if any(c.key in s for c in norms)]
+        if adds:
+            add, writer = adds[0]
+            writers = [w for c, w in adds if c.key == add.key]
+            if norm_keys:
+                nk = norm_keys[0]
+                readers = first_linears(view, a.norms[nk].output)
+            else:
+                nk = None
+                readers = [c.key for c in cons if c.op == "linear"]
+            res.blocks.append(Block(nk, readers, writers, add.key))
+            v = add.outputs[0]
+            after = consumers_of(view, closure(view, v))
+            after_norms = [k for k, s in a.norm_internal.items() if any(c.key in s for c in after)]
+            if after_norms and not any(c.op == "linear" for c in after) and not any(
+                    _residual_add(view, c, closure(view, v)) for c in after):
+                nk2 = after_norms[0]
+                if _continues(view, a, a.norms[nk2].output):
+                    res.post_norms.append(nk2)
+                    v = a.norms[nk2].output
+                    continue
+            continue
+        if norm_keys:
+            nk = norm_keys[0]
+            if _continues(view, a, a.norms[nk].output):
+                res.post_norms.append(nk)
+                v = a.norms[nk].output
+                continue
+            res.final_norm = nk
+            res.head = first_linears(view, a.norms[nk].output)
+            break
+        combine = [c for c in cons if c.op == "add" and len(c.inputs) == 2
+                   and not _upstream_linears(view, [i for i in c.inputs if i not in stream][0]
+                                             if any(i not in stream for i in c.inputs) else v)]
+        if combine:
+            v = combine[0].outputs[0]
+            continue
+        res.head = [c.key for c in cons if c.op == "linear"]
+        break
+    res.pre_norm = bool(res.blocks) and not res.post_norms and all(b.norm for b in res.blocks)
+    return res
+
+
+def _continues(view: GraphView, a: Analysis, value: str) -> bool:
+    """Does the stream go on after this norm (a residual add reads its output downstream)?"""
+    stream = closure(view, value)
+    for c in view.nodes:
+        if c.op == "add" and _residual_add(view, c, stream):
+            return True
+    return False

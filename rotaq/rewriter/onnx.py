@@ -1,0 +1,836 @@
+"""ONNX adapter: lifts an ONNX model (through onnx-ir) into a :class:`GraphView` and edits it.
+
+Matching is structural (never by name):
+
+- ``linear``: ``MatMul(x, W)`` with ``W`` a 2-D constant ``[in, out]`` or ``Transpose(perm=[1, 0])``
+  of a constant ``[out, in]`` (torch's tied ``lm_head``), or ``Gemm(x, B[, C])`` with constant
+  ``B``/``C``; plus an optional ``Add`` of a 1-D constant of length ``out`` that is the only
+  consumer of the product (absorbed: the GNode's output is the Add's output).
+- ``embedding``: ``Gather(E, ids, axis=0)`` with ``E`` a 2-D constant.
+- ``layer_norm`` (LayerNormalization), ``rms_norm`` (RMSNormalization, SimplifiedLayerNormalization),
+  ``sdpa`` (opset-23 Attention) and the primitive vocabulary of :mod:`rotaq.rewriter.sites`.
+
+Every setter writes a fresh initializer in the original dtype, so a tensor read by another node
+(tied embeddings, initializers merged by the exporter) is never changed behind its back. The
+whole model is held in memory (external data included) so the source file is never needed again.
+"""
+
+from __future__ import annotations
+
+import ast
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from itertools import pairwise
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as oir
+
+from rotaq.errors import LoadError, RewriteError
+from rotaq.rewriter.sites import GNode, GraphView, Kronecker
+
+logger = logging.getLogger(__name__)
+
+_DEFAULT_DOMAINS = ("", "ai.onnx")
+_PRIMITIVES = {
+    "Add": "add",
+    "Sub": "sub",
+    "Mul": "mul",
+    "Div": "div",
+    "Pow": "pow",
+    "Sqrt": "sqrt",
+    "Reciprocal": "reciprocal",
+    "Neg": "neg",
+    "ReduceMean": "mean",
+    "MatMul": "matmul",
+    "Softmax": "softmax",
+    "Transpose": "transpose",
+    "Reshape": "reshape",
+    "Cast": "cast",
+    "Identity": "identity",
+    "Dropout": "identity",
+    "Slice": "slice",
+    "Concat": "concat",
+    "Expand": "expand",
+}
+_EXTERNAL_DATA_BYTES = 100 * 2**20  # save weights to a side file above this size
+_IN_MEMORY_SESSION_BYTES = 1_800_000_000  # protobuf cannot serialize 2 GB
+_ROLE = "rotaq.role"
+_TRANSFORM_ROLE = "online_transform"
+_SCOPE_KEY = "pkg.torch.onnx.name_scopes"
+
+
+@dataclass
+class _Linear:
+    node: oir.Node  # the MatMul / Gemm (its name is the view key)
+    weight: oir.Value  # constant holding the weight as stored
+    layout: str  # "io": stored [in, out]; "oi": stored [out, in]
+    transpose: oir.Node | None  # Transpose(weight) feeding the MatMul, if any
+    bias: oir.Value | None  # constant bias (Gemm C or the absorbed Add's operand)
+    bias_add: oir.Node | None  # absorbed Add node
+    in_features: int
+    out_features: int
+    alpha: float = 1.0
+    beta: float = 1.0
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+def _is_default(node: oir.Node) -> bool:
+    return node.domain in _DEFAULT_DOMAINS
+
+
+def _attr(node: oir.Node, name: str, default: Any = None) -> Any:
+    a = node.attributes.get(name)
+    if a is None:
+        return default
+    v = a.value
+    return list(v) if isinstance(v, (tuple, list)) else v
+
+
+def _scope(node: oir.Node) -> str:
+    """Module path from torch's ``name_scopes`` metadata: a repr'd list of cumulative qualified
+    names, root first and the fx node name last, e.g. ``['', 'model', 'model.layers.0', ...,
+    'model.layers.0.self_attn.q_proj', 'linear']``."""
+    raw = node.metadata_props.get(_SCOPE_KEY)
+    if not raw:
+        return ""
+    try:
+        parts = [str(p) for p in ast.literal_eval(raw)]
+    except (ValueError, SyntaxError):
+        return ""
+    mods = [p for p in parts[:-1] if p]  # drop the root '' and the node's own name
+    if not mods:
+        return ""
+    cumulative = all(b.startswith(a + ".") for a, b in pairwise(mods))
+    return mods[-1] if cumulative else ".".join(mods)
+
+
+def _dims(value: oir.Value, const: oir.TensorProtocol | None) -> tuple[int, ...] | None:
+    if value.shape is None:
+        return None if const is None else tuple(int(d) for d in const.shape)
+    return tuple(d if isinstance(d, int) else -1 for d in value.shape)
+
+
+def _tensor(array: np.ndarray, dtype: oir.DataType, name: str) -> oir.Tensor:
+    arr = np.ascontiguousarray(np.asarray(array).astype(dtype.numpy()))
+    return oir.Tensor(arr, dtype=dtype, name=name)
+
+
+class OnnxGraph:
+    """An ONNX model held in memory, seen through the IR-neutral :class:`GraphView`."""
+
+    ir = "onnx"
+
+    def __init__(self, model: oir.Model, source: str | None = None) -> None:
+        self.model = model
+        self.source = source
+        self.metadata: dict[str, str] = dict(model.metadata_props)
+        self._prepare()
+        self._invalidate()
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> OnnxGraph:
+        """Read ``path`` (and its external data) fully into memory; the file is never written."""
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise LoadError(f"cannot load {path}: no such file")
+        try:
+            proto = onnx.load(path, load_external_data=False)
+        except OSError as err:
+            raise LoadError(
+                f"cannot load {path}: cannot read the file: {_first_line(err)}"
+            ) from err
+        except Exception as err:  # protobuf DecodeError, ...
+            raise LoadError(
+                f"cannot load {path}: not a valid ONNX model (truncated or corrupt): "
+                f"{_first_line(err)}"
+            ) from err
+        if not proto.HasField("graph") or not proto.graph.node:
+            raise LoadError(f"cannot load {path}: not a valid ONNX model (no graph)")
+        try:
+            onnx.external_data_helper.load_external_data_for_model(
+                proto, os.path.dirname(os.path.abspath(path))
+            )
+        except Exception as err:  # missing / short / unreadable side file
+            raise LoadError(
+                f"cannot load {path}: its external data is missing or unreadable: "
+                f"{_first_line(err)}"
+            ) from err
+        return cls.from_proto(proto, source=path)
+
+    @classmethod
+    def from_proto(cls, model: onnx.ModelProto | oir.Model, source: str | None = None) -> OnnxGraph:
+        """Wrap an in-memory model. An ``onnx_ir.Model`` is taken over, not copied."""
+        label = source or "<in-memory model>"
+        try:
+            if isinstance(model, onnx.ModelProto):
+                if not model.HasField("graph") or not model.graph.node:
+                    raise ValueError("the model has no graph")
+                model = oir.serde.deserialize_model(model)
+            model = oir.external_data.load_to_model(model)
+        except Exception as err:
+            raise LoadError(f"cannot load {label}: {_first_line(err)}") from err
+        cls._validate(model, label)
+        return cls(model, source=source)
+
+    @staticmethod
+    def _validate(model: oir.Model, label: str) -> None:
+        g = model.graph
+        if g.num_nodes() == 0:
+            raise LoadError(f"cannot load {label}: the graph has no nodes")
+        for v in g.initializers.values():
+            try:
+                v.const_value.numpy()
+            except Exception as err:
+                raise LoadError(
+                    f"cannot load {label}: initializer {v.name!r} is unreadable "
+                    f"(truncated data?): {_first_line(err)}"
+                ) from err
+        seen: set[int] = set()
+        needs_sort = False
+        for node in g:
+            for v in node.inputs:
+                if v is None or v.is_graph_input() or v.is_initializer():
+                    continue
+                prod = v.producer()
+                if prod is None:
+                    raise LoadError(
+                        f"cannot load {label}: value {v.name!r} read by {node.op_type} node "
+                        f"{node.name!r} "
+                        "is never defined (truncated or corrupt model)"
+                    )
+                needs_sort |= id(prod) not in seen and prod.graph is g
+            seen.add(id(node))
+        for v in g.outputs:
+            if v.producer() is None and not (v.is_graph_input() or v.is_initializer()):
+                raise LoadError(f"cannot load {label}: graph output {v.name!r} is never defined")
+        if needs_sort:
+            g.sort()
+
+    def _prepare(self) -> None:
+        """Give every node and value a unique name (deterministic), once."""
+        g = self.model.graph
+        nodes = list(g)
+        values = [*g.inputs, *g.initializers.values(), *(o for n in nodes for o in n.outputs)]
+        taken = {n.name for n in nodes if n.name} | {v.name for v in values if v.name}
+        self._taken = taken
+        seen: set[str] = set()
+        for i, n in enumerate(nodes):
+            if not n.name or n.name in seen:
+                n.name = self._fresh(f"{n.op_type}_{i}")
+            seen.add(n.name)
+        for i, v in enumerate(values):
+            if not v.name:
+                v.name = self._fresh(f"rotaq_v{i}")
+
+    def _fresh(self, hint: str) -> str:
+        name, k = hint, 0
+        while name in self._taken:
+            k += 1
+            name = f"{hint}_{k}"
+        self._taken.add(name)
+        return name
+
+    def _invalidate(self) -> None:
+        self._view: GraphView | None = None
+        self._values: dict[str, oir.Value] = {}
+        self._nodes: dict[str, oir.Node] = {}
+        self._linears: dict[str, _Linear] = {}
+        self._sessions: dict[tuple[str, ...], Any] = {}
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def input_names(self) -> list[str]:
+        return [v.name for v in self.model.graph.inputs if not v.is_initializer()]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [v.name for v in self.model.graph.outputs]
+
+    # ------------------------------------------------------------------ lifting
+    def view(self) -> GraphView:
+        if self._view is None:
+            self._view = self._lift()
+        return self._view
+
+    def _const(self, v: oir.Value | None) -> oir.TensorProtocol | None:
+        if v is None or v.is_graph_input():
+            return None
+        if v.const_value is not None:
+            return v.const_value
+        prod = v.producer()
+        if prod is not None and prod.op_type == "Constant" and _is_default(prod):
+            try:
+                return oir.convenience.get_const_tensor(v)
+            except ValueError:
+                return None
+        return None
+
+    def _is_const(self, v: oir.Value | None) -> bool:
+        return self._const(v) is not None
+
+    def _weight2d(self, v: oir.Value | None) -> bool:
+        t = self._const(v)
+        return t is not None and len(t.shape) == 2 and t.dtype.is_floating_point()
+
+    def _match_linear(self, node: oir.Node) -> _Linear | None:
+        if not _is_default(node) or node.op_type not in ("MatMul", "Gemm"):
+            return None
+        ins = list(node.inputs)
+        if len(ins) < 2 or ins[0] is None or self._is_const(ins[0]):
+            return None
+        w, transpose, alpha, beta, bias = ins[1], None, 1.0, 1.0, None
+        if node.op_type == "MatMul":
+            if self._weight2d(w):
+                layout = "io"
+            else:
+                prod = w.producer() if w is not None else None
+                if (
+                    prod is None
+                    or prod.op_type != "Transpose"
+                    or not _is_default(prod)
+                    or _attr(prod, "perm", [1, 0]) != [1, 0]
+                    or not self._weight2d(prod.inputs[0])
+                ):
+                    return None
+                transpose, w, layout = prod, prod.inputs[0], "oi"
+        else:  # Gemm
+            if _attr(node, "transA", 0) != 0 or not self._weight2d(w):
+                return None
+            layout = "oi" if _attr(node, "transB", 0) else "io"
+            alpha, beta = float(_attr(node, "alpha", 1.0)), float(_attr(node, "beta", 1.0))
+        shape = tuple(self._const(w).shape)
+        n_in, n_out = (shape[0], shape[1]) if layout == "io" else (shape[1], shape[0])
+        bias_add = None
+        if len(ins) > 2 and ins[2] is not None:
+            c = self._const(ins[2])
+            if c is None or c.size not in (1, n_out) or len(c.shape) > 2:
+                return None
+            if len(c.shape) and c.shape[-1] not in (1, n_out):
+                return None
+            bias = ins[2]
+        else:
+            y = node.outputs[0]
+            uses = list(y.uses())
+            if len(uses) == 1 and not y.is_graph_output():
+                user, idx = uses[0].node, uses[0].idx
+                if user.op_type == "Add" and _is_default(user) and len(user.inputs) == 2:
+                    other = user.inputs[1 - idx]
+                    t = self._const(other)
+                    if t is not None and tuple(t.shape) == (n_out,) and other is not y:
+                        bias, bias_add = other, user
+        return _Linear(node, w, layout, transpose, bias, bias_add, n_in, n_out, alpha, beta)
+
+    def _shared(self, value: oir.Value, owners: Sequence[oir.Node]) -> bool:
+        own = {id(n) for n in owners}
+        return value.is_graph_output() or any(id(u.node) not in own for u in value.uses())
+
+    def _lift(self) -> GraphView:
+        g = self.model.graph
+        nodes = list(g)
+        values: dict[str, oir.Value] = {v.name: v for v in g.inputs}
+        values.update({v.name: v for v in g.initializers.values()})
+        for n in nodes:
+            values.update({o.name: o for o in n.outputs if o.name})
+        self._values = values
+        self._nodes = {n.name: n for n in nodes}
+        consts = {
+            name for name, v in values.items() if self._is_const(v) and not v.is_graph_input()
+        }
+
+        linears: dict[str, _Linear] = {}
+        absorbed: set[int] = set()
+        for n in nodes:
+            if n.metadata_props.get(_ROLE) == _TRANSFORM_ROLE:
+                continue  # an online transform we inserted is not a model layer
+            lin = self._match_linear(n)
+            if lin is not None:
+                linears[n.name] = lin
+                if lin.bias_add is not None:
+                    absorbed.add(id(lin.bias_add))
+        feeding: dict[int, list[str]] = {}
+        for key, lin in linears.items():
+            if lin.transpose is not None:
+                feeding.setdefault(id(lin.transpose), []).append(key)
+        for n in nodes:
+            if id(n) in feeding:
+                out = n.outputs[0]
+                if not self._shared(out, [linears[k].node for k in feeding[id(n)]]):
+                    absorbed.add(id(n))
+        self._linears = linears
+
+        gnodes = []
+        for n in nodes:
+            if id(n) in absorbed or (n.op_type == "Constant" and _is_default(n)):
+                continue
+            gnodes.append(self._gnode(n, linears.get(n.name)))
+        shapes = {name: _dims(v, self._const(v)) for name, v in values.items()}
+        return GraphView(gnodes, consts, shapes, self.input_names, self.output_names)
+
+    def _gnode(self, n: oir.Node, lin: _Linear | None) -> GNode:
+        scope = _scope(n)
+        ins = [v.name if v is not None else "" for v in n.inputs]
+        outs = [o.name or "" for o in n.outputs]
+        if lin is not None:
+            if lin.transpose is None:
+                shared = self._shared(lin.weight, [n])
+            else:  # the stored tensor is read by the Transpose; its output by this MatMul
+                shared = self._shared(lin.weight, [lin.transpose]) or self._shared(
+                    lin.transpose.outputs[0], [n]
+                )
+            out = lin.bias_add.outputs[0].name if lin.bias_add is not None else outs[0]
+            params = {
+                "in_features": lin.in_features,
+                "out_features": lin.out_features,
+                "has_bias": lin.bias is not None,
+                "weight_shared": shared,
+            }
+            return GNode(n.name, "linear", [ins[0]], [out], params, scope)
+        t = n.op_type
+        if not _is_default(n) and (t, n.domain) != (
+            "SimplifiedLayerNormalization",
+            "com.microsoft",
+        ):
+            return GNode(n.name, "other", ins, outs, {"target": t, "domain": n.domain}, scope)
+        if n.metadata_props.get(_ROLE) == _TRANSFORM_ROLE:
+            params = {"role": _TRANSFORM_ROLE, "target": t}
+            return GNode(n.name, _PRIMITIVES.get(t, "other"), ins, outs, params, scope)
+        if t == "Gather" and self._weight2d(n.inputs[0]) and _attr(n, "axis", 0) in (0, -2):
+            e = tuple(self._const(n.inputs[0]).shape)
+            shared = self._shared(n.inputs[0], [n])
+            params = {"num_embeddings": e[0], "dim": e[1], "weight_shared": shared}
+            return GNode(n.name, "embedding", [ins[1]], outs, params, scope)
+        if t in ("LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization"):
+            norm = self._norm(n, ins, outs, scope)
+            if norm is not None:
+                return norm
+        if t == "Attention" and len(ins) >= 3:
+            return self._sdpa(n, ins, outs, scope)
+        if t in _PRIMITIVES:
+            return GNode(n.name, _PRIMITIVES[t], ins, outs, self._prim_params(n), scope)
+        return GNode(n.name, "other", ins, outs, {"target": t}, scope)
+
+    def _norm(self, n: oir.Node, ins: list[str], outs: list[str], scope: str) -> GNode | None:
+        x = n.inputs[0]
+        scale = n.inputs[1] if len(n.inputs) > 1 else None
+        bias = n.inputs[2] if len(n.inputs) > 2 else None
+        axis = _attr(n, "axis", -1)
+        rank = len(x.shape) if x is not None and x.shape is not None else None
+        if axis != -1 and (rank is None or axis != rank - 1):
+            return None
+        if not self._is_const(scale) or (bias is not None and not self._is_const(bias)):
+            return None
+        dim = int(self._const(scale).shape[-1]) if len(self._const(scale).shape) else -1
+        if dim in (-1, 1) and x is not None and x.shape is not None:
+            last = x.shape[-1]
+            dim = last if isinstance(last, int) else dim
+        op = "layer_norm" if n.op_type == "LayerNormalization" else "rms_norm"
+        inputs = [ins[0], ins[1], ins[2] if len(ins) > 2 else ""]
+        eps = float(_attr(n, "epsilon", 1e-5))
+        return GNode(n.name, op, inputs, outs[:1], {"dim": dim, "eps": eps}, scope)
+
+    def _sdpa(self, n: oir.Node, ins: list[str], outs: list[str], scope: str) -> GNode:
+        params: dict[str, Any] = {}
+        for attr, key in (("q_num_heads", "num_heads"), ("kv_num_heads", "num_kv_heads")):
+            if _attr(n, attr) is not None:
+                params[key] = int(_attr(n, attr))
+        for key, v in (("num_heads", n.inputs[0]), ("num_kv_heads", n.inputs[1])):
+            shape = v.shape if v is not None else None
+            # 4-D inputs are [batch, heads, seq, head_dim]
+            if (
+                key not in params
+                and shape is not None
+                and len(shape) == 4
+                and isinstance(shape[1], int)
+            ):
+                params[key] = shape[1]
+        params["is_causal"] = bool(_attr(n, "is_causal", 0))
+        if _attr(n, "scale") is not None:
+            params["scale"] = float(_attr(n, "scale"))
+        inputs = (ins + ["", "", "", ""])[:4]
+        return GNode(n.name, "sdpa", inputs, outs, params, scope)
+
+    def _prim_params(self, n: oir.Node) -> dict[str, Any]:
+        t = n.op_type
+        if t == "Transpose":
+            perm = _attr(n, "perm")
+            x = n.inputs[0]
+            if perm is None and x is not None and x.shape is not None:
+                perm = list(range(len(x.shape)))[::-1]
+            return {"perm": perm}
+        if t == "ReduceMean":
+            axes = _attr(n, "axes")
+            if axes is None and len(n.inputs) > 1 and self._is_const(n.inputs[1]):
+                axes = [int(a) for a in self._const(n.inputs[1]).numpy().reshape(-1)]
+            return {"axes": axes, "keepdims": bool(_attr(n, "keepdims", 1))}
+        if t in ("Softmax", "Concat"):
+            return {"axis": _attr(n, "axis", -1)}
+        if t == "Cast":
+            return {"to": _attr(n, "to")}
+        return {}
+
+    # ------------------------------------------------------------------ lookups
+    def _value(self, name: str) -> oir.Value:
+        self.view()
+        v = self._values.get(name)
+        if v is None:
+            raise RewriteError(f"no value named {name!r} in the ONNX graph")
+        return v
+
+    def _node(self, key: str) -> oir.Node:
+        self.view()
+        n = self._nodes.get(key)
+        if n is None:
+            raise RewriteError(f"no node named {key!r} in the ONNX graph")
+        return n
+
+    def _linear(self, key: str) -> _Linear:
+        self.view()
+        lin = self._linears.get(key)
+        if lin is None:
+            raise RewriteError(f"node {key!r} is not a linear")
+        return lin
+
+    def _array(self, v: oir.Value) -> np.ndarray:
+        t = self._const(v)
+        if t is None:
+            raise RewriteError(f"value {v.name!r} is not a constant")
+        arr = t.numpy()
+        return arr.astype(np.float64) if t.dtype.is_floating_point() else np.array(arr)
+
+    def get_const(self, value: str) -> np.ndarray:
+        return self._array(self._value(value))
+
+    # ------------------------------------------------------------------ edits
+    def _initializer(self, array: np.ndarray, dtype: oir.DataType, hint: str) -> oir.Value:
+        name = self._fresh(hint)
+        t = _tensor(array, dtype, name)
+        v = oir.Value(
+            name=name, shape=oir.Shape(list(t.shape)), type=oir.TensorType(dtype), const_value=t
+        )
+        self.model.graph.register_initializer(v)
+        return v
+
+    def _hint(self, node: oir.Node, suffix: str) -> str:
+        scope = _scope(node)
+        return f"{scope}.{suffix}" if scope else f"{node.name}.{suffix}"
+
+    def _drop_if_unused(self, v: oir.Value | None) -> None:
+        """Remove an orphaned initializer, or an orphaned Transpose/Constant and what it read."""
+        g = self.model.graph
+        if v is None or v.is_graph_output() or v.is_graph_input() or list(v.uses()):
+            return
+        if v.is_initializer():
+            g.initializers.pop(v.name, None)
+            return
+        prod = v.producer()
+        if prod is None or prod.graph is not g or prod.op_type not in ("Transpose", "Constant"):
+            return
+        if any(list(o.uses()) or o.is_graph_output() for o in prod.outputs):
+            return
+        inputs = list(prod.inputs)
+        g.remove(prod, safe=True)
+        for i in inputs:
+            self._drop_if_unused(i)
+
+    def set_const(self, node: str, index: int, array: np.ndarray) -> None:
+        """Input ``index`` of ``node`` <- a fresh constant holding ``array`` (original dtype)."""
+        g = self.view().by_key.get(node)
+        n = self._node(node)
+        if g is None or g.op in ("linear", "embedding"):
+            raise RewriteError(f"set_const: use set_linear/set_embedding for node {node!r}")
+        if g.op == "rms_norm" and index == 2:
+            raise RewriteError(f"set_const: RMS norm {node!r} has no bias input")
+        if index < 0 or index >= max(len(g.inputs), len(n.inputs)):
+            raise RewriteError(f"set_const: node {node!r} has no input {index}")
+        old = n.inputs[index] if index < len(n.inputs) else None
+        if old is not None and not self._is_const(old):
+            raise RewriteError(f"set_const: input {index} of {node!r} is not a constant")
+        ref = old or next((v for v in n.inputs[1:] if v is not None and v.dtype), n.inputs[0])
+        if ref is None or ref.dtype is None:
+            raise RewriteError(f"set_const: dtype of input {index} of {node!r} is unknown")
+        new = self._initializer(np.asarray(array), ref.dtype, self._hint(n, f"in{index}"))
+        if index >= len(n.inputs):
+            n.resize_inputs(index + 1)
+        n.replace_input_with(index, new)
+        self._drop_if_unused(old)
+        self._invalidate()
+
+    def get_linear(self, key: str) -> tuple[np.ndarray, np.ndarray | None]:
+        lin = self._linear(key)
+        w = self._array(lin.weight)
+        w = (w.T if lin.layout == "io" else w) * lin.alpha
+        if lin.bias is None:
+            return w, None
+        b = self._array(lin.bias).reshape(-1)
+        b = np.broadcast_to(b, (lin.out_features,)) * (lin.beta if lin.bias_add is None else 1.0)
+        return np.ascontiguousarray(w), np.array(b)
+
+    def set_linear(self, key: str, weight: np.ndarray, bias: np.ndarray | None) -> None:
+        """Linear(x) -> x W^T + b with fresh constants; the output value keeps its name."""
+        lin = self._linear(key)
+        n, g = lin.node, self.model.graph
+        weight = np.asarray(weight, dtype=np.float64)
+        if weight.shape != (lin.out_features, lin.in_features):
+            raise RewriteError(
+                f"set_linear {key!r}: weight shape {weight.shape} != "
+                f"{(lin.out_features, lin.in_features)}"
+            )
+        if bias is not None:
+            bias = np.asarray(bias, dtype=np.float64).reshape(-1)
+            if bias.shape != (lin.out_features,):
+                raise RewriteError(f"set_linear {key!r}: bias shape {bias.shape} is wrong")
+        dtype = self._const(lin.weight).dtype
+        old_w = n.inputs[1]
+        if n.op_type == "Gemm":
+            new_w = self._initializer(weight, dtype, self._hint(n, "weight"))
+            n.attributes["transB"] = oir.AttrInt64("transB", 1)
+            n.attributes["alpha"] = oir.AttrFloat32("alpha", 1.0)
+        else:
+            new_w = self._initializer(weight.T, dtype, self._hint(n, "weight"))
+        n.replace_input_with(1, new_w)
+        self._drop_if_unused(old_w)
+        if n.op_type == "Gemm" and lin.bias_add is None:
+            old_c = n.inputs[2] if len(n.inputs) > 2 else None
+            if bias is None:
+                n.resize_inputs(2)
+            else:
+                cdt = self._const(old_c).dtype if old_c is not None else dtype
+                if len(n.inputs) < 3:
+                    n.resize_inputs(3)
+                n.replace_input_with(2, self._initializer(bias, cdt, self._hint(n, "bias")))
+                n.attributes["beta"] = oir.AttrFloat32("beta", 1.0)
+            self._drop_if_unused(old_c)
+        elif lin.bias_add is not None:
+            add = lin.bias_add
+            idx = 0 if add.inputs[0] is lin.bias else 1
+            if bias is None:
+                y, z = n.outputs[0], add.outputs[0]
+                name = z.name
+                z.replace_all_uses_with(y, replace_graph_outputs=True)
+                g.remove(add, safe=True)
+                z.name, y.name = self._fresh(f"{name}_removed"), name
+            else:
+                new_b = self._initializer(bias, lin.bias.dtype, self._hint(n, "bias"))
+                add.replace_input_with(idx, new_b)
+            self._drop_if_unused(lin.bias)
+        elif bias is not None:
+            self._append_bias(n, self._initializer(bias, dtype, self._hint(n, "bias")))
+        self._invalidate()
+
+    def _append_bias(self, n: oir.Node, b: oir.Value) -> None:
+        """y = MatMul(...) -> y = Add(MatMul(...), b), keeping the name y for consumers."""
+        g = self.model.graph
+        y = n.outputs[0]
+        name = y.name
+        uses = [(u.node, u.idx) for u in y.uses()]
+        shape = y.shape.copy() if y.shape is not None else None
+        z = oir.Value(name=self._fresh(f"{name}_biased"), shape=shape, type=y.type)
+        add = oir.Node(
+            "",
+            "Add",
+            [y, b],
+            outputs=[z],
+            name=self._fresh(f"{n.name}_bias"),
+            metadata_props=dict(n.metadata_props),
+        )
+        g.insert_after(n, add)
+        for user, idx in uses:
+            user.replace_input_with(idx, z)
+        for i, o in enumerate(g.outputs):
+            if o is y:
+                g.outputs[i] = z
+        y.name = self._fresh(f"{name}_nobias")
+        z.name = name
+
+    def get_embedding(self, key: str) -> np.ndarray:
+        return self._array(self._embedding(key).inputs[0])
+
+    def _embedding(self, key: str) -> oir.Node:
+        g = self.view().by_key.get(key)
+        if g is None or g.op != "embedding":
+            raise RewriteError(f"node {key!r} is not an embedding")
+        return self._node(key)
+
+    def set_embedding(self, key: str, table: np.ndarray) -> None:
+        n = self._embedding(key)
+        old = n.inputs[0]
+        table = np.asarray(table, dtype=np.float64)
+        if table.shape != tuple(self._const(old).shape):
+            raise RewriteError(f"set_embedding {key!r}: table shape {table.shape} is wrong")
+        n.replace_input_with(0, self._initializer(table, old.dtype, self._hint(n, "weight")))
+        self._drop_if_unused(old)
+        self._invalidate()
+
+    def insert_transform(self, value: str, consumers: Sequence[str], transform: Kronecker) -> str:
+        """Emit x -> x @ kron(F0, F1) on the last axis for ``consumers`` only; returns the new
+        value. Two factors (a, b) run as Reshape [.., a, b] -> MatMul F1 -> MatMul F0^T (left)
+        -> Reshape [.., a*b]: row-major x[i*b+j] = X[i, j] and x kron(A, B) = A^T X B."""
+        v = self._value(value)
+        users = [self._node(k) for k in consumers]
+        for user in users:
+            if not any(x is v for x in user.inputs):
+                raise RewriteError(f"insert_transform: node {user.name!r} does not read {value!r}")
+        if v.shape is None:
+            raise RewriteError(f"insert_transform: rank of {value!r} is unknown")
+        if v.dtype is None or not v.dtype.is_floating_point():
+            raise RewriteError(f"insert_transform: {value!r} is not a float tensor")
+        factors = [np.asarray(f, dtype=np.float64) for f in transform.factors]
+        if not factors or any(f.ndim != 2 or f.shape[0] != f.shape[1] for f in factors):
+            raise RewriteError("insert_transform: factors must be square matrices")
+        if len(factors) > 2:  # group the tail: kron(F0, F1 (x) F2 ...)
+            tail = Kronecker(tuple(factors[1:])).dense()
+            factors = [factors[0], tail]
+        r, last, n = len(v.shape), v.shape[-1], int(np.prod([f.shape[0] for f in factors]))
+        if isinstance(last, int) and last != n:
+            raise RewriteError(f"insert_transform: {value!r} has last dim {last}, transform {n}")
+        dims, dt = list(v.shape.dims), v.dtype
+        g = self.model.graph
+        base = value.replace("/", "_")
+
+        def val(hint: str, shape: list) -> oir.Value:
+            return oir.Value(name=self._fresh(hint), shape=oir.Shape(shape), type=v.type)
+
+        def node(op: str, inputs: list, out: oir.Value) -> oir.Node:
+            return oir.Node(
+                "",
+                op,
+                inputs,
+                outputs=[out],
+                name=self._fresh(f"rotaq_{op}_{base}"),
+                metadata_props={_ROLE: _TRANSFORM_ROLE},
+            )
+
+        new_nodes = []
+        if len(factors) == 1:
+            f0 = self._initializer(factors[0], dt, f"rotaq_rot_{base}")
+            out = val(f"{base}_rot", dims)
+            new_nodes.append(node("MatMul", [v, f0], out))
+        else:
+            a, b = factors[0].shape[0], factors[1].shape[0]
+            i64 = oir.DataType.INT64
+            s1 = self._initializer(np.array([0] * (r - 1) + [a, b]), i64, f"rotaq_shape_{base}")
+            s2 = self._initializer(np.array([0] * (r - 1) + [a * b]), i64, f"rotaq_shape_{base}")
+            f1 = self._initializer(factors[1], dt, f"rotaq_rot_{base}_b")
+            f0t = self._initializer(factors[0].T, dt, f"rotaq_rot_{base}_a")
+            t1 = val(f"{base}_split", dims[:-1] + [a, b])
+            t2 = val(f"{base}_rot_b", dims[:-1] + [a, b])
+            t3 = val(f"{base}_rot_ab", dims[:-1] + [a, b])
+            out = val(f"{base}_rot", dims)
+            new_nodes += [
+                node("Reshape", [v, s1], t1),
+                node("MatMul", [t1, f1], t2),
+                node("MatMul", [f0t, t2], t3),
+                node("Reshape", [t3, s2], out),
+            ]
+        for user in users:
+            for i in [i for i, x in enumerate(user.inputs) if x is v]:
+                user.replace_input_with(i, out)
+        prod = v.producer()
+        if prod is not None and prod.graph is g:
+            g.insert_after(prod, new_nodes)
+        else:
+            g.insert_before(next(iter(g)), new_nodes)
+        self._invalidate()
+        return out.name
+
+    # ------------------------------------------------------------------ execution
+    def _session(self, extra: tuple[str, ...] = ()):
+        if extra in self._sessions:
+            return self._sessions[extra]
+        import onnxruntime as ort
+
+        g = self.model.graph
+        added = [self._value(name) for name in extra]
+        n_out = len(g.outputs)
+        g.outputs.extend(added)
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        providers = ["CPUExecutionProvider"]
+        try:
+            size = sum(v.const_value.nbytes for v in g.initializers.values())
+            if size < _IN_MEMORY_SESSION_BYTES:
+                data = oir.serde.serialize_model(self.model).SerializeToString()
+                sess = ort.InferenceSession(data, opts, providers=providers)
+            else:
+                with tempfile.TemporaryDirectory(prefix="rotaq-ort-") as tmp:
+                    p = os.path.join(tmp, "model.onnx")
+                    oir.save(self.model, p, external_data="model.onnx.data")
+                    sess = ort.InferenceSession(p, opts, providers=providers)
+        finally:
+            while len(g.outputs) > n_out:
+                g.outputs.pop()
+        self._sessions = {k: s for k, s in self._sessions.items() if k == ()}
+        self._sessions[extra] = sess
+        return sess
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """Run the model with ONNX Runtime (CPU) and return the graph outputs in order."""
+        return self._session().run(self.output_names, feeds)
+
+    def capture(self, feeds: dict[str, np.ndarray], values: Sequence[str]) -> dict[str, np.ndarray]:
+        """Values by name: graph inputs from ``feeds``, constants as stored, others computed."""
+        result: dict[str, np.ndarray] = {}
+        computed: list[str] = []
+        for name in dict.fromkeys(values):
+            v = self._value(name)
+            if name in feeds:
+                result[name] = np.asarray(feeds[name])
+            elif self._is_const(v):
+                result[name] = self._const(v).numpy().copy()
+            elif name not in self.output_names:
+                computed.append(name)
+        names = self.output_names + computed
+        outs = self._session(tuple(computed)).run(names, feeds)
+        got = dict(zip(names, outs))
+        for name in values:
+            result.setdefault(name, got.get(name))
+        return result
+
+    # ------------------------------------------------------------------ copies and files
+    def clone(self) -> OnnxGraph:
+        """An independent copy (tensors are shared but never mutated: setters write new ones)."""
+        other = OnnxGraph(self.model.clone(), source=self.source)
+        other.metadata = dict(self.metadata)
+        return other
+
+    def _remove_unused_initializers(self) -> None:
+        g = self.model.graph
+        for name, v in list(g.initializers.items()):
+            if not list(v.uses()) and not v.is_graph_output() and not v.is_graph_input():
+                g.initializers.pop(name)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write ``path`` (plus ``<name>.data`` when the weights exceed ~100 MB) atomically:
+        files go to a temporary folder next to the destination, then os.replace each."""
+        path = os.path.abspath(os.fspath(path))
+        folder, base = os.path.split(path)
+        self._remove_unused_initializers()
+        self._invalidate()
+        self.model.metadata_props.clear()
+        self.model.metadata_props.update({str(k): str(v) for k, v in self.metadata.items()})
+        size = sum(v.const_value.nbytes for v in self.model.graph.initializers.values())
+        data_name = base + ".data"
+        os.makedirs(folder, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".rotaq-save-", dir=folder)
+        try:
+            tmp_path = os.path.join(tmp, base)
+            if size > _EXTERNAL_DATA_BYTES:
+                oir.save(self.model, tmp_path, external_data=data_name, size_threshold_bytes=1024)
+                os.replace(os.path.join(tmp, data_name), os.path.join(folder, data_name))
+            else:
+                oir.save(self.model, tmp_path)
+            os.replace(tmp_path, path)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        logger.info("saved %s (%.1f MB of weights)", path, size / 2**20)
