@@ -81,7 +81,8 @@ class Rotate:
         a = model.analysis()
         mode = self.mode
         if mode == "auto":
-            mode = "residual" if a.pre_norm else "online"
+            rms = all(a.norms[b.norm].kind == "rms" for b in a.residual.blocks if b.norm)
+            mode = "residual" if a.pre_norm and rms else "online"
         if mode == "residual":
             stats = self._residual(model, a)
         else:
@@ -109,22 +110,23 @@ class Rotate:
         readers_of = {b.norm: b.readers for b in res.blocks}
         if res.final_norm:
             readers_of[res.final_norm] = res.head
-        # 1. fold norm scales into the readers
-        folded = 0
+        # 1. fold norm scales into the readers (all read from one view, then written)
+        view = g.view()
+        gammas = {}
         for nk, readers in readers_of.items():
             self._check_only_linears(a, nk, readers)
             n = a.norms[nk]
-            if n.scale is None:
-                continue
-            node, idx = n.scale
-            view = g.view()
-            gamma = g.get_const(const_root(view, view.by_key[node].inputs[idx])).reshape(-1)
-            gamma = gamma + n.scale_offset
-            for r in readers:
+            if n.scale is not None:
+                node, idx = n.scale
+                gamma = g.get_const(const_root(view, view.by_key[node].inputs[idx])).reshape(-1)
+                gammas[nk] = gamma + n.scale_offset
+        for nk, gamma in gammas.items():
+            for r in readers_of[nk]:
                 wr, br = w.get(r)
                 w.put(r, wr * gamma[None, :], br)
-            g.set_const(node, idx, np.ones_like(gamma) - n.scale_offset)
-            folded += 1
+            node, idx = a.norms[nk].scale
+            g.set_const(node, idx, np.ones_like(gamma) - a.norms[nk].scale_offset)
+        folded = len(gammas)
         # 2. rotate the stream
         for key in self._stream_embeddings(a):
             g.set_embedding(key, g.get_embedding(key) @ q)

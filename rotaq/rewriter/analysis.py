@@ -87,7 +87,8 @@ def passthrough(view: GraphView, n: GNode) -> bool:
     """Ops that act on tokens only: the channel (last) axis reaches the output unchanged."""
     if n.op in ("cast", "identity"):
         return True
-    if n.op in ("slice", "reshape", "expand"):
+    if n.op in ("slice", "reshape", "expand") or (
+            n.op == "other" and n.params.get("target") in ("Gather", "Squeeze", "Unsqueeze")):
         si, so = view.shape(n.inputs[0]), view.shape(n.outputs[0])
         return bool(si and so and si[-1] == so[-1] and si[-1] > 0)
     return _scalar_const(view, n)
@@ -279,7 +280,11 @@ def _find_attention(view: GraphView, a: Analysis) -> list[AttentionSite]:
 
 def _explicit_attention(view: GraphView, a: Analysis, sm: GNode) -> AttentionSite | None:
     # softmax -> (dropout/cast)* -> matmul(P, V)
-    pv = [c for c in consumers_of(view, closure(view, sm.outputs[0])) if c.op == "matmul"]
+    probs = closure(view, sm.outputs[0])
+    for c in consumers_of(view, probs):  # Where(IsNaN(p), 0, p): the exporter's NaN guard
+        if c.op == "other" and c.params.get("target") == "Where" and probs[0] in c.inputs:
+            probs = closure(view, c.outputs[0])
+    pv = [c for c in consumers_of(view, probs) if c.op == "matmul"]
     if len(pv) != 1 or view.is_const(pv[0].inputs[1]):
         return None
     # scores <- (add mask | mul/div scale | cast)* <- matmul(Q, K^T)

@@ -218,8 +218,11 @@ class OnnxGraph:
             g.sort()
 
     def _prepare(self) -> None:
-        """Give every node and value a unique name (deterministic), once."""
+        """Give every node and value a unique name (deterministic), once. Initializers listed as
+        graph inputs (IR < 4 style, overridable defaults) become plain constants."""
         g = self.model.graph
+        for v in [v for v in g.inputs if v.is_initializer()]:
+            g.inputs.remove(v)
         nodes = list(g)
         values = [*g.inputs, *g.initializers.values(), *(o for n in nodes for o in n.outputs)]
         taken = {n.name for n in nodes if n.name} | {v.name for v in values if v.name}
@@ -256,6 +259,17 @@ class OnnxGraph:
     @property
     def output_names(self) -> list[str]:
         return [v.name for v in self.model.graph.outputs]
+
+    def input_specs(self) -> dict[str, tuple[Any, list[int | str | None]]]:
+        """Graph input name -> (numpy dtype, dims; symbolic dims as str/None)."""
+        specs = {}
+        for v in self.model.graph.inputs:
+            if v.is_initializer():
+                continue
+            dtype = v.dtype.numpy() if v.dtype is not None else np.float32
+            dims = [d if isinstance(d, int) else None for d in (v.shape or [])]
+            specs[v.name] = (np.dtype(dtype), dims)
+        return specs
 
     # ------------------------------------------------------------------ lifting
     def view(self) -> GraphView:
@@ -403,8 +417,7 @@ class OnnxGraph:
         ):
             return GNode(n.name, "other", ins, outs, {"target": t, "domain": n.domain}, scope)
         if n.metadata_props.get(_ROLE) == _TRANSFORM_ROLE:
-            params = {"role": _TRANSFORM_ROLE, "target": t}
-            return GNode(n.name, _PRIMITIVES.get(t, "other"), ins, outs, params, scope)
+            return GNode(n.name, "online", ins, outs, {"target": t}, scope)
         if t == "Gather" and self._weight2d(n.inputs[0]) and _attr(n, "axis", 0) in (0, -2):
             e = tuple(self._const(n.inputs[0]).shape)
             shared = self._shared(n.inputs[0], [n])
@@ -477,6 +490,12 @@ class OnnxGraph:
             return {"axis": _attr(n, "axis", -1)}
         if t == "Cast":
             return {"to": _attr(n, "to")}
+        if t in ("Add", "Sub", "Mul", "Div", "Pow") and len(n.inputs) == 2:
+            # as the FX adapter: ``scalar`` is the value of a one-element constant operand
+            ts = [self._const(v) for v in n.inputs]
+            ones = [x for x in ts if x is not None and x.size == 1]
+            if len(ones) == 1 and None in ts:
+                return {"scalar": float(ones[0].numpy().reshape(-1)[0])}
         return {}
 
     # ------------------------------------------------------------------ lookups
@@ -763,7 +782,9 @@ class OnnxGraph:
                 data = oir.serde.serialize_model(self.model).SerializeToString()
                 sess = ort.InferenceSession(data, opts, providers=providers)
             else:
-                with tempfile.TemporaryDirectory(prefix="rotaq-ort-") as tmp:
+                with tempfile.TemporaryDirectory(
+                    prefix="rotaq-ort-", ignore_cleanup_errors=True
+                ) as tmp:
                     p = os.path.join(tmp, "model.onnx")
                     oir.save(self.model, p, external_data="model.onnx.data")
                     sess = ort.InferenceSession(p, opts, providers=providers)

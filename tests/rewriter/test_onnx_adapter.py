@@ -120,6 +120,10 @@ def test_llama_tied_structure(paths):
     # RMSNorm decomposed at opset 20: pow / mean / sqrt / reciprocal, x5 (2 per layer + final)
     assert ops["mean"] == ops["sqrt"] == ops["reciprocal"] == ops["pow"] == 5
     assert {tuple(n.params["axes"]) for n in v.nodes if n.op == "mean"} == {(-1,)}
+    # one-element constant operands are reported as ``scalar`` (as the FX adapter does)
+    assert {n.params.get("scalar") for n in v.nodes if n.op == "pow"} == {2.0}
+    eps = [n.params["scalar"] for n in v.nodes if n.op == "add" and "scalar" in n.params]
+    assert eps == pytest.approx([1e-6] * 5)  # the RMSNorm epsilons
     # the lm_head Transpose is absorbed: only the 4-D head transposes remain
     assert all(n.params["perm"] != [1, 0] for n in v.nodes if n.op == "transpose")
     head = lins[-1]
