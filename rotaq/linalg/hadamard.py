@@ -12,6 +12,8 @@ import functools
 import itertools
 import logging
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 import operator
 
 import numpy as np
@@ -388,20 +390,65 @@ def random_orthogonal(n: int, seed: int = 0) -> np.ndarray:
     return q * s
 
 
+def apply_factors(x: np.ndarray, factors: Sequence[np.ndarray]) -> np.ndarray:
+    """``x @ kron(F_0, F_1, ...)`` on the last axis, axis by axis (cost n * sum(n_i) per row)."""
+    x = np.asarray(x)
+    dims = [f.shape[0] for f in factors]
+    if x.shape[-1] != math.prod(dims):
+        raise ValueError(f"last axis {x.shape[-1]} != {' * '.join(map(str, dims))}")
+    lead = x.shape[:-1]
+    y = x.reshape(lead + tuple(dims))
+    for i, f in enumerate(factors):
+        axis = len(lead) + i
+        y = np.moveaxis(np.tensordot(y, f, axes=([axis], [0])), -1, axis)
+    return y.reshape(lead + (x.shape[-1],))
+
+
+@dataclass(frozen=True)
+class Rotation:
+    """An orthogonal ``Q = diag(signs) @ kron(factors)`` (normalized Hadamard factors), applied
+    without forming Q; ``dense`` holds Q instead when no Hadamard of that order is known."""
+
+    signs: np.ndarray | None
+    factors: tuple[np.ndarray, ...]
+    dense: np.ndarray | None = None
+
+    def right(self, w: np.ndarray) -> np.ndarray:
+        """``w @ Q`` (rotates the input side of a weight ``[out, in]``)."""
+        if self.dense is not None:
+            return w @ self.dense
+        return apply_factors(w * self.signs, self.factors)
+
+    def left_t(self, w: np.ndarray) -> np.ndarray:
+        """``Q^T @ w`` (rotates the output side of a weight ``[out, in]``)."""
+        if self.dense is not None:
+            return self.dense.T @ w
+        return apply_factors((w * self.signs[:, None]).T, self.factors).T
+
+    def matrix(self) -> np.ndarray:
+        if self.dense is not None:
+            return self.dense.copy()
+        return self.right(np.eye(len(self.signs)))
+
+
+def random_rotation(n: int, seed: int = 0) -> Rotation:
+    """``random_hadamard(n, seed)`` in factored form (same signs, same matrix)."""
+    n = _order(n)
+    if not is_hadamard_size(n):
+        msg = "no Hadamard order n=%d (Sylvester/Paley/Kronecker); using a Haar-random rotation"
+        logger.warning(msg, n)
+        return Rotation(None, (), random_orthogonal(n, seed))
+    signs = np.random.default_rng(seed).integers(0, 2, size=n) * 2.0 - 1.0
+    factors = tuple(f / math.sqrt(f.shape[0]) for f in hadamard_factors(n))
+    return Rotation(signs, factors)
+
+
 def random_hadamard(n: int, seed: int = 0) -> np.ndarray:
     """Orthogonal ``diag(s) @ hadamard(n) / sqrt(n)`` with random signs ``s`` from ``seed``.
 
     Unreachable ``n`` logs a warning and falls back to ``random_orthogonal(n, seed)``.
     """
-    n = _order(n)
-    if not is_hadamard_size(n):
-        msg = "no Hadamard order n=%d (Sylvester/Paley/Kronecker); using a Haar-random rotation"
-        logger.warning(msg, n)
-        return random_orthogonal(n, seed)
-    signs = np.random.default_rng(seed).integers(0, 2, size=n) * 2.0 - 1.0
-    h = hadamard(n)
-    h *= (signs / math.sqrt(n))[:, None]
-    return h
+    return random_rotation(n, seed).matrix()
 
 
 def fwht(x: np.ndarray) -> np.ndarray:

@@ -29,7 +29,7 @@ import numpy as np
 
 from rotaq.errors import RewriteError
 from rotaq.linalg.hadamard import (
-    is_hadamard_size, kronecker_split, normalized_hadamard, random_hadamard,
+    apply_kronecker, is_hadamard_size, kronecker_split, normalized_hadamard, random_rotation,
 )
 from rotaq.model import Model
 from rotaq.passes.base import PassResult, register
@@ -105,7 +105,7 @@ class Rotate:
                     f"rotate: LayerNorm '{n.name or n.key}' subtracts the mean, which does not "
                     "commute with a rotation of the residual stream; use mode=online")
         d = a.embeddings[res.embedding].dim
-        q = random_hadamard(d, self.seed)
+        q = random_rotation(d, self.seed)
         w = _Weights(g)
         readers_of = {b.norm: b.readers for b in res.blocks}
         if res.final_norm:
@@ -129,15 +129,15 @@ class Rotate:
         folded = len(gammas)
         # 2. rotate the stream
         for key in self._stream_embeddings(a):
-            g.set_embedding(key, g.get_embedding(key) @ q)
+            g.set_embedding(key, q.right(g.get_embedding(key)))
         for nk, readers in readers_of.items():
             for r in readers:
                 wr, br = w.get(r)
-                w.put(r, wr @ q, br)
+                w.put(r, q.right(wr), br)
         writers = [wk for b in res.blocks for wk in b.writers]
         for wk in writers:
             ww, bw = w.get(wk)
-            w.put(wk, q.T @ ww, None if bw is None else bw @ q)
+            w.put(wk, q.left_t(ww), None if bw is None else q.right(bw))
         # 3. per-head V/O rotation
         ov = 0
         if self.rotate_ov:
@@ -166,7 +166,7 @@ class Rotate:
                     continue
                 fa, fb = kronecker_split(lin.in_features)
                 ww, bw = w.get(wk)
-                w.put(wk, ww @ np.kron(fa, fb), bw)
+                w.put(wk, apply_kronecker(ww, fa, fb), bw)
                 g.insert_transform(lin.input, [wk], Kronecker((fa, fb)))
                 online += 1
         w.flush()
@@ -222,10 +222,9 @@ class Rotate:
                 skipped += len(keys)
                 continue
             fa, fb = kronecker_split(n)
-            k = np.kron(fa, fb)
             for key in keys:
                 wk, bk = w.get(key)
-                w.put(key, wk @ k, bk)
+                w.put(key, apply_kronecker(wk, fa, fb), bk)
             g.insert_transform(value, keys, Kronecker((fa, fb)))
             done += len(keys)
             inserted += 1

@@ -290,7 +290,7 @@ class FxGraph:
 
     def set_const(self, node: str, index: int, array: np.ndarray) -> None:
         n = self._node(node)
-        name = self.view().by_key[node].inputs[index]
+        name = self._lift_node(n, {}).inputs[index]  # this node only: no full re-lift
         old = self._node(name)
         like = _attr(self.gm, old.target) if old.op == "get_attr" else old.meta["val"]
         new = self._new_attr(np.asarray(array).reshape(tuple(like.shape)), like, n)

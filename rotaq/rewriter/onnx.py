@@ -245,6 +245,9 @@ class OnnxGraph:
         return name
 
     def _invalidate(self) -> None:
+        # op kinds of untouched nodes survive an edit: set_const checks them without a re-lift
+        self._kinds: dict[str, str] = {n.key: n.op for n in self._view.nodes} if getattr(
+            self, "_view", None) is not None else getattr(self, "_kinds", {})
         self._view: GraphView | None = None
         self._values: dict[str, oir.Value] = {}
         self._nodes: dict[str, oir.Node] = {}
@@ -507,15 +510,27 @@ class OnnxGraph:
         return v
 
     def _node(self, key: str) -> oir.Node:
-        self.view()
         n = self._nodes.get(key)
+        if n is None and self._view is None and getattr(self, "_kinds", None):
+            # after an edit: a cheap scan of the graph (names were fixed at the first lift)
+            self._nodes = {m.name: m for m in self.model.graph}
+            n = self._nodes.get(key)
+        if n is None:
+            self.view()
+            n = self._nodes.get(key)
         if n is None:
             raise RewriteError(f"no node named {key!r} in the ONNX graph")
         return n
 
     def _linear(self, key: str) -> _Linear:
-        self.view()
         lin = self._linears.get(key)
+        if lin is None and self._view is None and self._kinds.get(key) == "linear":
+            lin = self._match_linear(self._node(key))  # re-match this node only
+            if lin is not None:
+                self._linears[key] = lin
+        if lin is None:
+            self.view()
+            lin = self._linears.get(key)
         if lin is None:
             raise RewriteError(f"node {key!r} is not a linear")
         return lin
@@ -564,13 +579,17 @@ class OnnxGraph:
 
     def set_const(self, node: str, index: int, array: np.ndarray) -> None:
         """Input ``index`` of ``node`` <- a fresh constant holding ``array`` (original dtype)."""
-        g = self.view().by_key.get(node)
+        op = self._kinds.get(node) if self._view is None else None
+        if op is None:
+            g = self.view().by_key.get(node)
+            op = g.op if g is not None else None
         n = self._node(node)
-        if g is None or g.op in ("linear", "embedding"):
+        if op is None or op in ("linear", "embedding"):
             raise RewriteError(f"set_const: use set_linear/set_embedding for node {node!r}")
-        if g.op == "rms_norm" and index == 2:
+        if op == "rms_norm" and index == 2:
             raise RewriteError(f"set_const: RMS norm {node!r} has no bias input")
-        if index < 0 or index >= max(len(g.inputs), len(n.inputs)):
+        n_inputs = 3 if op in ("layer_norm", "rms_norm") else len(n.inputs)
+        if index < 0 or index >= max(n_inputs, len(n.inputs)):
             raise RewriteError(f"set_const: node {node!r} has no input {index}")
         old = n.inputs[index] if index < len(n.inputs) else None
         if old is not None and not self._is_const(old):

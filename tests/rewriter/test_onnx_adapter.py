@@ -291,14 +291,14 @@ def test_insert_two_factor_transform_is_exact(paths):
     cap = g.capture(FEEDS, [x0, new_values[x0]])
     np.testing.assert_allclose(cap[new_values[x0]], cap[x0] @ k, rtol=1e-5, atol=1e-5)
     v = g.view()
-    assert all([c.params.get("role") for c in v.consumers[x]] == ["online_transform"] for x in qkv)
+    assert all([c.op for c in v.consumers[x]] == ["online"] for x in qkv)
     assert [c.key for c in v.consumers[new_values[x0]]] == qkv[x0]
     # small factors only (never the dense 64x64 product), 4 constants per transform
     new_consts = [c for c in v.consts if c.startswith("rotaq_")]
     # Reshape targets [0, 0, 4, 16] and [0, 0, 64], F1 (16x16) and F0^T (4x4), per transform
     assert sorted(v.shape(c) for c in new_consts) == sorted([(4,), (3,), (4, 4), (16, 16)] * 2)
-    roles = Counter(n.op for n in v.nodes if n.params.get("role") == "online_transform")
-    assert roles == {"reshape": 4, "matmul": 4}
+    roles = Counter(n.params["target"] for n in v.nodes if n.op == "online")
+    assert roles == {"Reshape": 4, "MatMul": 4}
     assert len(_linears(g)) == 15
     # 8 transform constants; the 6 replaced weights had no other reader and are dropped
     assert len(g.model.graph.initializers) == n_init + 8

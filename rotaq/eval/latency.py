@@ -1,0 +1,278 @@
+"""Latency and size benchmarks: warm batch-1 forward passes in ONNX Runtime (CPU) or PyTorch.
+
+``bench`` times a full forward pass for each sequence length and reports the median and p90 in
+milliseconds, the model's size on disk, and (ORT) the op types of ORT's optimized graph, which
+shows what its fusions made of a rewrite (e.g. MatMulNBits, QLinearMatMul, SkipLayerNorm).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from rotaq.errors import RotaqError
+from rotaq.model import Model
+
+log = logging.getLogger(__name__)
+
+__all__ = ["bench", "onnx_files", "optimized_op_counts"]
+
+_ORT_TYPES = {
+    "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_,
+    "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+}
+_ID_RANGE = 32  # synthetic token ids are drawn from [0, 32): valid for any real vocabulary
+
+
+# ---- inputs ---------------------------------------------------------------------------------
+def _feeds(specs: dict[str, tuple[Any, Sequence[Any]]], n: int) -> dict[str, np.ndarray]:
+    """Batch-1 inputs with ``n`` tokens: dynamic dim 0 -> 1, other dynamic dims -> ``n``;
+    masks are ones, token types zeros, positions 0..n-1, other ids random in [0, 32)."""
+    rng = np.random.default_rng(0)
+    out = {}
+    for name, (dtype, shape) in specs.items():
+        dims = [d if isinstance(d, int) and d > 0 else (1 if i == 0 and len(shape) > 1 else n)
+                for i, d in enumerate(shape)]
+        dtype = np.dtype(dtype)
+        low = name.lower()
+        if dtype.kind in "iub":
+            if "mask" in low:
+                arr = np.ones(dims, dtype)
+            elif "type" in low:
+                arr = np.zeros(dims, dtype)
+            elif "position" in low:
+                arr = np.broadcast_to(np.arange(dims[-1]), dims).astype(dtype)
+            else:
+                arr = rng.integers(0, _ID_RANGE, size=dims).astype(dtype)
+        else:
+            arr = rng.standard_normal(dims).astype(dtype)
+        out[name] = arr
+    return out
+
+
+def _time(fn: Callable[[], Any], warmup: int, repeats: int) -> dict[str, float]:
+    for _ in range(warmup):
+        fn()
+    ms = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        ms.append((time.perf_counter() - t0) * 1e3)
+    a = np.asarray(ms)
+    return {"median_ms": float(np.median(a)), "p90_ms": float(np.percentile(a, 90)),
+            "min_ms": float(a.min()), "mean_ms": float(a.mean())}
+
+
+# ---- files ----------------------------------------------------------------------------------
+def _tensors(graph: Any):
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            if attr.HasField("g"):
+                yield from _tensors(attr.g)
+            for g in attr.graphs:
+                yield from _tensors(g)
+
+
+def onnx_files(path: str) -> list[str]:
+    """``path`` plus the external data files its tensors point to (absolute, existing)."""
+    import onnx
+
+    proto = onnx.load(path, load_external_data=False)
+    folder = os.path.dirname(os.path.abspath(path))
+    files = [os.path.abspath(path)]
+    for t in _tensors(proto.graph):
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            loc = next((e.value for e in t.external_data if e.key == "location"), None)
+            f = os.path.join(folder, loc) if loc else None
+            if f and f not in files:
+                if not os.path.isfile(f):
+                    raise RotaqError(f"{path}: external data file {loc} is missing")
+                files.append(f)
+    return files
+
+
+def optimized_op_counts(path: str) -> dict[str, int]:
+    """Node op types of an ONNX file (top-level graph), most frequent first."""
+    import onnx
+
+    proto = onnx.load(path, load_external_data=False)
+    counts = collections.Counter(n.op_type for n in proto.graph.node)
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+# ---- ORT ------------------------------------------------------------------------------------
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else ""
+
+
+def _ort_options(threads: int, optimized_path: str | None) -> Any:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3
+    if optimized_path:
+        opts.optimized_model_filepath = optimized_path
+        opts.add_session_config_entry(
+            "session.optimized_model_external_initializers_file_name",
+            os.path.basename(optimized_path) + ".data")
+        opts.add_session_config_entry(
+            "session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+    return opts
+
+
+def _ort_session(path: str, threads: int, tmp: str) -> tuple[Any, dict[str, int] | None]:
+    import onnxruntime as ort
+
+    providers = ["CPUExecutionProvider"]
+    opt_path = os.path.join(tmp, "optimized.onnx")
+    try:
+        sess = ort.InferenceSession(path, _ort_options(threads, opt_path), providers=providers)
+        return sess, optimized_op_counts(opt_path)
+    except Exception as err:  # noqa: BLE001 - retried below without writing the optimized model
+        first = err
+    try:
+        sess = ort.InferenceSession(path, _ort_options(threads, None), providers=providers)
+    except Exception as err:
+        raise RotaqError(f"ONNX Runtime cannot load {path}: {type(err).__name__}: "
+                         f"{_first_line(err)}") from err
+    log.warning("could not write ORT's optimized model (%s: %s); optimized_ops omitted",
+                type(first).__name__, _first_line(first))
+    return sess, None
+
+
+def _onnx_path(model_or_path: Model | str, tmp: str) -> tuple[str, str]:
+    """An ONNX file on disk for the model (saved into ``tmp`` when only in memory) + its name."""
+    import rotaq
+
+    if isinstance(model_or_path, Model):
+        model, name = model_or_path, model_or_path.source.get("name", "")
+    else:
+        src = os.fspath(model_or_path)
+        if src.lower().endswith(".onnx") and os.path.isfile(src):
+            return os.path.abspath(src), os.path.abspath(src)
+        model, name = rotaq.load(src, ir="onnx"), src
+        on_disk = getattr(model.graph, "source", None)
+        if model.ir == "onnx" and on_disk and os.path.isfile(on_disk):
+            return on_disk, name  # freshly loaded, unmodified: the cached export itself
+    path = os.path.join(tmp, "model", "model.onnx")
+    model.save(path)  # an FX model is exported to ONNX here
+    return path, name
+
+
+def _bench_ort(model_or_path: Model | str, tokens: Sequence[int], repeats: int, warmup: int,
+               threads: int, progress: bool) -> dict[str, Any]:
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory(prefix="rotaq-bench-", ignore_cleanup_errors=True) as tmp:
+        path, name = _onnx_path(model_or_path, tmp)
+        files = onnx_files(path)
+        size = sum(os.path.getsize(f) for f in files)
+        sess, ops = _ort_session(path, threads, tmp)
+        specs = {i.name: (_ORT_TYPES.get(i.type, np.float32), list(i.shape))
+                 for i in sess.get_inputs()}
+        outs = [o.name for o in sess.get_outputs()]
+        timings = {}
+        for n in tqdm(tokens, desc="bench", unit="len", file=sys.stderr, disable=not progress,
+                      leave=False):
+            feeds = _feeds(specs, n)
+            timings[str(n)] = _time(lambda f=feeds: sess.run(outs, f), warmup, repeats)
+        kept = [f if not f.startswith(os.path.abspath(tmp)) else os.path.basename(f)
+                for f in files]
+    return {"model": name, "backend": "ort", "ort_version": ort.__version__, "threads": threads,
+            "tokens": timings, "size_bytes": size, "size_mb": round(size / 2**20, 2),
+            "files": kept, "optimized_ops": ops}
+
+
+# ---- torch ----------------------------------------------------------------------------------
+def _weight_bytes(gm: Any) -> int:
+    seen, total = set(), 0
+    for t in list(gm.state_dict(keep_vars=True).values()) + [
+            v for v in vars(gm).values() if hasattr(v, "untyped_storage")]:
+        key = t.untyped_storage().data_ptr()
+        if key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+    return total
+
+
+def _bench_torch(model_or_path: Model | str, tokens: Sequence[int], repeats: int, warmup: int,
+                 threads: int, progress: bool) -> dict[str, Any]:
+    import torch
+
+    import rotaq
+
+    pt2 = None
+    if isinstance(model_or_path, Model):
+        model = model_or_path
+    else:
+        src = os.fspath(model_or_path)
+        if src.lower().endswith(".onnx"):
+            raise RotaqError(f"{src} is an ONNX file: benchmark it with --backend ort")
+        model = rotaq.load(src)
+        pt2 = os.path.abspath(src) if src.lower().endswith(".pt2") else None
+    if model.ir != "fx":
+        raise RotaqError("the torch backend needs a torch (FX) model; this one is ONNX: use "
+                         "--backend ort")
+    if pt2:
+        size, source, files = os.path.getsize(pt2), "file", [pt2]
+    else:  # no file on disk: count the weights held in memory
+        size, source, files = _weight_bytes(model.graph.gm), "weights", []
+    specs = {k: (v.dtype, [None] * v.ndim) for k, v in model.sample_inputs.items()}
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        timings = {}
+        for n in tqdm(tokens, desc="bench", unit="len", file=sys.stderr, disable=not progress,
+                      leave=False):
+            feeds = _feeds(specs, n)
+            timings[str(n)] = _time(lambda f=feeds: model.graph.run(f), warmup, repeats)
+    finally:
+        torch.set_num_threads(before)
+    return {"model": model.source.get("name", "") if pt2 is None else pt2, "backend": "torch",
+            "torch_version": torch.__version__, "threads": threads, "tokens": timings,
+            "size_bytes": size, "size_mb": round(size / 2**20, 2), "size_source": source,
+            "files": files, "optimized_ops": None}
+
+
+# ---- entry point ----------------------------------------------------------------------------
+def bench(model_or_path: Model | str, backend: str = "ort", tokens: Sequence[int] = (1, 16, 512),
+          repeats: int = 20, warmup: int = 3, threads: int = 2,
+          progress: bool = True) -> dict[str, Any]:
+    """Median / p90 latency (ms) of a warm batch-1 forward pass for each token count.
+
+    ``model_or_path``: a Model, an .onnx/.pt2 file, a model directory or a built-in name (for
+    ``backend="ort"`` a built-in is run from its cached ONNX export). Keys: ``model``,
+    ``backend``, ``threads``, ``tokens`` ({"n": {median_ms, p90_ms, min_ms, mean_ms}}),
+    ``size_bytes`` / ``size_mb`` (MiB; the .onnx plus its external data, or the .pt2, or for an
+    in-memory torch model its weight bytes), ``files``, ``optimized_ops`` (op type -> count in
+    ORT's optimized graph, None for torch or when it could not be written).
+    """
+    tokens = [int(n) for n in tokens]
+    if not tokens or min(tokens) < 1:
+        raise RotaqError(f"token counts must be positive integers, got {tokens}")
+    if repeats < 1 or warmup < 0 or threads < 1:
+        raise RotaqError(f"need repeats >= 1, warmup >= 0, threads >= 1 (got {repeats}, "
+                         f"{warmup}, {threads})")
+    if backend == "ort":
+        return _bench_ort(model_or_path, tokens, repeats, warmup, threads, progress)
+    if backend == "torch":
+        return _bench_torch(model_or_path, tokens, repeats, warmup, threads, progress)
+    raise RotaqError(f"backend must be 'ort' or 'torch', not '{backend}'")
