@@ -66,6 +66,7 @@ def _print_eval(d: dict[str, Any]) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from rotaq.assets import BUILTIN_MODELS
     from rotaq.eval import quality as q
 
     model = load_for_backend(args.model, args.backend)
@@ -75,8 +76,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
                            window=args.window, batch=args.batch, progress=progress,
                            tokenizer=args.tokenizer)
     else:
-        ref = (load_for_backend(args.reference, None) if args.reference
-               else q.reference_for(model, args.model))
+        if args.reference:
+            ref = load_for_backend(args.reference, None)
+        elif model.ir == "fx" and args.model in BUILTIN_MODELS:
+            ref = model  # a built-in loaded as is: it is its own original (saves a load)
+        else:
+            ref = q.reference_for(model, args.model)
         if args.task == "agreement":
             res = q.agreement(model, ref, corpus=args.text,
                               n_tokens=args.tokens or _DEFAULT_TOKENS["agreement"],

@@ -137,6 +137,8 @@ def _windows(model: Model, corpus: str, n_tokens: int, window: int,
              tokenizer: str | None) -> np.ndarray:
     from rotaq import assets
 
+    if window < 2 or n_tokens < window:
+        raise RotaqError(f"need 2 <= window <= tokens (got {n_tokens} tokens, window {window})")
     tok = tokenizer_for(model, tokenizer)
     try:
         wins = assets.token_windows(tok, corpus, n_tokens, window)

@@ -307,13 +307,31 @@ def _explicit_attention(view: GraphView, a: Analysis, sm: GNode) -> AttentionSit
     if any(view.is_const(i) for i in qk.inputs[:2]):
         return None
     q, kt = qk.inputs[0], qk.inputs[1]
-    kp = view.producer.get(kt)
-    k, k_consumer = kt, qk.key
-    if kp is not None and kp.op == "transpose":
-        k, k_consumer = kp.inputs[0], kp.key
+    k, k_consumer = _untranspose_k(view, qk, kt, (view.shape(q) or (0,))[-1])
     return _attention_site(view, a, sm, "explicit", q, k, pv[0].inputs[1], pv[0].outputs[0],
                            q_consumer=qk.key, k_consumer=k_consumer,
-                           k_has_head_last=k != kt)
+                           k_has_head_last=bool(k_consumer))
+
+
+def _untranspose_k(view: GraphView, qk: GNode, kt: str, head_dim: int) -> tuple[str, str]:
+    """From K^T (as read by the score matmul) up to K with head_dim last: through scalar scales,
+    casts, reshapes (exporters transpose in 3-D) and one transpose. Returns (value, consumer)."""
+    value, consumer, seen_t = kt, qk.key, False
+    for _ in range(8):
+        if seen_t and head_dim > 0 and (view.shape(value) or (0,))[-1] == head_dim:
+            return value, consumer
+        p = view.producer.get(value)
+        if p is None:
+            break
+        if p.op == "transpose" and not seen_t:
+            seen_t = True
+        elif not (p.op in ("reshape", "cast", "identity") or _scalar_const(view, p)):
+            break
+        value = next((i for i in p.inputs if i and not const_like(view, i)), "")
+        consumer = p.key
+        if not value:
+            break
+    return kt, ""
 
 
 def _attention_site(view: GraphView, a: Analysis, n: GNode, kind: str, q: str, k: str, v: str,

@@ -49,6 +49,7 @@ def test_rotation_exact_onnx(family):
                          options={"rotate_qk": family != "bert"})
     assert res.model.ir == "onnx"
     assert res.report["max_rel_error"] < TOL
+    assert res.report["passes"][0]["stats"]["qk_rotated"] == (0 if family == "bert" else 2)
     a = res.model.analysis()
     assert len(a.linears) == (13 if family == "bert" else 15)
     online = [n for n in a.view.nodes if n.op == "online"]
