@@ -237,6 +237,10 @@ def build_parser() -> argparse.ArgumentParser:
     stats_args(sp)
     sp.set_defaults(func=cmd_optimize)
 
+    from rotaq.cli_eval import add_commands
+
+    add_commands(sub)
+
     sp = sub.add_parser("recipes", help="list the built-in recipes")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_recipes)

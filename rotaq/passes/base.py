@@ -73,4 +73,4 @@ def _coerce(f: dataclasses.Field, value: Any, pass_name: str) -> Any:
 
 
 def _load_builtin_passes() -> None:
-    from rotaq.passes import rotate  # noqa: F401  (registers itself)
+    from rotaq.passes import quantize, rotate  # noqa: F401  (they register themselves)

@@ -270,7 +270,7 @@ def _find_attention(view: GraphView, a: Analysis) -> list[AttentionSite]:
         if n.op == "sdpa":
             q, k, v = n.inputs[0], n.inputs[1], n.inputs[2]
             sites.append(_attention_site(view, a, n, "sdpa", q, k, v, n.outputs[0],
-                                         q_consumer=n.key, k_consumer=n.key))
+                                         q_consumer=n.key, k_consumer=n.key, v_consumer=n.key))
         elif n.op == "softmax":
             site = _explicit_attention(view, a, n)
             if site is not None:
@@ -309,7 +309,7 @@ def _explicit_attention(view: GraphView, a: Analysis, sm: GNode) -> AttentionSit
     q, kt = qk.inputs[0], qk.inputs[1]
     k, k_consumer = _untranspose_k(view, qk, kt, (view.shape(q) or (0,))[-1])
     return _attention_site(view, a, sm, "explicit", q, k, pv[0].inputs[1], pv[0].outputs[0],
-                           q_consumer=qk.key, k_consumer=k_consumer,
+                           q_consumer=qk.key, k_consumer=k_consumer, v_consumer=pv[0].key,
                            k_has_head_last=bool(k_consumer))
 
 
@@ -335,7 +335,7 @@ def _untranspose_k(view: GraphView, qk: GNode, kt: str, head_dim: int) -> tuple[
 
 
 def _attention_site(view: GraphView, a: Analysis, n: GNode, kind: str, q: str, k: str, v: str,
-                    out: str, q_consumer: str, k_consumer: str,
+                    out: str, q_consumer: str, k_consumer: str, v_consumer: str,
                     k_has_head_last: bool = True) -> AttentionSite:
     qs, ks, vs = (_upstream_linears(view, x) for x in (q, k, v))
     q_proj = qs[0] if len(qs) == 1 else None
@@ -356,7 +356,8 @@ def _attention_site(view: GraphView, a: Analysis, n: GNode, kind: str, q: str, k
     scope = view.by_key[q_proj].scope.rsplit(".", 1)[0] if q_proj else n.scope
     return AttentionSite(
         n.key, scope, kind, int(heads or 0), int(kv_heads or 0), int(head_dim), q_proj, k_proj,
-        v_proj, o, q, k if k_has_head_last else "", q_consumer=q_consumer, k_consumer=k_consumer)
+        v_proj, o, q, k if k_has_head_last else "", q_consumer=q_consumer, k_consumer=k_consumer,
+        v_value=v, v_consumer=v_consumer)
 
 
 def _downstream_linear(view: GraphView, value: str) -> str | None:

@@ -219,9 +219,9 @@ class FxGraph:
 
     def _lift_node(self, n: torch.fx.Node, attr_users: dict[str, int]) -> GNode:
         scope = _scope(n)
-        if n.meta.get("rotaq") == "online":  # emitted by insert_transform: never a linear
+        if n.meta.get("rotaq") in ("online", "quant"):  # emitted by rotaq: never a linear
             ins = [a.name for a in n.all_input_nodes]
-            return GNode(n.name, "online", ins, [n.name], {}, scope)
+            return GNode(n.name, n.meta["rotaq"], ins, [n.name], {}, scope)
         lin = self._linear_parts(n) if n.op == "call_function" else None
         if lin is not None:
             x, w, w_out_in, b = lin
@@ -363,6 +363,16 @@ class FxGraph:
             u.replace_input_with(src, out)
         self._touch()
         return out.name
+
+    def quantize_linear(self, key: str, qweight: Any, act: Any, lowering: str = "auto") -> str:
+        from rotaq.rewriter import fx_quant
+
+        return fx_quant.quantize_linear(self, key, qweight, act, lowering)
+
+    def insert_fake_quant(self, value: str, consumers: Sequence[str], act: Any) -> str:
+        from rotaq.rewriter import fx_quant
+
+        return fx_quant.insert_fake_quant(self, value, consumers, act)
 
     # ---- running and saving -------------------------------------------------------------
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:

@@ -88,6 +88,23 @@ class Kronecker:
         return out
 
 
+@dataclass(frozen=True)
+class ActQuant:
+    """Activation quantizer on a linear's input (or a K/V tensor).
+
+    ``mode="dynamic"``: scales computed at run time, one per token (row) in simulation; ORT's
+    int8 kernels use one dynamic scale per tensor. ``mode="static"``: one calibrated
+    ``scale``/``zero_point`` per tensor. ``bits`` 8 or 4 (4 is simulated / QDQ only).
+    """
+
+    bits: int = 8
+    mode: str = "dynamic"
+    symmetric: bool = True
+    scale: float | None = None
+    zero_point: int | None = None
+    clip_ratio: float = 1.0
+
+
 @dataclass
 class LinearSite:
     key: str
@@ -141,6 +158,8 @@ class AttentionSite:
     k_value: str  # key with head_dim last ('' if only K^T was found)
     q_consumer: str = ""  # the node reading q_value (where an online Q rotation is wired)
     k_consumer: str = ""
+    v_value: str = ""  # V as the attention reads it (head_dim last)
+    v_consumer: str = ""
 
 
 @dataclass
@@ -184,6 +203,11 @@ class GraphAdapter(Protocol):
     def insert_transform(
         self, value: str, consumers: Sequence[str], transform: Kronecker
     ) -> str: ...
+
+    def quantize_linear(self, key: str, qweight: Any, act: ActQuant | None,
+                        lowering: str = "auto") -> None: ...
+
+    def insert_fake_quant(self, value: str, consumers: Sequence[str], act: ActQuant) -> str: ...
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]: ...
 

@@ -1,0 +1,217 @@
+"""Weight and activation quantization pass (RTN or GPTQ), on any IR through the site interface.
+
+``Linear(x) -> QLinear(fq_a(x))`` with ``W <- Q(W)``:
+
+- weights: int 2..8 (symmetric or asymmetric, per channel or per group, optional MSE clip
+  search), fp8 e4m3, MXFP4, NVFP4, by round-to-nearest or GPTQ. GPTQ runs block by block
+  through the model as rewritten so far: the Hessian ``2 X^T X`` of each block's linears comes
+  from inputs captured after every earlier block was quantized;
+- activations: dynamic (per token) or static per tensor (min/max or percentile calibration);
+- KV cache (simulated): per-token fake quantization of K (after the online Q/K rotation, if the
+  model has one) and of V.
+
+Embeddings, norms and the head stay in float unless ``quantize_head`` or ``include`` say
+otherwise. The ONNX lowering (QDQ, MatMulNBits) is chosen by ``lowering``; the FX side runs the
+same recipe as simulated quantization in plain torch.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+from tqdm import tqdm
+
+from rotaq.errors import RewriteError
+from rotaq.linalg.quant import (
+    HessianAccumulator, QFormat, calibrate_per_tensor, gptq, quant_error, quantize_rtn,
+)
+from rotaq.model import Model
+from rotaq.passes.base import PassResult, register
+from rotaq.rewriter.analysis import Analysis
+from rotaq.rewriter.sites import ActQuant
+
+log = logging.getLogger(__name__)
+
+
+@register
+@dataclass(frozen=True)
+class Quantize:
+    """Quantize the linears' weights (and optionally activations and the KV cache)."""
+
+    name: ClassVar[str] = "quantize"
+    exact: ClassVar[bool] = False
+    w_bits: int = 8
+    w_format: str = "int"  # int | fp8_e4m3 | mxfp4 | nvfp4
+    w_group: int = -1  # -1: per output channel
+    w_symmetric: bool = True
+    w_clip: str = "none"  # none | mse
+    method: str = "rtn"  # rtn | gptq
+    gptq_damp: float = 0.01
+    gptq_act_order: bool = True
+    a_bits: int = 0  # 0: weight-only
+    a_mode: str = "dynamic"  # dynamic (per token) | static (per tensor, calibrated)
+    a_calib: str = "minmax"  # minmax | percentile (static only)
+    a_percentile: float = 99.99
+    a_clip: float = 1.0
+    kv_bits: int = 0
+    quantize_head: bool = False
+    include: str = ""  # regex on linear names (module paths); empty: all
+    exclude: str = ""
+    lowering: str = "auto"  # auto | qdq | matmulnbits | dequant (ONNX only)
+    calib_text: str = "lee"
+    calib_tokens: int = 2048
+    calib_window: int = 256
+
+    def __post_init__(self) -> None:
+        self.fmt()  # validates the weight format
+        if self.method not in ("rtn", "gptq"):
+            raise RewriteError(f"quantize: method must be rtn or gptq, not '{self.method}'")
+        if self.a_mode not in ("dynamic", "static"):
+            raise RewriteError(f"quantize: a_mode must be dynamic or static, not '{self.a_mode}'")
+        if self.a_bits not in (0, 2, 3, 4, 8) or self.kv_bits not in (0, 2, 3, 4, 8):
+            raise RewriteError("quantize: a_bits / kv_bits must be 0 (off), 2, 3, 4 or 8")
+        if self.lowering not in ("auto", "qdq", "matmulnbits", "dequant"):
+            raise RewriteError(f"quantize: unknown lowering '{self.lowering}'")
+
+    def fmt(self) -> QFormat:
+        try:
+            return QFormat(kind=self.w_format, bits=self.w_bits, symmetric=self.w_symmetric,
+                           group_size=self.w_group, clip=self.w_clip)
+        except ValueError as err:
+            raise RewriteError(f"quantize: {err}") from err
+
+    def __call__(self, model: Model) -> PassResult:
+        a = model.analysis()
+        keys = self._select(a)
+        if not keys:
+            raise RewriteError("quantize: no linear matches the include/exclude filters")
+        needs_calib = self.method == "gptq" or (self.a_bits and self.a_mode == "static")
+        feeds = None
+        if needs_calib:
+            from rotaq.eval.stats import calibration_feeds
+
+            feeds = calibration_feeds(model, self.calib_text, self.calib_tokens,
+                                      self.calib_window)
+        errors: dict[str, float] = {}
+        groups = self._blocks(a, keys)
+        bar = tqdm(total=len(keys), desc=f"quantize ({self.method})", unit="linear",
+                   disable=len(keys) < 8, leave=False)
+        for group in groups:
+            caught = self._capture(model, a, group, feeds) if needs_calib else {}
+            for key in group:
+                errors[key] = self._quantize_one(model, a, key, caught)
+                bar.update(1)
+        bar.close()
+        kv = self._kv_cache(model) if self.kv_bits else 0
+        lin_err = np.array(list(errors.values()))
+        stats = {"linears": len(keys), "format": self._describe(), "method": self.method,
+                 "weight_rel_error_mean": float(lin_err.mean()),
+                 "weight_rel_error_max": float(lin_err.max()),
+                 "calibration_tokens": int(feeds["input_ids"].size) if feeds else 0,
+                 "kv_quantized": kv}
+        return PassResult(model, True, stats)
+
+    # ---- selection and blocks ------------------------------------------------------------
+    def _select(self, a: Analysis) -> list[str]:
+        head = set(a.residual.head)
+        inc = re.compile(self.include) if self.include else None
+        exc = re.compile(self.exclude) if self.exclude else None
+        out = []
+        for key, lin in a.linears.items():
+            name = lin.name or key
+            if key in head and not self.quantize_head and not (inc and inc.search(name)):
+                continue
+            if inc and not inc.search(name):
+                continue
+            if exc and exc.search(name):
+                continue
+            out.append(key)
+        return out
+
+    def _blocks(self, a: Analysis, keys: list[str]) -> list[list[str]]:
+        """Linears grouped by residual block (readers, then writers), in graph order; GPTQ
+        quantizes one group, then captures the next group's inputs from the updated model."""
+        order = {n.key: i for i, n in enumerate(a.view.nodes)}
+        wanted = set(keys)
+        groups, seen = [], set()
+        for b in a.residual.blocks:
+            readers = [k for k in b.readers if k in wanted and k not in seen]
+            writers = [k for k in b.writers if k in wanted and k not in seen]
+            for part in (readers, writers):
+                if part:
+                    groups.append(part)
+                    seen.update(part)
+        rest = sorted((k for k in keys if k not in seen), key=order.get)
+        groups.extend([k] for k in rest)
+        return groups
+
+    # ---- calibration ---------------------------------------------------------------------
+    def _capture(self, model: Model, a: Analysis, group: list[str], feeds) -> dict:
+        view = model.graph.view()
+        values = sorted({view.by_key[k].inputs[0] for k in group})
+        return model.graph.capture(feeds, values)
+
+    def _act(self, x: np.ndarray | None) -> ActQuant | None:
+        if not self.a_bits:
+            return None
+        if self.a_mode == "dynamic":
+            return ActQuant(bits=self.a_bits, mode="dynamic", symmetric=True,
+                            clip_ratio=self.a_clip)
+        scale, zp = calibrate_per_tensor(x, bits=self.a_bits, method=self.a_calib,
+                                         percentile=self.a_percentile, symmetric=False)
+        return ActQuant(bits=self.a_bits, mode="static", symmetric=False, scale=float(scale),
+                        zero_point=int(zp))
+
+    def _quantize_one(self, model: Model, a: Analysis, key: str, caught: dict) -> float:
+        g = model.graph
+        w, _ = g.get_linear(key)
+        x = None
+        if caught:
+            x = caught[g.view().by_key[key].inputs[0]]
+        fmt = self.fmt()
+        n_in = w.shape[1]
+        group = fmt.group_size if fmt.kind == "int" else {"mxfp4": 32, "nvfp4": 16}.get(
+            fmt.kind, fmt.group_size)
+        # a ragged last group (576 inputs in groups of 128): pad with zero columns, which are
+        # exact in every format and dead inputs for GPTQ; ORT's MatMulNBits pads the same way
+        pad = (-n_in) % group if group > 0 else 0
+        wp = np.pad(w, ((0, 0), (0, pad))) if pad else w
+        if self.method == "gptq":
+            acc = HessianAccumulator(n_in)
+            acc.add(np.asarray(x, np.float64).reshape(-1, n_in))
+            h = np.pad(acc.value, ((0, pad), (0, pad))) if pad else acc.value
+            qw = gptq(wp, h, fmt, damp=self.gptq_damp, act_order=self.gptq_act_order)
+        else:
+            qw = quantize_rtn(wp, fmt)
+        act = self._act(x)
+        g.quantize_linear(key, qw, act, self.lowering)
+        return quant_error(w, qw.dequantize()[:, :n_in])
+
+    def _kv_cache(self, model: Model) -> int:
+        """Per-token fake quantization of K (post rotation) and V, per attention site."""
+        a = model.analysis()
+        act = ActQuant(bits=self.kv_bits, mode="dynamic", symmetric=True)
+        done = 0
+        for site in a.attention:
+            if not site.k_value or site.kind == "onnx-attention":
+                log.warning("attention %s: no K tensor with head_dim last; KV not quantized",
+                            site.name)
+                continue
+            model.graph.insert_fake_quant(site.k_value, [site.k_consumer], act)
+            if site.v_value:
+                model.graph.insert_fake_quant(site.v_value, [site.v_consumer], act)
+            done += 1
+        return done
+
+    def _describe(self) -> str:
+        f = self.fmt()
+        w = f"{f.kind}{f.bits if f.kind == 'int' else ''}"
+        g = "per-channel" if f.group_size == -1 else f"g{f.group_size}"
+        a = f", a{self.a_bits} {self.a_mode}" if self.a_bits else ""
+        kv = f", kv{self.kv_bits}" if self.kv_bits else ""
+        sym = "sym" if f.symmetric else "asym"
+        return f"w {w} {sym} {g}{' mse-clip' if f.clip == 'mse' else ''}{a}{kv}"

@@ -1,0 +1,99 @@
+"""Quantize pass on the FX IR (simulated quantization in plain torch)."""
+
+import numpy as np
+import pytest
+
+import rotaq
+from rotaq.errors import RewriteError
+from rotaq.linalg.quant import QFormat, fake_quantize
+from rotaq.model import max_rel_error
+from tests.tiny import build
+
+
+@pytest.fixture(scope="module")
+def llama():
+    m, inputs = build("llama")
+    model = rotaq.load(m, inputs)
+    rng = np.random.default_rng(0)
+    model.sample_inputs = {"input_ids": rng.integers(0, 256, (4, 32))}  # calibration set
+    heldout = {"input_ids": rng.integers(0, 256, (2, 32))}
+    return model, heldout
+
+
+def _q(model, **opts):
+    return rotaq.optimize(model, rotaq.Recipe("q", [{"pass": "quantize", **opts}], None))
+
+
+def test_rtn_weights_are_exactly_fake_quantized(llama):
+    model, _ = llama
+    res = _q(model, w_bits=8)
+    a = model.analysis()
+    head = set(a.residual.head)
+    for key in a.linears:
+        w0, _ = model.graph.get_linear(key)
+        w1, _ = res.model.graph.get_linear(key)
+        if key in head:  # the head stays in float by default
+            assert np.array_equal(w0, w1)
+        else:
+            assert np.allclose(w1, fake_quantize(w0, QFormat(bits=8)), atol=1e-6)
+    assert res.report["passes"][0]["stats"]["linears"] == 14
+    assert res.report["max_rel_error"] < 0.02
+
+
+def test_activation_fake_quant_inserted(llama):
+    model, _ = llama
+    res = _q(model, w_bits=8, a_bits=8)
+    view = res.model.graph.view()
+    quant = [n for n in view.nodes if n.op == "quant"]
+    assert len(quant) > 0
+    # every quantized linear reads a fake-quantized input
+    a = res.model.analysis()
+    for key in a.linears:
+        if key in a.residual.head:
+            continue
+        assert view.producer[view.by_key[key].inputs[0]].op == "quant"
+    assert 0 < res.report["max_rel_error"] < 0.05
+
+
+def test_gptq_beats_rtn(llama):
+    """GPTQ minimizes the layer output error on its calibration inputs; on held-out inputs it
+    must not be worse than RTN."""
+    model, heldout = llama
+    rtn = _q(model, w_bits=3, w_group=32, method="rtn").model
+    gq = _q(model, w_bits=3, w_group=32, method="gptq").model
+    for feeds, factor in [(model.sample_inputs, 0.8), (heldout, 1.1)]:
+        ref = model.run(feeds)
+        e_rtn = max_rel_error(ref, rtn.run(feeds))
+        e_gptq = max_rel_error(ref, gq.run(feeds))
+        assert e_gptq < factor * e_rtn
+
+
+def test_ragged_groups_and_formats():
+    m, inputs = build("llama", hidden_size=48, intermediate_size=96, num_attention_heads=4,
+                      num_key_value_heads=2)
+    model = rotaq.load(m, inputs)
+    errs = {}
+    for fmt, bits in [("int", 4), ("fp8_e4m3", 8), ("mxfp4", 4), ("nvfp4", 4)]:
+        res = _q(model, w_format=fmt, w_bits=bits, w_group=32 if fmt == "int" else -1)
+        errs[fmt] = res.report["passes"][0]["stats"]["weight_rel_error_mean"]
+    assert errs["fp8_e4m3"] < errs["nvfp4"] < errs["mxfp4"]
+    assert errs["int"] < 0.2
+
+
+def test_static_activations_kv_and_filters(llama):
+    model, _ = llama
+    res = _q(model, w_bits=8, a_bits=8, a_mode="static", a_calib="percentile", kv_bits=8)
+    st = res.report["passes"][0]["stats"]
+    assert st["kv_quantized"] == 2 and st["calibration_tokens"] == 128
+    assert res.report["max_rel_error"] < 0.05
+    only_mlp = _q(model, w_bits=8, include=r"\.mlp\.")
+    assert only_mlp.report["passes"][0]["stats"]["linears"] == 6
+    with_head = _q(model, w_bits=8, quantize_head=True)
+    assert with_head.report["passes"][0]["stats"]["linears"] == 15
+
+
+def test_bad_options():
+    with pytest.raises(RewriteError):
+        rotaq.Recipe("q", [{"pass": "quantize", "w_format": "int5x"}], None).build()
+    with pytest.raises(RewriteError):
+        rotaq.Recipe("q", [{"pass": "quantize", "method": "awq"}], None).build()
