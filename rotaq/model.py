@@ -32,6 +32,17 @@ class Model:
     def run(self, feeds: dict[str, np.ndarray] | None = None) -> list[np.ndarray]:
         return self.graph.run(self.sample_inputs if feeds is None else feeds)
 
+    def token_feeds(self, ids: np.ndarray) -> dict[str, np.ndarray]:
+        """Feeds for token windows ``ids`` [batch, seq]: ids plus an all-ones attention mask and
+        zero token types when the graph takes them."""
+        feeds = {"input_ids": np.asarray(ids, dtype=np.int64)}
+        names = set(self.graph.input_names)
+        if "attention_mask" in names:
+            feeds["attention_mask"] = np.ones_like(feeds["input_ids"])
+        if "token_type_ids" in names:
+            feeds["token_type_ids"] = np.zeros_like(feeds["input_ids"])
+        return feeds
+
     def clone(self) -> "Model":
         return Model(self.graph.clone(), dict(self.sample_inputs), dict(self.source))
 

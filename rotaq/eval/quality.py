@@ -81,18 +81,8 @@ def _check_kind(model: Model, want: str, task: str) -> None:
                          f"is a {kind}")
 
 
-def _lm_feeds(model: Model, ids: np.ndarray) -> dict[str, np.ndarray]:
-    feeds = {"input_ids": ids}
-    names = set(model.graph.input_names)
-    if "attention_mask" in names:
-        feeds["attention_mask"] = np.ones_like(ids)
-    if "token_type_ids" in names:
-        feeds["token_type_ids"] = np.zeros_like(ids)
-    return feeds
-
-
 def _logits(model: Model, ids: np.ndarray) -> np.ndarray:
-    out = np.asarray(model.graph.run(_lm_feeds(model, ids))[0])
+    out = np.asarray(model.graph.run(model.token_feeds(ids))[0])
     if out.ndim != 3 or out.shape[:2] != ids.shape:
         raise RotaqError(f"expected logits [batch, seq, vocab] as the first output, got shape "
                          f"{tuple(out.shape)} for input {tuple(ids.shape)}")

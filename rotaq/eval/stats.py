@@ -31,14 +31,7 @@ def calibration_feeds(model: Model, corpus: str = "lee", n_tokens: int = 512,
     from rotaq import assets
 
     tok = AutoTokenizer.from_pretrained(tok_dir)
-    wins = np.asarray(assets.token_windows(tok, corpus, n_tokens, window), dtype=np.int64)
-    feeds = {"input_ids": wins}
-    names = set(model.graph.input_names)
-    if "attention_mask" in names:
-        feeds["attention_mask"] = np.ones_like(wins)
-    if "token_type_ids" in names:
-        feeds["token_type_ids"] = np.zeros_like(wins)
-    return feeds
+    return model.token_feeds(np.asarray(assets.token_windows(tok, corpus, n_tokens, window)))
 
 
 def input_stats(x: np.ndarray) -> dict[str, Any]:

@@ -126,6 +126,10 @@ class FxGraph:
     @classmethod
     def load(cls, path: str) -> "FxGraph":
         extra = {"rotaq.json": ""}
+        try:  # registers the pytree types of Hugging Face model outputs, needed to deserialize
+            import transformers.modeling_outputs  # noqa: F401
+        except ImportError:
+            pass
         try:
             ep = torch.export.load(path, extra_files=extra)
         except FileNotFoundError as err:
@@ -354,8 +358,15 @@ class FxGraph:
                 created = [x2, xb, axb, out]
             else:
                 raise RewriteError("online transforms take one or two Kronecker factors")
-        for node in created:  # the view lifts these as op 'online', never as linears
-            node.meta["rotaq"] = "online"
+        return self._wire(src, out, users, created, "online")
+
+    def _wire(self, src: torch.fx.Node, out: torch.fx.Node, users: list[torch.fx.Node],
+              created: list[torch.fx.Node], role: str) -> str:
+        """Tag nodes rotaq emitted (the view lifts them as op ``role``, never as linears) and
+        make ``users`` read ``out`` instead of ``src``."""
+        first = users[0]
+        for node in created:
+            node.meta["rotaq"] = role
             node.meta["nn_module_stack"] = first.meta.get("nn_module_stack", {})
         if "val" in src.meta:
             out.meta["val"] = src.meta["val"]

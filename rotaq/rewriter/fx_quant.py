@@ -76,12 +76,4 @@ def insert_fake_quant(g: "FxGraph", value: str, consumers: Sequence[str], act: A
             out = call(aten.mul.Tensor, call(aten.sub.Tensor, q, zp), float(act.scale))
         else:
             raise RewriteError(f"activation mode must be dynamic or static, not '{act.mode}'")
-    for node in created:
-        node.meta["rotaq"] = "quant"
-        node.meta["nn_module_stack"] = first.meta.get("nn_module_stack", {})
-    if "val" in src.meta:
-        out.meta["val"] = src.meta["val"]
-    for u in users:
-        u.replace_input_with(src, out)
-    g._touch()
-    return out.name
+    return g._wire(src, out, users, created, "quant")

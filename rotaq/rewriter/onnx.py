@@ -263,6 +263,16 @@ class OnnxGraph:
     def output_names(self) -> list[str]:
         return [v.name for v in self.model.graph.outputs]
 
+    def quantize_linear(self, key: str, qweight: Any, act: Any, lowering: str = "auto") -> str:
+        from rotaq.rewriter import onnx_quant
+
+        return onnx_quant.quantize_linear(self, key, qweight, act, lowering)
+
+    def insert_fake_quant(self, value: str, consumers: Sequence[str], act: Any) -> str:
+        from rotaq.rewriter import onnx_quant
+
+        return onnx_quant.insert_fake_quant(self, value, consumers, act)
+
     def input_specs(self) -> dict[str, tuple[Any, list[int | str | None]]]:
         """Graph input name -> (numpy dtype, dims; symbolic dims as str/None)."""
         specs = {}
@@ -368,8 +378,8 @@ class OnnxGraph:
         linears: dict[str, _Linear] = {}
         absorbed: set[int] = set()
         for n in nodes:
-            if n.metadata_props.get(_ROLE) == _TRANSFORM_ROLE:
-                continue  # an online transform we inserted is not a model layer
+            if n.metadata_props.get(_ROLE) in (_TRANSFORM_ROLE, "quant"):
+                continue  # online transforms and quantized linears we emitted are not layers
             lin = self._match_linear(n)
             if lin is not None:
                 linears[n.name] = lin
@@ -414,6 +424,8 @@ class OnnxGraph:
             }
             return GNode(n.name, "linear", [ins[0]], [out], params, scope)
         t = n.op_type
+        if n.metadata_props.get(_ROLE) == "quant":  # quantized linears / fake quant we emitted
+            return GNode(n.name, "quant", ins, outs, {"target": t, "domain": n.domain}, scope)
         if not _is_default(n) and (t, n.domain) != (
             "SimplifiedLayerNormalization",
             "com.microsoft",

@@ -1,0 +1,719 @@
+"""ONNX Runtime lowering of quantized linears, simulated activation quantizers, kernel reports.
+
+Functions take an :class:`~rotaq.rewriter.onnx.OnnxGraph` ``g`` and edit ``g.model`` in place.
+
+Lowerings of ``quantize_linear`` (weights ``W ~= (codes - zero) * scale``, ``[out, in]``):
+
+- ``"qdq"``: the codes as an integer initializer ``[in, out]`` + ``DequantizeLinear`` (per-channel:
+  scale ``[out]``, ``axis=1``; groups: blocked scale ``[in / g, out]``, ``axis=0, block_size=g``,
+  opset 21) + ``MatMul``. 2..4-bit codes are ``int4`` (symmetric) / ``uint4`` (asymmetric),
+  5..8-bit codes ``int8`` / ``uint8``. When the activation is quantized to 8 bits, symmetric codes
+  are stored as ``uint8`` with zero point 128 (the same values): ORT's ``U8S8`` integer GEMM on
+  AVX2 CPUs without VNNI sums pairs of u8*s8 products in int16 and saturates (errors of 10-70 %
+  measured here with full-range codes); ``U8U8`` is exact. Activations: ``None``; 8-bit dynamic
+  -> ``DynamicQuantizeLinear`` -> ``DequantizeLinear`` (per-tensor uint8, what ORT fuses into
+  ``DynamicQuantizeMatMul``); 8-bit static -> ``QuantizeLinear`` -> ``DequantizeLinear`` (uint8,
+  fused with the weight into ``QuantizeLinear`` + ``MatMulIntegerToFloat``, or into
+  ``QLinearMatMul`` when ``output_act`` adds a static ``Q -> DQ`` on the output); 4-bit static ->
+  int4 ``Q -> DQ``; other dynamic widths -> the per-token fake quantizer of
+  :func:`insert_fake_quant` (simulation, never fused).
+- ``"matmulnbits"``: ``com.microsoft.MatMulNBits`` (bits 2, 4 or 8; block size a power of two
+  >= 16) with ``B`` packed ``uint8 [N, n_blocks, block_size * bits / 8]`` (element ``k`` of a
+  block in bits ``(k * bits) % 8`` upward of byte ``k * bits // 8``, low bits first), ``scales``
+  ``[N, n_blocks]`` in the activation dtype, symmetric codes shifted by ``2^(bits-1)`` (the default
+  zero point, so no zero-point input), asymmetric zero points packed the same way to ``uint8 [N,
+  ceil(n_blocks * bits / 8)]``, the bias as input 5. ``accuracy_level=4`` (the kernel quantizes
+  the activation to int8, per row and block, symmetric ``amax / 127``) for an 8-bit dynamic
+  ``act``; otherwise 0 with any other ``act`` emitted in front as in ``"qdq"``.
+- ``"dequant"``: ``qw.dequantize()`` stored as the float weight of the (still plain) linear, with
+  any ``act`` simulated in front by :func:`insert_fake_quant`. Float formats (fp8, mxfp4, nvfp4)
+  only lower this way.
+- ``"auto"``: see :func:`choose_lowering`.
+
+Every node added is tagged with metadata ``rotaq.role = "quant"`` (except the float MatMul of
+``"dequant"``, which stays a linear), ``rotaq.quant`` (a description) and ``rotaq.quant.linear``
+(the linear key). The compute node (``MatMul`` / ``MatMulNBits``) takes the linear's key as its
+name; the final value takes the linear's output name.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import tempfile
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as oir
+
+from rotaq.errors import RewriteError
+from rotaq.linalg.formats import QuantizedWeight
+from rotaq.rewriter.sites import ActQuant
+
+logger = logging.getLogger(__name__)
+
+ROLE_KEY = "rotaq.role"
+QUANT_ROLE = "quant"
+QUANT_KEY = "rotaq.quant"  # human-readable description of the quantizer
+LINEAR_KEY = "rotaq.quant.linear"  # the quantized linear a node belongs to
+ACT_KEY = "rotaq.quant.act"  # "<value>|<act>" on the last node of a shareable act quantizer
+LOWERINGS = ("auto", "qdq", "matmulnbits", "dequant")
+NBITS_BITS = (2, 4, 8)  # what ORT's MatMulNBits kernel accepts (1.32)
+MS_DOMAIN = "com.microsoft"
+_DEFAULT_DOMAINS = ("", "ai.onnx")
+_LEVELS = {
+    "disable": "ORT_DISABLE_ALL",
+    "basic": "ORT_ENABLE_BASIC",
+    "extended": "ORT_ENABLE_EXTENDED",
+    "layout": "ORT_ENABLE_LAYOUT",
+    "all": "ORT_ENABLE_ALL",
+}
+# Reduce ops whose ``axes`` moved from attribute to input in opset 18 (ReduceSum moved in 13)
+_REDUCE_18 = {
+    "ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceMax", "ReduceMean",
+    "ReduceMin", "ReduceProd", "ReduceSumSquare",
+}
+_TINY = 1e-30  # floor of a dynamic scale (a zero row quantizes to zeros)
+
+
+# ---------------------------------------------------------------------------------- descriptions
+def _act_desc(act: ActQuant) -> str:
+    kind = "sym" if act.symmetric else "asym"
+    if act.mode == "static":
+        return f"a{act.bits} static {kind} scale={act.scale:g} zp={act.zero_point}"
+    clip = f" clip={act.clip_ratio:g}" if act.clip_ratio != 1.0 else ""
+    return f"a{act.bits} dynamic {kind}{clip}"
+
+
+def _weight_desc(qw: QuantizedWeight) -> str:
+    f = qw.fmt
+    kind = f"int{f.bits}" if f.kind == "int" else f.kind
+    sym = "" if f.kind != "int" else (" sym" if f.symmetric else " asym")
+    gs = "channel" if qw.n_groups == 1 else f"g{qw.group_size}"
+    return f"w {kind}{sym} {gs}"
+
+
+def _block_ok(block: int) -> bool:
+    return block >= 16 and block & (block - 1) == 0
+
+
+def _check_act(act: ActQuant | None) -> ActQuant | None:
+    if act is None:
+        return None
+    if act.mode not in ("dynamic", "static"):
+        raise RewriteError(f"ActQuant.mode must be 'dynamic' or 'static', got {act.mode!r}")
+    if not 2 <= int(act.bits) <= 8:
+        raise RewriteError(f"activation bits must be in 2..8, got {act.bits}")
+    if not 0.0 < act.clip_ratio <= 1.0:
+        raise RewriteError(f"ActQuant.clip_ratio must be in (0, 1], got {act.clip_ratio}")
+    if act.mode == "static":
+        if act.scale is None or not act.scale > 0:
+            raise RewriteError("a static ActQuant needs a positive scale")
+        if not act.symmetric and act.zero_point is None:
+            raise RewriteError("an asymmetric static ActQuant needs a zero_point")
+        zp = int(act.zero_point or 0)
+        lo, hi = _act_range(act)
+        if not lo <= zp <= hi:
+            raise RewriteError(f"zero_point {zp} is outside the {act.bits}-bit code range")
+    return act
+
+
+def _act_range(act: ActQuant) -> tuple[int, int]:
+    b = int(act.bits)
+    return (-(2 ** (b - 1)), 2 ** (b - 1) - 1) if act.symmetric else (0, 2**b - 1)
+
+
+def _is_a8_dynamic(act: ActQuant | None) -> bool:
+    return act is not None and act.mode == "dynamic" and int(act.bits) == 8
+
+
+def choose_lowering(qw: QuantizedWeight, act: ActQuant | None) -> str:
+    """What ``lowering="auto"`` picks.
+
+    - float formats -> ``"dequant"`` (simulated);
+    - 2- or 4-bit int, block (group size, or ``in`` when per-channel) a power of two >= 16 and
+      ``act`` None or 8-bit dynamic -> ``"matmulnbits"``;
+    - 5..8-bit int with groups and an 8-bit activation quantizer: ORT fuses that QDQ pattern into
+      ``DynamicQuantizeMatMul`` / ``MatMulIntegerToFloat``, which then fail at run time on blocked
+      scales, so -> ``"matmulnbits"`` (8 bits, 8-bit dynamic act, block ok) else ``"dequant"``;
+    - otherwise ``"qdq"``.
+    """
+    f = qw.fmt
+    if f.kind != "int":
+        return "dequant"
+    nbits_ok = f.bits in NBITS_BITS and _block_ok(qw.group_size)
+    if f.bits <= 4:
+        if nbits_ok and (act is None or _is_a8_dynamic(act)):
+            return "matmulnbits"
+        return "qdq"
+    if qw.n_groups > 1 and act is not None and int(act.bits) == 8:
+        if nbits_ok and _is_a8_dynamic(act):
+            return "matmulnbits"
+        logger.warning(
+            "%s with %s has no ORT kernel (grouped int8 QDQ with int8 activations fails in ORT); "
+            "lowering as dequantized float weights", _weight_desc(qw), _act_desc(act))
+        return "dequant"
+    return "qdq"
+
+
+# ---------------------------------------------------------------------------------- opsets
+def default_opset(g: Any) -> int:
+    imports = g.model.opset_imports
+    for d in _DEFAULT_DOMAINS:
+        if d in imports:
+            return int(imports[d])
+    return 1
+
+
+def require_opset(g: Any, need: int) -> None:
+    """Raise the default-domain opset import to ``need``, migrating what changed on the way:
+    from < 18, the ``axes`` attribute of Reduce* ops becomes an input and ``Split`` gets
+    ``num_outputs``. Models below opset 13 (and GroupNormalization below 21) are refused."""
+    imports = g.model.opset_imports
+    dom = next((d for d in _DEFAULT_DOMAINS if d in imports), "")
+    cur = int(imports.get(dom, 1))
+    if cur >= need:
+        return
+    nodes = [n for n in oir.traversal.RecursiveGraphIterator(g.model.graph)
+             if n.domain in _DEFAULT_DOMAINS]
+    if cur < 13:
+        raise RewriteError(
+            f"the model uses opset {cur}; quantized lowering needs opset {need}: convert it first "
+            "(onnx.version_converter.convert_version(model, 21))")
+    if need >= 21 and any(n.op_type == "GroupNormalization" for n in nodes):
+        raise RewriteError(
+            f"the model uses opset {cur} with GroupNormalization, whose meaning changed in opset "
+            "21: convert it first (onnx.version_converter)")
+    if cur < 18 <= need:
+        for n in nodes:
+            if n.op_type in _REDUCE_18 and "axes" in n.attributes:
+                axes = [int(a) for a in n.attributes.pop("axes").value]
+                v = g._initializer(np.array(axes, np.int64), oir.DataType.INT64,
+                                   f"{n.name}.axes")
+                n.resize_inputs(2)
+                n.replace_input_with(1, v)
+            elif (n.op_type == "Split" and (len(n.inputs) < 2 or n.inputs[1] is None)
+                  and "num_outputs" not in n.attributes):
+                n.attributes["num_outputs"] = oir.AttrInt64("num_outputs", len(n.outputs))
+    imports[dom] = need
+    logger.info("raised the default opset import from %d to %d", cur, need)
+
+
+def _require_ms(g: Any) -> None:
+    g.model.opset_imports.setdefault(MS_DOMAIN, 1)
+
+
+# ---------------------------------------------------------------------------------- emission
+class _Emitter:
+    """Builds tagged nodes with fresh names for one rewrite."""
+
+    def __init__(self, g: Any, meta: dict[str, str], base: str) -> None:
+        self.g = g
+        self.meta = meta
+        self.base = base.replace("/", "_")
+        self.nodes: list[oir.Node] = []
+
+    def value(self, hint: str, dtype: oir.DataType | None = None, shape: Any = None) -> oir.Value:
+        t = oir.TensorType(dtype) if dtype is not None else None
+        shp = oir.Shape(list(shape)) if shape is not None else None
+        return oir.Value(name=self.g._fresh(f"{self.base}_{hint}"), type=t, shape=shp)
+
+    def const(self, array: np.ndarray, dtype: oir.DataType, hint: str) -> oir.Value:
+        return self.g._initializer(np.asarray(array), dtype, f"{self.base}.{hint}")
+
+    def node(self, op: str, inputs: Sequence[oir.Value | None], outputs: Sequence[oir.Value],
+             attrs: Sequence[oir.Attr] = (), domain: str = "", name: str | None = None,
+             extra: dict[str, str] | None = None) -> oir.Node:
+        ins = list(inputs)
+        while ins and ins[-1] is None:
+            ins.pop()
+        n = oir.Node(domain, op, ins, list(attrs), outputs=list(outputs),
+                     name=name or self.g._fresh(f"rotaq_{op}_{self.base}"),
+                     metadata_props={**self.meta, **(extra or {})})
+        self.nodes.append(n)
+        return n
+
+
+def _reduce(em: _Emitter, op: str, x: oir.Value, opset: int, out: oir.Value) -> None:
+    if opset >= 18:
+        axes = em.const(np.array([-1], np.int64), oir.DataType.INT64, "axes")
+        em.node(op, [x, axes], [out], [oir.AttrInt64("keepdims", 1)])
+    else:
+        em.node(op, [x], [out], [oir.AttrInt64s("axes", [-1]), oir.AttrInt64("keepdims", 1)])
+
+
+def _scalar(em: _Emitter, v: float, dt: oir.DataType, hint: str) -> oir.Value:
+    return em.const(np.array(v), dt, hint)
+
+
+def _emit_fake_quant(em: _Emitter, x: oir.Value, act: ActQuant, opset: int) -> oir.Value:
+    """Standard-op fake quantizer of ``x``: per-token dynamic (last axis) or per-tensor static
+    (bits other than 4 and 8). Returns the float output."""
+    dt = x.dtype
+    shape = x.shape
+    lo, hi = _act_range(act)
+    v = em.value
+
+    def binop(op: str, a: oir.Value, b: oir.Value, hint: str, shp: Any = shape) -> oir.Value:
+        out = v(hint, dt, shp)
+        em.node(op, [a, b], [out])
+        return out
+
+    red_shape = None if shape is None else [*list(shape.dims)[:-1], 1]
+    if act.mode == "static":
+        scale = _scalar(em, float(act.scale), dt, "act_scale")
+        zero = float(act.zero_point or 0)
+        q = v("q", dt, shape)
+        em.node("Round", [binop("Div", x, scale, "scaled")], [q])
+        if zero:
+            q = binop("Add", q, _scalar(em, zero, dt, "act_zp"), "q_zp")
+        c = v("clipped", dt, shape)
+        em.node("Clip", [q, _scalar(em, lo, dt, "qmin"), _scalar(em, hi, dt, "qmax")], [c])
+        if zero:
+            c = binop("Sub", c, _scalar(em, zero, dt, "act_zp"), "centered")
+        return binop("Mul", c, scale, "fq", shape)
+    tiny = _scalar(em, _TINY, dt, "tiny")
+    if act.symmetric:
+        ab = v("abs", dt, shape)
+        em.node("Abs", [x], [ab])
+        amax = v("amax", dt, red_shape)
+        _reduce(em, "ReduceMax", ab, opset, amax)
+        ratio = _scalar(em, act.clip_ratio / hi, dt, "ratio")
+        scale = binop("Max", binop("Mul", amax, ratio, "scale0", red_shape), tiny, "scale",
+                      red_shape)
+        q = v("q", dt, shape)
+        em.node("Round", [binop("Div", x, scale, "scaled")], [q])
+        c = v("clipped", dt, shape)
+        em.node("Clip", [q, _scalar(em, lo, dt, "qmin"), _scalar(em, hi, dt, "qmax")], [c])
+        return binop("Mul", c, scale, "fq")
+    # asymmetric: range clip * [min(x_min, 0), max(x_max, 0)] over 2^b - 1 steps
+    zero_c = _scalar(em, 0.0, dt, "zero")
+    xmin, xmax = v("xmin", dt, red_shape), v("xmax", dt, red_shape)
+    _reduce(em, "ReduceMin", x, opset, xmin)
+    _reduce(em, "ReduceMax", x, opset, xmax)
+    clip = _scalar(em, act.clip_ratio, dt, "clip")
+    lo_v = binop("Mul", binop("Min", xmin, zero_c, "lo0", red_shape), clip, "lo", red_shape)
+    hi_v = binop("Mul", binop("Max", xmax, zero_c, "hi0", red_shape), clip, "hi", red_shape)
+    rng = binop("Sub", hi_v, lo_v, "range", red_shape)
+    scale = binop("Max", binop("Div", rng, _scalar(em, float(hi), dt, "steps"), "scale0",
+                               red_shape), tiny, "scale", red_shape)
+    neg = v("neg_lo", dt, red_shape)
+    em.node("Neg", [lo_v], [neg])
+    zr = v("zero_r", dt, red_shape)
+    em.node("Round", [binop("Div", neg, scale, "zero_f", red_shape)], [zr])
+    qmin, qmax = _scalar(em, lo, dt, "qmin"), _scalar(em, hi, dt, "qmax")
+    zp = v("zp", dt, red_shape)
+    em.node("Clip", [zr, qmin, qmax], [zp])
+    q = v("q", dt, shape)
+    em.node("Round", [binop("Div", x, scale, "scaled")], [q])
+    c = v("clipped", dt, shape)
+    em.node("Clip", [binop("Add", q, zp, "q_zp"), qmin, qmax], [c])
+    return binop("Mul", binop("Sub", c, zp, "centered"), scale, "fq")
+
+
+def _act_int_type(act: ActQuant) -> tuple[oir.DataType, int]:
+    """(storage type, zero-point offset) of a Q/DQ activation: 8 bits as uint8 (symmetric codes
+    shifted by 128: U8U8 kernels are exact on AVX2), 4 bits as int4 / uint4."""
+    if int(act.bits) == 8:
+        return oir.DataType.UINT8, 128 if act.symmetric else 0
+    return (oir.DataType.INT4 if act.symmetric else oir.DataType.UINT4), 0
+
+
+def _emit_act(g: Any, em: _Emitter, x: oir.Value, act: ActQuant) -> oir.Value:
+    """The quantized-then-dequantized activation of ``x`` (shared with an identical quantizer
+    already reading ``x``). ``em``'s nodes go right after ``x``'s producer."""
+    tag = f"{x.name}|{_act_desc(act)}"
+    for n in g.model.graph:  # act quantizers sit right after x's producer: safe to share
+        if n.metadata_props.get(ACT_KEY) == tag and list(n.outputs[0].uses()):
+            return n.outputs[0]
+    mark = {ACT_KEY: tag, QUANT_KEY: _act_desc(act)}
+    dt = x.dtype
+    if dt is None or not dt.is_floating_point():
+        raise RewriteError(f"activation {x.name!r} is not a float tensor")
+    if _is_a8_dynamic(act):
+        if dt != oir.DataType.FLOAT:
+            raise RewriteError(
+                f"DynamicQuantizeLinear needs a float32 input; {x.name!r} is {dt}: use "
+                "lowering='matmulnbits' (accuracy_level 4) or a static act")
+        if act.clip_ratio != 1.0 or act.symmetric:
+            logger.debug("ORT's dynamic int8 quantizer is per-tensor uint8 asymmetric; "
+                         "symmetric / clip_ratio of %s are not applied", _act_desc(act))
+        q = em.value("act_q", oir.DataType.UINT8, x.shape)
+        s = em.value("act_scale", oir.DataType.FLOAT, [])
+        z = em.value("act_zp", oir.DataType.UINT8, [])
+        em.node("DynamicQuantizeLinear", [x], [q, s, z])
+        out = em.value("act_dq", dt, x.shape)
+        em.node("DequantizeLinear", [q, s, z], [out], extra=mark)
+        return out
+    if act.mode == "static" and int(act.bits) in (4, 8):
+        qt, offset = _act_int_type(act)
+        require_opset(g, 21 if int(act.bits) == 4 else (19 if dt != oir.DataType.FLOAT else 13))
+        s = em.const(np.array(float(act.scale)), dt, "act_scale")
+        z = em.const(np.array(int(act.zero_point or 0) + offset), qt, "act_zp")
+        q = em.value("act_q", qt, x.shape)
+        em.node("QuantizeLinear", [x, s, z], [q])
+        out = em.value("act_dq", dt, x.shape)
+        em.node("DequantizeLinear", [q, s, z], [out], extra=mark)
+        return out
+    out = _emit_fake_quant(em, x, act, default_opset(g))
+    em.nodes[-1].metadata_props.update(mark)
+    return out
+
+
+# ---------------------------------------------------------------------------------- weights
+def _pack_bits(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Pack unsigned ``codes [..., n]`` (values < 2^bits) along the last axis, little-endian
+    within each byte (bits 2, 4, 8; ``n * bits`` a multiple of 8)."""
+    c = np.asarray(codes).astype(np.uint8)
+    per = 8 // bits
+    c = c.reshape(*c.shape[:-1], c.shape[-1] // per, per)
+    out = np.zeros(c.shape[:-1], np.uint8)
+    for j in range(per):
+        out |= (c[..., j] << np.uint8(bits * j)).astype(np.uint8)
+    return out
+
+
+def _bias_of(g: Any, lin: Any) -> np.ndarray | None:
+    if lin.bias is None:
+        return None
+    b = g._array(lin.bias).reshape(-1)
+    b = np.broadcast_to(b, (lin.out_features,)) * (lin.beta if lin.bias_add is None else 1.0)
+    return np.array(b, dtype=np.float64)
+
+
+def _weight_dq(g: Any, em: _Emitter, qw: QuantizedWeight, dt: oir.DataType,
+               a8: bool) -> oir.Value:
+    """Integer weight initializer ``[in, out]`` + DequantizeLinear -> float ``[in, out]``."""
+    f = qw.fmt
+    codes = np.asarray(qw.codes, dtype=np.int64)
+    n_out, n_in = codes.shape
+    zero = None if qw.zero is None else np.asarray(qw.zero, dtype=np.int64)
+    if f.bits <= 4:
+        qt = oir.DataType.INT4 if f.symmetric else oir.DataType.UINT4
+    elif f.symmetric and a8:  # U8U8: exact on AVX2 (U8S8 saturates)
+        qt, codes, zero = oir.DataType.UINT8, codes + 128, np.full(qw.scale.shape, 128, np.int64)
+    else:
+        qt = oir.DataType.INT8 if f.symmetric else oir.DataType.UINT8
+    grouped = qw.n_groups > 1
+    need = 21 if (grouped or f.bits <= 4) else (19 if dt != oir.DataType.FLOAT else 13)
+    require_opset(g, need)
+    wq = em.const(codes.T, qt, "weight_q")
+    if grouped:
+        scale = em.const(np.asarray(qw.scale).T, dt, "weight_scale")  # [n_groups, out]
+        attrs = [oir.AttrInt64("axis", 0), oir.AttrInt64("block_size", qw.group_size)]
+        zp = None if zero is None else em.const(zero.T, qt, "weight_zp")
+    else:
+        scale = em.const(np.asarray(qw.scale)[:, 0], dt, "weight_scale")  # [out]
+        attrs = [oir.AttrInt64("axis", 1)]
+        zp = None if zero is None else em.const(zero[:, 0], qt, "weight_zp")
+    w = em.value("weight_dq", dt, [n_in, n_out])
+    em.node("DequantizeLinear", [wq, scale, zp], [w], attrs, extra={QUANT_KEY: _weight_desc(qw)})
+    return w
+
+
+def _nbits_inputs(g: Any, em: _Emitter, qw: QuantizedWeight, dt: oir.DataType
+                  ) -> tuple[list[oir.Value | None], dict[str, int]]:
+    f = qw.fmt
+    n_out, k = qw.codes.shape
+    if f.kind != "int" or f.bits not in NBITS_BITS:
+        raise RewriteError(
+            f"MatMulNBits takes int weights of {NBITS_BITS} bits, not {_weight_desc(qw)}: "
+            "use lowering='qdq' or 'dequant'")
+    block = qw.group_size
+    if not _block_ok(block):
+        hint = ("per-channel needs in_features a power of two; "
+                if qw.n_groups == 1 else "")
+        raise RewriteError(
+            f"MatMulNBits needs a block size that is a power of two >= 16, got {block} "
+            f"(in_features {k}): {hint}quantize with group_size 32, 64 or 128")
+    nb = k // block
+    codes = np.asarray(qw.codes, dtype=np.int64)
+    if f.symmetric:
+        codes = codes + 2 ** (f.bits - 1)  # default zero point 2^(bits-1)
+    if codes.min() < 0 or codes.max() >= 2**f.bits:
+        raise RewriteError(f"codes out of the {f.bits}-bit range")
+    packed = _pack_bits(codes.reshape(n_out, nb, block), f.bits)  # [N, nb, blob]
+    b = em.const(packed, oir.DataType.UINT8, "weight_packed")
+    s = em.const(np.asarray(qw.scale).reshape(n_out, nb), dt, "weight_scale")
+    zp = None
+    if qw.zero is not None:
+        per = 8 // f.bits
+        width = -(-nb // per) * per
+        z = np.zeros((n_out, width), np.int64)
+        z[:, :nb] = np.asarray(qw.zero, dtype=np.int64)
+        zp = em.const(_pack_bits(z, f.bits), oir.DataType.UINT8, "weight_zp")
+    attrs = {"K": k, "N": n_out, "bits": f.bits, "block_size": block}
+    return [b, s, zp], attrs
+
+
+# ---------------------------------------------------------------------------------- rewrite
+def _insert_after_value(g: Any, x: oir.Value, nodes: list[oir.Node]) -> None:
+    if not nodes:
+        return
+    graph = g.model.graph
+    prod = x.producer()
+    if prod is not None and prod.graph is graph:
+        graph.insert_after(prod, nodes)
+    else:
+        graph.insert_before(next(iter(graph)), nodes)
+
+
+def _discard(g: Any, emitters: Sequence[_Emitter]) -> None:
+    """Drop the initializers of a rewrite that failed before its nodes were inserted."""
+    mine = [n for em in emitters for n in em.nodes]
+    ids = {id(n) for n in mine}
+    for n in mine:
+        for v in n.inputs:
+            if v is not None and v.is_initializer() and all(id(u.node) in ids for u in v.uses()):
+                g.model.graph.initializers.pop(v.name, None)
+
+
+def _replace(g: Any, lin: Any, act_em: _Emitter, em: _Emitter, out: oir.Value) -> str:
+    """Put ``em.nodes`` (computing ``out``) in place of the linear, ``act_em.nodes`` right after
+    the producer of its input; ``out`` takes the linear's output name."""
+    graph = g.model.graph
+    old_nodes = [lin.node] + ([lin.bias_add] if lin.bias_add is not None else [])
+    final = old_nodes[-1].outputs[0]
+    name = final.name
+    out.type = final.type if final.type is not None else out.type
+    out.shape = final.shape.copy() if final.shape is not None else out.shape
+    _insert_after_value(g, lin.node.inputs[0], act_em.nodes)
+    graph.insert_before(lin.node, em.nodes)
+    final.replace_all_uses_with(out, replace_graph_outputs=True)
+    old_w, old_b = lin.node.inputs[1], lin.bias
+    graph.remove(old_nodes, safe=True)
+    final.name = g._fresh(f"{name}_replaced")
+    out.name = name
+    g._drop_if_unused(old_w)
+    g._drop_if_unused(old_b)
+    g._invalidate()
+    return name
+
+
+def quantize_linear(g: Any, key: str, qw: QuantizedWeight, act: ActQuant | None = None,
+                    lowering: str = "auto", *, output_act: ActQuant | None = None) -> str:
+    """Replace the float linear ``key`` by a quantized one (see the module doc); keeps its bias
+    and its output value name, which is returned.
+
+    ``output_act`` (``"qdq"`` only): a static 8-bit quantizer of the product, emitted as
+    ``QuantizeLinear -> DequantizeLinear`` after the MatMul (before the bias): with a static 8-bit
+    ``act`` ORT then fuses the whole pattern into ``QLinearMatMul``.
+    """
+    if lowering not in LOWERINGS:
+        raise RewriteError(f"lowering must be one of {LOWERINGS}, got {lowering!r}")
+    lin = g._linear(key)
+    act = _check_act(act)
+    codes = np.asarray(qw.codes)
+    if codes.shape != (lin.out_features, lin.in_features):
+        raise RewriteError(
+            f"quantize_linear {key!r}: codes shape {codes.shape} != "
+            f"{(lin.out_features, lin.in_features)}")
+    mode = choose_lowering(qw, act) if lowering == "auto" else lowering
+    if mode != "dequant" and qw.fmt.kind != "int":
+        raise RewriteError(
+            f"{qw.fmt.kind} weights are simulated: use lowering='dequant' (or 'auto')")
+    if output_act is not None:
+        output_act = _check_act(output_act)
+        if mode != "qdq" or output_act.mode != "static" or int(output_act.bits) != 8:
+            raise RewriteError("output_act must be a static 8-bit ActQuant, with lowering 'qdq'")
+    if mode == "qdq" and qw.n_groups > 1 and qw.fmt.bits > 4 and act is not None \
+            and int(act.bits) == 8:
+        raise RewriteError(
+            f"{_weight_desc(qw)} with {_act_desc(act)} as QDQ: ORT fuses it into an int8 kernel "
+            "that fails on blocked scales; quantize per channel (group_size=-1) or use "
+            "lowering='matmulnbits' / 'dequant'")
+    bias = _bias_of(g, lin)
+    x = lin.node.inputs[0]
+    wdt = g._const(lin.weight).dtype
+    dt = x.dtype if x.dtype is not None and x.dtype.is_floating_point() else wdt
+    desc = _weight_desc(qw) + (f" {_act_desc(act)}" if act is not None else "")
+    meta = {k: v for k, v in lin.node.metadata_props.items() if k != ROLE_KEY}
+    logger.debug("quantize_linear %s: %s as %s", key, desc, mode)
+
+    if mode == "dequant":
+        name = (lin.bias_add or lin.node).outputs[0].name
+        g.set_linear(key, qw.dequantize(), bias)
+        n = g._node(key)
+        n.metadata_props[QUANT_KEY] = desc + " (simulated: dequantized float weight)"
+        if act is not None:
+            insert_fake_quant(g, x.name, [key], act)
+        return name
+
+    meta.update({ROLE_KEY: QUANT_ROLE, LINEAR_KEY: key, QUANT_KEY: desc})
+    scope_base = g._hint(lin.node, "q").rsplit(".", 1)[0]
+    em, act_em = _Emitter(g, meta, scope_base), _Emitter(g, meta, scope_base)
+    lin.node.name = g._fresh(f"{key}_float")  # free the key for the quantized compute node
+    n_out = lin.out_features
+    out_shape = None if x.shape is None else [*list(x.shape.dims)[:-1], n_out]
+    try:
+        if mode == "qdq":
+            xa = x if act is None else _emit_act(g, act_em, x, act)
+            w = _weight_dq(g, em, qw, dt, a8=act is not None and int(act.bits) == 8)
+            y = em.value("mm", dt, out_shape)
+            em.node("MatMul", [xa, w], [y], name=key)
+            if output_act is not None:
+                qt, offset = _act_int_type(output_act)
+                s = em.const(np.array(float(output_act.scale)), dt, "out_scale")
+                z = em.const(np.array(int(output_act.zero_point or 0) + offset), qt, "out_zp")
+                yq = em.value("out_q", qt, out_shape)
+                em.node("QuantizeLinear", [y, s, z], [yq])
+                y = em.value("out_dq", dt, out_shape)
+                em.node("DequantizeLinear", [yq, s, z], [y],
+                        extra={QUANT_KEY: "out " + _act_desc(output_act)})
+            if bias is not None:
+                yb = em.value("biased", dt, out_shape)
+                if act is not None and int(act.bits) == 8 and output_act is None:
+                    # ORT's level-1 MatMulAddFusion turns MatMul + Add (static-shaped input)
+                    # into Gemm before the QDQ fusions run; it does not match Sub.
+                    em.node("Sub", [y, em.const(-bias, dt, "neg_bias")], [yb])
+                else:
+                    em.node("Add", [y, em.const(bias, dt, "bias")], [yb])
+                y = yb
+        elif mode == "matmulnbits":
+            inputs, attrs = _nbits_inputs(g, em, qw, dt)
+            a8 = _is_a8_dynamic(act)
+            xa = x if act is None or a8 else _emit_act(g, act_em, x, act)
+            b = None if bias is None else em.const(bias, dt, "bias")
+            _require_ms(g)
+            y = em.value("mm", dt, out_shape)
+            at = [oir.AttrInt64(k, v) for k, v in attrs.items()]
+            at.append(oir.AttrInt64("accuracy_level", 4 if a8 else 0))
+            em.node("MatMulNBits", [xa, *inputs, None, b], [y], at, domain=MS_DOMAIN, name=key)
+        else:
+            raise RewriteError(f"unknown lowering {mode!r}")
+    except Exception:
+        lin.node.name = key
+        _discard(g, [em, act_em])
+        raise
+    return _replace(g, lin, act_em, em, y)
+
+
+def insert_fake_quant(g: Any, value: str, consumers: Sequence[str], act: ActQuant) -> str:
+    """Simulated activation quantization of ``value`` for ``consumers`` only; returns the new
+    value's name.
+
+    ``mode="dynamic"``: per token (last axis), standard ops: symmetric
+    ``s = max(ReduceMax(|x|) * clip_ratio / qmax, tiny)``,
+    ``y = Clip(Round(x / s), -qmax - 1, qmax) * s`` (Round ties to even); asymmetric as
+    :func:`rotaq.linalg.quant.quantize_per_token`. ``mode="static"``: per tensor with the given
+    scale / zero point, ``QuantizeLinear -> DequantizeLinear`` for 8 bits (uint8 storage) and 4
+    bits (int4 / uint4, opset 21), Div/Round/Clip/Mul for other widths.
+    """
+    act = _check_act(act)
+    v = g._value(value)
+    users = [g._node(k) for k in consumers]
+    if not users:
+        raise RewriteError("insert_fake_quant: no consumers given")
+    for user in users:
+        if not any(x is v for x in user.inputs):
+            raise RewriteError(f"insert_fake_quant: node {user.name!r} does not read {value!r}")
+    if v.dtype is None or not v.dtype.is_floating_point():
+        raise RewriteError(f"insert_fake_quant: {value!r} is not a float tensor")
+    meta = {ROLE_KEY: QUANT_ROLE, QUANT_KEY: _act_desc(act)}
+    em = _Emitter(g, meta, f"fq_{value}")
+    if act.mode == "static" and int(act.bits) in (4, 8):
+        out = _emit_act(g, em, v, act)
+    else:
+        out = _emit_fake_quant(em, v, act, default_opset(g))
+    for user in users:
+        for i in [i for i, x in enumerate(user.inputs) if x is v]:
+            user.replace_input_with(i, out)
+    _insert_after_value(g, v, em.nodes)
+    g._invalidate()
+    return out.name
+
+
+# ---------------------------------------------------------------------------------- ORT
+def session_options(level: str = "all", config: dict[str, str] | None = None):
+    """``onnxruntime.SessionOptions`` at ``level`` (disable/basic/extended/layout/all) with
+    session config entries (e.g. ``{"session.qdq_matmulnbits_accuracy_level": "0"}``: ORT fuses a
+    weight-only ``DequantizeLinear -> MatMul`` into MatMulNBits with accuracy_level 4 by default,
+    i.e. int8 activations)."""
+    import onnxruntime as ort
+
+    if level not in _LEVELS:
+        raise ValueError(f"level must be one of {tuple(_LEVELS)}, got {level!r}")
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _LEVELS[level])
+    for k, val in (config or {}).items():
+        opts.add_session_config_entry(k, str(val))
+    return opts
+
+
+def _model_source(model: Any) -> tuple[str | bytes, Any]:
+    """(path or serialized bytes, a TemporaryDirectory to keep alive or None)."""
+    if isinstance(model, (str, os.PathLike)):
+        return os.fspath(model), None
+    if isinstance(model, (bytes, bytearray)):
+        return bytes(model), None
+    if hasattr(model, "model") and isinstance(model.model, oir.Model):  # OnnxGraph
+        model = model.model
+    if isinstance(model, oir.Model):
+        size = sum(v.const_value.nbytes for v in model.graph.initializers.values()
+                   if v.const_value is not None)
+        if size < 1_800_000_000:
+            return oir.serde.serialize_model(model).SerializeToString(), None
+        tmp = tempfile.TemporaryDirectory(prefix="rotaq-ort-", ignore_cleanup_errors=True)
+        p = os.path.join(tmp.name, "model.onnx")
+        oir.save(model, p, external_data="model.onnx.data")
+        return p, tmp
+    if isinstance(model, onnx.ModelProto):
+        return model.SerializeToString(), None
+    raise TypeError(f"cannot run a {type(model).__name__} with ONNX Runtime")
+
+
+def ort_session(model: Any, level: str = "all", config: dict[str, str] | None = None):
+    """A CPU InferenceSession of ``model`` (path, bytes, ModelProto, onnx_ir.Model, OnnxGraph)."""
+    import onnxruntime as ort
+
+    src, tmp = _model_source(model)
+    try:
+        return ort.InferenceSession(src, session_options(level, config),
+                                    providers=["CPUExecutionProvider"])
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+
+
+def _count(graph: onnx.GraphProto, counts: collections.Counter) -> None:
+    for n in graph.node:
+        dom = n.domain if n.domain not in _DEFAULT_DOMAINS else ""
+        counts[f"{dom}.{n.op_type}" if dom else n.op_type] += 1
+        for a in n.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                _count(a.g, counts)
+            elif a.type == onnx.AttributeProto.GRAPHS:
+                for sub in a.graphs:
+                    _count(sub, counts)
+
+
+def ort_kernel_report(path_or_bytes: Any, level: str = "all",
+                      config: dict[str, str] | None = None) -> dict[str, int]:
+    """Op-type counts of the graph ORT (CPU) runs after its optimizations at ``level``: non-default
+    domains are prefixed (``com.microsoft.MatMulNBits``). Large initializers of the optimized
+    model go to a side file (never loaded back)."""
+    import onnxruntime as ort
+
+    src, tmp = _model_source(path_or_bytes)
+    try:
+        with tempfile.TemporaryDirectory(prefix="rotaq-opt-", ignore_cleanup_errors=True) as d:
+            out = os.path.join(d, "optimized.onnx")
+            cfg = {
+                "session.optimized_model_external_initializers_file_name": "optimized.onnx.data",
+                "session.optimized_model_external_initializers_min_size_in_bytes": "1024",
+                **(config or {}),
+            }
+            opts = session_options(level, cfg)
+            opts.optimized_model_filepath = out
+            ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
+            proto = onnx.load(out, load_external_data=False)
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    counts: collections.Counter = collections.Counter()
+    _count(proto.graph, counts)
+    return dict(sorted(counts.items()))
