@@ -26,7 +26,7 @@ from rotaq.eval.latency import bench
 from rotaq.eval.quality import cosine_to_reference, perplexity
 
 HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-RECIPES = ["w8a8", "w8a8-rotated", "w4a16", "w4a16-rotated", "w4a8-rotated", "w4a4-rotated"]
+RECIPES = ["rotate", "w8a8", "w8a8-rotated", "w4a16", "w4a16-rotated", "w4a8-rotated", "w4a4-rotated"]
 log = logging.getLogger("quant_bench")
 
 

@@ -14,7 +14,8 @@ def test_inspect(ir, minilm, minilm_onnx):
     assert {(a["num_heads"], a["num_kv_heads"], a["head_dim"]) for a in d["attention"]} == {(12, 12, 32)}
     assert {n["kind"] for n in d["norms"]} == {"layer"}
     assert d["pre_norm"] is False
-    assert d["num_linears"] == 6 * 6 + (1 if any("pooler" in x["name"] for x in d["linears"]) else 0)
+    assert d["num_linears"] == 6 * 6 + 1  # q, k, v, o, intermediate, output per layer + pooler
+    assert len(d["norms"]) == 13  # embedding LayerNorm + 2 per layer
 
 
 @pytest.mark.parametrize("ir", ["fx", "onnx"])
