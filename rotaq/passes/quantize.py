@@ -58,7 +58,8 @@ class Quantize:
     a_percentile: float = 99.99
     a_clip: float = 1.0
     kv_bits: int = 0
-    quantize_head: bool = False
+    quantize_head: bool = False  # the head in the main format
+    head_bits: int = 0  # >0: the head in its own int format (8: per channel; 4: w_group), RTN
     include: str = ""  # regex on linear names (module paths); empty: all
     exclude: str = ""
     lowering: str = "auto"  # auto | qdq | matmulnbits | dequant (ONNX only)
@@ -72,8 +73,9 @@ class Quantize:
             raise RewriteError(f"quantize: method must be rtn or gptq, not '{self.method}'")
         if self.a_mode not in ("dynamic", "static"):
             raise RewriteError(f"quantize: a_mode must be dynamic or static, not '{self.a_mode}'")
-        if self.a_bits not in (0, 2, 3, 4, 8) or self.kv_bits not in (0, 2, 3, 4, 8):
-            raise RewriteError("quantize: a_bits / kv_bits must be 0 (off), 2, 3, 4 or 8")
+        if any(b not in (0, 2, 3, 4, 8) for b in (self.a_bits, self.kv_bits, self.head_bits)):
+            raise RewriteError("quantize: a_bits / kv_bits / head_bits must be 0 (off), 2, 3, 4 "
+                               "or 8")
         if self.lowering not in ("auto", "qdq", "matmulnbits", "dequant"):
             raise RewriteError(f"quantize: unknown lowering '{self.lowering}'")
 
@@ -106,9 +108,13 @@ class Quantize:
                 errors[key] = self._quantize_one(model, a, key, caught)
                 bar.update(1)
         bar.close()
+        head = [k for k in a.residual.head if k not in errors] if self.head_bits else []
+        for key in head:
+            errors[key] = self._quantize_one(model, a, key, {}, self._head_fmt())
         kv = self._kv_cache(model) if self.kv_bits else 0
         lin_err = np.array(list(errors.values()))
-        stats = {"linears": len(keys), "format": self._describe(), "method": self.method,
+        stats = {"linears": len(keys) + len(head), "format": self._describe(),
+                 "method": self.method, "head_quantized": len(head),
                  "weight_rel_error_mean": float(lin_err.mean()),
                  "weight_rel_error_max": float(lin_err.max()),
                  "calibration_tokens": int(feeds["input_ids"].size) if feeds else 0,
@@ -166,13 +172,19 @@ class Quantize:
         return ActQuant(bits=self.a_bits, mode="static", symmetric=False, scale=float(scale),
                         zero_point=int(zp))
 
-    def _quantize_one(self, model: Model, a: Analysis, key: str, caught: dict) -> float:
+    def _head_fmt(self) -> QFormat:
+        group = -1 if self.head_bits > 4 else self.w_group
+        return QFormat(kind="int", bits=self.head_bits, symmetric=True, group_size=group)
+
+    def _quantize_one(self, model: Model, a: Analysis, key: str, caught: dict,
+                      fmt: QFormat | None = None) -> float:
         g = model.graph
         w, _ = g.get_linear(key)
         x = None
         if caught:
             x = caught[g.view().by_key[key].inputs[0]]
-        fmt = self.fmt()
+        head = fmt is not None
+        fmt = fmt or self.fmt()
         n_in = w.shape[1]
         group = fmt.group_size if fmt.kind == "int" else {"mxfp4": 32, "nvfp4": 16}.get(
             fmt.kind, fmt.group_size)
@@ -180,14 +192,14 @@ class Quantize:
         # exact in every format and dead inputs for GPTQ; ORT's MatMulNBits pads the same way
         pad = (-n_in) % group if group > 0 else 0
         wp = np.pad(w, ((0, 0), (0, pad))) if pad else w
-        if self.method == "gptq":
+        if self.method == "gptq" and not head:
             acc = HessianAccumulator(n_in)
             acc.add(np.asarray(x, np.float64).reshape(-1, n_in))
             h = np.pad(acc.value, ((0, pad), (0, pad))) if pad else acc.value
             qw = gptq(wp, h, fmt, damp=self.gptq_damp, act_order=self.gptq_act_order)
         else:
             qw = quantize_rtn(wp, fmt)
-        act = self._act(x)
+        act = self._act(x) if not head or self.a_mode == "dynamic" else None
         g.quantize_linear(key, qw, act, self.lowering)
         return quant_error(w, qw.dequantize()[:, :n_in])
 

@@ -97,3 +97,14 @@ def test_bad_options():
         rotaq.Recipe("q", [{"pass": "quantize", "w_format": "int5x"}], None).build()
     with pytest.raises(RewriteError):
         rotaq.Recipe("q", [{"pass": "quantize", "method": "awq"}], None).build()
+
+
+def test_head_bits(llama):
+    model, _ = llama
+    res = _q(model, w_bits=4, w_group=32, head_bits=8)
+    st = res.report["passes"][0]["stats"]
+    assert st["linears"] == 15 and st["head_quantized"] == 1
+    head = model.analysis().residual.head[0]
+    w0, _ = model.graph.get_linear(head)
+    w1, _ = res.model.graph.get_linear(head)
+    assert np.allclose(w1, fake_quantize(w0, QFormat(bits=8)), atol=1e-6)
