@@ -41,7 +41,7 @@ def _ort_4bit(src: str, dst: str, level: int, algo: str) -> None:
     import onnx
     from onnxruntime.quantization import matmul_nbits_quantizer as mq
 
-    cls = getattr(mq, "MatMulNBitsQuantizer", None) or getattr(mq, "MatMul4BitsQuantizer")
+    cls = getattr(mq, "MatMulNBitsQuantizer", None) or mq.MatMul4BitsQuantizer
     if algo == "gptq":
         cfg = mq.GPTQWeightOnlyQuantConfig(calibration_data_reader=None, block_size=128)
     else:

@@ -11,5 +11,5 @@ from rotaq.loading import load
 from rotaq.model import Model
 from rotaq.recipe import Recipe
 
-__all__ = ["load", "optimize", "inspect", "Recipe", "Model", "OptimizeResult", "RotaqError"]
+__all__ = ["Model", "OptimizeResult", "Recipe", "RotaqError", "inspect", "load", "optimize"]
 __version__ = "0.1.0"

@@ -43,7 +43,7 @@ class Model:
             feeds["token_type_ids"] = np.zeros_like(feeds["input_ids"])
         return feeds
 
-    def clone(self) -> "Model":
+    def clone(self) -> Model:
         return Model(self.graph.clone(), dict(self.sample_inputs), dict(self.source))
 
     def save(self, path: str) -> None:

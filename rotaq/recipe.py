@@ -24,7 +24,7 @@ class Recipe:
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def load(cls, name_or_path: str) -> "Recipe":
+    def load(cls, name_or_path: str) -> Recipe:
         """A built-in name (``rotate``) or a path to a recipe JSON file."""
         if os.path.exists(name_or_path):
             try:
@@ -42,7 +42,7 @@ class Recipe:
         return cls.from_dict(data, default_name=os.path.basename(name_or_path))
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], default_name: str = "recipe") -> "Recipe":
+    def from_dict(cls, data: dict[str, Any], default_name: str = "recipe") -> Recipe:
         if not isinstance(data, dict) or not isinstance(data.get("passes"), list):
             raise RotaqError("a recipe is a JSON object with a 'passes' list")
         for p in data["passes"]:
@@ -53,7 +53,7 @@ class Recipe:
                    data.get("tolerance", 1e-4), data.get("description", ""),
                    {k: v for k, v in data.items() if k not in known})
 
-    def with_options(self, options: dict[str, Any]) -> "Recipe":
+    def with_options(self, options: dict[str, Any]) -> Recipe:
         """Override pass options: ``{"seed": 1}`` sets it on every pass that has it,
         ``{"rotate.seed": 1}`` on the named pass only."""
         import dataclasses

@@ -7,7 +7,6 @@ shows what its fusions made of a rewrite (e.g. MatMulNBits, QLinearMatMul, SkipL
 
 from __future__ import annotations
 
-import collections
 import logging
 import os
 import sys
@@ -24,7 +23,7 @@ from rotaq.model import Model
 
 log = logging.getLogger(__name__)
 
-__all__ = ["bench", "onnx_files", "optimized_op_counts"]
+__all__ = ["bench", "onnx_files"]
 
 _ORT_TYPES = {
     "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_,
@@ -104,58 +103,27 @@ def onnx_files(path: str) -> list[str]:
     return files
 
 
-def optimized_op_counts(path: str) -> dict[str, int]:
-    """Node op types of an ONNX file (top-level graph), most frequent first."""
-    import onnx
-
-    proto = onnx.load(path, load_external_data=False)
-    counts = collections.Counter(n.op_type for n in proto.graph.node)
-    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
-
-
 # ---- ORT ------------------------------------------------------------------------------------
 def _first_line(err: BaseException) -> str:
     lines = str(err).strip().splitlines()
     return lines[0] if lines else ""
 
 
-def _ort_options(threads: int, optimized_path: str | None) -> Any:
-    import onnxruntime as ort
+def _ort_session(path: str, threads: int) -> tuple[Any, dict[str, int] | None]:
+    from rotaq.backends.ort import ort_kernel_report, ort_session
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.log_severity_level = 3
-    if optimized_path:
-        opts.optimized_model_filepath = optimized_path
-        opts.add_session_config_entry(
-            "session.optimized_model_external_initializers_file_name",
-            os.path.basename(optimized_path) + ".data")
-        opts.add_session_config_entry(
-            "session.optimized_model_external_initializers_min_size_in_bytes", "1024")
-    return opts
-
-
-def _ort_session(path: str, threads: int, tmp: str) -> tuple[Any, dict[str, int] | None]:
-    import onnxruntime as ort
-
-    providers = ["CPUExecutionProvider"]
-    opt_path = os.path.join(tmp, "optimized.onnx")
     try:
-        sess = ort.InferenceSession(path, _ort_options(threads, opt_path), providers=providers)
-        return sess, optimized_op_counts(opt_path)
-    except Exception as err:  # noqa: BLE001 - retried below without writing the optimized model
-        first = err
-    try:
-        sess = ort.InferenceSession(path, _ort_options(threads, None), providers=providers)
+        sess = ort_session(path, "all", threads=threads)
     except Exception as err:
         raise RotaqError(f"ONNX Runtime cannot load {path}: {type(err).__name__}: "
                          f"{_first_line(err)}") from err
-    log.warning("could not write ORT's optimized model (%s: %s); optimized_ops omitted",
-                type(first).__name__, _first_line(first))
-    return sess, None
+    try:
+        ops = ort_kernel_report(path)
+    except Exception as err:  # noqa: BLE001 - the timing is still valid without it
+        log.warning("could not write ORT's optimized model (%s: %s); optimized_ops omitted",
+                    type(err).__name__, _first_line(err))
+        ops = None
+    return sess, ops
 
 
 def _onnx_path(model_or_path: Model | str, tmp: str) -> tuple[str, str]:
@@ -185,7 +153,7 @@ def _bench_ort(model_or_path: Model | str, tokens: Sequence[int], repeats: int, 
         path, name = _onnx_path(model_or_path, tmp)
         files = onnx_files(path)
         size = sum(os.path.getsize(f) for f in files)
-        sess, ops = _ort_session(path, threads, tmp)
+        sess, ops = _ort_session(path, threads)
         specs = {i.name: (_ORT_TYPES.get(i.type, np.float32), list(i.shape))
                  for i in sess.get_inputs()}
         outs = [o.name for o in sess.get_outputs()]

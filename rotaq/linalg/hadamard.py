@@ -12,9 +12,9 @@ import functools
 import itertools
 import logging
 import math
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
-import operator
 
 import numpy as np
 from numpy.typing import DTypeLike

@@ -8,8 +8,9 @@ command line (``--set field=value``).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from rotaq.errors import RotaqError
 
@@ -21,7 +22,7 @@ _REGISTRY: dict[str, type] = {}
 
 @dataclass
 class PassResult:
-    model: "Model"
+    model: Model
     modified: bool
     stats: dict[str, Any] = field(default_factory=dict)
 

@@ -27,7 +27,12 @@ from tqdm import tqdm
 
 from rotaq.errors import RewriteError
 from rotaq.linalg.quant import (
-    HessianAccumulator, QFormat, calibrate_per_tensor, gptq, quant_error, quantize_rtn,
+    HessianAccumulator,
+    QFormat,
+    calibrate_per_tensor,
+    gptq,
+    quant_error,
+    quantize_rtn,
 )
 from rotaq.model import Model
 from rotaq.passes.base import PassResult, register

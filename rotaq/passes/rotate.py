@@ -29,7 +29,11 @@ import numpy as np
 
 from rotaq.errors import RewriteError
 from rotaq.linalg.hadamard import (
-    apply_kronecker, is_hadamard_size, kronecker_split, normalized_hadamard, random_rotation,
+    apply_kronecker,
+    is_hadamard_size,
+    kronecker_split,
+    normalized_hadamard,
+    random_rotation,
 )
 from rotaq.model import Model
 from rotaq.passes.base import PassResult, register

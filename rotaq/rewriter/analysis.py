@@ -11,7 +11,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from rotaq.rewriter.sites import (
-    AttentionSite, Block, EmbeddingSite, GNode, GraphView, LinearSite, NormSite, ResidualStream,
+    AttentionSite,
+    Block,
+    EmbeddingSite,
+    GNode,
+    GraphView,
+    LinearSite,
+    NormSite,
+    ResidualStream,
 )
 
 _META_OPS = ("_assert", "sym_size", "sym_numel", "guards")
@@ -190,9 +197,7 @@ def _decomposed_rms(view: GraphView, mean: GNode) -> tuple[NormSite, set[str]] |
     sq = view.producer.get(mean.inputs[0])
     if sq is None:
         return None
-    if sq.op == "pow" and sq.params.get("scalar") == 2.0:
-        x = sq.inputs[0]
-    elif sq.op == "mul" and len(sq.inputs) == 2 and sq.inputs[0] == sq.inputs[1]:
+    if sq.op == "pow" and sq.params.get("scalar") == 2.0 or sq.op == "mul" and len(sq.inputs) == 2 and sq.inputs[0] == sq.inputs[1]:
         x = sq.inputs[0]
     else:
         return None

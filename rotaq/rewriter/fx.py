@@ -12,7 +12,8 @@ import json
 import logging
 import os
 import tempfile
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -87,7 +88,7 @@ class FxGraph:
     # ---- construction -------------------------------------------------------------------
     @classmethod
     def from_module(cls, module: torch.nn.Module, example_inputs: dict[str, torch.Tensor],
-                dynamic: bool = True) -> "FxGraph":
+                dynamic: bool = True) -> FxGraph:
         """Capture ``module(**example_inputs)`` with torch.export (dims 0/1 dynamic when asked)."""
         from torch.export import Dim
 
@@ -113,7 +114,7 @@ class FxGraph:
     @classmethod
     def from_exported(cls, ep: torch.export.ExportedProgram,
                       example_inputs: dict[str, torch.Tensor] | None = None,
-                      dynamic_shapes: Any = None) -> "FxGraph":
+                      dynamic_shapes: Any = None) -> FxGraph:
         if example_inputs is None:
             args, kwargs = ep.example_inputs or ((), {})
             names = [s.arg.name for s in ep.graph_signature.input_specs
@@ -124,7 +125,7 @@ class FxGraph:
         return cls(ep.module(), dict(example_inputs), dynamic_shapes)
 
     @classmethod
-    def load(cls, path: str) -> "FxGraph":
+    def load(cls, path: str) -> FxGraph:
         extra = {"rotaq.json": ""}
         try:  # registers the pytree types of Hugging Face model outputs, needed to deserialize
             import transformers.modeling_outputs  # noqa: F401
@@ -396,7 +397,7 @@ class FxGraph:
         seen: dict[str, np.ndarray] = {}
 
         class _Rec(torch.fx.Interpreter):
-            def run_node(self, n):  # noqa: D401
+            def run_node(self, n):
                 res = super().run_node(n)
                 if n.name in wanted and isinstance(res, torch.Tensor):
                     seen[n.name] = _to_numpy(res)
@@ -407,7 +408,7 @@ class FxGraph:
             _Rec(self._compiled()).run(*args)
         return seen
 
-    def clone(self) -> "FxGraph":
+    def clone(self) -> FxGraph:
         other = FxGraph(copy.deepcopy(self.gm), self.example_inputs, self.dynamic_shapes)
         other.metadata = dict(self.metadata)
         other._counter = self._counter

@@ -8,7 +8,8 @@ computes exactly what the quantized model computes, in float.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -21,7 +22,7 @@ if TYPE_CHECKING:
 aten = torch.ops.aten
 
 
-def quantize_linear(g: "FxGraph", key: str, qweight: Any, act: ActQuant | None,
+def quantize_linear(g: FxGraph, key: str, qweight: Any, act: ActQuant | None,
                     lowering: str = "auto") -> str:
     """Linear(x) -> Linear(fq(x)) with W <- dequant(Q(W)); returns the linear's output name."""
     w, bias = g.get_linear(key)
@@ -40,7 +41,7 @@ def _range(act: ActQuant) -> tuple[int, int]:
     return 0, 2 ** act.bits - 1
 
 
-def insert_fake_quant(g: "FxGraph", value: str, consumers: Sequence[str], act: ActQuant) -> str:
+def insert_fake_quant(g: FxGraph, value: str, consumers: Sequence[str], act: ActQuant) -> str:
     """x -> fake_quant(x) for ``consumers`` only (per-token dynamic or static per-tensor)."""
     src = g._node(value)
     users = [g._node(c) for c in consumers]

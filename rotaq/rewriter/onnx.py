@@ -804,8 +804,9 @@ class OnnxGraph:
         added = [self._value(name) for name in extra]
         n_out = len(g.outputs)
         g.outputs.extend(added)
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
+        from rotaq.backends.ort import EXACT, session_options
+
+        opts = session_options("all", EXACT)
         providers = ["CPUExecutionProvider"]
         try:
             size = sum(v.const_value.nbytes for v in g.initializers.values())

@@ -16,7 +16,14 @@ Lowerings of ``quantize_linear`` (weights ``W ~= (codes - zero) * scale``, ``[ou
   fused with the weight into ``QuantizeLinear`` + ``MatMulIntegerToFloat``, or into
   ``QLinearMatMul`` when ``output_act`` adds a static ``Q -> DQ`` on the output); 4-bit static ->
   int4 ``Q -> DQ``; other dynamic widths -> the per-token fake quantizer of
-  :func:`insert_fake_quant` (simulation, never fused).
+  :func:`insert_fake_quant` (simulation, never fused). One activation quantizer per (input value,
+  ActQuant) is shared by all the linears reading it (q/k/v): ORT then runs it once
+  (``DynamicQuantizeLinear`` + ``MatMulIntegerToFloat``s). The bias is ``Add(y, b)``, but
+  ``Sub(y, -b)`` behind an 8-bit activation quantizer: ORT's level-1 MatMulAddFusion turns a
+  MatMul + Add on a static-shaped input into Gemm before the QDQ fusions can see the MatMul.
+  Without an activation quantizer ORT (level >= extended) fuses ``DequantizeLinear -> MatMul``
+  into MatMulNBits, by default with accuracy_level 4 (session option
+  ``session.qdq_matmulnbits_accuracy_level``), i.e. int8 activations inside the kernel.
 - ``"matmulnbits"``: ``com.microsoft.MatMulNBits`` (bits 2, 4 or 8; block size a power of two
   >= 16) with ``B`` packed ``uint8 [N, n_blocks, block_size * bits / 8]`` (element ``k`` of a
   block in bits ``(k * bits) % 8`` upward of byte ``k * bits // 8``, low bits first), ``scales``
@@ -38,15 +45,11 @@ name; the final value takes the linear's output name.
 
 from __future__ import annotations
 
-import collections
 import logging
-import os
-import tempfile
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import onnx
 import onnx_ir as oir
 
 from rotaq.errors import RewriteError
@@ -60,17 +63,11 @@ QUANT_ROLE = "quant"
 QUANT_KEY = "rotaq.quant"  # human-readable description of the quantizer
 LINEAR_KEY = "rotaq.quant.linear"  # the quantized linear a node belongs to
 ACT_KEY = "rotaq.quant.act"  # "<value>|<act>" on the last node of a shareable act quantizer
+_SCOPE_KEY = "pkg.torch.onnx.name_scopes"
 LOWERINGS = ("auto", "qdq", "matmulnbits", "dequant")
 NBITS_BITS = (2, 4, 8)  # what ORT's MatMulNBits kernel accepts (1.32)
 MS_DOMAIN = "com.microsoft"
 _DEFAULT_DOMAINS = ("", "ai.onnx")
-_LEVELS = {
-    "disable": "ORT_DISABLE_ALL",
-    "basic": "ORT_ENABLE_BASIC",
-    "extended": "ORT_ENABLE_EXTENDED",
-    "layout": "ORT_ENABLE_LAYOUT",
-    "all": "ORT_ENABLE_ALL",
-}
 # Reduce ops whose ``axes`` moved from attribute to input in opset 18 (ReduceSum moved in 13)
 _REDUCE_18 = {
     "ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceMax", "ReduceMean",
@@ -384,6 +381,17 @@ def _bias_of(g: Any, lin: Any) -> np.ndarray | None:
     return np.array(b, dtype=np.float64)
 
 
+def _bias_value(g: Any, em: _Emitter, lin: Any, bias: np.ndarray, dt: oir.DataType
+                ) -> oir.Value:
+    """The linear's own bias constant when it already is ``[out]`` in ``dt`` (and unscaled)."""
+    t = g._const(lin.bias) if lin.bias is not None else None
+    if (t is not None and lin.bias.is_initializer() and t.dtype == dt
+            and tuple(t.shape) == (lin.out_features,)
+            and (lin.bias_add is not None or lin.beta == 1.0)):
+        return lin.bias
+    return em.const(bias, dt, "bias")
+
+
 def _weight_dq(g: Any, em: _Emitter, qw: QuantizedWeight, dt: oir.DataType,
                a8: bool) -> oir.Value:
     """Integer weight initializer ``[in, out]`` + DequantizeLinear -> float ``[in, out]``."""
@@ -397,6 +405,10 @@ def _weight_dq(g: Any, em: _Emitter, qw: QuantizedWeight, dt: oir.DataType,
         qt, codes, zero = oir.DataType.UINT8, codes + 128, np.full(qw.scale.shape, 128, np.int64)
     else:
         qt = oir.DataType.INT8 if f.symmetric else oir.DataType.UINT8
+    info = np.iinfo(np.int8 if qt == oir.DataType.INT8 else np.uint8)
+    lo, hi = {oir.DataType.INT4: (-8, 7), oir.DataType.UINT4: (0, 15)}.get(qt, (info.min, info.max))
+    if codes.min() < lo or codes.max() > hi:
+        raise RewriteError(f"codes of {_weight_desc(qw)} do not fit {qt}")
     grouped = qw.n_groups > 1
     need = 21 if (grouped or f.bits <= 4) else (19 if dt != oir.DataType.FLOAT else 13)
     require_opset(g, need)
@@ -465,10 +477,13 @@ def _discard(g: Any, emitters: Sequence[_Emitter]) -> None:
     """Drop the initializers of a rewrite that failed before its nodes were inserted."""
     mine = [n for em in emitters for n in em.nodes]
     ids = {id(n) for n in mine}
-    for n in mine:
-        for v in n.inputs:
-            if v is not None and v.is_initializer() and all(id(u.node) in ids for u in v.uses()):
-                g.model.graph.initializers.pop(v.name, None)
+    orphans = {id(v): v for n in mine for v in n.inputs
+               if v is not None and v.is_initializer()
+               and all(id(u.node) in ids for u in v.uses())}
+    for n in mine:  # detach: a node never inserted must not stay a user of graph values
+        n.resize_inputs(0)
+    for v in orphans.values():
+        g.model.graph.initializers.pop(v.name, None)
 
 
 def _replace(g: Any, lin: Any, act_em: _Emitter, em: _Emitter, out: oir.Value) -> str:
@@ -530,7 +545,8 @@ def quantize_linear(g: Any, key: str, qw: QuantizedWeight, act: ActQuant | None 
     wdt = g._const(lin.weight).dtype
     dt = x.dtype if x.dtype is not None and x.dtype.is_floating_point() else wdt
     desc = _weight_desc(qw) + (f" {_act_desc(act)}" if act is not None else "")
-    meta = {k: v for k, v in lin.node.metadata_props.items() if k != ROLE_KEY}
+    orig_meta = {k: v for k, v in lin.node.metadata_props.items() if k != ROLE_KEY}
+    meta = {k: v for k, v in orig_meta.items() if k == _SCOPE_KEY}  # scope for reports
     logger.debug("quantize_linear %s: %s as %s", key, desc, mode)
 
     if mode == "dequant":
@@ -543,6 +559,7 @@ def quantize_linear(g: Any, key: str, qw: QuantizedWeight, act: ActQuant | None 
         return name
 
     meta.update({ROLE_KEY: QUANT_ROLE, LINEAR_KEY: key, QUANT_KEY: desc})
+    compute_meta = {**orig_meta, **meta}  # the node taking the linear's place keeps its metadata
     scope_base = g._hint(lin.node, "q").rsplit(".", 1)[0]
     em, act_em = _Emitter(g, meta, scope_base), _Emitter(g, meta, scope_base)
     lin.node.name = g._fresh(f"{key}_float")  # free the key for the quantized compute node
@@ -553,7 +570,7 @@ def quantize_linear(g: Any, key: str, qw: QuantizedWeight, act: ActQuant | None 
             xa = x if act is None else _emit_act(g, act_em, x, act)
             w = _weight_dq(g, em, qw, dt, a8=act is not None and int(act.bits) == 8)
             y = em.value("mm", dt, out_shape)
-            em.node("MatMul", [xa, w], [y], name=key)
+            em.node("MatMul", [xa, w], [y], name=key, extra=compute_meta)
             if output_act is not None:
                 qt, offset = _act_int_type(output_act)
                 s = em.const(np.array(float(output_act.scale)), dt, "out_scale")
@@ -570,18 +587,19 @@ def quantize_linear(g: Any, key: str, qw: QuantizedWeight, act: ActQuant | None 
                     # into Gemm before the QDQ fusions run; it does not match Sub.
                     em.node("Sub", [y, em.const(-bias, dt, "neg_bias")], [yb])
                 else:
-                    em.node("Add", [y, em.const(bias, dt, "bias")], [yb])
+                    em.node("Add", [y, _bias_value(g, em, lin, bias, dt)], [yb])
                 y = yb
         elif mode == "matmulnbits":
             inputs, attrs = _nbits_inputs(g, em, qw, dt)
             a8 = _is_a8_dynamic(act)
             xa = x if act is None or a8 else _emit_act(g, act_em, x, act)
-            b = None if bias is None else em.const(bias, dt, "bias")
+            b = None if bias is None else _bias_value(g, em, lin, bias, dt)
             _require_ms(g)
             y = em.value("mm", dt, out_shape)
             at = [oir.AttrInt64(k, v) for k, v in attrs.items()]
             at.append(oir.AttrInt64("accuracy_level", 4 if a8 else 0))
-            em.node("MatMulNBits", [xa, *inputs, None, b], [y], at, domain=MS_DOMAIN, name=key)
+            em.node("MatMulNBits", [xa, *inputs, None, b], [y], at, domain=MS_DOMAIN, name=key,
+                    extra=compute_meta)
         else:
             raise RewriteError(f"unknown lowering {mode!r}")
     except Exception:
@@ -627,93 +645,3 @@ def insert_fake_quant(g: Any, value: str, consumers: Sequence[str], act: ActQuan
 
 
 # ---------------------------------------------------------------------------------- ORT
-def session_options(level: str = "all", config: dict[str, str] | None = None):
-    """``onnxruntime.SessionOptions`` at ``level`` (disable/basic/extended/layout/all) with
-    session config entries (e.g. ``{"session.qdq_matmulnbits_accuracy_level": "0"}``: ORT fuses a
-    weight-only ``DequantizeLinear -> MatMul`` into MatMulNBits with accuracy_level 4 by default,
-    i.e. int8 activations)."""
-    import onnxruntime as ort
-
-    if level not in _LEVELS:
-        raise ValueError(f"level must be one of {tuple(_LEVELS)}, got {level!r}")
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _LEVELS[level])
-    for k, val in (config or {}).items():
-        opts.add_session_config_entry(k, str(val))
-    return opts
-
-
-def _model_source(model: Any) -> tuple[str | bytes, Any]:
-    """(path or serialized bytes, a TemporaryDirectory to keep alive or None)."""
-    if isinstance(model, (str, os.PathLike)):
-        return os.fspath(model), None
-    if isinstance(model, (bytes, bytearray)):
-        return bytes(model), None
-    if hasattr(model, "model") and isinstance(model.model, oir.Model):  # OnnxGraph
-        model = model.model
-    if isinstance(model, oir.Model):
-        size = sum(v.const_value.nbytes for v in model.graph.initializers.values()
-                   if v.const_value is not None)
-        if size < 1_800_000_000:
-            return oir.serde.serialize_model(model).SerializeToString(), None
-        tmp = tempfile.TemporaryDirectory(prefix="rotaq-ort-", ignore_cleanup_errors=True)
-        p = os.path.join(tmp.name, "model.onnx")
-        oir.save(model, p, external_data="model.onnx.data")
-        return p, tmp
-    if isinstance(model, onnx.ModelProto):
-        return model.SerializeToString(), None
-    raise TypeError(f"cannot run a {type(model).__name__} with ONNX Runtime")
-
-
-def ort_session(model: Any, level: str = "all", config: dict[str, str] | None = None):
-    """A CPU InferenceSession of ``model`` (path, bytes, ModelProto, onnx_ir.Model, OnnxGraph)."""
-    import onnxruntime as ort
-
-    src, tmp = _model_source(model)
-    try:
-        return ort.InferenceSession(src, session_options(level, config),
-                                    providers=["CPUExecutionProvider"])
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
-
-
-def _count(graph: onnx.GraphProto, counts: collections.Counter) -> None:
-    for n in graph.node:
-        dom = n.domain if n.domain not in _DEFAULT_DOMAINS else ""
-        counts[f"{dom}.{n.op_type}" if dom else n.op_type] += 1
-        for a in n.attribute:
-            if a.type == onnx.AttributeProto.GRAPH:
-                _count(a.g, counts)
-            elif a.type == onnx.AttributeProto.GRAPHS:
-                for sub in a.graphs:
-                    _count(sub, counts)
-
-
-def ort_kernel_report(path_or_bytes: Any, level: str = "all",
-                      config: dict[str, str] | None = None) -> dict[str, int]:
-    """Op-type counts of the graph ORT (CPU) runs after its optimizations at ``level``: non-default
-    domains are prefixed (``com.microsoft.MatMulNBits``). Large initializers of the optimized
-    model go to a side file (never loaded back)."""
-    import onnxruntime as ort
-
-    src, tmp = _model_source(path_or_bytes)
-    try:
-        with tempfile.TemporaryDirectory(prefix="rotaq-opt-", ignore_cleanup_errors=True) as d:
-            out = os.path.join(d, "optimized.onnx")
-            cfg = {
-                "session.optimized_model_external_initializers_file_name": "optimized.onnx.data",
-                "session.optimized_model_external_initializers_min_size_in_bytes": "1024",
-                **(config or {}),
-            }
-            opts = session_options(level, cfg)
-            opts.optimized_model_filepath = out
-            ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
-            proto = onnx.load(out, load_external_data=False)
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
-    counts: collections.Counter = collections.Counter()
-    _count(proto.graph, counts)
-    return dict(sorted(counts.items()))

@@ -25,8 +25,9 @@ Normalized op vocabulary (``GNode.op``):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -213,6 +214,6 @@ class GraphAdapter(Protocol):
 
     def capture(self, feeds: dict[str, np.ndarray], values: Sequence[str]) -> dict[str, np.ndarray]: ...
 
-    def clone(self) -> "GraphAdapter": ...
+    def clone(self) -> GraphAdapter: ...
 
     def save(self, path: str) -> None: ...

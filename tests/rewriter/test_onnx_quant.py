@@ -8,6 +8,7 @@ import onnx_ir as oir
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+import rotaq.backends.ort as ort_backend
 from rotaq.errors import RewriteError
 from rotaq.linalg.quant import (
     QFormat,
@@ -20,7 +21,7 @@ from rotaq.rewriter import onnx_quant as oq
 from rotaq.rewriter.onnx import OnnxGraph
 from rotaq.rewriter.sites import ActQuant
 
-EXACT = {"session.qdq_matmulnbits_accuracy_level": "0"}  # ORT's default fuses DQ+MatMul as W?A8
+EXACT = ort_backend.EXACT  # ORT by default fuses weight-only DQ+MatMul with int8 activations
 A8 = ActQuant(8, "dynamic")
 W8 = QFormat("int", 8)
 W4 = QFormat("int", 4, True, 32)
@@ -119,15 +120,15 @@ def test_weight_only_matches_dequantized_weights(fmt, lowering, kernel):
     g, qw, b = _quantized(fmt, None, lowering)
     x = _x()
     ref = _float_ref(x, qw, b)
-    assert _rel(oq.ort_session(g, "all", EXACT).run(None, {"x": x})[0], ref) < 1e-5
-    assert _rel(oq.ort_session(g, "disable").run(None, {"x": x})[0], ref) < 1e-5
+    assert _rel(ort_backend.ort_session(g, "all", EXACT).run(None, {"x": x})[0], ref) < 1e-5
+    assert _rel(ort_backend.ort_session(g, "disable").run(None, {"x": x})[0], ref) < 1e-5
     # the adapter's own session (ORT defaults): exact for MatMulNBits we emit (accuracy_level 0);
     # a QDQ weight is fused with ORT's default accuracy_level 4 (int8 activations inside)
     out = g.run({"x": x})[0]
     exact = lowering == "matmulnbits" or fmt.kind != "int" or lowering == "dequant" or (
         lowering == "auto" and fmt.bits in (2, 4))
     assert _rel(out, ref) < (1e-5 if exact else 2e-2)
-    report = oq.ort_kernel_report(g)
+    report = ort_backend.ort_kernel_report(g)
     assert report.get(kernel) == 1
     assert "Gemm" not in report
     if kernel != "MatMul":
@@ -165,7 +166,7 @@ def test_w8a8_dynamic_fuses_and_matches_per_tensor_simulation(fmt, shape):
     y = g.run({"x": x})[0]
     assert _rel(y, _dynamic_u8(x) @ qw.dequantize().T + b) < 1e-5
     assert 1e-4 < _rel(y, _float_ref(x, qw, b)) < 2e-2
-    report = oq.ort_kernel_report(g)
+    report = ort_backend.ort_kernel_report(g)
     assert report.get("com.microsoft.DynamicQuantizeMatMul") == 1
     assert not {"MatMul", "Gemm", "DequantizeLinear", "DynamicQuantizeLinear"} & set(report)
     ops = [n.op_type for n in g.model.graph]
@@ -187,14 +188,14 @@ def test_w8a8_static_fuses_to_qlinearmatmul_with_output_quantizer():
 
     g = g0.clone()
     oq.quantize_linear(g, "lin", qw, act, "qdq")
-    report = oq.ort_kernel_report(g)
+    report = ort_backend.ort_kernel_report(g)
     assert report.get("com.microsoft.MatMulIntegerToFloat") == 1 and report["QuantizeLinear"] == 1
     assert not {"MatMul", "Gemm", "DequantizeLinear"} & set(report)
     assert _rel(g.run({"x": x})[0], h + b) < 1e-5
 
     g = g0.clone()
     oq.quantize_linear(g, "lin", qw, act, "qdq", output_act=out_act)
-    report = oq.ort_kernel_report(g)
+    report = ort_backend.ort_kernel_report(g)
     assert report.get("QLinearMatMul") == 1
     assert not {"MatMul", "Gemm", "com.microsoft.MatMulIntegerToFloat"} & set(report)
     ref = quantize_per_tensor(h, ys, yz) + b
@@ -216,7 +217,7 @@ def test_w4a8_matmulnbits_accuracy_level_4(fmt):
     xq = (np.rint(xb / s) * s).reshape(x.shape)
     assert _rel(y, xq @ qw.dequantize().T + b) < 1e-4
     assert 1e-4 < _rel(y, _float_ref(x, qw, b)) < 2e-2
-    assert oq.ort_kernel_report(g) == {"com.microsoft.MatMulNBits": 1}
+    assert ort_backend.ort_kernel_report(g) == {"com.microsoft.MatMulNBits": 1}
 
 
 @pytest.mark.parametrize("kind", ["gemm", "transpose"])
@@ -234,7 +235,7 @@ def test_gemm_and_transposed_weights(kind, fmt, act, lowering):
     assert oq.quantize_linear(g, "lin", qw, act, lowering) == "y"
     xin = x if act is None else _dynamic_u8(x)
     tol = 1e-5
-    assert _rel(oq.ort_session(g, "all", EXACT).run(None, {"x": x})[0],
+    assert _rel(ort_backend.ort_session(g, "all", EXACT).run(None, {"x": x})[0],
                 xin @ qw.dequantize().T + b) < tol
     ops = {n.op_type for n in g.model.graph}
     assert "Transpose" not in ops and ("Gemm" in ops) == (lowering == "dequant" and kind == "gemm")
@@ -277,8 +278,8 @@ def test_opset_raised_and_old_reduce_ops_migrated():
     assert "axes" not in rm.attributes and rm.inputs[1].const_value.numpy().tolist() == [-1]
     xc = x - x.mean(-1, keepdims=True)
     ref = _float_ref(xc, qw, b)
-    assert _rel(oq.ort_session(g, "all", EXACT).run(None, {"x": x})[0], ref) < 1e-5
-    assert oq.ort_kernel_report(g).get("com.microsoft.MatMulNBits") == 1
+    assert _rel(ort_backend.ort_session(g, "all", EXACT).run(None, {"x": x})[0], ref) < 1e-5
+    assert ort_backend.ort_kernel_report(g).get("com.microsoft.MatMulNBits") == 1
 
 
 # ------------------------------------------------------------------------------ fake quant
@@ -344,17 +345,17 @@ def test_fake_quant_static(bits, symmetric, zp):
 # ------------------------------------------------------------------------------ ORT reports
 def test_kernel_report_levels_and_external_data(tmp_path):
     g, _, _ = _quantized(W4, None, "qdq", k=512, n=256)
-    assert oq.ort_kernel_report(g, "disable") == {"Add": 1, "DequantizeLinear": 1, "MatMul": 1}
+    assert ort_backend.ort_kernel_report(g, "disable") == {"Add": 1, "DequantizeLinear": 1, "MatMul": 1}
     path = tmp_path / "m.onnx"
     oir.save(g.model, str(path), external_data="m.onnx.data", size_threshold_bytes=1024)
     assert (tmp_path / "m.onnx.data").stat().st_size > 64 * 1024
-    assert oq.ort_kernel_report(str(path), "all") == {"com.microsoft.MatMulNBits": 1}
+    assert ort_backend.ort_kernel_report(str(path), "all") == {"com.microsoft.MatMulNBits": 1}
     proto = oir.serde.serialize_model(g.model).SerializeToString()
-    assert oq.ort_kernel_report(proto, "extended") == {"com.microsoft.MatMulNBits": 1}
-    assert oq.ort_kernel_report(str(path), "basic") == {"Add": 1, "DequantizeLinear": 1,
+    assert ort_backend.ort_kernel_report(proto, "extended") == {"com.microsoft.MatMulNBits": 1}
+    assert ort_backend.ort_kernel_report(str(path), "basic") == {"Add": 1, "DequantizeLinear": 1,
                                                         "MatMul": 1}
     with pytest.raises(ValueError):
-        oq.ort_kernel_report(g, "max")
+        ort_backend.ort_kernel_report(g, "max")
 
 
 # ------------------------------------------------------------------------------ tiny LM (ONNX)
@@ -367,7 +368,7 @@ def lm():
     model = rotaq.load(module, inputs, ir="onnx")
     g = model.graph
     keys = list(model.analysis().linears)
-    base = oq.ort_kernel_report(g)
+    base = ort_backend.ort_kernel_report(g)
     view = g.view()
     act_inputs = g.capture(model.sample_inputs, [view.by_key[k].inputs[0] for k in keys])
     return g, model.sample_inputs, keys, base, {k: act_inputs[view.by_key[k].inputs[0]]
@@ -402,13 +403,13 @@ def test_tiny_lm_lowerings(lm, case, tmp_path):
     ref = sim.run(feeds)[0]
     y = g.run(feeds)[0]
     if act is None:
-        assert _rel(oq.ort_session(g, "all", EXACT).run(None, feeds)[0], ref) < 1e-5
+        assert _rel(ort_backend.ort_session(g, "all", EXACT).run(None, feeds)[0], ref) < 1e-5
     else:
         assert 1e-4 < _rel(y, ref) < 2e-2
     if case in ("w8a8", "w8a8-static"):  # fused int8 kernels == the QDQ graph they came from
-        assert _rel(y, oq.ort_session(g, "disable").run(None, feeds)[0]) < 1e-5
+        assert _rel(y, ort_backend.ort_session(g, "disable").run(None, feeds)[0]) < 1e-5
 
-    report = oq.ort_kernel_report(g)
+    report = ort_backend.ort_kernel_report(g)
     assert sum(report.get(k, 0) for k in kernels) == len(keys) == 15
     float_mm = ("MatMul", "com.microsoft.FusedMatMul", "Gemm")
     assert sum(report.get(k, 0) for k in float_mm) == sum(base.get(k, 0) for k in float_mm) - 15
@@ -420,7 +421,7 @@ def test_tiny_lm_lowerings(lm, case, tmp_path):
     g.save(tmp_path / "q.onnx")
     again = OnnxGraph.load(tmp_path / "q.onnx")
     np.testing.assert_allclose(again.run(feeds)[0], y, rtol=0, atol=1e-6 * np.abs(y).max())
-    assert oq.ort_kernel_report(tmp_path / "q.onnx") == report
+    assert ort_backend.ort_kernel_report(tmp_path / "q.onnx") == report
 
 
 def test_tiny_lm_fake_quant_and_dequant(lm):
@@ -428,7 +429,7 @@ def test_tiny_lm_fake_quant_and_dequant(lm):
     g = g0.clone()
     fmt = QFormat("mxfp4")
     for k in keys:
-        w, b = g.get_linear(k)
+        w, _ = g.get_linear(k)
         g.quantize_linear(k, quantize_rtn(w, fmt), ActQuant(8, "dynamic"), "auto")
     assert len([n for n in g.view().nodes if n.op == "linear"]) == 15  # simulated: still linears
     assert sum(n.op_type == "ReduceMax" for n in g.model.graph) == 15
