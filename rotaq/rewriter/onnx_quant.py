@@ -393,10 +393,10 @@ def _bias_value(g: Any, em: _Emitter, lin: Any, bias: np.ndarray, dt: oir.DataTy
 
 
 def _weight_dq(g: Any, em: _Emitter, qw: QuantizedWeight, dt: oir.DataType,
-               a8: bool) -> oir.Value:
+               a8: bool, k: int) -> oir.Value:
     """Integer weight initializer ``[in, out]`` + DequantizeLinear -> float ``[in, out]``."""
     f = qw.fmt
-    codes = np.asarray(qw.codes, dtype=np.int64)
+    codes = np.asarray(qw.codes, dtype=np.int64)[:, :k]  # blocked DQ: ceil(k / block) blocks
     n_out, n_in = codes.shape
     zero = None if qw.zero is None else np.asarray(qw.zero, dtype=np.int64)
     if f.bits <= 4:
@@ -426,10 +426,12 @@ def _weight_dq(g: Any, em: _Emitter, qw: QuantizedWeight, dt: oir.DataType,
     return w
 
 
-def _nbits_inputs(g: Any, em: _Emitter, qw: QuantizedWeight, dt: oir.DataType
+def _nbits_inputs(g: Any, em: _Emitter, qw: QuantizedWeight, dt: oir.DataType, k: int
                   ) -> tuple[list[oir.Value | None], dict[str, int]]:
+    """MatMulNBits inputs; ``k`` is the true input width (the codes may carry a zero-padded last
+    block, which is exactly MatMulNBits' own layout for K not a multiple of the block)."""
     f = qw.fmt
-    n_out, k = qw.codes.shape
+    n_out, k_codes = qw.codes.shape
     if f.kind != "int" or f.bits not in NBITS_BITS:
         raise RewriteError(
             f"MatMulNBits takes int weights of {NBITS_BITS} bits, not {_weight_desc(qw)}: "
@@ -441,7 +443,7 @@ def _nbits_inputs(g: Any, em: _Emitter, qw: QuantizedWeight, dt: oir.DataType
         raise RewriteError(
             f"MatMulNBits needs a block size that is a power of two >= 16, got {block} "
             f"(in_features {k}): {hint}quantize with group_size 32, 64 or 128")
-    nb = k // block
+    nb = k_codes // block
     codes = np.asarray(qw.codes, dtype=np.int64)
     if f.symmetric:
         codes = codes + 2 ** (f.bits - 1)  # default zero point 2^(bits-1)
@@ -522,7 +524,8 @@ def quantize_linear(g: Any, key: str, qw: QuantizedWeight, act: ActQuant | None 
     lin = g._linear(key)
     act = _check_act(act)
     codes = np.asarray(qw.codes)
-    if codes.shape != (lin.out_features, lin.in_features):
+    pad = codes.shape[1] - lin.in_features  # a ragged last group arrives zero-padded
+    if codes.shape[0] != lin.out_features or not 0 <= pad < max(qw.group_size, 1):
         raise RewriteError(
             f"quantize_linear {key!r}: codes shape {codes.shape} != "
             f"{(lin.out_features, lin.in_features)}")
@@ -551,7 +554,7 @@ def quantize_linear(g: Any, key: str, qw: QuantizedWeight, act: ActQuant | None 
 
     if mode == "dequant":
         name = (lin.bias_add or lin.node).outputs[0].name
-        g.set_linear(key, qw.dequantize(), bias)
+        g.set_linear(key, qw.dequantize()[:, : lin.in_features], bias)
         n = g._node(key)
         n.metadata_props[QUANT_KEY] = desc + " (simulated: dequantized float weight)"
         if act is not None:
@@ -568,7 +571,8 @@ def quantize_linear(g: Any, key: str, qw: QuantizedWeight, act: ActQuant | None 
     try:
         if mode == "qdq":
             xa = x if act is None else _emit_act(g, act_em, x, act)
-            w = _weight_dq(g, em, qw, dt, a8=act is not None and int(act.bits) == 8)
+            w = _weight_dq(g, em, qw, dt, a8=act is not None and int(act.bits) == 8,
+                           k=lin.in_features)
             y = em.value("mm", dt, out_shape)
             em.node("MatMul", [xa, w], [y], name=key, extra=compute_meta)
             if output_act is not None:
@@ -590,7 +594,7 @@ def quantize_linear(g: Any, key: str, qw: QuantizedWeight, act: ActQuant | None 
                     em.node("Add", [y, _bias_value(g, em, lin, bias, dt)], [yb])
                 y = yb
         elif mode == "matmulnbits":
-            inputs, attrs = _nbits_inputs(g, em, qw, dt)
+            inputs, attrs = _nbits_inputs(g, em, qw, dt, lin.in_features)
             a8 = _is_a8_dynamic(act)
             xa = x if act is None or a8 else _emit_act(g, act_em, x, act)
             b = None if bias is None else _bias_value(g, em, lin, bias, dt)

@@ -437,3 +437,24 @@ def test_tiny_lm_fake_quant_and_dequant(lm):
     assert np.isfinite(y).all() and _rel(y, g0.run(feeds)[0]) < 0.2
     proto = oir.serde.serialize_model(g.model)
     onnx.checker.check_model(proto)
+
+
+@pytest.mark.parametrize("lowering", ["matmulnbits", "qdq", "dequant"])
+def test_ragged_last_group(lowering):
+    """K = 96 in groups of 64: the quantizer pads to 128; every lowering matches the
+    dequantized (cropped) weights."""
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((48, 96))
+    model = helper.make_model(helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 96])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 48])],
+        [numpy_helper.from_array(w.T.astype(np.float32), "w")]),
+        opset_imports=[helper.make_opsetid("", 21)])
+    g = OnnxGraph.from_proto(model)
+    qw = quantize_rtn(np.pad(w, ((0, 0), (0, 32))), QFormat(bits=4, group_size=64))
+    oq.quantize_linear(g, "mm", qw, None, lowering)
+    x = rng.standard_normal((2, 96)).astype(np.float32)
+    ref = x @ qw.dequantize()[:, :96].T
+    out = ort_backend.ort_session(g, "all", EXACT).run(None, {"x": x})[0]
+    assert _rel(out, ref) < 1e-5
