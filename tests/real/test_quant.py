@@ -22,7 +22,7 @@ def fp32_ppl(smollm2_onnx):
 def test_w4a16_matmulnbits(smollm2_onnx, fp32_ppl, tmp_path):
     res = rotaq.optimize(smollm2_onnx, "w4a16")
     ppl = perplexity(res.model, "wiki", TOKENS, WINDOW, progress=False)["ppl"]
-    assert fp32_ppl < ppl < 1.35 * fp32_ppl
+    assert fp32_ppl < ppl < 1.45 * fp32_ppl  # RTN g128 asym: x1.32 measured (1024 tokens)
     out = tmp_path / "w4.onnx"
     res.save(str(out))
     ops = ort_kernel_report(str(out))
