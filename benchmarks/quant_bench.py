@@ -30,10 +30,13 @@ RECIPES = ["rotate", "w8a8", "w8a8-rotated", "w4a16", "w4a16-rotated", "w4a8-rot
 log = logging.getLogger("quant_bench")
 
 
-def _ort_int8(src: str, dst: str) -> None:
+def _ort_int8(src: str, dst: str, unsigned: bool = False) -> None:
+    """ORT's own dynamic int8 quantization, per channel. With signed weights (its default) the
+    u8 x s8 kernel saturates on CPUs without VNNI; ``unsigned`` uses uint8 weights instead."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(src, dst, per_channel=True, weight_type=QuantType.QInt8,
+    quantize_dynamic(src, dst, per_channel=True,
+                     weight_type=QuantType.QUInt8 if unsigned else QuantType.QInt8,
                      use_external_data_format=True)
 
 
@@ -79,6 +82,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rows", default="all")
     ap.add_argument("--out", default=HERE)
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the rows of an existing quant.json that this run does not redo")
+    ap.add_argument("--no-minilm", action="store_true")
     args = ap.parse_args()
     args.lat_tokens = (1, 16, 512)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -88,7 +94,7 @@ def main() -> None:
     base.save(fp32)
     wanted = None if args.rows == "all" else set(args.rows.split(","))
     rows, fp32_lat = [], None
-    jobs = [("fp32", None)] + [(n, n) for n in ("ort-int8", "ort-4bit-rtn-l0", "ort-4bit-rtn-l4",
+    jobs = [("fp32", None)] + [(n, n) for n in ("ort-int8", "ort-int8-u8", "ort-4bit-rtn-l0", "ort-4bit-rtn-l4",
                                                 "ort-4bit-gptq")] + [(r, r) for r in RECIPES]
     for name, how in jobs:
         if wanted and name not in wanted and name != "fp32":
@@ -97,8 +103,8 @@ def main() -> None:
         path = fp32 if how is None else os.path.join(work, f"{name}.onnx")
         extra: dict = {}
         try:
-            if how == "ort-int8":
-                _ort_int8(fp32, path)
+            if how in ("ort-int8", "ort-int8-u8"):
+                _ort_int8(fp32, path, unsigned=how.endswith("u8"))
             elif how and how.startswith("ort-4bit"):
                 _ort_4bit(fp32, path, 4 if how.endswith("l4") else 0,
                           "gptq" if "gptq" in how else "rtn")
@@ -120,7 +126,8 @@ def main() -> None:
         rows.append(row)
         log.info("%s: ppl %.2f, latency %s", name, row["ppl"], row.get("latency_ratio"))
         _write(args, rows)
-    rows += _minilm(args)
+    if not args.no_minilm:
+        rows += _minilm(args)
     _write(args, rows)
     shutil.rmtree(work, ignore_errors=True)
 
@@ -141,6 +148,13 @@ def _minilm(args) -> list[dict]:
 
 def _write(args, rows: list[dict]) -> None:
     os.makedirs(args.out, exist_ok=True)
+    old = os.path.join(args.out, "quant.json")
+    if args.merge and os.path.exists(old):
+        new = {r["name"] for r in rows}
+        with open(old) as f:
+            kept = [r for r in json.load(f)["rows"] if r["name"] not in new]
+        order = [r["name"] for r in kept]
+        rows = kept + [r for r in rows if r["name"] not in order]
     with open(os.path.join(args.out, "quant.json"), "w") as f:
         json.dump({"tokens": args.tokens, "window": args.window, "threads": args.threads,
                    "rows": rows}, f, indent=2, default=str)

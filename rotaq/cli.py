@@ -165,9 +165,13 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     from rotaq.eval import stats as st
 
     _check_output(args.model, args.output)
-    model = rotaq.load(args.model)
-    res = rotaq.optimize(model, args.recipe, options=_options(args.set),
-                         verify=not args.no_verify)
+    recipe = rotaq.Recipe.load(args.recipe).with_options(_options(args.set))
+    exact = all(getattr(p, "exact", False) for p in recipe.build())
+    # a lossy recipe written as ONNX runs on the ONNX form, so that it lowers to ORT's integer
+    # kernels; on the torch side quantization is simulated (dequantized weights)
+    ir = "onnx" if args.output.lower().endswith(".onnx") and not exact else "fx"
+    model = rotaq.load(args.model, ir=ir)
+    res = rotaq.optimize(model, recipe, verify=not args.no_verify)
     if args.stats:
         feeds = st.calibration_feeds(model, args.text, args.tokens, args.window)
         before, after = st.activation_stats(model, feeds), st.activation_stats(res.model, feeds)

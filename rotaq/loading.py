@@ -49,7 +49,8 @@ def load(src: Any, example_inputs: Any = None, *, ir: str = "fx", seq_len: int =
     if os.path.isdir(path):
         return _from_hf(path, seq_len, ir)
     if os.path.exists(path) or path.endswith((".onnx", ".pt2")):
-        return _from_file(path, seq_len)
+        model = _from_file(path, seq_len)
+        return _maybe_onnx(model, ir) if model.ir == "fx" else model
     if path in assets.BUILTIN_MODELS:
         return _from_builtin(path, seq_len, ir)
     raise LoadError(f"{path}: no such file, directory or built-in model "

@@ -118,3 +118,19 @@ def test_recipes_list(capsys):
     assert main(["recipes", "--json"]) == 0
     d = json.loads(capsys.readouterr().out)
     assert {"rotate", "rotate-qk"} <= set(d)
+
+
+def test_quantized_recipe_to_onnx_runs_ort_kernels(tiny_files, tmp_path, capsys):
+    """A lossy recipe written as .onnx runs on the ONNX form: MatMulNBits, not simulation."""
+    from rotaq.backends.ort import ort_kernel_report
+
+    out = tmp_path / "q.onnx"
+    assert main(["optimize", str(tiny_files / "llama.pt2"), "--recipe", "w4a16", "-o", str(out),
+                 "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["ir"] == "onnx" and rep["exact"] is False
+    assert 0 < rep["max_rel_error"] < 0.2
+    assert ort_kernel_report(str(out)).get("com.microsoft.MatMulNBits") == 14
+    assert main(["bench", str(out), "--tokens", "1,8", "--repeats", "2", "--json"]) == 0
+    b = json.loads(capsys.readouterr().out)
+    assert b["tokens"]["1"]["median_ms"] > 0 and b["size_bytes"] == out.stat().st_size
