@@ -85,6 +85,8 @@ def main() -> None:
     ap.add_argument("--merge", action="store_true",
                     help="keep the rows of an existing quant.json that this run does not redo")
     ap.add_argument("--no-minilm", action="store_true")
+    ap.add_argument("--calib-tokens", type=int, default=None,
+                    help="calibration tokens for GPTQ / static activations (recipe default 2048)")
     args = ap.parse_args()
     args.lat_tokens = (1, 16, 512)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -99,6 +101,8 @@ def main() -> None:
     for name, how in jobs:
         if wanted and name not in wanted and name != "fp32":
             continue
+        if wanted and name not in wanted and args.merge and name == "fp32":
+            pass  # fp32 is always re-timed: ratios compare with the fp32 of the same run
         t0 = time.time()
         path = fp32 if how is None else os.path.join(work, f"{name}.onnx")
         extra: dict = {}
@@ -109,7 +113,9 @@ def main() -> None:
                 _ort_4bit(fp32, path, 4 if how.endswith("l4") else 0,
                           "gptq" if "gptq" in how else "rtn")
             elif how:
-                res = rotaq.optimize(base, how)
+                opts = {"calib_tokens": args.calib_tokens} if args.calib_tokens and \
+                    how.startswith("w") else None
+                res = rotaq.optimize(base, how, options=opts)
                 res.save(path)
                 extra["rotaq_report"] = {"max_rel_error": res.report["max_rel_error"],
                                          "passes": res.report["passes"]}

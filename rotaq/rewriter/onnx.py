@@ -795,13 +795,18 @@ class OnnxGraph:
         return out.name
 
     # ------------------------------------------------------------------ execution
-    def _session(self, extra: tuple[str, ...] = ()):
-        if extra in self._sessions:
-            return self._sessions[extra]
+    def _session(self, extra: tuple[str, ...] = (), only: bool = False):
+        """A session computing the graph outputs plus ``extra`` values; with ``only``, just the
+        ``extra`` values (ORT then drops the nodes past them, e.g. the head, when capturing)."""
+        if (extra, only) in self._sessions:
+            return self._sessions[(extra, only)]
         import onnxruntime as ort
 
         g = self.model.graph
         added = [self._value(name) for name in extra]
+        kept = list(g.outputs)
+        if only:
+            g.outputs.clear()
         n_out = len(g.outputs)
         g.outputs.extend(added)
         from rotaq.backends.ort import EXACT, session_options
@@ -823,8 +828,10 @@ class OnnxGraph:
         finally:
             while len(g.outputs) > n_out:
                 g.outputs.pop()
-        self._sessions = {k: s for k, s in self._sessions.items() if k == ()}
-        self._sessions[extra] = sess
+            if only:
+                g.outputs.extend(kept)
+        self._sessions = {k: s for k, s in self._sessions.items() if k == ((), False)}
+        self._sessions[(extra, only)] = sess
         return sess
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -841,11 +848,12 @@ class OnnxGraph:
                 result[name] = np.asarray(feeds[name])
             elif self._is_const(v):
                 result[name] = self._const(v).numpy().copy()
-            elif name not in self.output_names:
+            else:
                 computed.append(name)
-        names = self.output_names + computed
-        outs = self._session(tuple(computed)).run(names, feeds)
-        got = dict(zip(names, outs))
+        if not computed:
+            return result
+        outs = self._session(tuple(computed), only=True).run(computed, feeds)
+        got = dict(zip(computed, outs))
         for name in values:
             result.setdefault(name, got.get(name))
         return result
