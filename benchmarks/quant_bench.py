@@ -99,10 +99,8 @@ def main() -> None:
     jobs = [("fp32", None)] + [(n, n) for n in ("ort-int8", "ort-int8-u8", "ort-4bit-rtn-l0", "ort-4bit-rtn-l4",
                                                 "ort-4bit-gptq")] + [(r, r) for r in RECIPES]
     for name, how in jobs:
-        if wanted and name not in wanted and name != "fp32":
+        if wanted and name not in wanted and name != "fp32":  # fp32: ratios are per run
             continue
-        if wanted and name not in wanted and args.merge and name == "fp32":
-            pass  # fp32 is always re-timed: ratios compare with the fp32 of the same run
         t0 = time.time()
         path = fp32 if how is None else os.path.join(work, f"{name}.onnx")
         extra: dict = {}
