@@ -92,12 +92,16 @@ def _maybe_onnx(model: Model, ir: str, cache_path: str | None = None) -> Model:
 
     from rotaq.rewriter.onnx import OnnxGraph
 
-    if cache_path is None:
-        tmp = tempfile.mkdtemp(prefix="rotaq-onnx-")
-        cache_path = os.path.join(tmp, "model.onnx")
-    if not os.path.exists(cache_path):
-        model.save(cache_path)
-    return Model(OnnxGraph.load(cache_path), model.sample_inputs, dict(model.source))
+    if cache_path is None:  # OnnxGraph.load reads the weights into memory: no file is kept
+        with tempfile.TemporaryDirectory(prefix="rotaq-onnx-") as tmp:
+            path = os.path.join(tmp, "model.onnx")
+            model.save(path)
+            graph = OnnxGraph.load(path)
+    else:
+        if not os.path.exists(cache_path):
+            model.save(cache_path)
+        graph = OnnxGraph.load(cache_path)
+    return Model(graph, model.sample_inputs, dict(model.source))
 
 
 def _from_hf(path: str, seq_len: int, ir: str) -> Model:
