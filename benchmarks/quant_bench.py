@@ -96,6 +96,7 @@ def main() -> None:
     base.save(fp32)
     wanted = None if args.rows == "all" else set(args.rows.split(","))
     rows, fp32_lat = [], None
+    run = 1 + max((r.get("run", 1) for r in _previous(args)), default=0) if args.merge else 1
     jobs = [("fp32", None)] + [(n, n) for n in ("ort-int8", "ort-int8-u8", "ort-4bit-rtn-l0", "ort-4bit-rtn-l4",
                                                 "ort-4bit-gptq")] + [(r, r) for r in RECIPES]
     for name, how in jobs:
@@ -127,6 +128,7 @@ def main() -> None:
             fp32_lat = row["latency_ms"]
             row["latency_ratio"] = {k: 1.0 for k in fp32_lat}
         row["seconds"] = round(time.time() - t0, 1)
+        row["run"] = run
         rows.append(row)
         log.info("%s: ppl %.2f, latency %s", name, row["ppl"], row.get("latency_ratio"))
         _write(args, rows)
@@ -150,34 +152,42 @@ def _minilm(args) -> list[dict]:
     return out
 
 
-def _write(args, rows: list[dict]) -> None:
-    os.makedirs(args.out, exist_ok=True)
+def _previous(args) -> list[dict]:
     old = os.path.join(args.out, "quant.json")
-    if args.merge and os.path.exists(old):
-        new = {r["name"] for r in rows}
-        with open(old) as f:
-            kept = [r for r in json.load(f)["rows"] if r["name"] not in new]
-        order = [r["name"] for r in kept]
-        rows = kept + [r for r in rows if r["name"] not in order]
+    if not os.path.exists(old):
+        return []
+    with open(old) as f:
+        return json.load(f)["rows"]
+
+
+def _write(args, rows: list[dict]) -> None:
+    """Write json + md; with --merge, rows of earlier runs are kept (each keeps its run number
+    and its ratios to the fp32 of its own run)."""
+    os.makedirs(args.out, exist_ok=True)
+    if args.merge:
+        mine = {(r["name"], r.get("run")) for r in rows}
+        rows = [r for r in _previous(args) if (r["name"], r.get("run")) not in mine
+                and not (r["name"] in {m[0] for m in mine} and r["name"] != "fp32")] + rows
     with open(os.path.join(args.out, "quant.json"), "w") as f:
         json.dump({"tokens": args.tokens, "window": args.window, "threads": args.threads,
                    "rows": rows}, f, indent=2, default=str)
-    fp = next((r for r in rows if r["name"] == "fp32" and "ppl" in r), None)
+    fp = next((r for r in rows if r["name"] == "fp32" and "ppl" in r), None)  # same ppl in every run
     lines = [f"SmolLM2-135M, Wikipedia perplexity on {args.tokens} tokens ({args.window}-token "
              f"windows, ORT); latency: ORT CPU, {args.threads} threads, median, as a ratio to fp32 "
              "timed in the same run.", "",
-             "| model | ppl | vs fp32 | 1 tok | 16 tok | 512 tok | size MB | linear kernels |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
+             "| run | model | ppl | vs fp32 | 1 tok | 16 tok | 512 tok | size MB | "
+             "linear kernels |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: r.get("run", 0)):
         if r["name"].startswith("minilm"):
             continue
+        run = r.get("run", "")
         if "error" in r:
-            lines.append(f"| {r['name']} | failed: {r['error'][:80]} | | | | | | |")
+            lines.append(f"| {run} | {r['name']} | failed: {r['error'][:80]} | | | | | | |")
             continue
         lr = r.get("latency_ratio", {})
         rel = f"x{r['ppl'] / fp['ppl']:.3f}" if fp else ""
         ker = ", ".join(f"{k.split('.')[-1]} {v}" for k, v in sorted(r["kernels"].items()))
-        lines.append(f"| {r['name']} | {r['ppl']:.2f} | {rel} | {lr.get('1', 0):.2f} | "
+        lines.append(f"| {run} | {r['name']} | {r['ppl']:.2f} | {rel} | {lr.get('1', 0):.2f} | "
                      f"{lr.get('16', 0):.2f} | {lr.get('512', 0):.2f} | {r['size_mb']:.0f} | "
                      f"{ker} |")
     mini = [r for r in rows if r["name"].startswith("minilm")]
