@@ -108,3 +108,16 @@ def test_head_bits(llama):
     w0, _ = model.graph.get_linear(head)
     w1, _ = res.model.graph.get_linear(head)
     assert np.allclose(w1, fake_quantize(w0, QFormat(bits=8)), atol=1e-6)
+
+
+def test_w4a4_rotated_recipe_onnx():
+    """The full w4a4-rotated recipe on the ONNX IR: rotation + Q/K rotation, GPTQ int4 weights,
+    int4 per-token activations and KV cache as QDQ / fake quant, runs in ORT."""
+    m, inputs = build("llama")
+    model = rotaq.load(m, inputs, ir="onnx")
+    res = rotaq.optimize(model, "w4a4-rotated")
+    rot, quant = (p["stats"] for p in res.report["passes"])
+    assert rot["qk_rotated"] == 2
+    assert quant["linears"] == 14 and quant["kv_quantized"] == 2 and quant["method"] == "gptq"
+    assert 0 < res.report["verify"]["ort"] < 0.5
+    assert sum(n.op == "quant" for n in res.model.graph.view().nodes) > 14
