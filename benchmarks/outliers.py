@@ -11,24 +11,11 @@ import os
 import time
 
 import rotaq
-from rotaq.eval.stats import activation_stats, calibration_feeds, plot_channels
+from rotaq.eval.stats import (
+    activation_stats, calibration_feeds, linear_roles, plot_channels, worst_by_role,
+)
 
 HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-
-
-def _roles(model):
-    a = model.analysis()
-    att = a.attention
-    o_projs = {s.o_proj for s in att}
-    writers = {w for b in a.residual.blocks for w in b.writers}
-    return {
-        "q/k/v (input)": {s.q_proj for s in att} | {s.k_proj for s in att} | {s.v_proj for s in att},
-        "o_proj": o_projs,
-        "gate/up": {r for b in a.residual.blocks for r in b.readers} - {s.q_proj for s in att}
-        - {s.k_proj for s in att} - {s.v_proj for s in att},
-        "down_proj": writers - o_projs,
-        "lm_head": set(a.residual.head),
-    }
 
 
 def main() -> None:
@@ -44,19 +31,9 @@ def main() -> None:
     res = rotaq.optimize(model, "rotate")
     before = activation_stats(model, feeds)
     after = activation_stats(res.model, feeds)
-    rows = []
-    for role, keys in _roles(model).items():
-        keys = [k for k in keys if k in before]
-        if not keys:
-            continue
-        wb = max(before[k]["max_rms"] for k in keys)
-        wa = max(after[k]["max_rms"] for k in keys)
-        kb = max(before[k]["kurtosis"] for k in keys)
-        ka = max(after[k]["kurtosis"] for k in keys)
-        rows.append({"role": role, "linears": len(keys), "max_rms_before": wb,
-                     "max_rms_after": wa, "factor": wb / wa, "kurtosis_before": kb,
-                     "kurtosis_after": ka})
-    down = sorted(_roles(model)["down_proj"], key=lambda k: -before[k]["max_rms"])[0]
+    a = model.analysis()
+    rows = worst_by_role(a, before, after)
+    down = sorted(linear_roles(a)["down_proj"], key=lambda k: -before[k]["max_rms"])[0]
     os.makedirs(args.out, exist_ok=True)
     png = os.path.join(args.out, "outliers_down_proj.png")
     plot_channels(before[down], after[down], png,

@@ -86,7 +86,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             after = st.activation_stats(res.model, feeds)
             data["stats_after"] = st.summarize(after)
             data["stats_recipe"] = args.recipe
-            data["stats_summary"] = _stats_summary(before, after, data)
+            data["stats_summary"] = st.worst_by_role(model.analysis(), before, after)
         if args.plot:
             key = _pick_layer(before, args.layer)
             st.plot_channels(before[key], after[key] if after else None, args.plot,
@@ -94,31 +94,6 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             data["plot"] = {"file": os.path.abspath(args.plot), "layer": before[key]["name"]}
     _emit(data, args.json, _print_inspect)
     return 0
-
-
-def _stats_summary(before: dict, after: dict, data: dict) -> dict[str, Any]:
-    """Worst max/RMS per projection role, before and after (roles from the attention sites)."""
-    roles: dict[str, set[str]] = {"q/k/v": set(), "o": set(), "mlp-in": set(), "down": set()}
-    keys_of = {a["key"]: a for a in data["attention"]}
-    lin_by_name = {l["name"]: l["key"] for l in data["linears"]}
-    for a in keys_of.values():
-        for r in ("q_proj", "k_proj", "v_proj"):
-            if a[r] in lin_by_name:
-                roles["q/k/v"].add(lin_by_name[a[r]])
-        if a["o_proj"] in lin_by_name:
-            roles["o"].add(lin_by_name[a["o_proj"]])
-    out = {}
-    for role, keys in roles.items():
-        keys = [k for k in keys if k in before and k in after]
-        if keys:
-            out[role] = {"max_rms_before": max(before[k]["max_rms"] for k in keys),
-                         "max_rms_after": max(after[k]["max_rms"] for k in keys),
-                         "kurtosis_before": max(before[k]["kurtosis"] for k in keys),
-                         "kurtosis_after": max(after[k]["kurtosis"] for k in keys)}
-    every = [k for k in before if k in after]
-    out["all"] = {"max_rms_before": max(before[k]["max_rms"] for k in every),
-                  "max_rms_after": max(after[k]["max_rms"] for k in every)}
-    return out
 
 
 def _pick_layer(stats: dict[str, Any], layer: str | None) -> str:

@@ -62,6 +62,8 @@ def test_inspect_human_and_stats_plot(tiny_files, tmp_path, capsys):
     d = json.loads(capsys.readouterr().out)
     assert len(d["stats"]) == len(d["stats_after"]) == 15
     assert all(r["max_rms"] > 0 and r["kurtosis"] > 0 for r in d["stats"])
+    roles = {r["role"]: r["linears"] for r in d["stats_summary"]}
+    assert roles == {"q/k/v": 6, "o_proj": 2, "gate/up": 4, "down_proj": 2, "head": 1}
     assert png.stat().st_size > 10_000
     assert main(["inspect", str(tiny_files / "bert.onnx")]) == 0
     text = capsys.readouterr().out

@@ -62,6 +62,34 @@ def activation_stats(model: Model, feeds: dict[str, np.ndarray] | None = None,
     return out
 
 
+def linear_roles(a: Any) -> dict[str, set[str]]:
+    """Linear keys by structural role: attention inputs, attention output, MLP inputs, MLP
+    outputs (residual writers other than o_proj), head."""
+    att = a.attention
+    qkv = {k for s in att for k in (s.q_proj, s.k_proj, s.v_proj) if k}
+    o_projs = {s.o_proj for s in att if s.o_proj}
+    readers = {r for b in a.residual.blocks for r in b.readers}
+    writers = {w for b in a.residual.blocks for w in b.writers}
+    return {"q/k/v": qkv, "o_proj": o_projs, "gate/up": readers - qkv,
+            "down_proj": writers - o_projs, "head": set(a.residual.head)}
+
+
+def worst_by_role(a: Any, before: dict, after: dict) -> list[dict[str, Any]]:
+    """Per role: the worst max/RMS and kurtosis of the linear inputs, before and after."""
+    rows = []
+    for role, keys in linear_roles(a).items():
+        keys = [k for k in keys if k in before and k in after]
+        if not keys:
+            continue
+        wb = max(before[k]["max_rms"] for k in keys)
+        wa = max(after[k]["max_rms"] for k in keys)
+        rows.append({"role": role, "linears": len(keys), "max_rms_before": wb,
+                     "max_rms_after": wa, "factor": wb / wa,
+                     "kurtosis_before": max(before[k]["kurtosis"] for k in keys),
+                     "kurtosis_after": max(after[k]["kurtosis"] for k in keys)})
+    return rows
+
+
 def summarize(stats: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """JSON rows (channel magnitudes dropped)."""
     return [{"key": k, "name": v["name"], "max_rms": round(v["max_rms"], 3),
