@@ -224,7 +224,7 @@ class FxGraph:
 
     def _lift_node(self, n: torch.fx.Node, attr_users: dict[str, int]) -> GNode:
         scope = _scope(n)
-        if n.meta.get("rotaq") in ("online", "quant"):  # emitted by rotaq: never a linear
+        if n.meta.get("rotaq") in ("online", "quant", "chain"):  # emitted by rotaq: never a linear
             ins = [a.name for a in n.all_input_nodes]
             return GNode(n.name, n.meta["rotaq"], ins, [n.name], {}, scope)
         lin = self._linear_parts(n) if n.op == "call_function" else None
@@ -385,6 +385,16 @@ class FxGraph:
         from rotaq.rewriter import fx_quant
 
         return fx_quant.insert_fake_quant(self, value, consumers, act)
+
+    def replace_linear(self, key: str, chain: Any) -> str:
+        from rotaq.rewriter import fx_chain
+
+        return fx_chain.replace_linear(self, key, chain)
+
+    def add_branch(self, key: str, chain: Any) -> str:
+        from rotaq.rewriter import fx_chain
+
+        return fx_chain.add_branch(self, key, chain)
 
     # ---- running and saving -------------------------------------------------------------
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:

@@ -268,6 +268,16 @@ class OnnxGraph:
 
         return onnx_quant.quantize_linear(self, key, qweight, act, lowering)
 
+    def replace_linear(self, key: str, chain: Any) -> str:
+        from rotaq.rewriter import onnx_chain
+
+        return onnx_chain.replace_linear(self, key, chain)
+
+    def add_branch(self, key: str, chain: Any) -> str:
+        from rotaq.rewriter import onnx_chain
+
+        return onnx_chain.add_branch(self, key, chain)
+
     def insert_fake_quant(self, value: str, consumers: Sequence[str], act: Any) -> str:
         from rotaq.rewriter import onnx_quant
 
@@ -378,8 +388,8 @@ class OnnxGraph:
         linears: dict[str, _Linear] = {}
         absorbed: set[int] = set()
         for n in nodes:
-            if n.metadata_props.get(_ROLE) in (_TRANSFORM_ROLE, "quant"):
-                continue  # online transforms and quantized linears we emitted are not layers
+            if n.metadata_props.get(_ROLE) in (_TRANSFORM_ROLE, "quant", "chain"):
+                continue  # online transforms, quantized linears and chains we emitted
             lin = self._match_linear(n)
             if lin is not None:
                 linears[n.name] = lin
@@ -424,8 +434,9 @@ class OnnxGraph:
             }
             return GNode(n.name, "linear", [ins[0]], [out], params, scope)
         t = n.op_type
-        if n.metadata_props.get(_ROLE) == "quant":  # quantized linears / fake quant we emitted
-            return GNode(n.name, "quant", ins, outs, {"target": t, "domain": n.domain}, scope)
+        if n.metadata_props.get(_ROLE) in ("quant", "chain"):  # quantized linears, chains we emitted
+            role = n.metadata_props[_ROLE]
+            return GNode(n.name, role, ins, outs, {"target": t, "domain": n.domain}, scope)
         if not _is_default(n) and (t, n.domain) != (
             "SimplifiedLayerNormalization",
             "com.microsoft",

@@ -21,6 +21,9 @@ Normalized op vocabulary (``GNode.op``):
   attrs ``axes``); ``matmul`` (a matmul that is not a linear); ``softmax``;
   ``transpose reshape cast identity slice concat expand``; anything else is ``other`` with
   params ``target`` naming the original op.
+- emitted by rotaq (never matched as layers): ``online`` (online transforms), ``quant``
+  (quantized linears, fake quantizers), ``chain`` (structured replacements of linears,
+  see ``chain.py``).
 """
 
 from __future__ import annotations
@@ -209,6 +212,10 @@ class GraphAdapter(Protocol):
                         lowering: str = "auto") -> None: ...
 
     def insert_fake_quant(self, value: str, consumers: Sequence[str], act: ActQuant) -> str: ...
+
+    def replace_linear(self, key: str, chain: Any) -> str: ...  # rewriter.chain.Chain
+
+    def add_branch(self, key: str, chain: Any) -> str: ...
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]: ...
 

@@ -1,0 +1,156 @@
+"""Chains: the IR-neutral vocabulary for a linear replaced by a product of structured factors.
+
+A :class:`Chain` maps a linear's input ``x [..., n]`` to ``y [..., m]`` through a short program of
+steps on constants. Adapters emit it (ONNX: Reshape / Transpose / MatMul / ReduceSum / Add; FX:
+the matching aten ops) and :meth:`Chain.apply` is the numpy reference both are tested against.
+
+When every step is a 2-D ``matmul`` or an ``add`` the chain runs on ``x`` as it is (the low-rank
+case: ``x b^T a^T``). Otherwise the adapter first flattens the leading axes, ``x -> X [T, n]``,
+runs the steps on the full 2-D-or-more shape (token axis included, so a transpose can move it
+and a batched MatMul runs one GEMM per block), and finally restores ``[..., m]``.
+
+Steps (``op``, ``const``, ``arg``):
+
+- ``matmul``: ``x @ C`` (numpy broadcasting over leading axes of ``C``);
+- ``lmatmul``: ``C @ x``;
+- ``reshape``: to ``arg`` (one ``-1`` allowed, for the token axis);
+- ``transpose``: axes permuted by ``arg``;
+- ``sum``: sum over axis ``arg[0]`` (dropped);
+- ``add``: ``x + C`` (a bias on the last axis).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+STEP_OPS = ("matmul", "lmatmul", "reshape", "transpose", "sum", "add")
+
+
+@dataclass(frozen=True)
+class Step:
+    op: str
+    const: np.ndarray | None = None
+    arg: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.op not in STEP_OPS:
+            raise ValueError(f"chain step must be one of {STEP_OPS}, not {self.op!r}")
+        needs_const = self.op in ("matmul", "lmatmul", "add")
+        if needs_const != (self.const is not None):
+            raise ValueError(f"chain step {self.op!r}: constant {'missing' if needs_const else 'unexpected'}")
+
+
+@dataclass(frozen=True)
+class Chain:
+    """``y = chain(x)``: ``in_features -> out_features`` through ``steps``; ``kind`` names the
+    structure for reports ("lowrank", "kron", "monarch")."""
+
+    steps: tuple[Step, ...]
+    in_features: int
+    out_features: int
+    kind: str = "chain"
+
+    @property
+    def flat(self) -> bool:
+        """True if the steps need ``x`` flattened to ``[T, n]`` first."""
+        return not all((s.op == "matmul" and s.const.ndim == 2) or s.op == "add"
+                       for s in self.steps)
+
+    @property
+    def params(self) -> int:
+        return int(sum(s.const.size for s in self.steps if s.const is not None))
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        """Numpy reference semantics."""
+        x = np.asarray(x)
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"chain expects last dim {self.in_features}, got {x.shape}")
+        lead = x.shape[:-1]
+        y = x.reshape(-1, self.in_features) if self.flat else x
+        for s in self.steps:
+            if s.op == "matmul":
+                y = y @ s.const
+            elif s.op == "lmatmul":
+                y = s.const @ y
+            elif s.op == "reshape":
+                y = y.reshape(s.arg)
+            elif s.op == "transpose":
+                y = y.transpose(s.arg)
+            elif s.op == "sum":
+                y = y.sum(axis=s.arg[0])
+            else:
+                y = y + s.const
+        return y.reshape(*lead, self.out_features)
+
+    def dense(self) -> np.ndarray:
+        """The equivalent weight ``W [out, in]`` (without the bias)."""
+        eye = np.eye(self.in_features)
+        bias = self.bias()
+        y = self.apply(eye)
+        return (y - (bias if bias is not None else 0.0)).T
+
+    def bias(self) -> np.ndarray | None:
+        adds = [s.const for s in self.steps if s.op == "add"]
+        return adds[-1] if adds else None
+
+
+def _bias(bias: np.ndarray | None) -> tuple[Step, ...]:
+    return () if bias is None else (Step("add", np.asarray(bias, np.float64).reshape(-1)),)
+
+
+def lowrank_chain(a: np.ndarray, b: np.ndarray, bias: np.ndarray | None = None) -> Chain:
+    """``W ~ a b`` (a [m, r], b [r, n]): ``y = (x b^T) a^T + bias``."""
+    (m, r), (r2, n) = a.shape, b.shape
+    if r != r2:
+        raise ValueError(f"low-rank factors {a.shape} x {b.shape} do not chain")
+    steps = (Step("matmul", np.ascontiguousarray(b.T)), Step("matmul", np.ascontiguousarray(a.T)))
+    return Chain(steps + _bias(bias), n, m, "lowrank")
+
+
+def kron_chain(A: np.ndarray, B: np.ndarray, bias: np.ndarray | None = None) -> Chain:
+    """``W ~ sum_s A_s (x) B_s`` (A [r, m1, n1], B [r, m2, n2]).
+
+    With ``x = vec(X)``, ``X [n1, n2]`` row-major, ``(A (x) B) x = vec(A X B^T)``. One term:
+    ``X -> X B^T -> A (X B^T)``. Several: ``X [T, n1, n2] @ [B_0^T | B_1^T ..] -> [T, n1, r, m2]
+    -> [T, r, n1, m2] -> A @ . -> [T, r, m1, m2] -> sum over r``.
+    """
+    r, m1, n1 = A.shape
+    r2, m2, n2 = B.shape
+    if r != r2:
+        raise ValueError(f"Kronecker terms differ: {r} vs {r2}")
+    m, n = m1 * m2, n1 * n2
+    if r == 1:
+        steps = (Step("reshape", arg=(-1, n1, n2)), Step("matmul", np.ascontiguousarray(B[0].T)),
+                 Step("lmatmul", np.ascontiguousarray(A[0])), Step("reshape", arg=(-1, m)))
+    else:
+        bt = np.concatenate([B[s].T for s in range(r)], axis=1)  # [n2, r*m2]
+        steps = (Step("reshape", arg=(-1, n1, n2)), Step("matmul", bt),
+                 Step("reshape", arg=(-1, n1, r, m2)), Step("transpose", arg=(0, 2, 1, 3)),
+                 Step("lmatmul", np.ascontiguousarray(A)), Step("sum", arg=(1,)),
+                 Step("reshape", arg=(-1, m)))
+    return Chain(steps + _bias(bias), n, m, "kron")
+
+
+def monarch_chain(L: np.ndarray, R: np.ndarray, bias: np.ndarray | None = None) -> Chain:
+    """Monarch ``W[(i1,i2),(j1,j2)] = sum_s L[i2, i1, j1 r + s] R[j1, i2 r + s, j2]``
+    (L [m2, m1, n1 r], R [n1, m2 r, n2]) as two batched GEMMs with the tokens as rows:
+    ``X [T, n1, n2] -> [n1, T, n2] @ R^T -> [n1, T, m2, r] -> [m2, T, n1, r]
+    -> [m2, T, n1 r] @ L^T -> [m2, T, m1] -> [T, m1, m2]``.
+    """
+    m2, m1, n1r = L.shape
+    n1, m2r, n2 = R.shape
+    if n1r % n1 or m2r % m2 or n1r // n1 != m2r // m2:
+        raise ValueError(f"Monarch factors {L.shape} and {R.shape} do not fit")
+    r = n1r // n1
+    m, n = m1 * m2, n1 * n2
+    steps = (
+        Step("reshape", arg=(-1, n1, n2)), Step("transpose", arg=(1, 0, 2)),
+        Step("matmul", np.ascontiguousarray(R.transpose(0, 2, 1))),  # [n1, n2, m2 r]
+        Step("reshape", arg=(n1, -1, m2, r)), Step("transpose", arg=(2, 1, 0, 3)),
+        Step("reshape", arg=(m2, -1, n1 * r)),
+        Step("matmul", np.ascontiguousarray(L.transpose(0, 2, 1))),  # [m2, n1 r, m1]
+        Step("transpose", arg=(1, 2, 0)), Step("reshape", arg=(-1, m)),
+    )
+    return Chain(steps + _bias(bias), n, m, "monarch")

@@ -1,0 +1,110 @@
+"""Chains on the FX side: a linear replaced by (or extended with) a :class:`Chain` of aten ops.
+
+``replace_linear``: ``Linear(x) -> chain(x)``; ``add_branch``: ``Linear(x) -> Linear(x) + chain(x)``.
+Emitted nodes carry ``meta["rotaq"] = "chain"``: the view lifts them as op ``chain``, never as
+linears or residual adds.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from rotaq.errors import RewriteError
+from rotaq.rewriter.chain import Chain
+
+if TYPE_CHECKING:
+    from rotaq.rewriter.fx import FxGraph
+
+aten = torch.ops.aten
+ROLE = "chain"
+
+
+def _emit(g: FxGraph, x: torch.fx.Node, chain: Chain, before: torch.fx.Node,
+          like: torch.Tensor) -> tuple[torch.fx.Node, list[torch.fx.Node]]:
+    graph = g.gm.graph
+    created: list[torch.fx.Node] = []
+
+    def call(target, *args):
+        with graph.inserting_before(before):
+            node = graph.call_function(target, args)
+        created.append(node)
+        return node
+
+    val = x.meta.get("val")
+    rank = val.dim() if isinstance(val, torch.Tensor) else None
+    y = x
+    if chain.flat:
+        if rank is None:
+            raise RewriteError(f"chain on {x.name!r}: the input's rank is unknown")
+        lead = [call(aten.sym_size.int, x, i) for i in range(rank - 1)]
+        y = call(aten.reshape.default, x, [-1, chain.in_features])
+    for s in chain.steps:
+        if s.op in ("matmul", "lmatmul", "add"):
+            c = g._new_attr(s.const, like, before)
+            created.append(c)
+            if s.op == "matmul":
+                y = call(aten.matmul.default, y, c)
+            elif s.op == "lmatmul":
+                y = call(aten.matmul.default, c, y)
+            else:
+                y = call(aten.add.Tensor, y, c)
+        elif s.op == "reshape":
+            y = call(aten.reshape.default, y, list(s.arg))
+        elif s.op == "transpose":
+            y = call(aten.permute.default, y, list(s.arg))
+        else:
+            y = call(aten.sum.dim_IntList, y, [s.arg[0]])
+    if chain.flat:
+        y = call(aten.reshape.default, y, [*lead, chain.out_features])
+    for node in created:
+        node.meta["rotaq"] = ROLE
+        node.meta["nn_module_stack"] = before.meta.get("nn_module_stack", {})
+    return y, created
+
+
+def _site(g: FxGraph, key: str, chain: Chain) -> tuple[torch.fx.Node, torch.fx.Node, torch.Tensor]:
+    n = g._node(key)
+    parts = g._linear_parts(n) if n.op == "call_function" else None
+    if parts is None:
+        raise RewriteError(f"node {key!r} is not a linear")
+    x, w, w_out_in, _ = parts
+    from rotaq.rewriter.fx import _attr
+
+    weight = _attr(g.gm, w.target)
+    out_f, in_f = weight.shape if w_out_in else weight.shape[::-1]
+    if (chain.in_features, chain.out_features) != (in_f, out_f):
+        raise RewriteError(f"chain {chain.in_features}->{chain.out_features} does not fit "
+                           f"linear {key!r} ({in_f}->{out_f})")
+    return n, x, weight
+
+
+def replace_linear(g: FxGraph, key: str, chain: Chain) -> str:
+    """``Linear(x) -> chain(x)`` (the chain carries the bias, if any); returns the new output."""
+    n, x, weight = _site(g, key, chain)
+    out, _ = _emit(g, x, chain, n, weight)
+    if "val" in n.meta:
+        out.meta["val"] = n.meta["val"]
+    n.replace_all_uses_with(out)
+    g.gm.graph.erase_node(n)
+    g._touch()
+    return out.name
+
+
+def add_branch(g: FxGraph, key: str, chain: Chain) -> str:
+    """``Linear(x) -> Linear(x) + chain(x)``; returns the sum's name."""
+    n, x, weight = _site(g, key, chain)
+    users = [u for u in n.users]
+    nxt = n.next
+    branch, _ = _emit(g, x, chain, nxt, weight)
+    with g.gm.graph.inserting_before(nxt):
+        total = g.gm.graph.call_function(aten.add.Tensor, (n, branch))
+    total.meta["rotaq"] = ROLE
+    total.meta["nn_module_stack"] = n.meta.get("nn_module_stack", {})
+    if "val" in n.meta:
+        total.meta["val"] = n.meta["val"]
+    for u in users:
+        u.replace_input_with(n, total)
+    g._touch()
+    return total.name

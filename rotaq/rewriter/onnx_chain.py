@@ -1,0 +1,122 @@
+"""Chains on the ONNX side: a linear replaced by (or extended with) a :class:`Chain` of standard
+ops (Reshape, Transpose, MatMul, ReduceSum, Add), all of which stock ONNX Runtime runs.
+
+Emitted nodes carry ``rotaq.role = chain``: the view lifts them as op ``chain``, never as linears.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import onnx_ir as oir
+
+from rotaq.errors import RewriteError
+from rotaq.rewriter.chain import Chain
+from rotaq.rewriter.onnx_quant import (
+    ROLE_KEY,
+    _Emitter,
+    _insert_after_value,
+    _replace,
+    default_opset,
+)
+
+ROLE = "chain"
+_I64 = oir.DataType.INT64
+
+
+def _emit(g: Any, em: _Emitter, x: oir.Value, chain: Chain, dt: oir.DataType) -> oir.Value:
+    if x.shape is None and chain.flat:
+        raise RewriteError(f"chain on {x.name!r}: the input's rank is unknown")
+    opset = default_opset(g)
+    y = x
+    lead = None
+    if chain.flat:
+        shp = em.value("shape", _I64, [len(x.shape)])
+        em.node("Shape", [x], [shp])
+        lead = em.value("lead", _I64, [len(x.shape) - 1])
+        em.node("Slice", [shp, em.const(np.array([0]), _I64, "start"),
+                          em.const(np.array([-1]), _I64, "end")], [lead])
+        y = _reshape(em, y, (-1, chain.in_features), dt)
+    for s in chain.steps:
+        if s.op in ("matmul", "lmatmul"):
+            c = em.const(s.const, dt, "factor")
+            out = em.value(s.op, dt)
+            em.node("MatMul", [y, c] if s.op == "matmul" else [c, y], [out])
+        elif s.op == "add":
+            out = em.value("bias_add", dt)
+            em.node("Add", [y, em.const(s.const, dt, "bias")], [out])
+        elif s.op == "reshape":
+            out = _reshape(em, y, s.arg, dt)
+        elif s.op == "transpose":
+            out = em.value("t", dt)
+            em.node("Transpose", [y], [out], [oir.AttrInt64s("perm", list(s.arg))])
+        else:
+            out = em.value("sum", dt)
+            if opset >= 13:
+                em.node("ReduceSum", [y, em.const(np.array([s.arg[0]]), _I64, "axes")], [out],
+                        [oir.AttrInt64("keepdims", 0)])
+            else:
+                em.node("ReduceSum", [y], [out], [oir.AttrInt64s("axes", [s.arg[0]]),
+                                                  oir.AttrInt64("keepdims", 0)])
+        y = out
+    if chain.flat:
+        full = em.value("out_shape", _I64, [len(x.shape)])
+        em.node("Concat", [lead, em.const(np.array([chain.out_features]), _I64, "m")], [full],
+                [oir.AttrInt64("axis", 0)])
+        out = em.value("restored", dt)
+        em.node("Reshape", [y, full], [out])
+        y = out
+    return y
+
+
+def _reshape(em: _Emitter, y: oir.Value, shape: tuple[int, ...], dt: oir.DataType) -> oir.Value:
+    out = em.value("r", dt)
+    em.node("Reshape", [y, em.const(np.array(shape), _I64, "shape")], [out])
+    return out
+
+
+def _check(g: Any, key: str, chain: Chain) -> Any:
+    lin = g._linear(key)
+    if (chain.in_features, chain.out_features) != (lin.in_features, lin.out_features):
+        raise RewriteError(f"chain {chain.in_features}->{chain.out_features} does not fit "
+                           f"linear {key!r} ({lin.in_features}->{lin.out_features})")
+    return lin
+
+
+def _dtype(g: Any, lin: Any) -> oir.DataType:
+    x = lin.node.inputs[0]
+    return x.dtype if x.dtype is not None and x.dtype.is_floating_point() \
+        else g._const(lin.weight).dtype
+
+
+def replace_linear(g: Any, key: str, chain: Chain) -> str:
+    """``Linear(x) -> chain(x)`` (the chain carries the bias); the output keeps its name."""
+    lin = _check(g, key, chain)
+    em = _Emitter(g, {ROLE_KEY: ROLE, "rotaq.chain": f"{chain.kind} of {key}"}, key)
+    y = _emit(g, em, lin.node.inputs[0], chain, _dtype(g, lin))
+    return _replace(g, lin, _Emitter(g, {}, key), em, y)
+
+
+def add_branch(g: Any, key: str, chain: Chain) -> str:
+    """``Linear(x) -> Linear(x) + chain(x)``; the sum takes the linear's output name."""
+    lin = _check(g, key, chain)
+    dt = _dtype(g, lin)
+    em = _Emitter(g, {ROLE_KEY: ROLE, "rotaq.chain": f"{chain.kind} branch of {key}"}, key)
+    branch = _emit(g, em, lin.node.inputs[0], chain, dt)
+    final = (lin.bias_add or lin.node).outputs[0]
+    name = final.name
+    uses = [(u.node, u.idx) for u in final.uses()]
+    total = em.value("sum", dt, None if final.shape is None else list(final.shape.dims))
+    em.node("Add", [final, branch], [total])
+    _insert_after_value(g, final, em.nodes)
+    for user, idx in uses:
+        user.replace_input_with(idx, total)
+    graph = g.model.graph
+    for i, o in enumerate(graph.outputs):
+        if o is final:
+            graph.outputs[i] = total
+    final.name = g._fresh(f"{name}_main")
+    total.name = name
+    g._invalidate()
+    return name
