@@ -9,7 +9,7 @@ from importlib import resources
 from typing import Any
 
 from rotaq.errors import RotaqError
-from rotaq.passes.base import make_pass
+from rotaq.passes.base import make_pass, pass_names
 
 
 @dataclass
@@ -35,11 +35,22 @@ class Recipe:
         else:
             files = resources.files("rotaq.recipes")
             path = files / f"{name_or_path}.json"
+            if not path.is_file() and name_or_path in pass_names():
+                return cls.for_pass(name_or_path)
             if not path.is_file():
                 raise RotaqError(f"unknown recipe '{name_or_path}' (built-in: "
-                                 f"{', '.join(builtin_recipes())}; or give a .json path)")
+                                 f"{', '.join(builtin_recipes())}; a pass name: "
+                                 f"{', '.join(pass_names())}; or give a .json path)")
             data = json.loads(path.read_text(encoding="utf-8"))
         return cls.from_dict(data, default_name=os.path.basename(name_or_path))
+
+    @classmethod
+    def for_pass(cls, name: str) -> Recipe:
+        """A one-pass recipe (``--recipe lowrank --set ratio=0.3``): verified against 1e-4 if
+        the pass is exact, unbounded otherwise."""
+        exact = getattr(make_pass(name, {}), "exact", False)
+        return cls(name, [{"pass": name}], 1e-4 if exact else None,
+                   f"the {name} pass with its default options")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], default_name: str = "recipe") -> Recipe:

@@ -8,6 +8,7 @@ command line (``--set field=value``).
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -52,6 +53,25 @@ def make_pass(name: str, options: dict[str, Any]) -> Callable:
     return cls(**{k: _coerce(fields[k], v, name) for k, v in options.items()})
 
 
+def select_linears(a: Any, include: str = "", exclude: str = "", head: bool = False) -> list[str]:
+    """Linear keys of analysis ``a`` in graph order, filtered by regexes on their names (module
+    paths); the head is left out unless ``head`` or ``include`` names it."""
+    heads = set(a.residual.head)
+    inc = re.compile(include) if include else None
+    exc = re.compile(exclude) if exclude else None
+    out = []
+    for key, lin in a.linears.items():
+        name = lin.name or key
+        if key in heads and not head and not (inc and inc.search(name)):
+            continue
+        if inc and not inc.search(name):
+            continue
+        if exc and exc.search(name):
+            continue
+        out.append(key)
+    return out
+
+
 def _coerce(f: dataclasses.Field, value: Any, pass_name: str) -> Any:
     """Options from the command line arrive as strings; convert them to the field's type."""
     typ = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
@@ -74,4 +94,10 @@ def _coerce(f: dataclasses.Field, value: Any, pass_name: str) -> Any:
 
 
 def _load_builtin_passes() -> None:
-    from rotaq.passes import quantize, rotate  # noqa: F401  (they register themselves)
+    from rotaq.passes import (  # noqa: F401  (they register themselves)
+        kron_transform,
+        lowrank,
+        quantize,
+        rotate,
+        structured,
+    )

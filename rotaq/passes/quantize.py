@@ -18,7 +18,6 @@ same recipe as simulated quantization in plain torch.
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -26,6 +25,8 @@ import numpy as np
 from tqdm import tqdm
 
 from rotaq.errors import RewriteError
+from rotaq.linalg import lowrank
+from rotaq.linalg.formats import QuantizedWeight
 from rotaq.linalg.quant import (
     HessianAccumulator,
     QFormat,
@@ -34,9 +35,12 @@ from rotaq.linalg.quant import (
     quant_error,
     quantize_rtn,
 )
+from rotaq.linalg.threads import single_threaded
 from rotaq.model import Model
-from rotaq.passes.base import PassResult, register
+from rotaq.passes.base import PassResult, register, select_linears
+from rotaq.passes.calib import feeds_for, input_stats, linear_inputs
 from rotaq.rewriter.analysis import Analysis
+from rotaq.rewriter.chain import lowrank_chain
 from rotaq.rewriter.sites import ActQuant
 
 log = logging.getLogger(__name__)
@@ -68,6 +72,9 @@ class Quantize:
     include: str = ""  # regex on linear names (module paths); empty: all
     exclude: str = ""
     lowering: str = "auto"  # auto | qdq | matmulnbits | dequant (ONNX only)
+    lowrank_rank: int = 0  # >0: a float rank-r correction branch per quantized linear
+    lowrank_mode: str = "eora"  # eora (fit Q's error in the activation space) | lq (LQ-LoRA)
+    lowrank_iters: int = 5  # lq: alternations of Q = quant(W - L), L = svd_r(W - Q)
     calib_text: str = "lee"
     calib_tokens: int = 2048
     calib_window: int = 256
@@ -81,6 +88,8 @@ class Quantize:
         if any(b not in (0, 2, 3, 4, 8) for b in (self.a_bits, self.kv_bits, self.head_bits)):
             raise RewriteError("quantize: a_bits / kv_bits / head_bits must be 0 (off), 2, 3, 4 "
                                "or 8")
+        if self.lowrank_mode not in ("eora", "lq") or self.lowrank_rank < 0:
+            raise RewriteError("quantize: lowrank_mode must be eora or lq, lowrank_rank >= 0")
         if self.lowering not in ("auto", "qdq", "matmulnbits", "dequant"):
             raise RewriteError(f"quantize: unknown lowering '{self.lowering}'")
 
@@ -97,12 +106,15 @@ class Quantize:
         if not keys:
             raise RewriteError("quantize: no linear matches the include/exclude filters")
         needs_calib = self.method == "gptq" or (self.a_bits and self.a_mode == "static")
+        eora = self.lowrank_rank > 0 and self.lowrank_mode == "eora"
         feeds = None
-        if needs_calib:
-            from rotaq.eval.stats import calibration_feeds
-
-            feeds = calibration_feeds(model, self.calib_text, self.calib_tokens,
-                                      self.calib_window)
+        if needs_calib or eora:
+            feeds = feeds_for(model, self.calib_text, self.calib_tokens, self.calib_window)
+        grams: dict[str, np.ndarray] = {}
+        if eora and not needs_calib:  # one pass over the float model gives every Gram matrix
+            ins = linear_inputs(model, keys)
+            st = input_stats(model, list(ins.values()), feeds, desc="eora calibration")
+            grams.update({k: st[v].gram for k, v in ins.items()})
         errors: dict[str, float] = {}
         groups = self._blocks(a, keys)
         bar = tqdm(total=len(keys), desc=f"quantize ({self.method})", unit="linear",
@@ -110,7 +122,7 @@ class Quantize:
         for group in groups:
             caught = self._capture(model, a, group, feeds) if needs_calib else {}
             for key in group:
-                errors[key] = self._quantize_one(model, a, key, caught)
+                errors[key] = self._quantize_one(model, a, key, caught, grams=grams)
                 bar.update(1)
         bar.close()
         head = [k for k in a.residual.head if k not in errors] if self.head_bits else []
@@ -124,24 +136,13 @@ class Quantize:
                  "weight_rel_error_max": float(lin_err.max()),
                  "calibration_tokens": int(feeds["input_ids"].size) if feeds else 0,
                  "kv_quantized": kv}
+        if self.lowrank_rank:
+            stats["lowrank"] = f"{self.lowrank_mode} rank {self.lowrank_rank}"
         return PassResult(model, True, stats)
 
     # ---- selection and blocks ------------------------------------------------------------
     def _select(self, a: Analysis) -> list[str]:
-        head = set(a.residual.head)
-        inc = re.compile(self.include) if self.include else None
-        exc = re.compile(self.exclude) if self.exclude else None
-        out = []
-        for key, lin in a.linears.items():
-            name = lin.name or key
-            if key in head and not self.quantize_head and not (inc and inc.search(name)):
-                continue
-            if inc and not inc.search(name):
-                continue
-            if exc and exc.search(name):
-                continue
-            out.append(key)
-        return out
+        return select_linears(a, self.include, self.exclude, self.quantize_head)
 
     def _blocks(self, a: Analysis, keys: list[str]) -> list[list[str]]:
         """Linears grouped by residual block (readers, then writers), in graph order; GPTQ
@@ -182,7 +183,7 @@ class Quantize:
         return QFormat(kind="int", bits=self.head_bits, symmetric=True, group_size=group)
 
     def _quantize_one(self, model: Model, a: Analysis, key: str, caught: dict,
-                      fmt: QFormat | None = None) -> float:
+                      fmt: QFormat | None = None, grams: dict | None = None) -> float:
         g = model.graph
         w, _ = g.get_linear(key)
         x = None
@@ -196,17 +197,48 @@ class Quantize:
         # a ragged last group (576 inputs in groups of 128): pad with zero columns, which are
         # exact in every format and dead inputs for GPTQ; ORT's MatMulNBits pads the same way
         pad = (-n_in) % group if group > 0 else 0
-        wp = np.pad(w, ((0, 0), (0, pad))) if pad else w
+        h = None
         if self.method == "gptq" and not head:
             acc = HessianAccumulator(n_in)
             acc.add(np.asarray(x, np.float64).reshape(-1, n_in))
             h = np.pad(acc.value, ((0, pad), (0, pad))) if pad else acc.value
-            qw = gptq(wp, h, fmt, damp=self.gptq_damp, act_order=self.gptq_act_order)
-        else:
-            qw = quantize_rtn(wp, fmt)
+
+        def quant(target: np.ndarray) -> QuantizedWeight:
+            tp = np.pad(target, ((0, 0), (0, pad))) if pad else target
+            if h is not None:
+                return gptq(tp, h, fmt, damp=self.gptq_damp, act_order=self.gptq_act_order)
+            return quantize_rtn(tp, fmt)
+
+        correction = None
+        with single_threaded():
+            if self.lowrank_rank and not head:
+                qw, correction = self._lowrank(w, x, quant, (grams or {}).get(key))
+            else:
+                qw = quant(w)
         act = self._act(x) if not head or self.a_mode == "dynamic" else None
+        approx = qw.dequantize()[:, :n_in]
+        if correction is not None:
+            g.add_branch(key, lowrank_chain(*correction))
+            approx = approx + correction[0] @ correction[1]
         g.quantize_linear(key, qw, act, self.lowering)
-        return quant_error(w, qw.dequantize()[:, :n_in])
+        return quant_error(w, approx)
+
+    def _lowrank(self, w: np.ndarray, x: np.ndarray | None, quant, gram: np.ndarray | None
+                 ) -> tuple[QuantizedWeight, tuple[np.ndarray, np.ndarray] | None]:
+        """W ~ Q + a b: LQ-LoRA (Q = quant(W - ab), alternated) or EoRA (ab fits W - Q(W) in the
+        space whitened by the inputs' Gram matrix)."""
+        n_in = w.shape[1]
+        rank = min(self.lowrank_rank, *w.shape)
+        if self.lowrank_mode == "lq":
+            _, fa, fb, _ = lowrank.lq_decompose(
+                w, rank, lambda t: quant(t).dequantize()[:, :n_in], iters=self.lowrank_iters)
+            return quant(w - fa @ fb), (fa, fb)
+        qw = quant(w)
+        if gram is None:
+            xs = np.asarray(x, np.float64).reshape(-1, n_in)
+            gram = xs.T @ xs
+        fa, fb = lowrank.eora(w - qw.dequantize()[:, :n_in], gram, rank)
+        return qw, (fa, fb)
 
     def _kv_cache(self, model: Model) -> int:
         """Per-token fake quantization of K (post rotation) and V, per attention site."""

@@ -346,17 +346,24 @@ class FxGraph:
         factors = transform.factors
         consts = [self._new_attr(f.T if i == 0 and len(factors) == 2 else f, like, first)
                   for i, f in enumerate(factors)]
+        created = []
+        x_in = src
+        if transform.scale is not None:
+            sc = self._new_attr(np.asarray(transform.scale, np.float64).reshape(-1), like, first)
+            with g.inserting_before(first):
+                x_in = g.call_function(aten.mul.Tensor, (src, sc))
+            created += [sc, x_in]
         with g.inserting_before(first):
             if len(factors) == 1:
-                out = g.call_function(aten.matmul.default, (src, consts[0]))
-                created = [out]
+                out = g.call_function(aten.matmul.default, (x_in, consts[0]))
+                created += [out]
             elif len(factors) == 2:
                 a, b = factors[0].shape[0], factors[1].shape[0]
-                x2 = g.call_function(aten.unflatten.int, (src, -1, [a, b]))
+                x2 = g.call_function(aten.unflatten.int, (x_in, -1, [a, b]))
                 xb = g.call_function(aten.matmul.default, (x2, consts[1]))
                 axb = g.call_function(aten.matmul.default, (consts[0], xb))
                 out = g.call_function(aten.flatten.using_ints, (axb, -2, -1))
-                created = [x2, xb, axb, out]
+                created += [x2, xb, axb, out]
             else:
                 raise RewriteError("online transforms take one or two Kronecker factors")
         return self._wire(src, out, users, created, "online")

@@ -773,10 +773,20 @@ class OnnxGraph:
             )
 
         new_nodes = []
+        if transform.scale is not None:
+            sc = np.asarray(transform.scale, np.float64).reshape(-1)
+            if sc.shape != (n,):
+                raise RewriteError(f"insert_transform: scale has {sc.size} entries, not {n}")
+            scaled = val(f"{base}_scaled", dims)
+            new_nodes.append(node("Mul", [v, self._initializer(sc, dt, f"rotaq_scale_{base}")],
+                                  scaled))
+            v_in = scaled
+        else:
+            v_in = v
         if len(factors) == 1:
             f0 = self._initializer(factors[0], dt, f"rotaq_rot_{base}")
             out = val(f"{base}_rot", dims)
-            new_nodes.append(node("MatMul", [v, f0], out))
+            new_nodes.append(node("MatMul", [v_in, f0], out))
         else:
             a, b = factors[0].shape[0], factors[1].shape[0]
             i64 = oir.DataType.INT64
@@ -789,7 +799,7 @@ class OnnxGraph:
             t3 = val(f"{base}_rot_ab", dims[:-1] + [a, b])
             out = val(f"{base}_rot", dims)
             new_nodes += [
-                node("Reshape", [v, s1], t1),
+                node("Reshape", [v_in, s1], t1),
                 node("MatMul", [t1, f1], t2),
                 node("MatMul", [f0t, t2], t3),
                 node("Reshape", [t3, s2], out),

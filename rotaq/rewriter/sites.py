@@ -80,6 +80,7 @@ class Kronecker:
     """
 
     factors: tuple[np.ndarray, ...]
+    scale: np.ndarray | None = None  # x -> (x * scale) @ kron(...): a per-channel scale first
 
     @property
     def size(self) -> int:
@@ -89,7 +90,7 @@ class Kronecker:
         out = np.ones((1, 1))
         for f in self.factors:
             out = np.kron(out, f)
-        return out
+        return out if self.scale is None else np.asarray(self.scale)[:, None] * out
 
 
 @dataclass(frozen=True)

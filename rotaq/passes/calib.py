@@ -1,0 +1,70 @@
+"""Calibration statistics of linear inputs, shared by the passes that need them.
+
+``input_stats`` runs the model on calibration windows a few at a time and accumulates, for every
+distinct input value of the chosen linears, the Gram matrix ``G = X^T X`` (float64) and the mean
+absolute value per channel; activations are dropped after each batch, so memory stays at one
+batch of activations plus the Gram matrices.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from tqdm import tqdm
+
+from rotaq.model import Model
+
+
+@dataclass
+class InputStats:
+    gram: np.ndarray  # X^T X, float64 [n, n]
+    abs_sum: np.ndarray  # sum |x| per channel
+    count: int  # tokens
+
+    @property
+    def abs_mean(self) -> np.ndarray:
+        return self.abs_sum / max(self.count, 1)
+
+
+def linear_inputs(model: Model, keys: list[str]) -> dict[str, str]:
+    """key -> the value its linear reads."""
+    view = model.graph.view()
+    return {k: view.by_key[k].inputs[0] for k in keys}
+
+
+def feeds_for(model: Model, text: str, tokens: int, window: int) -> dict[str, np.ndarray]:
+    from rotaq.eval.stats import calibration_feeds
+
+    return calibration_feeds(model, text, tokens, window)
+
+
+def batches(feeds: dict[str, np.ndarray], batch: int):
+    n = next(iter(feeds.values())).shape[0]
+    for i in range(0, n, batch):
+        yield {k: v[i:i + batch] for k, v in feeds.items()}
+
+
+def input_stats(model: Model, values: list[str], feeds: dict[str, np.ndarray],
+                batch: int = 2, gram: bool = True, desc: str = "calibrate") -> dict[str, InputStats]:
+    """Gram matrix and mean |x| of each value over all tokens of ``feeds``."""
+    out: dict[str, InputStats] = {}
+    wanted = sorted(set(values))
+    n = next(iter(feeds.values())).shape[0]
+    for part in tqdm(list(batches(feeds, batch)), desc=desc, unit="batch", leave=False,
+                     disable=n <= batch):
+        caught = model.graph.capture(part, wanted)
+        for v in wanted:
+            x = np.asarray(caught[v], np.float64)
+            x = x.reshape(-1, x.shape[-1])
+            st = out.get(v)
+            if st is None:
+                dim = x.shape[1]
+                st = out[v] = InputStats(np.zeros((dim, dim) if gram else (0, 0)),
+                                         np.zeros(dim), 0)
+            if gram:
+                st.gram += x.T @ x
+            st.abs_sum += np.abs(x).sum(axis=0)
+            st.count += x.shape[0]
+        del caught
+    return out
