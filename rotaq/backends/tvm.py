@@ -1,0 +1,327 @@
+"""TVM backend: compile a (rewritten) ONNX model to a CPU or CUDA artefact and run it.
+
+``compile_tvm(model, out_dir, target="llvm")`` specializes the graph to each token count in
+``tokens`` (static shapes: batch 1, ``n`` tokens), imports it into Relax with rotaq's kernels
+(:mod:`rotaq.backends.tvm_import`), builds one library per token count and writes the artefact
+atomically::
+
+    DIR/metadata.json   backend, target, inputs/outputs, token buckets, versions, source
+    DIR/lib_<n>.so      the compiled Relax VM executable for n tokens (llvm)
+    DIR/cuda_<n>.cu     the generated CUDA source (cuda; compiled with nvcc when a GPU runs it)
+    DIR/params.npz      parameters (deduplicated across buckets)
+
+``load(DIR)`` returns a :class:`rotaq.model.Model` whose graph is a :class:`TvmGraph`: feeds of
+``n`` tokens run on the smallest bucket ``>= n``, padded at the end (causal models: later
+positions cannot change earlier ones; encoders: padding is masked out by a zero attention mask)
+and the outputs are cut back to ``n`` positions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from rotaq.errors import MissingDependencyError, RotaqError
+
+log = logging.getLogger(__name__)
+
+FORMAT = "rotaq-artifact"
+TVM_PINS = "apache-tvm==0.27.0.post1 apache-tvm-ffi==0.1.14.post0"
+DEFAULT_TOKENS = (1, 16, 512)
+__all__ = ["DEFAULT_TOKENS", "TvmGraph", "compile_tvm", "load", "require_tvm"]
+
+
+def require_tvm() -> Any:
+    """Import ``tvm`` or raise :class:`MissingDependencyError` saying how to install it."""
+    try:
+        import tvm
+    except ImportError as err:
+        raise MissingDependencyError(
+            f"the TVM backend needs the 'apache-tvm' package ({err}): install it with "
+            f"`pip install 'rotaq[tvm]'` (pins {TVM_PINS})") from err
+    return tvm
+
+
+def make_target(target: str | dict) -> Any:
+    """``llvm`` (the host CPU), ``cuda`` (sm_80), ``cuda -arch=sm_90``-style names as dicts:
+    ``{"kind": "cuda", "arch": "sm_90"}``."""
+    tvm = require_tvm()
+    if isinstance(target, dict):
+        return tvm.target.Target(target)
+    if target == "llvm":
+        return tvm.target.Target({"kind": "llvm", "num-cores": max(os.cpu_count() or 1, 1)})
+    if target.startswith("cuda"):
+        arch = target.split(":", 1)[1] if ":" in target else "sm_80"
+        return tvm.target.Target({"kind": "cuda", "arch": arch},
+                                 host={"kind": "llvm"})
+    raise RotaqError(f"--target must be llvm, cuda or cuda:sm_XX, not {target!r}")
+
+
+# ---- compile ----------------------------------------------------------------------------------
+def _onnx_source(model: Any, tmp: str) -> tuple[str, dict[str, str]]:
+    import rotaq
+
+    if isinstance(model, str) and model.lower().endswith(".onnx") and os.path.isfile(model):
+        m = rotaq.load(model)
+        return os.path.abspath(model), dict(m.source)
+    m = model if isinstance(model, rotaq.Model) else rotaq.load(model, ir="onnx")
+    path = os.path.join(tmp, "model.onnx")
+    m.save(path)
+    return path, dict(m.source)
+
+
+def _input_shapes(proto: Any, n: int) -> dict[str, list[int]]:
+    out = {}
+    for vi in proto.graph.input:
+        dims = vi.type.tensor_type.shape.dim
+        out[vi.name] = [d.dim_value if d.HasField("dim_value") else (1 if i == 0 else n)
+                        for i, d in enumerate(dims)]
+    return out
+
+
+def _pipeline(target: Any) -> Any:
+    import tvm
+    from tvm import relax
+
+    if target.kind.name != "cuda":
+        return relax.get_default_pipeline(target)
+    from tvm.s_tir import dlight as dl
+
+    from rotaq.backends.tvm_kernels import gpu_rules
+
+    @tvm.transform.module_pass(opt_level=0)
+    def _gpu(mod: Any, _ctx: Any) -> Any:
+        with target:
+            mod = tvm.transform.Sequential([
+                relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+                relax.transform.FoldConstant(), relax.transform.FuseOps(),
+                relax.transform.FuseTIR(), dl.ApplyDefaultSchedule(*gpu_rules())])(mod)
+            return relax.get_default_pipeline(target)(mod)
+
+    return _gpu
+
+
+def build_bucket(onnx_path: str, n: int, target: Any) -> tuple[Any, list[str], list[np.ndarray],
+                                                               dict]:
+    """Specialize to ``n`` tokens, import and build: (executable, input names, params, stats)."""
+    import onnx
+    import tvm
+
+    from rotaq.backends.tvm_import import import_onnx, specialize
+
+    proto = onnx.load(onnx_path)
+    proto = specialize(proto, _input_shapes(proto, n))
+    mod, names, params, stats = import_onnx(proto, cpu=target.kind.name == "llvm")
+    with tvm.transform.PassContext(opt_level=3):
+        ex = tvm.compile(mod, target=target, relax_pipeline=_pipeline(target))
+    return ex, names, params, stats
+
+
+def compile_tvm(model: Any, out_dir: str, target: str | dict = "llvm",
+                tokens: tuple[int, ...] | list[int] = DEFAULT_TOKENS,
+                progress: bool = True) -> dict[str, Any]:
+    """Compile ``model`` (a Model, an .onnx path or a built-in name) for each token count and
+    write the artefact to ``out_dir`` (atomically). Returns the metadata."""
+    tvm = require_tvm()
+    tgt = make_target(target)
+    tokens = sorted({int(t) for t in tokens})
+    if not tokens or tokens[0] < 1:
+        raise RotaqError(f"token counts must be positive, got {tokens}")
+    parent = os.path.dirname(os.path.abspath(out_dir)) or "."
+    os.makedirs(parent, exist_ok=True)
+    work = tempfile.mkdtemp(prefix=".rotaq-tvm-", dir=parent)
+    try:
+        onnx_path, source = _onnx_source(model, work)
+        store: dict[str, np.ndarray] = {}
+        buckets = {}
+        t0 = time.perf_counter()
+        for n in tqdm(tokens, desc="tvm compile", unit="bucket", file=sys.stderr,
+                      disable=not progress, leave=False):
+            ex, names, params, stats = build_bucket(onnx_path, n, tgt)
+            keys = []
+            for arr in params:
+                key = hashlib.sha1(arr.tobytes() + str(arr.shape).encode() +
+                                   str(arr.dtype).encode()).hexdigest()[:16]
+                store.setdefault(key, arr)
+                keys.append(key)
+            entry = {"params": keys, "stats": stats}
+            if tgt.kind.name == "llvm":
+                ex.export_library(os.path.join(work, f"lib_{n}.so"))
+                entry["lib"] = f"lib_{n}.so"
+            else:
+                src = cuda_source(ex)
+                with open(os.path.join(work, f"cuda_{n}.cu"), "w") as f:
+                    f.write(src)
+                entry["cuda_source"] = f"cuda_{n}.cu"
+            buckets[str(n)] = entry
+            log.info("bucket %d built (%s)", n, stats)
+        np.savez(os.path.join(work, "params.npz"), **store)
+        import onnx
+
+        proto = onnx.load(onnx_path, load_external_data=False)
+        meta = {
+            "format": FORMAT, "version": 1, "backend": "tvm", "target": str(tgt),
+            "target_kind": tgt.kind.name, "tvm_version": tvm.__version__,
+            "inputs": [i.name for i in proto.graph.input],
+            "outputs": [o.name for o in proto.graph.output],
+            "input_names": names, "tokens": tokens,
+            "padding_exact": not any(nd.op_type == "DynamicQuantizeLinear"
+                                     for nd in proto.graph.node), "buckets": buckets, "source": source,
+            "compile_seconds": round(time.perf_counter() - t0, 2),
+        }
+        with open(os.path.join(work, "metadata.json"), "w") as f:
+            json.dump(meta, f, indent=2)
+        for leftover in ("model.onnx", "model.onnx.data"):
+            p = os.path.join(work, leftover)
+            if os.path.exists(p):
+                os.unlink(p)
+        replace_dir(work, out_dir)
+        return meta
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+
+
+def replace_dir(tmp: str, out_dir: str) -> None:
+    """Move the finished ``tmp`` folder to ``out_dir`` (an existing artefact is replaced)."""
+    if os.path.isdir(out_dir):
+        if not os.path.exists(os.path.join(out_dir, "metadata.json")) and os.listdir(out_dir):
+            raise RotaqError(f"{out_dir} exists and is not a rotaq artefact: refusing to replace")
+        old = out_dir.rstrip("/") + ".old-rotaq"
+        os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out_dir)
+
+
+def cuda_source(ex: Any) -> str:
+    """The CUDA C source inside a built executable."""
+    mods = [ex.mod] if hasattr(ex, "mod") else []
+    seen = []
+    while mods:
+        m = mods.pop()
+        seen.append(m)
+        mods.extend(getattr(m, "imports", []))
+    for m in seen:
+        if getattr(m, "kind", "") == "cuda" or "cuda" in str(getattr(m, "type_key", "")):
+            return m.inspect_source()
+    for m in seen:
+        try:
+            src = m.inspect_source()
+        except Exception:  # noqa: BLE001 - modules without a source
+            continue
+        if "__global__" in src:
+            return src
+    raise RotaqError("no CUDA module in the built executable")
+
+
+# ---- load / run -------------------------------------------------------------------------------
+class TvmGraph:
+    """Runs a compiled artefact: ``run(feeds) -> list of outputs`` like the other IRs."""
+
+    ir = "tvm"
+
+    def __init__(self, folder: str, meta: dict[str, Any]):
+        tvm = require_tvm()
+        from tvm import relax
+
+        if meta.get("target_kind") != "llvm":
+            raise RotaqError(f"{folder}: compiled for {meta.get('target')}; only llvm artefacts "
+                             "run here (a CUDA artefact holds its source for a GPU machine)")
+        self.folder, self.meta = folder, meta
+        self.input_names = list(meta["inputs"])
+        self.output_names = list(meta["outputs"])
+        self.metadata: dict[str, str] = {}
+        self.source = folder
+        dev = tvm.cpu()
+        with np.load(os.path.join(folder, "params.npz")) as z:
+            store = {k: tvm.runtime.tensor(z[k], dev) for k in z.files}
+        self._vms, self._params = {}, {}
+        for n, entry in meta["buckets"].items():
+            lib = tvm.runtime.load_module(os.path.join(folder, entry["lib"]))
+            self._vms[int(n)] = relax.VirtualMachine(lib, dev)
+            self._params[int(n)] = [store[k] for k in entry["params"]]
+        self._order = list(meta.get("input_names") or self.input_names)
+        self._tvm = tvm
+
+    def buckets(self) -> list[int]:
+        return sorted(self._vms)
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        ids = np.asarray(next(iter(feeds.values())))
+        if ids.ndim != 2:
+            raise RotaqError(f"the TVM artefact runs inputs [batch, tokens]; got {ids.shape}")
+        rows = [self._run1({k: np.asarray(v)[i : i + 1] for k, v in feeds.items()},
+                           ids.shape[1]) for i in range(ids.shape[0])]
+        return [np.concatenate([r[j] for r in rows]) for j in range(len(rows[0]))]
+
+    def _bucket(self, n: int) -> int:
+        if n in self._vms:
+            return n
+        fit = [b for b in self.buckets() if b >= n]
+        if not fit or not self.meta.get("padding_exact", True):
+            why = ("more than the largest compiled length" if not fit else
+                   "not a compiled length, and padding would change this model's per-tensor "
+                   "activation scales")
+            raise RotaqError(f"{n} tokens is {why} ({self.buckets()}): compile with "
+                             f"--tokens including {n}")
+        return fit[0]
+
+    def _run1(self, feeds: dict[str, np.ndarray], n: int) -> list[np.ndarray]:
+        b = self._bucket(n)
+        args = []
+        for name in self._order:
+            a = np.asarray(feeds[name])
+            if b > n:
+                pad = np.zeros((a.shape[0], b - n), a.dtype)  # mask 0 / token 0 on padding
+                a = np.concatenate([a, pad], axis=1)
+            args.append(self._tvm.runtime.tensor(np.ascontiguousarray(a)))
+        res = self._vms[b]["main"](*args, *self._params[b])
+        res = list(res) if not hasattr(res, "numpy") else [res]
+        out = []
+        for r in res:
+            arr = r.numpy()
+            if b > n and arr.ndim >= 2 and arr.shape[1] == b:
+                arr = arr[:, :n]
+            out.append(arr)
+        return out
+
+
+def is_artifact(path: str) -> bool:
+    return os.path.isdir(path) and os.path.isfile(os.path.join(path, "metadata.json"))
+
+
+def read_metadata(folder: str) -> dict[str, Any]:
+    try:
+        with open(os.path.join(folder, "metadata.json")) as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as err:
+        raise RotaqError(f"{folder}: not a rotaq artefact ({err})") from err
+    if meta.get("format") != FORMAT:
+        raise RotaqError(f"{folder}: metadata.json is not a rotaq artefact")
+    return meta
+
+
+def load(folder: str) -> Any:
+    """The compiled artefact in ``folder`` as a :class:`rotaq.model.Model` (graph: TvmGraph)."""
+    from rotaq.model import Model
+
+    meta = read_metadata(folder)
+    if meta.get("backend") != "tvm":
+        raise RotaqError(f"{folder} is a {meta.get('backend')} artefact, not tvm")
+    graph = TvmGraph(os.path.abspath(folder), meta)
+    source = dict(meta.get("source") or {})
+    n = min(graph.buckets()[-1], 16)
+    sample = {k: np.ones((1, n), np.int64) for k in graph.input_names}
+    return Model(graph, sample, source)
