@@ -216,9 +216,11 @@ def build_parser() -> argparse.ArgumentParser:
     stats_args(sp)
     sp.set_defaults(func=cmd_optimize)
 
+    from rotaq.cli_compile import add_command as add_compile
     from rotaq.cli_eval import add_commands
 
     add_commands(sub)
+    add_compile(sub, model_help)
 
     sp = sub.add_parser("recipes", help="list the built-in recipes")
     sp.add_argument("--json", action="store_true")

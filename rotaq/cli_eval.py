@@ -29,7 +29,13 @@ def load_for_backend(src: str, backend: str | None) -> Any:
     """``src`` loaded for ``backend``: ``ort`` gives the ONNX form (a built-in's cached export),
     ``torch`` the FX form; default ``ort`` for .onnx files and ``torch`` otherwise."""
     import rotaq
+    from rotaq.cli_compile import check_artifact_backend, load_artifact
 
+    if check_artifact_backend(src, backend):  # a `rotaq compile` folder (tvm or ort)
+        return load_artifact(src)
+    if backend == "tvm":
+        raise RotaqError(f"--backend tvm runs a compiled folder: `rotaq compile {src} --backend "
+                         "tvm -o DIR` first")
     backend = backend or ("ort" if _is_onnx(src) else "torch")
     if backend == "torch" and _is_onnx(src):
         raise RotaqError(f"{src} is an ONNX file: it runs only with --backend ort")
@@ -116,10 +122,14 @@ def _print_bench(d: dict[str, Any]) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    from rotaq.cli_compile import check_artifact_backend
     from rotaq.eval.latency import bench
 
     tokens = _token_list(args.tokens)
-    backend = args.backend
+    backend = check_artifact_backend(args.model, args.backend) or args.backend or "ort"
+    if backend == "tvm" and not os.path.isdir(args.model):
+        raise RotaqError(f"--backend tvm benchmarks a compiled folder: `rotaq compile "
+                         f"{args.model} --backend tvm -o DIR` first")
     if backend == "torch" and _is_onnx(args.model):
         raise RotaqError(f"{args.model} is an ONNX file: benchmark it with --backend ort")
     res = bench(args.model, backend=backend, tokens=tokens, repeats=args.repeats,
@@ -143,8 +153,9 @@ def add_commands(sub: Any) -> None:
                     help="tokens of text (default 8192 for ppl, 2048 for agreement)")
     sp.add_argument("--window", type=int, default=512, help="tokens per window (default 512)")
     sp.add_argument("--batch", type=int, default=1, help="windows per forward pass (ppl)")
-    sp.add_argument("--backend", choices=("torch", "ort"), default=None,
-                    help="run with PyTorch or ONNX Runtime (default: ort for .onnx, else torch)")
+    sp.add_argument("--backend", choices=("torch", "ort", "tvm"), default=None,
+                    help="run with PyTorch or ONNX Runtime (default: ort for .onnx, else torch), "
+                         "or a `rotaq compile` folder (tvm or ort)")
     sp.add_argument("--tokenizer", default=None, metavar="DIR",
                     help="tokenizer directory (default: the one the model records)")
     sp.add_argument("--reference", default=None, metavar="MODEL",
@@ -154,9 +165,9 @@ def add_commands(sub: Any) -> None:
 
     sp = sub.add_parser("bench", help="latency of warm forward passes, and size on disk")
     sp.add_argument("model", help=_MODEL_HELP)
-    sp.add_argument("--backend", choices=("ort", "torch"), default="ort",
-                    help="ONNX Runtime on CPU (default; a built-in runs its cached ONNX export) "
-                         "or PyTorch")
+    sp.add_argument("--backend", choices=("ort", "torch", "tvm"), default=None,
+                    help="ONNX Runtime on CPU (default; a built-in runs its cached ONNX export), "
+                         "PyTorch, or tvm for a `rotaq compile` folder")
     sp.add_argument("--tokens", default="1,16,512",
                     help="comma-separated sequence lengths (default 1,16,512)")
     sp.add_argument("--repeats", type=int, default=20, help="timed runs per length")

@@ -95,18 +95,20 @@ def _pipeline(target: Any) -> Any:
 
     if target.kind.name != "cuda":
         return relax.get_default_pipeline(target)
+    from tvm.relax.backend.cuda import pipeline as cp
     from tvm.s_tir import dlight as dl
 
     from rotaq.backends.tvm_kernels import gpu_rules
 
     @tvm.transform.module_pass(opt_level=0)
     def _gpu(mod: Any, _ctx: Any) -> Any:
+        legalize = [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+                    relax.transform.FoldConstant(), relax.transform.FuseOps(),
+                    relax.transform.FuseTIR(), dl.ApplyDefaultSchedule(*gpu_rules())]
         with target:
-            mod = tvm.transform.Sequential([
-                relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
-                relax.transform.FoldConstant(), relax.transform.FuseOps(),
-                relax.transform.FuseTIR(), dl.ApplyDefaultSchedule(*gpu_rules())])(mod)
-            return relax.get_default_pipeline(target)(mod)
+            return tvm.transform.Sequential(
+                cp.library_dispatch_passes(target) + legalize + cp.dataflow_lower_passes(target)
+                + cp.finalize_passes(target))(mod)
 
     return _gpu
 
@@ -219,7 +221,7 @@ def cuda_source(ex: Any) -> str:
     for m in seen:
         try:
             src = m.inspect_source()
-        except Exception:  # noqa: BLE001 - modules without a source
+        except Exception:  # noqa: BLE001, S112 - modules without a source
             continue
         if "__global__" in src:
             return src

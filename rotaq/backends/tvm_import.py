@@ -247,7 +247,7 @@ def _importer_class():
             return self.bb.normalize(relax.op.reshape(y, (*shape[:-1], n)))
 
         def _schedule(self, func: Any, m: int, n: int) -> Any:
-            return K.schedule_qmatmul_cpu(func, m, n) if self._cpu else func
+            return (K.schedule_qmatmul_cpu if self._cpu else K.schedule_qmatmul_gpu)(func, m, n)
 
         def _dense(self, inputs: Any) -> Any:
             x2, shape, m = self._rows(inputs[0])

@@ -220,6 +220,44 @@ def _bench_torch(model_or_path: Model | str, tokens: Sequence[int], repeats: int
             "files": files, "optimized_ops": None}
 
 
+# ---- compiled artefacts (rotaq compile) ---------------------------------------------------
+def _artifact_model(src: Any) -> str | None:
+    if isinstance(src, (str, os.PathLike)) and os.path.isfile(os.path.join(src, "metadata.json")):
+        return os.fspath(src)
+    return None
+
+
+def _bench_artifact(src: Any, backend: str, tokens: Sequence[int], repeats: int, warmup: int,
+                    threads: int, progress: bool) -> dict[str, Any]:
+    """A ``rotaq compile`` folder: ort -> its optimized ONNX; tvm -> the compiled buckets."""
+    from rotaq.backends.tvm import read_metadata
+
+    folder = _artifact_model(src)
+    if folder is None:
+        raise RotaqError(f"{src}: --backend {backend} needs a `rotaq compile` folder")
+    meta = read_metadata(folder)
+    if meta["backend"] == "ort":
+        res = _bench_ort(os.path.join(folder, meta["model_file"]), tokens, repeats, warmup,
+                         threads, progress)
+        res["model"] = folder
+        return res
+    os.environ["TVM_NUM_THREADS"] = str(threads)  # read when TVM's thread pool starts
+    from rotaq.backends import tvm as tb
+
+    model = tb.load(folder)
+    files = [os.path.join(folder, f) for f in sorted(os.listdir(folder))]
+    size = sum(os.path.getsize(f) for f in files if os.path.isfile(f))
+    timings = {}
+    for n in tqdm(tokens, desc="bench", unit="len", file=sys.stderr, disable=not progress,
+                  leave=False):
+        feeds = _feeds({k: (np.int64, [1, None]) for k in model.graph.input_names}, n)
+        timings[str(n)] = _time(lambda f=feeds: model.graph.run(f), warmup, repeats)
+    return {"model": folder, "backend": "tvm", "tvm_version": meta.get("tvm_version"),
+            "target": meta.get("target"), "threads": threads, "tokens": timings,
+            "size_bytes": size, "size_mb": round(size / 2**20, 2), "files": files,
+            "optimized_ops": None}
+
+
 # ---- entry point ----------------------------------------------------------------------------
 def bench(model_or_path: Model | str, backend: str = "ort", tokens: Sequence[int] = (1, 16, 512),
           repeats: int = 20, warmup: int = 3, threads: int = 2,
@@ -239,8 +277,11 @@ def bench(model_or_path: Model | str, backend: str = "ort", tokens: Sequence[int
     if repeats < 1 or warmup < 0 or threads < 1:
         raise RotaqError(f"need repeats >= 1, warmup >= 0, threads >= 1 (got {repeats}, "
                          f"{warmup}, {threads})")
+    if backend == "tvm" or (backend == "ort" and _artifact_model(model_or_path)):
+        return _bench_artifact(model_or_path, backend, tokens, repeats, warmup, threads,
+                               progress)
     if backend == "ort":
         return _bench_ort(model_or_path, tokens, repeats, warmup, threads, progress)
     if backend == "torch":
         return _bench_torch(model_or_path, tokens, repeats, warmup, threads, progress)
-    raise RotaqError(f"backend must be 'ort' or 'torch', not '{backend}'")
+    raise RotaqError(f"backend must be 'ort', 'torch' or 'tvm', not '{backend}'")
