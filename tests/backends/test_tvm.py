@@ -1,0 +1,129 @@
+"""TVM backend on tiny random models: parity with ONNX Runtime per recipe, the dequantize-matmul
+kernel against numpy, the artefact round trip, padding rules and the missing-TVM message."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import rotaq
+from rotaq.backends.tvm_import import repack_nbits
+from rotaq.errors import MissingDependencyError, RotaqError
+from tests.tiny import build
+
+tvm = pytest.importorskip("tvm", reason="the TVM extra is not installed (pip install rotaq[tvm])")
+from rotaq.backends import tvm as tb
+from rotaq.backends.tvm_kernels import qmatmul_func, schedule_qmatmul_cpu
+
+SEQ = 8
+RECIPES = ["rotate", "w8a8", "w4a16", "lowrank-20"]
+
+
+@pytest.fixture(scope="module")
+def tiny_onnx():
+    out = {}
+    for fam in ("llama", "bert"):
+        m, inputs = build(fam)
+        out[fam] = rotaq.load(m, inputs, ir="onnx")
+    return out
+
+
+def _feeds(model, n, seed=0):
+    ids = np.random.default_rng(seed).integers(0, 200, (1, n)).astype(np.int64)
+    feeds = model.token_feeds(ids)
+    return {k: v for k, v in feeds.items() if k in model.graph.input_names}
+
+
+def _rel(a, b):
+    return float(np.abs(np.asarray(a, np.float64) - b).max() / np.abs(b).max())
+
+
+@pytest.mark.parametrize("fam", ["llama", "bert"])
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_parity_with_ort(tiny_onnx, tmp_path, fam, recipe):
+    if recipe not in rotaq.recipe.builtin_recipes():
+        pytest.skip(f"recipe {recipe} not built in")
+    res = rotaq.optimize(tiny_onnx[fam], recipe, verify=False)
+    path = str(tmp_path / "m.onnx")
+    res.model.save(path)
+    meta = tb.compile_tvm(path, str(tmp_path / "art"), tokens=[SEQ], progress=False)
+    stats = meta["buckets"][str(SEQ)]["stats"]
+    if recipe.startswith("w4"):
+        assert stats["qmatmul"] >= 12  # every linear through rotaq's int4 kernel
+    ref = rotaq.load(path)
+    model = tb.load(str(tmp_path / "art"))
+    for seed in (0, 1):
+        feeds = _feeds(ref, SEQ, seed)
+        for a, b in zip(model.graph.run(feeds), ref.graph.run(feeds)):
+            assert _rel(a, b) < 1e-3
+
+
+def test_padding_and_artifact(tiny_onnx, tmp_path):
+    path = str(tmp_path / "llama.onnx")
+    rotaq.optimize(tiny_onnx["llama"], "rotate", verify=False).model.save(path)
+    meta = tb.compile_tvm(path, str(tmp_path / "art"), tokens=[1, SEQ], progress=False)
+    assert sorted(meta["tokens"]) == [1, SEQ] and meta["padding_exact"]
+    assert {"metadata.json", "params.npz", "lib_1.so", f"lib_{SEQ}.so"} <= {
+        p.name for p in (tmp_path / "art").iterdir()}
+    ref, model = rotaq.load(path), tb.load(str(tmp_path / "art"))
+    for n in (1, 5, SEQ):  # 5 runs padded on the 8-token library (causal: exact)
+        feeds = _feeds(ref, n)
+        (a,), (b,) = model.graph.run(feeds), ref.graph.run(feeds)
+        assert a.shape == b.shape and _rel(a, b) < 1e-4
+    with pytest.raises(RotaqError, match="largest compiled length"):
+        model.graph.run(_feeds(ref, SEQ + 1))
+    # recompiling into the same folder replaces the artefact atomically
+    tb.compile_tvm(path, str(tmp_path / "art"), tokens=[1], progress=False)
+    assert not (tmp_path / "art" / f"lib_{SEQ}.so").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".rotaq")]
+
+
+@pytest.mark.parametrize("bits,block,act,m", [(4, 32, 0, 1), (4, 32, 0, 6), (2, 16, 0, 3),
+                                              (8, 64, 8, 4), (4, 128, 0, 2)])
+def test_qmatmul_kernel(bits, block, act, m):
+    rng = np.random.default_rng(bits + m)
+    k, n = 80, 48  # K not a multiple of the block: zero-padded last block
+    nb = -(-k // block)
+    codes = rng.integers(0, 2**bits, (n, nb * block))
+    codes[:, k:] = 0
+    per = 8 // bits
+    packed = np.zeros((n, nb * block // per), np.uint16)
+    for i in range(per):
+        packed |= codes[:, i::per].astype(np.uint16) << (i * bits)
+    scales = rng.random((n, nb)).astype(np.float32) * 0.1
+    zp = rng.integers(0, 2**bits, (n, nb))
+    zpack = np.zeros((n, -(-nb // per)), np.uint16)
+    zfull = np.zeros((n, -(-nb // per) * per), np.int64)
+    zfull[:, :nb] = zp
+    for i in range(per):
+        zpack |= zfull[:, i::per].astype(np.uint16) << (i * bits)
+    w_codes, w_scale, w_shift = repack_nbits(packed.astype(np.uint8).reshape(n, nb, -1), scales,
+                                             zpack.astype(np.uint8), k, n, bits, block)
+    w = ((codes - np.repeat(zp, block, 1)) * np.repeat(scales, block, 1))[:, :k].T  # [K, N]
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    xa = x
+    if act:
+        xb = np.zeros((m, nb * block))
+        xb[:, :k] = x
+        xb = xb.reshape(m, nb, block)
+        s = np.abs(xb).max(-1, keepdims=True) / 127
+        xa = (np.round(xb / s) * s).reshape(m, -1)[:, :k]
+    f = schedule_qmatmul_cpu(qmatmul_func(m, k, n, bits, block, act), m, n)
+    lib = tvm.compile(tvm.IRModule({"main": f}), target="llvm")
+    args = [tvm.runtime.tensor(a) for a in (x, w_codes, w_scale, w_shift,
+                                            np.zeros((m, n), np.float32))]
+    lib["main"](*args)
+    assert _rel(args[-1].numpy(), xa @ w) < 1e-5
+
+
+def test_missing_tvm_message(monkeypatch):
+    monkeypatch.setitem(sys.modules, "tvm", None)
+    with pytest.raises(MissingDependencyError, match=r"pip install 'rotaq\[tvm\]'"):
+        tb.require_tvm()
+
+
+def test_import_rotaq_does_not_import_tvm():
+    code = ("import sys, rotaq, rotaq.cli, rotaq.backends.tvm, rotaq.cli_compile; "
+            "assert 'tvm' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)
