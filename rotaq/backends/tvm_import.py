@@ -23,6 +23,9 @@ from typing import Any
 
 import numpy as np
 
+from rotaq.backends import tvm_hadamard as H
+from rotaq.backends import tvm_kernels as K
+
 log = logging.getLogger(__name__)
 
 _CONST_MAX_ELEMS = 4096  # initializers up to this size are imported as constants
@@ -102,47 +105,76 @@ def repack_nbits(b: np.ndarray, scales: np.ndarray, zp: np.ndarray | None, k: in
 
 
 _QOP = "RotaqQMatMul"
+_DENSE_MIN_ELEMS = 256  # constant MatMul weights from this size go through rotaq's kernel
 
 
-def lower_nbits(proto: Any) -> int:
-    """Replace each MatMulNBits node by ``RotaqQMatMul(A, codes, scale, shift[, bias])`` with
-    the weights repacked by :func:`repack_nbits` (new initializers; unused old ones dropped).
-    Returns the number of nodes replaced."""
-    from onnx import helper, numpy_helper
+def tile(arr: np.ndarray, nt: int) -> np.ndarray:
+    """``[rows, N] -> [N / nt, rows, nt]``: each N tile contiguous along the rows."""
+    rows, n = arr.shape
+    return np.ascontiguousarray(arr.reshape(rows, n // nt, nt).transpose(1, 0, 2))
+
+
+def _set_qop(node: Any, inputs: list[str], attrs: dict[str, int]) -> None:
+    from onnx import helper
+
+    node.op_type, node.domain = _QOP, ""
+    del node.input[:]
+    node.input.extend(inputs)
+    del node.attribute[:]
+    node.attribute.extend([helper.make_attribute(a, v) for a, v in attrs.items()])
+
+
+def lower_matmuls(proto: Any) -> dict[str, int]:
+    """Replace each MatMulNBits node, and each MatMul whose second input is a 2-D float
+    initializer, by ``RotaqQMatMul(A, weight[, scale, shift][, bias])`` with the weight
+    repacked (:func:`repack_nbits`) and tiled along N (:func:`tile`) into new initializers;
+    initializers left unused are dropped. Returns counts per kind."""
+    from onnx import TensorProto, helper, numpy_helper
 
     inits = {t.name: t for t in proto.graph.initializer}
-    count = 0
+    counts = {"nbits": 0, "dense": 0}
+
+    def add(arr: np.ndarray, name: str) -> str:
+        proto.graph.initializer.append(numpy_helper.from_array(arr, name))
+        return name
+
     for node in proto.graph.node:
-        if node.op_type != "MatMulNBits":
-            continue
-        at = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        ins = list(node.input) + [""] * (6 - len(node.input))
-        if ins[4]:
-            raise ValueError(f"{node.name}: MatMulNBits with g_idx is not supported")
-        arrs = [numpy_helper.to_array(inits[i]) if i else None for i in ins[1:4]]
-        if arrs[0] is None or arrs[1] is None or any(i and i not in inits for i in ins[1:4]):
-            raise ValueError(f"{node.name}: MatMulNBits needs constant weights")
-        k, n, bits, block = (int(at[a]) for a in ("K", "N", "bits", "block_size"))
-        new = repack_nbits(arrs[0], arrs[1], arrs[2], k, n, bits, block)
-        names = []
-        for suffix, arr in zip(("codes", "scale", "shift"), new):
-            name = f"rotaq_q{count}_{suffix}"
-            proto.graph.initializer.append(numpy_helper.from_array(arr, name))
-            names.append(name)
-        act = 8 if int(at.get("accuracy_level", 0)) == 4 else 0
-        node.op_type, node.domain = _QOP, ""
-        del node.input[:]
-        node.input.extend([ins[0], *names] + ([ins[5]] if ins[5] else []))
-        del node.attribute[:]
-        node.attribute.extend([helper.make_attribute(a, v) for a, v in
-                               (("K", k), ("N", n), ("bits", bits), ("block_size", block),
-                                ("act_bits", act))])
-        count += 1
+        idx = counts["nbits"] + counts["dense"]
+        if node.op_type == "MatMulNBits":
+            at = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            ins = list(node.input) + [""] * (6 - len(node.input))
+            if ins[4]:
+                raise ValueError(f"{node.name}: MatMulNBits with g_idx is not supported")
+            if any(i and i not in inits for i in ins[1:4]) or not ins[1] or not ins[2]:
+                raise ValueError(f"{node.name}: MatMulNBits needs constant weights")
+            arrs = [numpy_helper.to_array(inits[i]) if i else None for i in ins[1:4]]
+            k, n, bits, block = (int(at[a]) for a in ("K", "N", "bits", "block_size"))
+            nt = K.pick_tile(n)
+            packed = repack_nbits(arrs[0], arrs[1], arrs[2], k, n, bits, block)
+            names = [add(tile(arr, nt), f"rotaq_q{idx}_{suffix}")
+                     for suffix, arr in zip(("codes", "scale", "shift"), packed)]
+            act = 8 if int(at.get("accuracy_level", 0)) == 4 else 0
+            _set_qop(node, [ins[0], *names] + ([ins[5]] if ins[5] else []),
+                     {"K": k, "N": n, "bits": bits, "block_size": block, "act_bits": act,
+                      "tile": nt})
+            counts["nbits"] += 1
+        elif node.op_type == "MatMul" and node.input[1] in inits:
+            t = inits[node.input[1]]
+            if (len(t.dims) != 2 or t.data_type != TensorProto.FLOAT
+                    or t.dims[0] * t.dims[1] < _DENSE_MIN_ELEMS):
+                continue
+            w = numpy_helper.to_array(t)
+            nt = K.pick_tile(w.shape[1])
+            name = add(tile(w, nt), f"rotaq_w{idx}")
+            _set_qop(node, [node.input[0], name],
+                     {"K": w.shape[0], "N": w.shape[1], "bits": 32, "block_size": 1,
+                      "act_bits": 0, "tile": nt})
+            counts["dense"] += 1
     used = {i for nd in proto.graph.node for i in nd.input}
     keep = [t for t in proto.graph.initializer if t.name in used]
     del proto.graph.initializer[:]
     proto.graph.initializer.extend(keep)
-    return count
+    return counts
 
 
 # ---- importer ---------------------------------------------------------------------------------
@@ -151,7 +183,6 @@ def _importer_class():
     from tvm import relax
     from tvm.relax.frontend.onnx import onnx_frontend as F
 
-    from rotaq.backends import tvm_kernels as K
 
     def is_prim(x: Any) -> bool:
         return x is not None and isinstance(getattr(x, "ty", None), tvm.ir.PrimType)
@@ -171,7 +202,7 @@ def _importer_class():
             super().__init__({}, "float32", keep_params_in_input=True, **kw)
             self._known = shapes
             self._cpu = cpu
-            self.stats = {"qmatmul": 0, "matmul_const": 0, "reannotated": 0}
+            self.stats = {"qmatmul": 0, "matmul_const": 0, "kron": 0, "reannotated": 0}
 
         def _parse_graph_initializers(self, graph: Any) -> None:
             for init in graph.initializer:
@@ -186,7 +217,7 @@ def _importer_class():
 
         def _check_for_unsupported_ops(self, graph: Any) -> None:
             saved = list(graph.node)
-            keep = [n for n in saved if n.op_type != _QOP]
+            keep = [n for n in saved if n.op_type not in (_QOP, H.KRON_OP)]
             del graph.node[:]
             graph.node.extend(keep)
             try:
@@ -202,8 +233,8 @@ def _importer_class():
             name = attrs["tvm_custom"]["name"]
             if op_name == _QOP:
                 out = self._nbits(fixed, attrs)
-            elif op_name == "MatMul" and self._const_weight(fixed) is not None:
-                out = self._dense(fixed)
+            elif op_name == H.KRON_OP:
+                out = self._kron(fixed, attrs, opset)
             else:
                 out = super()._convert_operator(op_name, F.onnx_input(fixed), attrs, opset)
             return self._reannotate(out, name)
@@ -225,16 +256,6 @@ def _importer_class():
             var = self.bb.emit(out)
             return self.bb.match_cast(var, relax.TensorType(known, out.ty.dtype))
 
-        def _const_weight(self, inputs: Any) -> np.ndarray | None:
-            w = inputs[1]
-            if not isinstance(w.ty, relax.TensorType) or w.ty.ndim != 2:
-                return None
-            x = inputs[0]
-            if not isinstance(x.ty, relax.TensorType) or x.ty.shape is None or x.ty.ndim < 1:
-                return None
-            arr = const_np(w, self._params)
-            return arr if arr is not None and arr.dtype == np.float32 else None
-
         def _rows(self, x: Any) -> tuple[Any, list[int], int]:
             shape = [int(d) for d in x.ty.shape]
             m = int(np.prod(shape[:-1], dtype=np.int64))
@@ -242,30 +263,44 @@ def _importer_class():
 
         def _call(self, func: Any, args: list, m: int, n: int, shape: list[int],
                   hint: str) -> Any:
-            gv = self.bb.add_func(func.without_attr("global_symbol"), hint)
+            # opaque: FuseOps must not merge rotaq's scheduled kernels with neighbours
+            func = func.without_attr("global_symbol").with_attr("op_pattern", 8)
+            gv = self.bb.add_func(func, hint)
             y = self.bb.emit(relax.call_tir(gv, args, relax.TensorType((m, n), "float32")))
             return self.bb.normalize(relax.op.reshape(y, (*shape[:-1], n)))
 
-        def _schedule(self, func: Any, m: int, n: int) -> Any:
-            return (K.schedule_qmatmul_cpu if self._cpu else K.schedule_qmatmul_gpu)(func, m, n)
+        def _schedule(self, func: Any, m: int, n: int, nt: int) -> Any:
+            return (K.schedule_qmatmul_cpu if self._cpu else K.schedule_qmatmul_gpu)(func, m, n,
+                                                                                     nt)
 
-        def _dense(self, inputs: Any) -> Any:
-            x2, shape, m = self._rows(inputs[0])
-            k, n = (int(d) for d in inputs[1].ty.shape)
-            func = self._schedule(K.qmatmul_func(m, k, n, 32, 1), m, n)
-            self.stats["matmul_const"] += 1
-            return self._call(func, [x2, inputs[1]], m, n, shape, "dense_matmul")
+        def _kron(self, inputs: Any, attrs: dict, opset: int) -> Any:
+            a, b, fa, fb = (int(attrs[k]) for k in ("a", "b", "fwht_a", "fwht_b"))
+            plain = {"tvm_custom": attrs["tvm_custom"]}
+            split = self.bb.normalize(super()._convert_operator(
+                "Reshape", F.onnx_input([inputs[0], inputs[3]]), dict(plain), opset))
+            shape = [int(d) for d in split.ty.shape]
+            m = int(np.prod(shape, dtype=np.int64)) // (a * b)
+            x2 = self.bb.normalize(relax.op.reshape(split, (m, a * b)))
+            func = H.kron_func(m, a, b, bool(fa), bool(fb))
+            func = H.schedule_kron_cpu(func, m)
+            self.stats["kron"] += 1
+            y = self._call(func, [x2, inputs[1], inputs[2]], m, a * b, [m, a * b], "hadamard")
+            y = self.bb.normalize(relax.op.reshape(y, shape))
+            return super()._convert_operator("Reshape", F.onnx_input([y, inputs[4]]), plain,
+                                             opset)
 
         def _nbits(self, inputs: Any, attrs: dict) -> Any:
-            k, n, bits, block = (int(attrs[a]) for a in ("K", "N", "bits", "block_size"))
-            act = int(attrs.get("act_bits", 0))
-            bias = inputs[4] if len(inputs) > 4 else None
+            k, n, bits, block, act, nt = (int(attrs[a]) for a in (
+                "K", "N", "bits", "block_size", "act_bits", "tile"))
+            n_w = 1 if bits == 32 else 3
+            bias = inputs[1 + n_w] if len(inputs) > 1 + n_w else None
             x2, shape, m = self._rows(inputs[0])
-            func = self._schedule(K.qmatmul_func(m, k, n, bits, block, act, bias is not None),
-                                  m, n)
-            self.stats["qmatmul"] += 1
-            call_args = [x2, *inputs[1:4]] + ([bias] if bias is not None else [])
-            return self._call(func, call_args, m, n, shape, f"qmatmul_int{bits}")
+            func = K.qmatmul_func(m, k, n, bits, block, act, bias is not None, nt)
+            func = self._schedule(func, m, n, nt)
+            self.stats["qmatmul" if bits < 32 else "matmul_const"] += 1
+            call_args = [x2, *inputs[1 : 1 + n_w]] + ([bias] if bias is not None else [])
+            hint = f"qmatmul_int{bits}" if bits < 32 else "dense_matmul"
+            return self._call(func, call_args, m, n, shape, hint)
 
     return Importer
 
@@ -281,7 +316,9 @@ def import_onnx(proto: Any, cpu: bool = True) -> tuple[Any, list[str], list[np.n
     for node in proto.graph.node:
         if len(node.output) == 1 and node.output[0] in by_output:
             known[node.name] = by_output[node.output[0]][0]
-    lower_nbits(proto)
+    if cpu:  # GPU builds keep the two small MatMuls (dlight schedules them)
+        H.lower_kron(proto)  # before lower_matmuls takes the factors' MatMuls
+    lower_matmuls(proto)
     importer = _importer_class()(known, cpu)
     mod = importer.from_onnx(proto.graph, opset)
     mod, params = relax.frontend.detach_params(mod)

@@ -26,19 +26,23 @@ def _te():
 
 
 def qmatmul_func(m: int, k: int, n: int, bits: int, block: int, act_bits: int = 0,
-                 has_bias: bool = False) -> Any:
-    """The unscheduled PrimFunc (see module doc). ``bits`` in (2, 4, 8, 32)."""
+                 has_bias: bool = False, nt: int = 1) -> Any:
+    """The unscheduled PrimFunc (see module doc). ``bits`` in (2, 4, 8, 32); weights tiled
+    ``[N / nt, rows, nt]`` (``rows`` = K for fp32, ``ceil(K_padded / per)`` bytes otherwise),
+    scale / shift ``[N / nt, blocks, nt]``, so a tile streams contiguously along K."""
     te, tirx = _te()
+    if n % nt:
+        raise ValueError(f"N={n} is not a multiple of the tile {nt}")
     x = te.placeholder((m, k), "float32", name="x")
     if bits == 32:
-        w = te.placeholder((k, n), "float32", name="w")
+        w = te.placeholder((n // nt, k, nt), "float32", name="w")
         params = [x, w]
     else:
         per = 8 // bits
         nb = -(-k // block)
-        w = te.placeholder((-(-nb * block // per), n), "uint8", name="w")
-        sc = te.placeholder((nb, n), "float32", name="scale")
-        sh = te.placeholder((nb, n), "float32", name="shift")
+        w = te.placeholder((n // nt, -(-nb * block // per), nt), "uint8", name="w")
+        sc = te.placeholder((n // nt, nb, nt), "float32", name="scale")
+        sh = te.placeholder((n // nt, nb, nt), "float32", name="shift")
         params = [x, w, sc, sh]
     bias = te.placeholder((n,), "float32", name="bias") if has_bias else None
     if bias is not None:
@@ -64,54 +68,78 @@ def qmatmul_func(m: int, k: int, n: int, bits: int, block: int, act_bits: int = 
 
         a = te.compute((m, k), _aq, name="aq")
 
-    def _w(kk, j):
-        if bits == 32:
-            return w[kk, j]
+    if bits == 32:
+        wd = w
+        rk = te.reduce_axis((0, k), name="rk")
+        y = te.compute((m, n), lambda i, j: te.sum(a[i, rk] * wd[j // nt, rk, j % nt], axis=rk),
+                       name="mm")
+    else:
         per = 8 // bits
-        byte = w[kk // per, j]
-        code = (byte >> ((kk % per) * bits).astype("uint8")) & tirx.const(2**bits - 1, "uint8")
-        return code.astype("float32") * sc[kk // block, j] + sh[kk // block, j]
 
-    rk = te.reduce_axis((0, k), name="rk")
-    y = te.compute((m, n), lambda i, j: te.sum(a[i, rk] * _w(rk, j), axis=rk), name="mm")
+        def _w(t, kk, c):
+            byte = w[t, kk // per, c]
+            code = (byte >> ((kk % per) * bits).astype("uint8")) & tirx.const(2**bits - 1, "uint8")
+            return code.astype("float32") * sc[t, kk // block, c] + sh[t, kk // block, c]
+
+        wd = te.compute((n // nt, k, nt), _w, name="wdeq")
+        rk = te.reduce_axis((0, k), name="rk")
+        y = te.compute((m, n), lambda i, j: te.sum(a[i, rk] * wd[j // nt, rk, j % nt], axis=rk),
+                       name="mm")
     if bias is not None:
         y = te.compute((m, n), lambda i, j: y[i, j] + bias[j], name="bias_add")
     return te.create_prim_func([*params, y])
 
 
-def _pick_nt(n: int) -> int:
+def pick_tile(n: int) -> int:
+    """The N tile of the weight layout: 64 lanes when N allows it."""
     for nt in (64, 32, 16, 8, 4, 2, 1):
         if n % nt == 0:
             return nt
     return 1
 
 
-def schedule_qmatmul_cpu(func: Any, m: int, n: int, threads: int = 0) -> Any:
-    """CPU schedule: parallel N tiles, an ``mt x nt`` register tile, K outermost inside the tile,
-    the N tile vectorized; the optional activation quantizer is computed once per row block."""
+def schedule_qmatmul_cpu(func: Any, m: int, n: int, nt: int, mt: int = 0,
+                         kunroll: int = 2) -> Any:
+    """CPU schedule: parallel N tiles (the weight tile ``nt``); for one row the weight is
+    decoded inline (GEMV), for more rows it is decoded once per tile into a local buffer and
+    reused by every ``mt``-row register tile (GEMM); K outermost inside the tile, N vectorized;
+    the optional activation quantizer is computed once."""
     from tvm import s_tir
 
     sch = s_tir.Schedule(func)
-    names = _block_names(sch, ("aq", "amax", "bias_add"))
-    if "aq" in names:
-        sch.parallel(sch.get_loops(sch.get_sblock("amax"))[0]) if m > 1 else None
-        sch.parallel(sch.get_loops(sch.get_sblock("aq"))[0]) if m > 1 else None
+    names = _block_names(sch, ("aq", "amax", "bias_add", "wdeq"))
+    if "aq" in names and m > 1:
+        sch.parallel(sch.get_loops(sch.get_sblock("amax"))[0])
+        sch.parallel(sch.get_loops(sch.get_sblock("aq"))[0])
     mm = sch.get_sblock("mm")
     i, j, rk = sch.get_loops(mm)
-    nt = _pick_nt(n)
-    mt = 1 if m == 1 else next(t for t in (4, 2, 1) if m % t == 0)
+    mt = mt if mt and m % mt == 0 else (1 if m == 1 else next(t for t in (8, 4, 2, 1)
+                                                              if m % t == 0))
     jo, ji = sch.split(j, [None, nt])
     io, ii = sch.split(i, [None, mt])
-    sch.reorder(jo, io, rk, ii, ji)
+    if kunroll > 1 and _extent(sch, rk) % kunroll == 0:
+        rk, rki = sch.split(rk, [None, kunroll])
+        sch.reorder(jo, io, rk, rki, ii, ji)
+        sch.unroll(rki)
+    else:
+        sch.reorder(jo, io, rk, ii, ji)
     acc = sch.cache_write(mm, 0, "local")
     sch.reverse_compute_at(acc, io)
-    sch.parallel(sch.fuse(jo, io) if m > 1 else jo)
+    staged = "wdeq" in names and m > 1
+    if "wdeq" in names and not staged:
+        sch.compute_inline(sch.get_sblock("wdeq"))
+    sch.parallel(jo if staged or m == 1 else sch.fuse(jo, io))
     if nt >= 4:
         sch.vectorize(ji)
     if mt > 1:
         sch.unroll(ii)
     sch.decompose_reduction(mm, rk)
     sch.vectorize(sch.get_loops(acc)[-1])
+    if staged:
+        wdeq = sch.get_sblock("wdeq")
+        sch.compute_at(wdeq, jo)
+        sch.set_scope(wdeq, 0, "local")
+        sch.vectorize(sch.get_loops(wdeq)[-1])
     if "bias_add" in names:
         badd = sch.get_sblock("bias_add")
         sch.reverse_compute_at(badd, sch.get_loops(acc)[0])
@@ -119,39 +147,37 @@ def schedule_qmatmul_cpu(func: Any, m: int, n: int, threads: int = 0) -> Any:
     return sch.mod["main"]
 
 
-def schedule_qmatmul_gpu(func: Any, m: int, n: int) -> Any:
-    """GPU schedule: one thread per output element (blocks of 128 along N, rows on blockIdx.y),
-    the K reduction serial in registers; the activation quantizer one thread per element."""
+def schedule_qmatmul_gpu(func: Any, m: int, n: int, nt: int = 0) -> Any:
+    """GPU schedule: one thread per output element (blocks of 128 or 32 along N, rows on
+    blockIdx.y), the K reduction serial in registers with the weight decoded inline; the
+    activation quantizer and bias one thread per element."""
     from tvm import s_tir
 
     sch = s_tir.Schedule(func)
-    names = _block_names(sch, ("aq", "amax", "bias_add"))
-    for name in ("amax", "aq"):
+    names = _block_names(sch, ("aq", "amax", "bias_add", "wdeq"))
+    if "wdeq" in names:
+        sch.compute_inline(sch.get_sblock("wdeq"))
+    for name in ("amax", "aq", "bias_add"):
         if name in names:
-            blk = sch.get_sblock(name)
-            loops = sch.get_loops(blk)
-            fused = sch.fuse(*loops[:2])
-            bx, tx = sch.split(fused, [None, 64])
+            loops = sch.get_loops(sch.get_sblock(name))
+            bx, tx = sch.split(sch.fuse(*loops[:2]), [None, 64])
             sch.bind(bx, "blockIdx.x")
             sch.bind(tx, "threadIdx.x")
     mm = sch.get_sblock("mm")
     i, j, rk = sch.get_loops(mm)
-    tn = 128 if n % 128 == 0 else 32
-    jo, ji = sch.split(j, [None, tn])
+    jo, ji = sch.split(j, [None, 128 if n % 128 == 0 else 32])
     sch.reorder(i, jo, ji, rk)
     sch.bind(i, "blockIdx.y")
     sch.bind(jo, "blockIdx.x")
     sch.bind(ji, "threadIdx.x")
     acc = sch.cache_write(mm, 0, "local")
     sch.reverse_compute_at(acc, ji)
-    if "bias_add" in names:
-        badd = sch.get_sblock("bias_add")
-        bi, bj = sch.get_loops(badd)
-        bo, bt = sch.split(sch.fuse(bi, bj), [None, 128])
-        sch.bind(bo, "blockIdx.x")
-        sch.bind(bt, "threadIdx.x")
     sch.decompose_reduction(mm, rk)
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+
+
+def _extent(sch: Any, loop: Any) -> int:
+    return int(sch.get(loop).extent)
 
 
 def _block_names(sch: Any, candidates: tuple[str, ...]) -> set[str]:

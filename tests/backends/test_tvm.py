@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import rotaq
-from rotaq.backends.tvm_import import repack_nbits
+from rotaq.backends.tvm_import import repack_nbits, tile
 from rotaq.errors import MissingDependencyError, RotaqError
 from tests.tiny import build
 
@@ -51,6 +51,8 @@ def test_parity_with_ort(tiny_onnx, tmp_path, fam, recipe):
     stats = meta["buckets"][str(SEQ)]["stats"]
     if recipe.startswith("w4"):
         assert stats["qmatmul"] >= 12  # every linear through rotaq's int4 kernel
+    if recipe == "rotate" and fam == "llama":
+        assert stats["kron"] == 2  # the online Hadamards before the down projections
     ref = rotaq.load(path)
     model = tb.load(str(tmp_path / "art"))
     for seed in (0, 1):
@@ -109,12 +111,29 @@ def test_qmatmul_kernel(bits, block, act, m):
         xb = xb.reshape(m, nb, block)
         s = np.abs(xb).max(-1, keepdims=True) / 127
         xa = (np.round(xb / s) * s).reshape(m, -1)[:, :k]
-    f = schedule_qmatmul_cpu(qmatmul_func(m, k, n, bits, block, act), m, n)
+    nt = 16
+    f = schedule_qmatmul_cpu(qmatmul_func(m, k, n, bits, block, act, nt=nt), m, n, nt)
     lib = tvm.compile(tvm.IRModule({"main": f}), target="llvm")
-    args = [tvm.runtime.tensor(a) for a in (x, w_codes, w_scale, w_shift,
-                                            np.zeros((m, n), np.float32))]
+    args = [tvm.runtime.tensor(a) for a in (x, tile(w_codes, nt), tile(w_scale, nt),
+                                            tile(w_shift, nt), np.zeros((m, n), np.float32))]
     lib["main"](*args)
     assert _rel(args[-1].numpy(), xa @ w) < 1e-5
+
+
+@pytest.mark.parametrize("m,a,b,dense_a", [(3, 16, 8, False), (5, 48, 32, True),
+                                            (2, 12, 16, True)])
+def test_hadamard_kernel(m, a, b, dense_a):
+    from rotaq.backends.tvm_hadamard import kron_func, schedule_kron_cpu, sylvester
+
+    rng = np.random.default_rng(a)
+    amat = np.linalg.qr(rng.standard_normal((a, a)))[0] if dense_a else sylvester(a)
+    x = rng.standard_normal((m, a * b)).astype(np.float32)
+    f = schedule_kron_cpu(kron_func(m, a, b, not dense_a, True), m)
+    lib = tvm.compile(tvm.IRModule({"main": f}), target="llvm")
+    args = [tvm.runtime.tensor(np.ascontiguousarray(v, np.float32))
+            for v in (x, amat.T, sylvester(b), np.zeros_like(x))]
+    lib["main"](*args)
+    assert _rel(args[-1].numpy(), x @ np.kron(amat, sylvester(b))) < 1e-5
 
 
 def test_missing_tvm_message(monkeypatch):

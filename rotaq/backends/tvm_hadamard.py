@@ -1,0 +1,186 @@
+"""Online Hadamard / Kronecker transforms for the TVM backend.
+
+rotaq emits ``x -> x @ kron(A, B)`` on the last axis as Reshape ``[.., a, b]`` -> MatMul ``B``
+-> MatMul ``A^T`` (left) -> Reshape (nodes tagged ``rotaq.role=online_transform``).
+:func:`lower_kron` replaces that chain by one ``RotaqKron`` node, and :func:`kron_func` is its
+kernel: per row, a fast Walsh-Hadamard transform (log2(b) butterfly stages in registers /
+L1, no multiplications) along ``b`` when ``B`` is the normalized Sylvester matrix ``H_b /
+sqrt(b)`` (a dense ``b x b`` product otherwise), then the ``a`` factor, again by FWHT when it is
+Sylvester, else as a small dense product (e.g. 48 for SmolLM2's 1536 = 48 x 32).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+_ROLE, _TRANSFORM = "rotaq.role", "online_transform"
+KRON_OP = "RotaqKron"
+
+
+def sylvester(n: int) -> np.ndarray:
+    """The normalized Sylvester Hadamard matrix ``H_n / sqrt(n)`` (n a power of two)."""
+    h = np.ones((1, 1))
+    while h.shape[0] < n:
+        h = np.block([[h, h], [h, -h]])
+    return h / math.sqrt(n)
+
+
+def _is_sylvester(m: np.ndarray) -> bool:
+    n = m.shape[0]
+    return n >= 2 and not n & (n - 1) and np.allclose(m, sylvester(n), atol=1e-6)
+
+
+def lower_kron(proto: Any) -> int:
+    """Replace each tagged Reshape -> MatMul(., B) -> MatMul(A^T, .) -> Reshape chain whose
+    factors are constant by ``RotaqKron(x, At, B, shape_in, shape_out)`` (the two Reshapes'
+    shapes; attributes ``a``, ``b``, ``fwht_a``,
+    ``fwht_b``). Returns the number of chains replaced."""
+    from onnx import helper, numpy_helper
+
+    inits = {t.name: t for t in proto.graph.initializer}
+    nodes = list(proto.graph.node)
+    producer = {o: nd for nd in nodes for o in nd.output}
+    readers: dict[str, int] = {}
+    for nd in nodes:
+        for i in nd.input:
+            readers[i] = readers.get(i, 0) + 1
+    for o in proto.graph.output:
+        readers[o.name] = readers.get(o.name, 0) + 1
+
+    def tagged(nd: Any) -> bool:
+        return any(p.key == _ROLE and p.value == _TRANSFORM for p in nd.metadata_props)
+
+    drop, count = set(), 0
+    for last in nodes:
+        if last.op_type != "Reshape" or not tagged(last):
+            continue
+        left = producer.get(last.input[0])
+        right = producer.get(left.input[1]) if left is not None and left.op_type == "MatMul" \
+            else None
+        first = producer.get(right.input[0]) if right is not None and \
+            right.op_type == "MatMul" else None
+        if first is None or first.op_type != "Reshape" or not all(
+                tagged(nd) for nd in (left, right, first)):
+            continue
+        if left.input[0] not in inits or right.input[1] not in inits:
+            continue
+        if any(readers.get(v, 0) != 1 for v in (first.output[0], right.output[0],
+                                                 left.output[0])):
+            continue
+        at = numpy_helper.to_array(inits[left.input[0]]).astype(np.float32)
+        bm = numpy_helper.to_array(inits[right.input[1]]).astype(np.float32)
+        a, b = at.shape[0], bm.shape[0]
+        fa, fb = _is_sylvester(at.T), _is_sylvester(bm)
+        last.op_type, last.domain = KRON_OP, ""
+        shape_out = last.input[1]
+        del last.input[:]
+        last.input.extend([first.input[0], left.input[0], right.input[1], first.input[1],
+                           shape_out])
+        del last.attribute[:]
+        last.attribute.extend([helper.make_attribute(k, int(v)) for k, v in
+                               (("a", a), ("b", b), ("fwht_a", fa), ("fwht_b", fb))])
+        drop.update(id(nd) for nd in (first, right, left))
+        count += 1
+    if count:
+        keep = [nd for nd in proto.graph.node if id(nd) not in drop]
+        del proto.graph.node[:]
+        proto.graph.node.extend(keep)
+    return count
+
+
+def _fwht_stages(te: Any, tirx: Any, src: Any, m: int, a: int, b: int, axis: int,
+                 tag: str) -> Any:
+    """log2(n) butterfly stages along ``axis`` (1: the a axis, 2: the b axis) of ``[m, a, b]``,
+    scaled by 1/sqrt(n) in the last stage."""
+    n = a if axis == 1 else b
+    cur = src
+    stages = int(math.log2(n))
+    for p in range(stages):
+        cur = te.compute((m, a, b), _butterfly(tirx, cur, a, b, axis, 1 << p,
+                                              1.0 / math.sqrt(n) if p == stages - 1 else 1.0),
+                         name=f"{tag}{p}")
+    return cur
+
+
+def _butterfly(tirx: Any, cur: Any, a: int, b: int, axis: int, h: int, scale: float) -> Any:
+    def body(r: Any, i: Any, c: Any) -> Any:
+        pos = i if axis == 1 else c
+        lo = (pos & h) == 0
+        if axis == 1:
+            up, dn = cur[r, tirx.min(i + h, a - 1), c], cur[r, tirx.max(i - h, 0), c]
+        else:
+            up, dn = cur[r, i, tirx.min(c + h, b - 1)], cur[r, i, tirx.max(c - h, 0)]
+        val = tirx.if_then_else(lo, cur[r, i, c] + up, dn - cur[r, i, c])
+        return val * tirx.const(scale, "float32") if scale != 1.0 else val
+
+    return body
+
+
+def kron_func(m: int, a: int, b: int, fwht_a: bool, fwht_b: bool) -> Any:
+    """PrimFunc ``(x [m, a*b], at [a, a], bm [b, b]) -> y [m, a*b]``, ``y = x @ kron(A, B)``
+    with ``at = A^T``."""
+    from tvm import te, tirx
+
+    x = te.placeholder((m, a * b), "float32", name="x")
+    at = te.placeholder((a, a), "float32", name="at")
+    bm = te.placeholder((b, b), "float32", name="bm")
+    x3 = te.compute((m, a, b), lambda r, i, c: x[r, i * b + c], name="xin")
+    if fwht_b:
+        t = _fwht_stages(te, tirx, x3, m, a, b, 2, "hb")
+    else:
+        lb = te.reduce_axis((0, b), name="lb")
+        t = te.compute((m, a, b), lambda r, i, c: te.sum(x3[r, i, lb] * bm[lb, c], axis=lb),
+                       name="db")
+    if fwht_a:
+        u = _fwht_stages(te, tirx, t, m, a, b, 1, "ha")
+    else:
+        la = te.reduce_axis((0, a), name="la")
+        u = te.compute((m, a, b), lambda r, j, c: te.sum(at[j, la] * t[r, la, c], axis=la),
+                       name="da")
+    y = te.compute((m, a * b), lambda r, q: u[r, q // b, q % b], name="y")
+    return te.create_prim_func([x, at, bm, y])
+
+
+def schedule_kron_cpu(func: Any, m: int) -> Any:
+    """Rows in parallel; every stage of a row computed at the row loop into a local [a, b]
+    buffer (L1-resident), the b axis vectorized."""
+    from tvm import s_tir
+
+    sch = s_tir.Schedule(func)
+    y = sch.get_sblock("y")
+    r = sch.get_loops(y)[0]
+    if m > 1:
+        sch.parallel(r)
+    stages = [blk for blk in _stage_blocks(sch) if blk != "y"]
+    for name in reversed(stages):
+        blk = sch.get_sblock(name)
+        sch.compute_at(blk, r)
+        sch.set_scope(blk, 0, "local")
+    for name in stages:
+        blk = sch.get_sblock(name)
+        loops = sch.get_loops(blk)
+        if name in ("da", "db"):
+            inner = loops[-1]  # reduction innermost: move c inside
+            sch.reorder(*loops[1:-2], inner, loops[-2])
+            sch.vectorize(sch.get_loops(blk)[-1])
+            sch.decompose_reduction(blk, sch.get_loops(blk)[-2])
+        else:
+            sch.vectorize(loops[-1])
+    sch.vectorize(sch.get_loops(y)[-1])
+    return sch.mod["main"]
+
+
+def _stage_blocks(sch: Any) -> list[str]:
+    names = []
+    for prefix, limit in (("xin", 1), ("hb", 16), ("db", 1), ("ha", 16), ("da", 1)):
+        cands = [prefix] if limit == 1 else [f"{prefix}{p}" for p in range(limit)]
+        for name in cands:
+            try:
+                sch.get_sblock(name)
+                names.append(name)
+            except Exception:  # noqa: BLE001, S112 - absent stage
+                continue
+    return names
