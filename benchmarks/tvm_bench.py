@@ -1,0 +1,235 @@
+"""TVM backend benchmark, side by side with ONNX Runtime in one run (issue 5).
+
+- hadamard: rotaq's fused online-Hadamard kernel (FWHT on the power-of-two factor, small dense
+  factor) against ORT's Kronecker subgraph (Reshape, MatMul, MatMul, Reshape) for SmolLM2's
+  1536 = 48 x 32 at 1 and 16 tokens (2 threads each, alternating runs).
+- e2e: a rewritten SmolLM2 (``--onnx FILE`` or ``--recipe``) compiled for llvm (cached under
+  ~/.cache/rotaq/tvm, keyed by the file and rotaq's backend sources, so a rerun does not
+  recompile) and ORT on the same file: median latency at 1 and 16 tokens, the ratio, and
+  the max relative logit difference; ``--ppl`` adds perplexity from both.
+- parity: for each model x recipe, TVM vs ORT max relative output difference on the model's
+  sample inputs (real text).
+
+Writes benchmarks/results/tvm.json and tvm.md.
+Run: python benchmarks/tvm_bench.py [--onnx smol-w4a16r.onnx] [--ppl] [--skip parity]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import time
+
+import numpy as np
+
+import rotaq
+from rotaq.backends import tvm as tb
+from rotaq.backends.ort import ort_session
+
+HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "rotaq", "backends")
+log = logging.getLogger("tvm_bench")
+
+
+def _alternate(fa, fb, repeats: int = 50, warmup: int = 5) -> tuple[float, float]:
+    for _ in range(warmup):
+        fa()
+        fb()
+    ta, tb_ = [], []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fa()
+        ta.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        fb()
+        tb_.append(time.perf_counter() - t)
+    return float(np.median(ta) * 1e3), float(np.median(tb_) * 1e3)
+
+
+# ---- hadamard ---------------------------------------------------------------------------------
+def bench_hadamard(a: int = 48, b: int = 32, tokens=(1, 16)) -> list[dict]:
+    import tvm
+    from onnx import TensorProto, helper, numpy_helper
+
+    from rotaq.backends.tvm_hadamard import kron_func, schedule_kron_cpu, sylvester
+
+    rng = np.random.default_rng(0)
+    amat = np.linalg.qr(rng.standard_normal((a, a)))[0].astype(np.float32)
+    bmat = sylvester(b).astype(np.float32)
+    rows = []
+    for n in tokens:
+        g = helper.make_graph(
+            [helper.make_node("Reshape", ["x", "s1"], ["x4"]),
+             helper.make_node("MatMul", ["x4", "B"], ["y1"]),
+             helper.make_node("MatMul", ["At", "y1"], ["y2"]),
+             helper.make_node("Reshape", ["y2", "s2"], ["y"])], "kron",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, n, a * b])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n, a * b])],
+            [numpy_helper.from_array(np.array([1, n, a, b], np.int64), "s1"),
+             numpy_helper.from_array(np.array([1, n, a * b], np.int64), "s2"),
+             numpy_helper.from_array(bmat, "B"), numpy_helper.from_array(amat.T.copy(), "At")])
+        proto = helper.make_model(g, opset_imports=[helper.make_opsetid("", 20)])
+        sess = ort_session(proto.SerializeToString(), "all", threads=2)
+        x = rng.standard_normal((1, n, a * b)).astype(np.float32)
+        func = schedule_kron_cpu(kron_func(n, a, b, False, True), n)
+        lib = tvm.compile(tvm.IRModule({"main": func}),
+                          target=tb.make_target("llvm"))["main"]
+        args = [tvm.runtime.tensor(v) for v in (x.reshape(n, a * b), amat.T.copy(), bmat,
+                                                np.zeros((n, a * b), np.float32))]
+        ref = sess.run(None, {"x": x})[0].reshape(n, a * b)
+        lib(*args)
+        err = float(np.abs(args[-1].numpy() - ref).max() / np.abs(ref).max())
+        t_tvm, t_ort = _alternate(lambda lib=lib, args=args: lib(*args),
+                                  lambda sess=sess, x=x: sess.run(None, {"x": x}), 200)
+        rows.append({"size": f"{a * b} = {a} x {b}", "tokens": n, "tvm_us": t_tvm * 1e3,
+                     "ort_us": t_ort * 1e3, "speedup": t_ort / t_tvm, "max_rel_diff": err})
+        log.info("hadamard %s", rows[-1])
+    return rows
+
+
+# ---- end to end -------------------------------------------------------------------------------
+def _code_hash() -> str:
+    h = hashlib.sha1()
+    for f in sorted(os.listdir(SRC)):
+        if f.startswith("tvm") and f.endswith(".py"):
+            with open(os.path.join(SRC, f), "rb") as fh:
+                h.update(fh.read())
+    return h.hexdigest()[:10]
+
+
+def cached_artifact(onnx_path: str, tokens: list[int]) -> str:
+    """Compile ``onnx_path`` once per (file, tokens, backend code); reuse the folder after."""
+    st = os.stat(onnx_path)
+    key = hashlib.sha1(f"{os.path.abspath(onnx_path)}|{st.st_size}|{st.st_mtime}|{tokens}|"
+                       f"{_code_hash()}".encode()).hexdigest()[:12]
+    folder = os.path.join(rotaq.assets.cache_dir(), "tvm", key)
+    if not tb.is_artifact(folder):
+        log.info("compiling %s -> %s", onnx_path, folder)
+        tb.compile_tvm(onnx_path, folder, tokens=tokens)
+    return folder
+
+
+def bench_e2e(onnx_path: str, tokens=(1, 16), ppl: bool = False) -> dict:
+    os.environ.setdefault("TVM_NUM_THREADS", "2")
+    t0 = time.perf_counter()
+    folder = cached_artifact(onnx_path, sorted({*tokens, 512} if ppl else set(tokens)))
+    compile_s = time.perf_counter() - t0
+    tvm_model = tb.load(folder)
+    sess = ort_session(onnx_path, "all", threads=2)
+    out = {"onnx": os.path.basename(onnx_path), "artifact": folder,
+           "compile_or_cache_s": round(compile_s, 1), "tokens": {}}
+    for n in tokens:
+        ids = np.random.default_rng(n).integers(0, 32, (1, n)).astype(np.int64)
+        feeds = {"input_ids": ids}
+        a = tvm_model.graph.run(feeds)[0]
+        b = sess.run(None, feeds)[0]
+        t_tvm, t_ort = _alternate(lambda f=feeds: tvm_model.graph.run(f),
+                                  lambda f=feeds: sess.run(None, f), 20, 3)
+        out["tokens"][str(n)] = {"tvm_ms": t_tvm, "ort_ms": t_ort, "ratio": t_tvm / t_ort,
+                                 "max_rel_diff": float(np.abs(a - b).max() / np.abs(b).max())}
+        log.info("e2e %d tokens: %s", n, out["tokens"][str(n)])
+    if ppl:
+        from rotaq.eval.quality import perplexity
+
+        p_tvm = perplexity(tvm_model, progress=False)["ppl"]
+        p_ort = perplexity(rotaq.load(onnx_path), progress=False)["ppl"]
+        out["ppl"] = {"tvm": p_tvm, "ort": p_ort, "rel_diff": abs(p_tvm - p_ort) / p_ort}
+    return out
+
+
+# ---- parity -----------------------------------------------------------------------------------
+def bench_parity(models: list[str], recipes: list[str]) -> list[dict]:
+    rows = []
+    for name in models:
+        base = rotaq.load(name, ir="onnx")
+        for rec in recipes:
+            row = {"model": name, "recipe": rec}
+            try:
+                with tempfile.TemporaryDirectory(prefix="rotaq-tvmbench-") as d:
+                    res = rotaq.optimize(base, rec, verify=False)
+                    path = os.path.join(d, "m.onnx")
+                    res.model.save(path)
+                    written = rotaq.load(path)
+                    feeds = written.sample_inputs
+                    n = next(iter(feeds.values())).shape[1]
+                    tb.compile_tvm(path, os.path.join(d, "art"), tokens=[n], progress=False)
+                    got = tb.load(os.path.join(d, "art")).graph.run(feeds)
+                    ref = written.graph.run(feeds)
+                    row["max_rel_diff"] = max(float(np.abs(x - y).max() / np.abs(y).max())
+                                              for x, y in zip(got, ref))
+                    row["tokens"] = n
+            except Exception as err:  # noqa: BLE001 - recorded in the table
+                row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+            log.info("parity %s", row)
+            rows.append(row)
+    return rows
+
+
+# ---- report -----------------------------------------------------------------------------------
+def write(results: dict) -> None:
+    os.makedirs(HERE, exist_ok=True)
+    with open(os.path.join(HERE, "tvm.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    lines = [(f"TVM backend vs ONNX Runtime, one run ({results['date']}, 2 threads each, "
+             "median of alternating runs)."), ""]
+    if "hadamard" in results:
+        lines += [("| online Hadamard | tokens | TVM kernel (us) | ORT Kronecker subgraph (us) | "
+                  "speedup | max rel diff |"), "|---|---|---|---|---|---|"]
+        lines += [f"| {r['size']} | {r['tokens']} | {r['tvm_us']:.1f} | {r['ort_us']:.1f} | "
+                  f"{r['speedup']:.2f}x | {r['max_rel_diff']:.1e} |" for r in results["hadamard"]]
+        lines.append("")
+    if "e2e" in results:
+        e = results["e2e"]
+        lines += [f"End to end, `{e['onnx']}`:", "",
+                  "| tokens | TVM (ms) | ORT (ms) | TVM / ORT | max rel logit diff |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {n} | {r['tvm_ms']:.1f} | {r['ort_ms']:.1f} | {r['ratio']:.2f}x | "
+                  f"{r['max_rel_diff']:.1e} |" for n, r in e["tokens"].items()]
+        if "ppl" in e:
+            p = e["ppl"]
+            lines += ["", (f"Perplexity (wiki, 8192 tokens): TVM {p['tvm']:.4f}, ORT "
+                          f"{p['ort']:.4f} (relative difference {p['rel_diff']:.1e}).")]
+        lines.append("")
+    if "parity" in results:
+        lines += ["| model | recipe | tokens | TVM vs ORT max rel diff |", "|---|---|---|---|"]
+        lines += [f"| {r['model']} | {r['recipe']} | {r.get('tokens', '')} | "
+                  f"{r['max_rel_diff']:.1e} |" if "max_rel_diff" in r else
+                  f"| {r['model']} | {r['recipe']} | | failed: {r['error']} |"
+                  for r in results["parity"]]
+    with open(os.path.join(HERE, "tvm.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--onnx", help="rewritten SmolLM2 .onnx (default: build --recipe)")
+    ap.add_argument("--recipe", default="w4a16-rotated")
+    ap.add_argument("--ppl", action="store_true", help="also perplexity from both backends")
+    ap.add_argument("--skip", default="", help="comma list of sections: hadamard,e2e,parity")
+    ap.add_argument("--models", default="minilm-l6,smollm2-135m")
+    ap.add_argument("--recipes", default="rotate,w8a8,w4a16,lowrank-20")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    skip = set(args.skip.split(","))
+    results: dict = {"date": time.strftime("%Y-%m-%d %H:%M")}
+    if "hadamard" not in skip:
+        results["hadamard"] = bench_hadamard()
+    if "e2e" not in skip:
+        path = args.onnx
+        if path is None:
+            path = os.path.join(rotaq.assets.cache_dir(), "tvm", f"smollm2-{args.recipe}.onnx")
+            if not os.path.exists(path):
+                rotaq.optimize(rotaq.load("smollm2-135m", ir="onnx"), args.recipe,
+                               verify=False).model.save(path)
+        results["e2e"] = bench_e2e(path, ppl=args.ppl)
+    if "parity" not in skip:
+        results["parity"] = bench_parity(args.models.split(","), args.recipes.split(","))
+    write(results)
+
+
+if __name__ == "__main__":
+    main()
