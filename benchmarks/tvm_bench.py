@@ -27,6 +27,7 @@ import time
 import numpy as np
 
 import rotaq
+from rotaq import assets
 from rotaq.backends import tvm as tb
 from rotaq.backends.ort import ort_session
 
@@ -106,7 +107,7 @@ def cached_artifact(onnx_path: str, tokens: list[int]) -> str:
     st = os.stat(onnx_path)
     key = hashlib.sha1(f"{os.path.abspath(onnx_path)}|{st.st_size}|{st.st_mtime}|{tokens}|"
                        f"{_code_hash()}".encode()).hexdigest()[:12]
-    folder = os.path.join(rotaq.assets.cache_dir(), "tvm", key)
+    folder = os.path.join(assets.cache_dir(), "tvm", key)
     if not tb.is_artifact(folder):
         log.info("compiling %s -> %s", onnx_path, folder)
         tb.compile_tvm(onnx_path, folder, tokens=tokens)
@@ -221,7 +222,7 @@ def main() -> None:
     if "e2e" not in skip:
         path = args.onnx
         if path is None:
-            path = os.path.join(rotaq.assets.cache_dir(), "tvm", f"smollm2-{args.recipe}.onnx")
+            path = os.path.join(assets.cache_dir(), "tvm", f"smollm2-{args.recipe}.onnx")
             if not os.path.exists(path):
                 rotaq.optimize(rotaq.load("smollm2-135m", ir="onnx"), args.recipe,
                                verify=False).model.save(path)

@@ -50,6 +50,14 @@ def test_cli_compile_bench_eval(w4_llama, tmp_path, capsys):
                  "--json"]) == 0
     meta = json.loads(capsys.readouterr().out)
     assert meta["backend"] == "tvm" and meta["tokens"] == [1, 4]
+    # --recipe rewrites first (here: an int4 RTN recipe on the plain tiny model)
+    m, inputs = build("llama")
+    plain = str(tmp_path / "plain.onnx")
+    rotaq.load(m, inputs, ir="onnx").save(plain)
+    assert main(["compile", plain, "--recipe", "w4a16", "--backend", "tvm", "--tokens", "4",
+                 "-o", str(tmp_path / "rec"), "--json"]) == 0
+    stats = json.loads(capsys.readouterr().out)["buckets"]["4"]["stats"]
+    assert stats["qmatmul"] == 14
     assert main(["bench", str(out), "--backend", "tvm", "--tokens", "1,4", "--repeats", "2",
                  "--warmup", "1", "--json"]) == 0
     rep = json.loads(capsys.readouterr().out)
