@@ -262,8 +262,9 @@ class TvmGraph:
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         ids = np.asarray(next(iter(feeds.values())))
-        if ids.ndim != 2:
-            raise RotaqError(f"the TVM artefact runs inputs [batch, tokens]; got {ids.shape}")
+        if ids.ndim < 2:
+            raise RotaqError(f"the TVM artefact runs inputs [batch, tokens, ...]; got "
+                             f"{ids.shape}")
         rows = [self._run1({k: np.asarray(v)[i : i + 1] for k, v in feeds.items()},
                            ids.shape[1]) for i in range(ids.shape[0])]
         return [np.concatenate([r[j] for r in rows]) for j in range(len(rows[0]))]
@@ -286,7 +287,7 @@ class TvmGraph:
         for name in self._order:
             a = np.asarray(feeds[name])
             if b > n:
-                pad = np.zeros((a.shape[0], b - n), a.dtype)  # mask 0 / token 0 on padding
+                pad = np.zeros((a.shape[0], b - n, *a.shape[2:]), a.dtype)  # mask 0 / token 0
                 a = np.concatenate([a, pad], axis=1)
             args.append(self._tvm.runtime.tensor(np.ascontiguousarray(a)))
         res = self._vms[b]["main"](*args, *self._params[b])

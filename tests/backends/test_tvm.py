@@ -146,3 +146,34 @@ def test_import_rotaq_does_not_import_tvm():
     code = ("import sys, rotaq, rotaq.cli, rotaq.backends.tvm, rotaq.cli_compile; "
             "assert 'tvm' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("bits,level", [(8, 4), (4, 0), (2, 0)])
+def test_matmulnbits_node_matches_ort(tmp_path, bits, level):
+    """One MatMulNBits node (asymmetric zero points, bias) through the importer: ORT's
+    accuracy_level=4 int8 activations are reproduced, not just approximated."""
+    from onnx import TensorProto, helper, numpy_helper, save
+
+    rng = np.random.default_rng(bits)
+    k, n, bs, m = 320, 96, 64, 4
+    nb, per = k // bs, 8 // bits
+    b = rng.integers(0, 256, (n, nb, bs // per)).astype(np.uint8)
+    s = (rng.random((n, nb)) * 0.02).astype(np.float32)
+    zp = rng.integers(0, 256, (n, -(-nb // per))).astype(np.uint8)
+    bias = rng.standard_normal(n).astype(np.float32)
+    node = helper.make_node("MatMulNBits", ["a", "B", "S", "Z", "", "bias"], ["y"],
+                            domain="com.microsoft", K=k, N=n, bits=bits, block_size=bs,
+                            accuracy_level=level)
+    g = helper.make_graph(
+        [node], "g", [helper.make_tensor_value_info("a", TensorProto.FLOAT, [1, m, k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, m, n])],
+        [numpy_helper.from_array(v, name) for v, name in ((b, "B"), (s, "S"), (zp, "Z"),
+                                                          (bias, "bias"))])
+    path = str(tmp_path / "nbits.onnx")
+    save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 20),
+                                             helper.make_opsetid("com.microsoft", 1)]), path)
+    tb.compile_tvm(path, str(tmp_path / "art"), tokens=[m], progress=False)
+    x = (rng.standard_normal((1, m, k)) * np.linspace(0.1, 3, k)).astype(np.float32)
+    got = tb.load(str(tmp_path / "art")).graph.run({"a": x})[0]
+    ref = rotaq.load(path).graph.run({"a": x})[0]
+    assert _rel(got, ref) < 1e-5
