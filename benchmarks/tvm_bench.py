@@ -201,6 +201,14 @@ def write(results: dict) -> None:
                   f"{r['max_rel_diff']:.1e} |" if "max_rel_diff" in r else
                   f"| {r['model']} | {r['recipe']} | | failed: {r['error']} |"
                   for r in results["parity"]]
+    if any("a8" in r["recipe"] for r in results.get("parity", [])):
+        lines += ["", ("w8a8 (MatMulNBits with accuracy_level 4: int8 activations per row and "
+                       "block) misses the 1e-3 parity target. A single such node matches ORT "
+                       "within 1e-5 (tests/backends), so the per-node arithmetic is the same; "
+                       "the likely cause (not verified further) is float differences of ~1e-7 "
+                       "upstream moving activations across int8 rounding boundaries, compounded "
+                       "over the layers. Recipes without activation quantization agree to float "
+                       "precision.")]
     with open(os.path.join(HERE, "tvm.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
 
@@ -213,7 +221,12 @@ def main() -> None:
     ap.add_argument("--skip", default="", help="comma list of sections: hadamard,e2e,parity")
     ap.add_argument("--models", default="minilm-l6,smollm2-135m")
     ap.add_argument("--recipes", default="rotate,w8a8,w4a16,lowrank-20")
+    ap.add_argument("--render", action="store_true", help="only rewrite tvm.md from tvm.json")
     args = ap.parse_args()
+    if args.render:
+        with open(os.path.join(HERE, "tvm.json")) as f:
+            write(json.load(f))
+        return
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     skip = set(args.skip.split(","))
     results: dict = {"date": time.strftime("%Y-%m-%d %H:%M")}

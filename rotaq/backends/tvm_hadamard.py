@@ -144,7 +144,7 @@ def kron_func(m: int, a: int, b: int, fwht_a: bool, fwht_b: bool) -> Any:
     return te.create_prim_func([x, at, bm, y])
 
 
-def schedule_kron_cpu(func: Any, m: int) -> Any:
+def schedule_kron_cpu(func: Any, m: int, jt: int = 1) -> Any:
     """Rows in parallel; every stage of a row computed at the row loop into a local [a, b]
     buffer (L1-resident), the b axis vectorized."""
     from tvm import s_tir
@@ -163,14 +163,24 @@ def schedule_kron_cpu(func: Any, m: int) -> Any:
         blk = sch.get_sblock(name)
         loops = sch.get_loops(blk)
         if name in ("da", "db"):
-            inner = loops[-1]  # reduction innermost: move c inside
-            sch.reorder(*loops[1:-2], inner, loops[-2])
-            sch.vectorize(sch.get_loops(blk)[-1])
-            sch.decompose_reduction(blk, sch.get_loops(blk)[-2])
+            # [r, j, c, l] -> [r, jo, l, ji, c]: jt output rows x the c vector held across l
+            _, j, c, red = loops
+            ext = _extent(sch, j)
+            t = jt if jt > 1 and ext % jt == 0 else 1
+            jo, ji = sch.split(j, [None, t])
+            sch.reorder(jo, red, ji, c)
+            sch.vectorize(c)
+            if t > 1:
+                sch.unroll(ji)
+            sch.decompose_reduction(blk, red)
         else:
             sch.vectorize(loops[-1])
     sch.vectorize(sch.get_loops(y)[-1])
     return sch.mod["main"]
+
+
+def _extent(sch: Any, loop: Any) -> int:
+    return int(sch.get(loop).extent)
 
 
 def _stage_blocks(sch: Any) -> list[str]:
