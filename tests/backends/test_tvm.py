@@ -142,6 +142,16 @@ def test_missing_tvm_message(monkeypatch):
         tb.require_tvm()
 
 
+def test_cli_without_tvm(monkeypatch, tmp_path, capsys):
+    from rotaq.cli import main
+
+    monkeypatch.setitem(sys.modules, "tvm", None)
+    assert main(["compile", "smollm2-135m", "--backend", "tvm", "-o", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "apache-tvm" in err and "pip install 'rotaq[tvm]'" in err
+    assert not (tmp_path / "o").exists()
+
+
 def test_import_rotaq_does_not_import_tvm():
     code = ("import sys, rotaq, rotaq.cli, rotaq.backends.tvm, rotaq.cli_compile; "
             "assert 'tvm' not in sys.modules")
