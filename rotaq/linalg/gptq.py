@@ -143,7 +143,7 @@ def gptq(
 
     dead = np.diag(h) <= 0.0
     if dead.any():
-        logger.info("GPTQ: %d of %d inputs are dead (diag H == 0)", int(dead.sum()), n)
+        logger.debug("GPTQ: %d of %d inputs are dead (diag H == 0)", int(dead.sum()), n)
         h[dead, dead] = 1.0
         wk[:, dead] = 0.0
     gscale = nvfp4_global_scale(wk) if fmt.kind == "nvfp4" else None
