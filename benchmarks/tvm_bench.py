@@ -160,14 +160,31 @@ def bench_parity(models: list[str], recipes: list[str]) -> list[dict]:
                     tb.compile_tvm(path, os.path.join(d, "art"), tokens=[n], progress=False)
                     got = tb.load(os.path.join(d, "art")).graph.run(feeds)
                     ref = written.graph.run(feeds)
-                    row["max_rel_diff"] = max(float(np.abs(x - y).max() / np.abs(y).max())
-                                              for x, y in zip(got, ref))
+                    row["max_rel_diff"] = _rel(got, ref)
+                    # ORT against itself: graph optimizations off vs on (default), the float
+                    # reordering floor any second implementation of this graph faces
+                    row["ort_self_diff"] = _rel(_ort_unoptimized(path, feeds), ref)
                     row["tokens"] = n
             except Exception as err:  # noqa: BLE001 - recorded in the table
                 row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
             log.info("parity %s", row)
             rows.append(row)
     return rows
+
+
+def _rel(got, ref) -> float:
+    return max(float(np.abs(x - y).max() / np.abs(y).max()) for x, y in zip(got, ref))
+
+
+def _ort_unoptimized(path: str, feeds: dict) -> list:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+    sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    names = {i.name for i in sess.get_inputs()}
+    return sess.run(None, {k: v for k, v in feeds.items() if k in names})
 
 
 # ---- report -----------------------------------------------------------------------------------
@@ -196,19 +213,23 @@ def write(results: dict) -> None:
                           f"{p['ort']:.4f} (relative difference {p['rel_diff']:.1e}).")]
         lines.append("")
     if "parity" in results:
-        lines += ["| model | recipe | tokens | TVM vs ORT max rel diff |", "|---|---|---|---|"]
+        lines += [("| model | recipe | tokens | TVM vs ORT max rel diff | ORT unoptimized vs ORT "
+                   "max rel diff |"), "|---|---|---|---|---|"]
         lines += [f"| {r['model']} | {r['recipe']} | {r.get('tokens', '')} | "
-                  f"{r['max_rel_diff']:.1e} |" if "max_rel_diff" in r else
-                  f"| {r['model']} | {r['recipe']} | | failed: {r['error']} |"
+                  f"{r['max_rel_diff']:.1e} | {_fmt(r.get('ort_self_diff'))} |"
+                  if "max_rel_diff" in r else
+                  f"| {r['model']} | {r['recipe']} | | failed: {r['error']} | |"
                   for r in results["parity"]]
     if any("a8" in r["recipe"] for r in results.get("parity", [])):
         lines += ["", ("w8a8 (MatMulNBits with accuracy_level 4: int8 activations per row and "
-                       "block) misses the 1e-3 parity target. A single such node matches ORT "
-                       "within 1e-5 (tests/backends), so the per-node arithmetic is the same; "
-                       "the likely cause (not verified further) is float differences of ~1e-7 "
-                       "upstream moving activations across int8 rounding boundaries, compounded "
-                       "over the layers. Recipes without activation quantization agree to float "
-                       "precision.")]
+                       "block) misses the 1e-3 parity target, and so does ORT against itself: "
+                       "the same file run with ORT's graph optimizations off differs from the "
+                       "default session by as much as TVM does (last column). A single such node "
+                       "matches ORT within 1e-5 (tests/backends); across a model, float "
+                       "reordering of ~1e-7 (fused LayerNorm, GELU, attention) moves a few "
+                       "activations across int8 rounding boundaries, and each flip grows into a "
+                       "difference of the size of the quantization noise itself. Recipes "
+                       "without activation quantization agree to float precision.")]
     with open(os.path.join(HERE, "tvm.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
 
@@ -228,7 +249,7 @@ def main() -> None:
             write(json.load(f))
         return
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    skip = set(args.skip.split(","))
+    skip = set(filter(None, args.skip.split(",")))
     results: dict = {"date": time.strftime("%Y-%m-%d %H:%M")}
     if "hadamard" not in skip:
         results["hadamard"] = bench_hadamard()
@@ -242,7 +263,20 @@ def main() -> None:
         results["e2e"] = bench_e2e(path, ppl=args.ppl)
     if "parity" not in skip:
         results["parity"] = bench_parity(args.models.split(","), args.recipes.split(","))
+    old = os.path.join(HERE, "tvm.json")
+    if skip and os.path.exists(old):  # sections not rerun keep their earlier figures
+        with open(old) as f:
+            earlier = json.load(f)
+        for key in ("hadamard", "e2e", "parity"):
+            if key not in results and key in earlier:
+                results[key] = earlier[key]
+        if "e2e" in skip or "hadamard" in skip:
+            results["date"] = f"{earlier.get('date', '?')}; parity {results['date']}"
     write(results)
+
+
+def _fmt(x) -> str:
+    return "" if x is None else f"{x:.1e}"
 
 
 if __name__ == "__main__":

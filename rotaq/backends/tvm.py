@@ -53,18 +53,53 @@ def require_tvm() -> Any:
 
 
 def make_target(target: str | dict) -> Any:
-    """``llvm`` (the host CPU), ``cuda`` (sm_80), ``cuda -arch=sm_90``-style names as dicts:
-    ``{"kind": "cuda", "arch": "sm_90"}``."""
+    """``llvm`` (the host CPU: LLVM's name for it, e.g. ``znver4``, so the code uses its vector
+    units; plain x86-64 would be SSE2 only), ``llvm:CPU`` (an LLVM CPU name, ``generic`` for a
+    portable baseline), ``cuda`` (sm_80), ``cuda:sm_90``; dicts go to ``tvm.target.Target``."""
     tvm = require_tvm()
     if isinstance(target, dict):
         return tvm.target.Target(target)
-    if target == "llvm":
-        return tvm.target.Target({"kind": "llvm", "num-cores": max(os.cpu_count() or 1, 1)})
+    if target == "llvm" or target.startswith("llvm:"):
+        cpu = target.split(":", 1)[1] if ":" in target else host_cpu()
+        spec = {"kind": "llvm", "num-cores": max(os.cpu_count() or 1, 1)}
+        if cpu != "generic":
+            from tvm.target import codegen
+
+            if not codegen.llvm_is_valid_cpu(cpu, codegen.llvm_get_system_triple()):
+                raise RotaqError(f"--target {target}: {cpu!r} is not a CPU LLVM knows")
+            spec["mcpu"] = cpu
+        return tvm.target.Target(spec)
     if target.startswith("cuda"):
         arch = target.split(":", 1)[1] if ":" in target else "sm_80"
         return tvm.target.Target({"kind": "cuda", "arch": arch},
                                  host={"kind": "llvm"})
-    raise RotaqError(f"--target must be llvm, cuda or cuda:sm_XX, not {target!r}")
+    raise RotaqError(f"--target must be llvm, llvm:CPU, cuda or cuda:sm_XX, not {target!r}")
+
+
+def host_cpu() -> str:
+    """LLVM's name for this machine's CPU (``generic`` when LLVM does not know it)."""
+    from tvm.target import codegen
+
+    return str(codegen.llvm_get_system_cpu() or "generic")
+
+
+_ISA_PREFIXES = ("sse", "ssse", "avx", "fma", "f16c", "bmi", "amx", "popcnt", "neon", "sve",
+                 "dotprod", "i8mm", "bf16", "fp16", "fullfp16")
+
+
+def missing_cpu_features(cpu: str | None) -> list[str]:
+    """Instruction-set features code compiled for LLVM CPU ``cpu`` may use that this machine
+    lacks (tuning flags are ignored); empty for ``None`` / ``generic``."""
+    if not cpu or cpu == "generic":
+        return []
+    tvm = require_tvm()
+    from tvm.target import codegen
+
+    def isa(name: str) -> set[str]:
+        feats = codegen.llvm_get_cpu_features(tvm.target.Target({"kind": "llvm", "mcpu": name}))
+        return {f for f in feats if f.startswith(_ISA_PREFIXES)}
+
+    return sorted(isa(cpu) - isa(host_cpu()))
 
 
 # ---- compile ----------------------------------------------------------------------------------
@@ -174,6 +209,7 @@ def compile_tvm(model: Any, out_dir: str, target: str | dict = "llvm",
         meta = {
             "format": FORMAT, "version": 1, "backend": "tvm", "target": str(tgt),
             "target_kind": tgt.kind.name, "tvm_version": tvm.__version__,
+            "mcpu": str(tgt.attrs.get("mcpu", "")) or None,
             "inputs": [i.name for i in proto.graph.input],
             "outputs": [o.name for o in proto.graph.output],
             "input_names": names, "tokens": tokens,
@@ -241,6 +277,11 @@ class TvmGraph:
         if meta.get("target_kind") != "llvm":
             raise RotaqError(f"{folder}: compiled for {meta.get('target')}; only llvm artefacts "
                              "run here (a CUDA artefact holds its source for a GPU machine)")
+        missing = missing_cpu_features(meta.get("mcpu"))
+        if missing:
+            raise RotaqError(f"{folder}: compiled for CPU {meta['mcpu']}, whose instructions "
+                             f"{', '.join(missing)} this machine ({host_cpu()}) lacks: "
+                             "recompile here, or with --target llvm:generic for any x86-64")
         self.folder, self.meta = folder, meta
         self.input_names = list(meta["inputs"])
         self.output_names = list(meta["outputs"])

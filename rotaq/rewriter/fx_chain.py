@@ -100,11 +100,4 @@ def add_branch(g: FxGraph, key: str, chain: Chain) -> str:
     branch, _ = _emit(g, x, chain, nxt, weight)
     with g.gm.graph.inserting_before(nxt):
         total = g.gm.graph.call_function(aten.add.Tensor, (n, branch))
-    total.meta["rotaq"] = ROLE
-    total.meta["nn_module_stack"] = n.meta.get("nn_module_stack", {})
-    if "val" in n.meta:
-        total.meta["val"] = n.meta["val"]
-    for u in users:
-        u.replace_input_with(n, total)
-    g._touch()
-    return total.name
+    return g._wire(n, total, users, [total], ROLE)

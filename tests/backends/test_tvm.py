@@ -66,6 +66,7 @@ def test_padding_and_artifact(tiny_onnx, tmp_path):
     rotaq.optimize(tiny_onnx["llama"], "rotate", verify=False).model.save(path)
     meta = tb.compile_tvm(path, str(tmp_path / "art"), tokens=[1, SEQ], progress=False)
     assert sorted(meta["tokens"]) == [1, SEQ] and meta["padding_exact"]
+    assert meta["mcpu"] == tb.host_cpu()  # llvm = the host CPU's vector units
     assert {"metadata.json", "params.npz", "lib_1.so", f"lib_{SEQ}.so"} <= {
         p.name for p in (tmp_path / "art").iterdir()}
     ref, model = rotaq.load(path), tb.load(str(tmp_path / "art"))
@@ -134,6 +135,27 @@ def test_hadamard_kernel(m, a, b, dense_a):
             for v in (x, amat.T, sylvester(b), np.zeros_like(x))]
     lib["main"](*args)
     assert _rel(args[-1].numpy(), x @ np.kron(amat, sylvester(b))) < 1e-5
+
+
+def test_llvm_targets(tiny_onnx, tmp_path, monkeypatch):
+    assert str(tb.make_target("llvm").attrs.get("mcpu", "")) == tb.host_cpu()
+    assert "mcpu" not in tb.make_target("llvm:generic").attrs
+    assert tb.missing_cpu_features(tb.host_cpu()) == []
+    assert tb.missing_cpu_features("generic") == tb.missing_cpu_features(None) == []
+    with pytest.raises(RotaqError, match="not a CPU LLVM knows"):
+        tb.make_target("llvm:no-such-cpu")
+    path = str(tmp_path / "llama.onnx")
+    tiny_onnx["llama"].save(path)
+    meta = tb.compile_tvm(path, str(tmp_path / "art"), target="llvm:generic", tokens=[SEQ],
+                          progress=False)
+    assert meta["mcpu"] is None
+    ref, model = rotaq.load(path), tb.load(str(tmp_path / "art"))
+    feeds = _feeds(ref, SEQ)
+    assert _rel(model.graph.run(feeds)[0], ref.graph.run(feeds)[0]) < 1e-4
+    # an artefact built for a CPU with instructions this machine lacks is refused, not run
+    monkeypatch.setattr(tb, "missing_cpu_features", lambda cpu: ["avx512f"])
+    with pytest.raises(RotaqError, match="avx512f"):
+        tb.load(str(tmp_path / "art"))
 
 
 def test_missing_tvm_message(monkeypatch):
