@@ -83,6 +83,15 @@ def host_cpu() -> str:
     return str(codegen.llvm_get_system_cpu() or "generic")
 
 
+def has_avx512(target: Any) -> bool:
+    """Whether an llvm target's CPU (its ``mcpu``; none: generic x86-64) has AVX-512."""
+    if not target.attrs.get("mcpu"):
+        return False
+    from tvm.target import codegen
+
+    return "avx512f" in codegen.llvm_get_cpu_features(target)
+
+
 _ISA_PREFIXES = ("sse", "ssse", "avx", "fma", "f16c", "bmi", "amx", "popcnt", "neon", "sve",
                  "dotprod", "i8mm", "bf16", "fp16", "fullfp16")
 
@@ -158,7 +167,8 @@ def build_bucket(onnx_path: str, n: int, target: Any) -> tuple[Any, list[str], l
 
     proto = onnx.load(onnx_path)
     proto = specialize(proto, _input_shapes(proto, n))
-    mod, names, params, stats = import_onnx(proto, cpu=target.kind.name == "llvm")
+    cpu = target.kind.name == "llvm"
+    mod, names, params, stats = import_onnx(proto, cpu=cpu, avx512=cpu and has_avx512(target))
     with tvm.transform.PassContext(opt_level=3):
         ex = tvm.compile(mod, target=target, relax_pipeline=_pipeline(target))
     return ex, names, params, stats

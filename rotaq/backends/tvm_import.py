@@ -198,10 +198,11 @@ def _importer_class():
     class Importer(F.ONNXGraphImporter):
         """TVM's ONNX importer plus rotaq's kernels (see the module doc)."""
 
-        def __init__(self, shapes: dict, cpu: bool, **kw: Any):
+        def __init__(self, shapes: dict, cpu: bool, avx512: bool = False, **kw: Any):
             super().__init__({}, "float32", keep_params_in_input=True, **kw)
             self._known = shapes
             self._cpu = cpu
+            self._avx512 = avx512
             self.stats = {"qmatmul": 0, "matmul_const": 0, "kron": 0, "reannotated": 0}
 
         def _parse_graph_initializers(self, graph: Any) -> None:
@@ -270,8 +271,9 @@ def _importer_class():
             return self.bb.normalize(relax.op.reshape(y, (*shape[:-1], n)))
 
         def _schedule(self, func: Any, m: int, n: int, nt: int) -> Any:
-            return (K.schedule_qmatmul_cpu if self._cpu else K.schedule_qmatmul_gpu)(func, m, n,
-                                                                                     nt)
+            if self._cpu:
+                return K.schedule_qmatmul_cpu(func, m, n, nt, avx512=self._avx512)
+            return K.schedule_qmatmul_gpu(func, m, n, nt)
 
         def _kron(self, inputs: Any, attrs: dict, opset: int) -> Any:
             a, b, fa, fb = (int(attrs[k]) for k in ("a", "b", "fwht_a", "fwht_b"))
@@ -305,9 +307,11 @@ def _importer_class():
     return Importer
 
 
-def import_onnx(proto: Any, cpu: bool = True) -> tuple[Any, list[str], list[np.ndarray], dict]:
+def import_onnx(proto: Any, cpu: bool = True, avx512: bool = False
+                ) -> tuple[Any, list[str], list[np.ndarray], dict]:
     """Relax module of a specialized ONNX model -> (module without params, input names,
-    parameter arrays in call order, importer stats)."""
+    parameter arrays in call order, importer stats). ``avx512``: the CPU target has AVX-512
+    (register tiles of rotaq's matmul kernel, :func:`tvm_kernels.schedule_qmatmul_cpu`)."""
     from tvm import relax
 
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 1)
@@ -319,7 +323,7 @@ def import_onnx(proto: Any, cpu: bool = True) -> tuple[Any, list[str], list[np.n
     if cpu:  # GPU builds keep the two small MatMuls (dlight schedules them)
         H.lower_kron(proto)  # before lower_matmuls takes the factors' MatMuls
     lower_matmuls(proto)
-    importer = _importer_class()(known, cpu)
+    importer = _importer_class()(known, cpu, avx512)
     mod = importer.from_onnx(proto.graph, opset)
     mod, params = relax.frontend.detach_params(mod)
     arrays = [p.numpy() for p in params.get("main", [])]

@@ -82,9 +82,10 @@ def test_padding_and_artifact(tiny_onnx, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".rotaq")]
 
 
-@pytest.mark.parametrize("bits,block,act,m", [(4, 32, 0, 1), (4, 32, 0, 6), (2, 16, 0, 3),
-                                              (8, 64, 8, 4), (4, 128, 0, 2)])
-def test_qmatmul_kernel(bits, block, act, m):
+@pytest.mark.parametrize("bits,block,act,m,avx512", [
+    (4, 32, 0, 1, False), (4, 32, 0, 6, False), (2, 16, 0, 3, False), (8, 64, 8, 4, False),
+    (4, 128, 0, 2, False), (4, 32, 0, 1, True), (4, 32, 0, 12, True), (8, 64, 8, 6, True)])
+def test_qmatmul_kernel(bits, block, act, m, avx512):
     rng = np.random.default_rng(bits + m)
     k, n = 80, 48  # K not a multiple of the block: zero-padded last block
     nb = -(-k // block)
@@ -113,7 +114,8 @@ def test_qmatmul_kernel(bits, block, act, m):
         s = np.abs(xb).max(-1, keepdims=True) / 127
         xa = (np.round(xb / s) * s).reshape(m, -1)[:, :k]
     nt = 16
-    f = schedule_qmatmul_cpu(qmatmul_func(m, k, n, bits, block, act, nt=nt), m, n, nt)
+    f = schedule_qmatmul_cpu(qmatmul_func(m, k, n, bits, block, act, nt=nt), m, n, nt,
+                             avx512=avx512)
     lib = tvm.compile(tvm.IRModule({"main": f}), target="llvm")
     args = [tvm.runtime.tensor(a) for a in (x, tile(w_codes, nt), tile(w_scale, nt),
                                             tile(w_shift, nt), np.zeros((m, n), np.float32))]
@@ -140,6 +142,12 @@ def test_hadamard_kernel(m, a, b, dense_a):
 def test_llvm_targets(tiny_onnx, tmp_path, monkeypatch):
     assert str(tb.make_target("llvm").attrs.get("mcpu", "")) == tb.host_cpu()
     assert "mcpu" not in tb.make_target("llvm:generic").attrs
+    assert not tb.has_avx512(tb.make_target("llvm:generic"))
+    from tvm.target import codegen
+
+    if codegen.llvm_get_system_triple().startswith("x86_64"):
+        assert tb.has_avx512(tb.make_target("llvm:skylake-avx512"))
+        assert not tb.has_avx512(tb.make_target("llvm:haswell"))
     assert tb.missing_cpu_features(tb.host_cpu()) == []
     assert tb.missing_cpu_features("generic") == tb.missing_cpu_features(None) == []
     with pytest.raises(RotaqError, match="not a CPU LLVM knows"):
