@@ -121,7 +121,8 @@ def _butterfly(tirx: Any, cur: Any, a: int, b: int, axis: int, h: int, scale: fl
 
 def kron_func(m: int, a: int, b: int, fwht_a: bool, fwht_b: bool) -> Any:
     """PrimFunc ``(x [m, a*b], at [a, a], bm [b, b]) -> y [m, a*b]``, ``y = x @ kron(A, B)``
-    with ``at = A^T``."""
+    with ``at = A^T``. With a dense ``a`` factor, ``y`` is that product itself (block ``y``, a
+    reduction over the ``a`` axis), so no copy follows it."""
     from tvm import te, tirx
 
     x = te.placeholder((m, a * b), "float32", name="x")
@@ -136,47 +137,91 @@ def kron_func(m: int, a: int, b: int, fwht_a: bool, fwht_b: bool) -> Any:
                        name="db")
     if fwht_a:
         u = _fwht_stages(te, tirx, t, m, a, b, 1, "ha")
+        y = te.compute((m, a * b), lambda r, q: u[r, q // b, q % b], name="y")
     else:
         la = te.reduce_axis((0, a), name="la")
-        u = te.compute((m, a, b), lambda r, j, c: te.sum(at[j, la] * t[r, la, c], axis=la),
-                       name="da")
-    y = te.compute((m, a * b), lambda r, q: u[r, q // b, q % b], name="y")
+        y = te.compute((m, a * b), lambda r, q: te.sum(at[q // b, la] * t[r, la, q % b],
+                                                        axis=la), name="y")
     return te.create_prim_func([x, at, bm, y])
 
 
-def schedule_kron_cpu(func: Any, m: int, jt: int = 1) -> Any:
-    """Rows in parallel; every stage of a row computed at the row loop into a local [a, b]
-    buffer (L1-resident), the b axis vectorized."""
+# Rows split across threads only from this many on. A row of 1536 = 48 x 32 costs ~1.7 us on one
+# Zen 4 core (1.35 us of it the dense 48 x 48 factor, about the AVX-512 FMA peak), so 16 rows
+# are ~27 us: measured on a shared 2-core host, waking the pool's second thread and waiting for
+# it when another process holds that core cost more than the halved work saves (16 rows: 27.5 us
+# on one thread, 35-45 us on two when timed between ORT runs; 17 us on two only when the pool
+# is already spinning, as between back-to-back TVM kernels).
+PARALLEL_ROWS = 64
+# FWHT lines up to this length get their butterflies unrolled per line (LLVM turns them into
+# in-register shuffles); longer lines keep row-wide vectorized stages (code size).
+LINE_UNROLL = 64
+
+
+def schedule_kron_cpu(func: Any, m: int, jt: int = 8, parallel: bool | None = None) -> Any:
+    """One row at a time, every stage of a row computed at the row loop into a local ``[a, b]``
+    buffer (L1-resident); rows in parallel when ``parallel`` (default: ``m >=``
+    :data:`PARALLEL_ROWS`).
+
+    - FWHT along ``b``: the first log2(b) - 1 butterfly stages are computed per ``[b]`` line
+      (tiny local buffers, unrolled: LLVM keeps them in registers and shuffles), the last one
+      into the row buffer, vectorized along ``b``;
+    - dense ``a`` factor: ``y[r, j, c] = sum_l At[j, l] t[l, c]`` written straight into ``y``,
+      ``jt`` output lines x the ``c`` vector held in registers across ``l``;
+    - FWHT along ``a`` (power-of-two ``a``): stages over whole ``[b]`` lines, vectorized."""
     from tvm import s_tir
 
     sch = s_tir.Schedule(func)
     y = sch.get_sblock("y")
     r = sch.get_loops(y)[0]
-    if m > 1:
+    if m > 1 and (m >= PARALLEL_ROWS if parallel is None else parallel):
         sch.parallel(r)
-    stages = [blk for blk in _stage_blocks(sch) if blk != "y"]
+    names = _stage_blocks(sch)
+    stages = [nm for nm in names if nm not in ("y", "xin")]
     for name in reversed(stages):
         blk = sch.get_sblock(name)
         sch.compute_at(blk, r)
         sch.set_scope(blk, 0, "local")
+    hb = [nm for nm in stages if nm.startswith("hb")]
+    if hb and _extent(sch, sch.get_loops(sch.get_sblock(hb[-1]))[-1]) > LINE_UNROLL:
+        hb = []  # long lines: every stage over the row buffer, vectorized along b
+    if hb:
+        sch.compute_inline(sch.get_sblock("xin"))
+        line = sch.get_loops(sch.get_sblock(hb[-1]))[1]
+        for name in reversed(hb[:-1]):
+            blk = sch.get_sblock(name)
+            sch.compute_at(blk, line)
+            sch.unroll(sch.get_loops(blk)[-1])
+    else:
+        blk = sch.get_sblock("xin")
+        sch.compute_at(blk, r)
+        sch.set_scope(blk, 0, "local")
+        stages = ["xin", *stages]
     for name in stages:
         blk = sch.get_sblock(name)
-        loops = sch.get_loops(blk)
-        if name in ("da", "db"):
-            # [r, j, c, l] -> [r, jo, l, ji, c]: jt output rows x the c vector held across l
-            _, j, c, red = loops
-            ext = _extent(sch, j)
-            t = jt if jt > 1 and ext % jt == 0 else 1
-            jo, ji = sch.split(j, [None, t])
-            sch.reorder(jo, red, ji, c)
-            sch.vectorize(c)
-            if t > 1:
-                sch.unroll(ji)
-            sch.decompose_reduction(blk, red)
-        else:
-            sch.vectorize(loops[-1])
-    sch.vectorize(sch.get_loops(y)[-1])
+        if name == "db":
+            _dense_tiles(sch, blk, sch.get_loops(blk)[1:], jt)
+        elif name not in hb[:-1]:
+            sch.vectorize(sch.get_loops(blk)[-1])
+    if any(nm.startswith("ha") for nm in names):
+        sch.vectorize(sch.get_loops(y)[-1])
+    else:
+        _, q, red = sch.get_loops(y)
+        j, c = sch.split(q, [None, _extent(sch, q) // _extent(sch, red)])  # [a * b] -> [a, b]
+        _dense_tiles(sch, y, [j, c, red], jt)
     return sch.mod["main"]
+
+
+def _dense_tiles(sch: Any, blk: Any, loops: list, jt: int) -> None:
+    """[j, c, l] -> [jo, l, ji, c]: ``jt`` output lines x the ``c`` vector held across ``l``."""
+    j, c, red = loops
+    ext = _extent(sch, j)
+    t = jt if jt > 1 and ext % jt == 0 else 1
+    jo, ji = sch.split(j, [None, t])
+    sch.reorder(jo, red, ji, c)
+    sch.vectorize(c)
+    if t > 1:
+        sch.unroll(ji)
+    sch.decompose_reduction(blk, red)
 
 
 def _extent(sch: Any, loop: Any) -> int:

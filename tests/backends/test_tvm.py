@@ -124,7 +124,8 @@ def test_qmatmul_kernel(bits, block, act, m, avx512):
 
 
 @pytest.mark.parametrize("m,a,b,dense_a", [(3, 16, 8, False), (5, 48, 32, True),
-                                            (2, 12, 16, True)])
+                                            (2, 12, 16, True), (1, 48, 32, True),
+                                            (70, 48, 32, True)])  # 70: rows across threads
 def test_hadamard_kernel(m, a, b, dense_a):
     from rotaq.backends.tvm_hadamard import kron_func, schedule_kron_cpu, sylvester
 
@@ -137,6 +138,23 @@ def test_hadamard_kernel(m, a, b, dense_a):
             for v in (x, amat.T, sylvester(b), np.zeros_like(x))]
     lib["main"](*args)
     assert _rel(args[-1].numpy(), x @ np.kron(amat, sylvester(b))) < 1e-5
+
+
+@pytest.mark.parametrize("fwht_a", [False, True])
+def test_kron_kernel_dense_b(fwht_a):
+    from rotaq.backends.tvm_hadamard import kron_func, schedule_kron_cpu, sylvester
+
+    m, a, b = 3, 16, 12
+    rng = np.random.default_rng(7)
+    amat = sylvester(a) if fwht_a else np.linalg.qr(rng.standard_normal((a, a)))[0]
+    bmat = np.linalg.qr(rng.standard_normal((b, b)))[0]
+    x = rng.standard_normal((m, a * b)).astype(np.float32)
+    f = schedule_kron_cpu(kron_func(m, a, b, fwht_a, False), m)
+    lib = tvm.compile(tvm.IRModule({"main": f}), target="llvm")
+    args = [tvm.runtime.tensor(np.ascontiguousarray(v, np.float32))
+            for v in (x, amat.T, bmat, np.zeros_like(x))]
+    lib["main"](*args)
+    assert _rel(args[-1].numpy(), x @ np.kron(amat, bmat)) < 1e-5
 
 
 def test_llvm_targets(tiny_onnx, tmp_path, monkeypatch):
