@@ -223,7 +223,9 @@ def write(results: dict) -> None:
     os.makedirs(HERE, exist_ok=True)
     with open(os.path.join(HERE, "tvm.json"), "w") as f:
         json.dump(results, f, indent=2)
-    lines = [(f"TVM backend vs ONNX Runtime ({results['date']}; 2 threads each, median of "
+    dates = results.get("dates") or dict.fromkeys(SECTIONS, results.get("date"))
+    when = ", ".join(f"{k} {dates[k]}" for k in SECTIONS if k in results and dates.get(k))
+    lines = [(f"TVM backend vs ONNX Runtime (runs: {when}; 2 threads each, median of "
              "alternating runs, ORT's thread spinning off; TVM built for the host CPU)."), ""]
     if "hadamard" in results:
         lines += [("| online Hadamard | tokens | TVM kernel (us) | ORT Kronecker subgraph (us) | "
@@ -240,7 +242,8 @@ def write(results: dict) -> None:
                   f"{r['max_rel_diff']:.1e} |" for n, r in e["tokens"].items()]
         if "ppl" in e:
             p = e["ppl"]
-            lines += ["", (f"Perplexity (wiki, 8192 tokens): TVM {p['tvm']:.4f}, ORT "
+            when = f" (`{p['onnx']}`, run of {p['date']})" if "date" in p else ""
+            lines += ["", (f"Perplexity (wiki, 8192 tokens){when}: TVM {p['tvm']:.4f}, ORT "
                           f"{p['ort']:.4f} (relative difference {p['rel_diff']:.1e}).")]
         lines.append("")
     if "parity" in results:
@@ -264,11 +267,15 @@ def write(results: dict) -> None:
                        "matches ORT within 1e-5 (tests/backends); across a model, float "
                        "reordering of ~1e-7 (fused LayerNorm, GELU, attention) moves a few "
                        "activations across int8 rounding boundaries, and each flip grows into a "
-                       "difference of the size of the quantization noise itself; perplexity through "
-                       "both backends (table above) is the comparison that holds. Recipes "
-                       "without activation quantization agree to float precision.")]
+                       "difference of the size of the quantization noise itself. As models they "
+                       "agree: the perplexity table above compares the two backends on the "
+                       "same file. Recipes without activation quantization agree to float "
+                       "precision.")]
     with open(os.path.join(HERE, "tvm.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
+
+
+SECTIONS = ("hadamard", "e2e", "parity", "ppl_parity")
 
 
 def main() -> None:
@@ -289,7 +296,8 @@ def main() -> None:
         return
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     skip = set(filter(None, args.skip.split(",")))
-    results: dict = {"date": time.strftime("%Y-%m-%d %H:%M")}
+    now = time.strftime("%Y-%m-%d %H:%M")
+    results: dict = {"dates": {}}
     if "hadamard" not in skip:
         results["hadamard"] = bench_hadamard()
     if "e2e" not in skip:
@@ -298,15 +306,19 @@ def main() -> None:
         results["parity"] = bench_parity(args.models.split(","), args.recipes.split(","))
     if "ppl-parity" not in skip:
         results["ppl_parity"] = bench_ppl_parity(args.ppl_recipes.split(","))
+    results["dates"] = {k: now for k in SECTIONS if k in results}
     old = os.path.join(HERE, "tvm.json")
-    if skip and os.path.exists(old):  # sections not rerun keep their earlier figures
+    if skip and os.path.exists(old):  # sections not rerun keep their earlier figures and dates
         with open(old) as f:
             earlier = json.load(f)
-        for key in ("hadamard", "e2e", "parity", "ppl_parity"):
+        for key in SECTIONS:
             if key not in results and key in earlier:
                 results[key] = earlier[key]
-        if "e2e" in skip or "hadamard" in skip:
-            results["date"] = f"{earlier.get('date', '?')}; rerun {results['date']}"
+                results["dates"][key] = earlier.get("dates", {}).get(key, earlier.get("date"))
+        e, old_e = results.get("e2e", {}), earlier.get("e2e", {})
+        if e is not old_e and "ppl" not in e and "ppl" in old_e:  # latency rerun without --ppl
+            e["ppl"] = dict(old_e["ppl"], onnx=old_e.get("onnx"),
+                            date=earlier.get("dates", {}).get("e2e", earlier.get("date")))
     write(results)
 
 
