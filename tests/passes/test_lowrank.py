@@ -53,7 +53,7 @@ def test_budget_allocation_meets_the_ratio():
     ranks = [r for r in st["ranks"].values() if r is not None]
     assert ranks and all(r % 8 == 0 for r in ranks)
     assert st["replaced"] + st["kept_dense"] == 14
-    res, (st,) = _opt("fx", "lowrank", method="svd", rank_by="ratio", ratio=0.2)
+    _, (st,) = _opt("fx", "lowrank", method="svd", rank_by="ratio", ratio=0.2)
     assert st["replaced"] == 14 and 0.2 <= st["params_removed_ratio"] < 0.25
 
 
