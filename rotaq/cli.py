@@ -128,7 +128,10 @@ def _check_output(src: str, out: str) -> None:
 def _print_optimize(d: dict[str, Any]) -> None:
     print(f"recipe {d['recipe']['name']} on {d['model']} ({d['ir']}) in {d['seconds']} s")
     for p in d["passes"]:
-        print(f"  {p['pass']}: " + ", ".join(f"{k}={v}" for k, v in p["stats"].items()))
+        # per-layer tables (e.g. the ranks of every linear) go to --json, not the summary line
+        items = [f"{k}={v}" if not isinstance(v, (dict, list)) else f"{k}=({len(v)} in --json)"
+                 for k, v in p["stats"].items()]
+        print(f"  {p['pass']}: " + ", ".join(items))
     for rt, err in d["verify"].items():
         print(f"  max relative error ({rt}): {err:.3g}")
     if "output" in d:
