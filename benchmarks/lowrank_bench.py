@@ -61,7 +61,7 @@ def _interleaved(paths: dict[str, str], threads: int, repeats: int) -> dict[str,
     """Median latency (ms) per model and token count, the models run in turn (A B A B ...) so
     that both see the same machine load; the ratio of medians is what the table reports."""
     from rotaq.backends.ort import ort_session
-    from rotaq.eval.latency import _ORT_TYPES, _feeds
+    from rotaq.eval.latency import _ORT_TYPES, _feeds, time_alternating
 
     sess = {k: ort_session(p, "all", threads=threads) for k, p in paths.items()}
     out: dict[str, dict] = {k: {} for k in paths}
@@ -73,15 +73,8 @@ def _interleaved(paths: dict[str, str], threads: int, repeats: int) -> dict[str,
             feeds = _feeds(specs, n)
             names = [o.name for o in s.get_outputs()]
             runs[k] = (lambda s=s, f=feeds, o=names: s.run(o, f))
-            runs[k]()  # warm-up
-        times: dict[str, list[float]] = {k: [] for k in paths}
-        for _ in range(repeats):
-            for k, fn in runs.items():
-                t0 = time.perf_counter()
-                fn()
-                times[k].append((time.perf_counter() - t0) * 1e3)
-        for k in paths:
-            out[k][str(n)] = float(np.median(times[k]))
+        for k, ms in time_alternating(runs, 1, repeats).items():
+            out[k][str(n)] = ms
     return out
 
 

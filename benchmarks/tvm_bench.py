@@ -30,6 +30,7 @@ import rotaq
 from rotaq import assets
 from rotaq.backends import tvm as tb
 from rotaq.backends.ort import ort_session
+from rotaq.eval.latency import time_alternating, time_calls
 
 HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "rotaq", "backends")
@@ -40,33 +41,6 @@ log = logging.getLogger("tvm_bench")
 # threads hold the cores while TVM runs (TVM measured 24-27 ms alone at 1 token and 65-95 ms
 # alternated with a spinning ORT session), so ORT is timed with spinning off.
 NO_SPIN = {"session.intra_op.allow_spinning": "0"}
-
-
-def _alternate(fa, fb, repeats: int = 50, warmup: int = 5) -> tuple[float, float]:
-    for _ in range(warmup):
-        fa()
-        fb()
-    ta, tb_ = [], []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fa()
-        ta.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        fb()
-        tb_.append(time.perf_counter() - t)
-    return float(np.median(ta) * 1e3), float(np.median(tb_) * 1e3)
-
-
-def _block(f, repeats: int = 30, warmup: int = 5) -> float:
-    """Median ms of ``repeats`` consecutive calls (no other work in between)."""
-    for _ in range(warmup):
-        f()
-    ts = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        f()
-        ts.append(time.perf_counter() - t)
-    return float(np.median(ts) * 1e3)
 
 
 # ---- hadamard ---------------------------------------------------------------------------------
@@ -102,8 +76,9 @@ def bench_hadamard(a: int = 48, b: int = 32, tokens=(1, 16)) -> list[dict]:
         ref = sess.run(None, {"x": x})[0].reshape(n, a * b)
         lib(*args)
         err = float(np.abs(args[-1].numpy() - ref).max() / np.abs(ref).max())
-        t_tvm, t_ort = _alternate(lambda lib=lib, args=args: lib(*args),
-                                  lambda sess=sess, x=x: sess.run(None, {"x": x}), 200)
+        t = time_alternating({"tvm": lambda lib=lib, args=args: lib(*args),
+                              "ort": lambda sess=sess, x=x: sess.run(None, {"x": x})}, 5, 200)
+        t_tvm, t_ort = t["tvm"], t["ort"]
         rows.append({"size": f"{a * b} = {a} x {b}", "tokens": n, "tvm_us": t_tvm * 1e3,
                      "ort_us": t_ort * 1e3, "speedup": t_ort / t_tvm, "max_rel_diff": err})
         log.info("hadamard %s", rows[-1])
@@ -147,11 +122,12 @@ def bench_e2e(onnx_path: str, tokens=(1, 16), ppl: bool = False) -> dict:
         feeds = {"input_ids": ids}
         a = tvm_model.graph.run(feeds)[0]
         b = sess.run(None, feeds)[0]
-        t_tvm, t_ort = _alternate(lambda f=feeds: tvm_model.graph.run(f),
-                                  lambda f=feeds: sess.run(None, f), 20, 3)
+        run_tvm = (lambda f=feeds: tvm_model.graph.run(f))
+        t = time_alternating({"tvm": run_tvm, "ort": lambda f=feeds: sess.run(None, f)}, 3, 20)
+        t_tvm, t_ort = t["tvm"], t["ort"]
         # ORT as deployed (thread spinning on), timed in its own block after a TVM block
-        b_tvm = _block(lambda f=feeds: tvm_model.graph.run(f))
-        b_ort = _block(lambda f=feeds: spinning.run(None, f))
+        b_tvm = time_calls(run_tvm, 5, 30)["median_ms"]
+        b_ort = time_calls(lambda f=feeds: spinning.run(None, f), 5, 30)["median_ms"]
         out["tokens"][str(n)] = {"tvm_ms": t_tvm, "ort_ms": t_ort, "ratio": t_tvm / t_ort,
                                  "block_tvm_ms": b_tvm, "block_ort_spin_ms": b_ort,
                                  "block_ratio": b_tvm / b_ort,
@@ -263,8 +239,7 @@ def write(results: dict) -> None:
                   for n, r in e["tokens"].items()]
         if "ppl" in e:
             p = e["ppl"]
-            when = f" (`{p['onnx']}`, run of {p['date']})" if "date" in p else ""
-            lines += ["", (f"Perplexity (wiki, 8192 tokens){when}: TVM {p['tvm']:.4f}, ORT "
+            lines += ["", (f"Perplexity (wiki, 8192 tokens): TVM {p['tvm']:.4f}, ORT "
                           f"{p['ort']:.4f} (relative difference {p['rel_diff']:.1e}).")]
         lines.append("")
     if "parity" in results:
@@ -336,11 +311,6 @@ def main() -> None:
             if key not in results and key in earlier:
                 results[key] = earlier[key]
                 results["dates"][key] = earlier.get("dates", {}).get(key, earlier.get("date"))
-        e, old_e = results.get("e2e", {}), earlier.get("e2e", {})
-        if e is not old_e and "ppl" not in e and "ppl" in old_e:  # latency rerun without --ppl
-            e["ppl"] = {"onnx": old_e.get("onnx"),
-                        "date": earlier.get("dates", {}).get("e2e", earlier.get("date")),
-                        **old_e["ppl"]}  # a ppl carried over before keeps its own file/date
     write(results)
 
 

@@ -23,7 +23,7 @@ from rotaq.model import Model
 
 log = logging.getLogger(__name__)
 
-__all__ = ["bench", "onnx_files"]
+__all__ = ["bench", "onnx_files", "time_alternating", "time_calls"]
 
 _ORT_TYPES = {
     "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_,
@@ -58,7 +58,8 @@ def _feeds(specs: dict[str, tuple[Any, Sequence[Any]]], n: int) -> dict[str, np.
     return out
 
 
-def _time(fn: Callable[[], Any], warmup: int, repeats: int) -> dict[str, float]:
+def time_calls(fn: Callable[[], Any], warmup: int, repeats: int) -> dict[str, float]:
+    """Median, p90, min and mean milliseconds of ``repeats`` consecutive calls of ``fn``."""
     for _ in range(warmup):
         fn()
     ms = []
@@ -69,6 +70,23 @@ def _time(fn: Callable[[], Any], warmup: int, repeats: int) -> dict[str, float]:
     a = np.asarray(ms)
     return {"median_ms": float(np.median(a)), "p90_ms": float(np.percentile(a, 90)),
             "min_ms": float(a.min()), "mean_ms": float(a.mean())}
+
+
+def time_alternating(fns: dict[str, Callable[[], Any]], warmup: int,
+                     repeats: int) -> dict[str, float]:
+    """Median milliseconds per function, the functions called in turn (A B A B ...) so that all
+    see the same machine load: on a shared machine the ratio of these medians is the figure
+    to compare, not the absolute times."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    ms: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            ms[k].append((time.perf_counter() - t0) * 1e3)
+    return {k: float(np.median(v)) for k, v in ms.items()}
 
 
 # ---- files ----------------------------------------------------------------------------------
@@ -161,7 +179,7 @@ def _bench_ort(model_or_path: Model | str, tokens: Sequence[int], repeats: int, 
         for n in tqdm(tokens, desc="bench", unit="len", file=sys.stderr, disable=not progress,
                       leave=False):
             feeds = _feeds(specs, n)
-            timings[str(n)] = _time(lambda f=feeds: sess.run(outs, f), warmup, repeats)
+            timings[str(n)] = time_calls(lambda f=feeds: sess.run(outs, f), warmup, repeats)
         kept = [f if not f.startswith(os.path.abspath(tmp)) else os.path.basename(f)
                 for f in files]
     return {"model": name, "backend": "ort", "ort_version": ort.__version__, "threads": threads,
@@ -211,7 +229,7 @@ def _bench_torch(model_or_path: Model | str, tokens: Sequence[int], repeats: int
         for n in tqdm(tokens, desc="bench", unit="len", file=sys.stderr, disable=not progress,
                       leave=False):
             feeds = _feeds(specs, n)
-            timings[str(n)] = _time(lambda f=feeds: model.graph.run(f), warmup, repeats)
+            timings[str(n)] = time_calls(lambda f=feeds: model.graph.run(f), warmup, repeats)
     finally:
         torch.set_num_threads(before)
     return {"model": model.source.get("name", "") if pt2 is None else pt2, "backend": "torch",
@@ -251,7 +269,7 @@ def _bench_artifact(src: Any, backend: str, tokens: Sequence[int], repeats: int,
     for n in tqdm(tokens, desc="bench", unit="len", file=sys.stderr, disable=not progress,
                   leave=False):
         feeds = _feeds({k: (np.int64, [1, None]) for k in model.graph.input_names}, n)
-        timings[str(n)] = _time(lambda f=feeds: model.graph.run(f), warmup, repeats)
+        timings[str(n)] = time_calls(lambda f=feeds: model.graph.run(f), warmup, repeats)
     return {"model": folder, "backend": "tvm", "tvm_version": meta.get("tvm_version"),
             "target": meta.get("target"), "threads": threads, "tokens": timings,
             "size_bytes": size, "size_mb": round(size / 2**20, 2), "files": files,
