@@ -208,8 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("optimize", help="apply a recipe, verify, and write the result")
     sp.add_argument("model", help=model_help)
-    sp.add_argument("--recipe", default="rotate", help="built-in recipe name (rotaq recipes), a .json file, or a pass name "
-                         "(rotate, quantize, lowrank, structured, kron-transform) as a one-pass recipe")
+    sp.add_argument("--recipe", default="rotate",
+                    help="built-in recipe name (rotaq recipes), a .json file, or a pass name "
+                         "(rotate, quantize, lowrank, ...) as a one-pass recipe")
     sp.add_argument("-o", "--output", required=True, help="out.onnx or out.pt2")
     sp.add_argument("--set", action="append", metavar="KEY=VALUE",
                     help="override a pass option (e.g. seed=1 or rotate.rotate_qk=true)")

@@ -115,9 +115,9 @@ def add_command(sub: Any, model_help: str) -> None:
     sp.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a pass option")
     sp.add_argument("--backend", choices=("tvm", "ort"), default="tvm")
     sp.add_argument("--target", default="llvm",
-                    help="tvm: llvm (this machine's CPU and its vector units), llvm:CPU (an LLVM CPU "
-                         "name; llvm:generic for a portable build), cuda (sm_80) or cuda:sm_90 "
-                         "(default llvm)")
+                    help="tvm: llvm (this machine's CPU and its vector units), llvm:CPU (an "
+                         "LLVM CPU name; llvm:generic for a portable build), cuda (sm_80) or "
+                         "cuda:sm_90 (default llvm)")
     sp.add_argument("--tokens", default="1,16,512",
                     help="tvm: sequence lengths to compile (static shapes; default 1,16,512)")
     sp.add_argument("-o", "--output", required=True, help="artefact folder")
