@@ -202,12 +202,7 @@ def _rel(got, ref) -> float:
 
 
 def _ort_unoptimized(path: str, feeds: dict) -> list:
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
-    sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    sess = ort_session(path, "disable", {"session.qdq_matmulnbits_accuracy_level": "0"})
     names = {i.name for i in sess.get_inputs()}
     return sess.run(None, {k: v for k, v in feeds.items() if k in names})
 
@@ -217,7 +212,7 @@ def write(results: dict) -> None:
     os.makedirs(HERE, exist_ok=True)
     with open(os.path.join(HERE, "tvm.json"), "w") as f:
         json.dump(results, f, indent=2)
-    dates = results.get("dates") or dict.fromkeys(SECTIONS, results.get("date"))
+    dates = results.get("dates", {})
     when = ", ".join(f"{k} {dates[k]}" for k in SECTIONS if k in results and dates.get(k))
     lines = [(f"TVM backend vs ONNX Runtime (runs: {when}; 2 threads each, median of "
              "alternating runs, ORT's thread spinning off; TVM built for the host CPU)."), ""]
@@ -234,8 +229,9 @@ def write(results: dict) -> None:
                    "spinning on (ms) | TVM / ORT | max rel logit diff |"),
                   "|---|---|---|---|---|---|---|---|"]
         lines += [f"| {n} | {r['tvm_ms']:.1f} | {r['ort_ms']:.1f} | {r['ratio']:.2f}x | "
-                  f"{_num(r.get('block_tvm_ms'))} | {_num(r.get('block_ort_spin_ms'))} | "
-                  f"{_num(r.get('block_ratio'), 'x')} | {r['max_rel_diff']:.1e} |"
+                  f"{_fmt(r.get('block_tvm_ms'), '.1f')} | "
+                  f"{_fmt(r.get('block_ort_spin_ms'), '.1f')} | "
+                  f"{_fmt(r.get('block_ratio'), '.2f', 'x')} | {r['max_rel_diff']:.1e} |"
                   for n, r in e["tokens"].items()]
         if "ppl" in e:
             p = e["ppl"]
@@ -246,7 +242,7 @@ def write(results: dict) -> None:
         lines += [("| model | recipe | tokens | TVM vs ORT max rel diff | ORT unoptimized vs ORT "
                    "max rel diff |"), "|---|---|---|---|---|"]
         lines += [f"| {r['model']} | {r['recipe']} | {r.get('tokens', '')} | "
-                  f"{r['max_rel_diff']:.1e} | {_fmt(r.get('ort_self_diff'))} |"
+                  f"{r['max_rel_diff']:.1e} | {_fmt(r.get('ort_self_diff'), '.1e')} |"
                   if "max_rel_diff" in r else
                   f"| {r['model']} | {r['recipe']} | | failed: {r['error']} | |"
                   for r in results["parity"]]
@@ -279,7 +275,8 @@ def main() -> None:
     ap.add_argument("--onnx", help="rewritten SmolLM2 .onnx (default: build --recipe)")
     ap.add_argument("--recipe", default="w4a16-rotated")
     ap.add_argument("--ppl", action="store_true", help="also perplexity from both backends")
-    ap.add_argument("--skip", default="", help="comma list of sections: hadamard,e2e,parity,ppl-parity")
+    ap.add_argument("--skip", default="",
+                    help="comma list of sections: hadamard,e2e,parity,ppl-parity")
     ap.add_argument("--models", default="minilm-l6,smollm2-135m")
     ap.add_argument("--recipes", default="rotate,w8a8,w4a16,lowrank-20")
     ap.add_argument("--ppl-recipes", default="w8a8",
@@ -310,16 +307,13 @@ def main() -> None:
         for key in SECTIONS:
             if key not in results and key in earlier:
                 results[key] = earlier[key]
-                results["dates"][key] = earlier.get("dates", {}).get(key, earlier.get("date"))
+                results["dates"][key] = earlier.get("dates", {}).get(key)
     write(results)
 
 
-def _num(x, unit: str = "") -> str:
-    return "" if x is None else (f"{x:.2f}{unit}" if unit else f"{x:.1f}")
-
-
-def _fmt(x) -> str:
-    return "" if x is None else f"{x:.1e}"
+def _fmt(x, spec: str, unit: str = "") -> str:
+    """A table cell: ``x`` formatted, empty for figures an older run did not record."""
+    return "" if x is None else f"{format(x, spec)}{unit}"
 
 
 if __name__ == "__main__":
