@@ -10,6 +10,7 @@ from rotaq.inspect import inspect
 from rotaq.loading import load
 from rotaq.model import Model
 from rotaq.recipe import Recipe
+from rotaq.version import __version__
 
-__all__ = ["Model", "OptimizeResult", "Recipe", "RotaqError", "inspect", "load", "optimize"]
-__version__ = "0.1.0"
+__all__ = ["Model", "OptimizeResult", "Recipe", "RotaqError", "inspect", "load", "optimize",
+           "__version__"]

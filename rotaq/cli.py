@@ -11,9 +11,11 @@ import json
 import logging
 import os
 import sys
+import time
 from typing import Any
 
 from rotaq.errors import RotaqError, VerificationError
+from rotaq.model import TOKENIZER_SUFFIX
 
 log = logging.getLogger("rotaq")
 
@@ -44,6 +46,42 @@ def _jsonable(o: Any) -> Any:
     if isinstance(o, np.ndarray):
         return o.tolist()
     return str(o)
+
+
+class _Format(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        if record.name == "rotaq.progress":
+            return f"[rotaq] {record.getMessage()}"
+        return super().format(record)
+
+
+def setup_logging(verbose: bool, debug: bool) -> None:
+    """stderr logging for the command: progress lines always; rotaq's own log at INFO with -v;
+    other libraries (onnxscript, onnx_ir, torch, transformers) at WARNING and their
+    Future/Deprecation warnings hidden, unless --debug (then everything at INFO, rotaq DEBUG)."""
+    import warnings
+
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if getattr(h, "_rotaq", False):
+            root.removeHandler(h)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Format("%(levelname)s %(name)s: %(message)s"))
+    handler._rotaq = True  # type: ignore[attr-defined]
+    root.addHandler(handler)
+    root.setLevel(logging.INFO if debug else logging.WARNING)
+    logging.getLogger("rotaq").setLevel(logging.DEBUG if debug else
+                                        logging.INFO if verbose else logging.WARNING)
+    logging.getLogger("rotaq.progress").setLevel(logging.INFO)
+    logging.captureWarnings(True)
+    if not debug:
+        for cat in (FutureWarning, DeprecationWarning, UserWarning):
+            warnings.filterwarnings("ignore", category=cat, module=r"(?!rotaq)")
+        # transformers' "Loading weights" bars; torch.onnx's "torchvision is not installed"
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        import torch  # noqa: F401 - torch sets its loggers' levels when imported
+
+        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
 
 
 # ---- inspect --------------------------------------------------------------------------------
@@ -125,23 +163,40 @@ def _check_output(src: str, out: str) -> None:
         raise RotaqError(f"{out}: refusing to overwrite the input model")
 
 
+def _size(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.0f} KiB"
+
+
 def _print_optimize(d: dict[str, Any]) -> None:
-    print(f"recipe {d['recipe']['name']} on {d['model']} ({d['ir']}) in {d['seconds']} s")
+    print(f"recipe {d['recipe']['name']} on {d['model']} ({d['ir']}): passes {d['seconds']:.1f} s")
     for p in d["passes"]:
         # per-layer tables (e.g. the ranks of every linear) go to --json, not the summary line
         items = [f"{k}={v}" if not isinstance(v, (dict, list)) else f"{k}=({len(v)} in --json)"
                  for k, v in p["stats"].items()]
         print(f"  {p['pass']}: " + ", ".join(items))
-    for rt, err in d["verify"].items():
-        print(f"  max relative error ({rt}): {err:.3g}")
-    if "output" in d:
-        print(f"wrote {d['output']}")
+    v, tol = d["verify"], d["tolerance"]
+    checks = [f"{k} in {c['runtime']} {c['max_rel_error']:.3g}" for k in ("rewrite", "written")
+              if (c := v.get(k))]
+    if not checks:
+        verdict = "not verified (--no-verify)"
+    elif tol is None:
+        verdict = "no tolerance (lossy recipe)"
+    elif v["passed"]:
+        verdict = f"PASS (tolerance {tol:g})"
+    else:  # an exact recipe over its tolerance has already failed with exit code 3
+        verdict = f"over the tolerance {tol:g} (not enforced: lossy recipe)"
+    print(f"  max relative error: {', '.join(checks) or '-'}: {verdict}")
+    files = ", ".join(f"{f['path']}{'/' if f['path'].endswith(TOKENIZER_SUFFIX) else ''} "
+                      f"({_size(f['bytes'])})" for f in d.get("files", []))
+    total = f" in {d['total_seconds']:.1f} s" if "total_seconds" in d else ""
+    print(f"wrote {files or d.get('output', '')}{total}")
 
 
 def cmd_optimize(args: argparse.Namespace) -> int:
     import rotaq
     from rotaq.eval import stats as st
 
+    t0 = time.perf_counter()
     _check_output(args.model, args.output)
     recipe = rotaq.Recipe.load(args.recipe).with_options(_options(args.set))
     exact = all(getattr(p, "exact", False) for p in recipe.build())
@@ -155,11 +210,8 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         before, after = st.activation_stats(model, feeds), st.activation_stats(res.model, feeds)
         res.report["stats_before"] = st.summarize(before)
         res.report["stats_after"] = st.summarize(after)
-    if args.no_verify:
-        res.model.save(args.output)
-        res.report["output"] = os.path.abspath(args.output)
-    else:
-        res.save(args.output)
+    res.save(args.output)
+    res.report["total_seconds"] = round(time.perf_counter() - t0, 1)
     _emit(res.report, args.json, _print_optimize)
     return 0
 
@@ -235,8 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    setup_logging(args.verbose, args.debug)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     try:

@@ -40,13 +40,14 @@ def compile_ort(model: Any, out_dir: str) -> dict[str, Any]:
 
     from rotaq.backends.ort import session_options
     from rotaq.backends.tvm import FORMAT, replace_dir
+    from rotaq.model import portable_source
 
     parent = os.path.dirname(os.path.abspath(out_dir)) or "."
     os.makedirs(parent, exist_ok=True)
     work = tempfile.mkdtemp(prefix=".rotaq-ort-", dir=parent)
     try:
         src = os.path.join(work, "source.onnx")
-        model.save(src)
+        model.save(src, tokenizer=False)
         opts = session_options("all", {
             **ORT_SETTINGS["config"],
             "session.optimized_model_external_initializers_file_name": "model.onnx.data",
@@ -58,7 +59,7 @@ def compile_ort(model: Any, out_dir: str) -> dict[str, Any]:
                 os.unlink(os.path.join(work, f))
         meta = {"format": FORMAT, "version": 1, "backend": "ort", "target": "cpu",
                 "target_kind": "cpu", "ort_version": ort.__version__, "model_file": "model.onnx",
-                "session": ORT_SETTINGS, "source": dict(model.source)}
+                "session": ORT_SETTINGS, "source": portable_source(model.source, work)}
         with open(os.path.join(work, "metadata.json"), "w") as f:
             json.dump(meta, f, indent=2)
         replace_dir(work, out_dir)
@@ -79,8 +80,10 @@ def load_artifact(folder: str) -> Any:
         return tb.load(folder)
     import rotaq
 
+    from rotaq.model import resolve_source
+
     model = rotaq.load(os.path.join(folder, meta["model_file"]))
-    model.source.update(meta.get("source") or {})
+    model.source.update(resolve_source(meta.get("source") or {}, os.path.abspath(folder)))
     return model
 
 

@@ -47,7 +47,7 @@ def load_for_backend(src: str, backend: str | None) -> Any:
 
         with tempfile.TemporaryDirectory(prefix="rotaq-eval-", ignore_cleanup_errors=True) as d:
             path = os.path.join(d, "model.onnx")
-            model.save(path)
+            model.save(path, tokenizer=False)
             model = rotaq.load(path)
     return model
 

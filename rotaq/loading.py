@@ -11,7 +11,8 @@ from typing import Any
 import numpy as np
 
 from rotaq.errors import LoadError
-from rotaq.model import Model
+from rotaq.model import Model, resolve_source
+from rotaq.progress import stage
 
 log = logging.getLogger(__name__)
 CAPTURE_VERSION = "1"  # bump when capture changes, to invalidate cached exports
@@ -78,7 +79,8 @@ def _from_module(module: Any, example_inputs: Any, source: dict, ir: str) -> Mod
     cfg = getattr(module, "config", None)
     if cfg is not None and hasattr(cfg, "use_cache"):
         cfg.use_cache = False
-    g = FxGraph.from_module(module, inputs)
+    with stage(f"capturing {type(module).__name__} with torch.export"):
+        g = FxGraph.from_module(module, inputs)
     feeds = {k: v[:1] for k, v in _np(inputs).items()}
     return _maybe_onnx(Model(g, feeds, dict(source)), ir)
 
@@ -95,11 +97,11 @@ def _maybe_onnx(model: Model, ir: str, cache_path: str | None = None) -> Model:
     if cache_path is None:  # OnnxGraph.load reads the weights into memory: no file is kept
         with tempfile.TemporaryDirectory(prefix="rotaq-onnx-") as tmp:
             path = os.path.join(tmp, "model.onnx")
-            model.save(path)
+            model.save(path, tokenizer=False)
             graph = OnnxGraph.load(path)
     else:
         if not os.path.exists(cache_path):
-            model.save(cache_path)
+            model.save(cache_path, tokenizer=False)
         graph = OnnxGraph.load(cache_path)
     return Model(graph, model.sample_inputs, dict(model.source))
 
@@ -107,7 +109,8 @@ def _maybe_onnx(model: Model, ir: str, cache_path: str | None = None) -> Model:
 def _from_hf(path: str, seq_len: int, ir: str) -> Model:
     from rotaq import assets
 
-    module, tok, kind = assets.load_hf_model(path)
+    with stage(f"loading the Hugging Face model in {path}"):
+        module, tok, kind = assets.load_hf_model(path)
     feeds = assets.sample_inputs(tok, kind, seq_len=seq_len)
     source = {"name": os.path.abspath(path), "kind": kind, "tokenizer": os.path.abspath(path)}
     return _from_module(module, {k: v for k, v in feeds.items()}, source, ir)
@@ -142,13 +145,22 @@ def _from_builtin(name: str, seq_len: int, ir: str) -> Model:
         log.info("capturing %s with torch.export (cached at %s)", name, pt2)
         module, _, _ = assets.load_hf_model(name)
         model = _from_module(module, feeds, source, "fx")
-        model.save(str(pt2))
+        model.save(str(pt2), tokenizer=False)
     onnx_cache = str(folder / f"{name}-{tag}.onnx") if ir == "onnx" else None
     return _maybe_onnx(model, ir, onnx_cache)
 
 
 def _from_file(path: str, seq_len: int) -> Model:
     ext = os.path.splitext(path)[1].lower()
+    with stage(f"loading {path}"):
+        g = _read_graph(path, ext)
+    source = {k[len("rotaq."):]: v for k, v in g.metadata.items() if k.startswith("rotaq.")}
+    source = resolve_source(source, os.path.dirname(os.path.abspath(path)))
+    source.setdefault("name", os.path.abspath(path))
+    return Model(g, _sample_for(g, source, seq_len), source)
+
+
+def _read_graph(path: str, ext: str) -> Any:
     if ext == ".onnx":
         from rotaq.rewriter.onnx import OnnxGraph
 
@@ -159,9 +171,7 @@ def _from_file(path: str, seq_len: int) -> Model:
         g = FxGraph.load(path)
     else:
         raise LoadError(f"{path}: unknown model file type '{ext}' (expected .onnx or .pt2)")
-    source = {k[len("rotaq."):]: v for k, v in g.metadata.items() if k.startswith("rotaq.")}
-    source.setdefault("name", os.path.abspath(path))
-    return Model(g, _sample_for(g, source, seq_len), source)
+    return g
 
 
 def _sample_for(g: Any, source: dict, seq_len: int) -> dict[str, np.ndarray]:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from rotaq.files import set_normal_permissions
 from rotaq.rewriter.analysis import Analysis, analyze
 
 
@@ -46,9 +48,77 @@ class Model:
     def clone(self) -> Model:
         return Model(self.graph.clone(), dict(self.sample_inputs), dict(self.source))
 
-    def save(self, path: str) -> None:
-        self.graph.metadata.update({f"rotaq.{k}": str(v) for k, v in self.source.items()})
+    def save(self, path: str, *, tokenizer: bool = True) -> list[str]:
+        """Write ``path`` (.onnx or .pt2; atomically) and return the files written.
+
+        With ``tokenizer`` the model's tokenizer (when known) is copied to ``PATH.tokenizer/``
+        beside the output and recorded relative to it (``rotaq.tokenizer`` metadata), so the
+        output can be moved or copied to another machine; without it the recorded path stays
+        as it is (for temporary files)."""
+        meta = {f"rotaq.{k}": str(v) for k, v in self.source.items()}
+        written = []
+        tok_dir = self.source.get("tokenizer")
+        if tokenizer and tok_dir and os.path.isdir(tok_dir):
+            dest = os.fspath(path) + TOKENIZER_SUFFIX
+            copy_tokenizer(tok_dir, dest)
+            meta["rotaq.tokenizer"] = os.path.basename(dest)
+            written.append(dest)
+        self.graph.metadata.update(meta)
         self.graph.save(path)
+        return [os.fspath(path), *self._sidecars(os.fspath(path)), *written]
+
+    @staticmethod
+    def _sidecars(path: str) -> list[str]:
+        data = path + ".data"
+        return [data] if path.lower().endswith(".onnx") and os.path.exists(data) else []
+
+
+TOKENIZER_SUFFIX = ".tokenizer"
+
+
+def copy_tokenizer(src: str, dest: str) -> None:
+    """Save the tokenizer of directory ``src`` as a tokenizer directory ``dest`` (atomically:
+    written to a temporary folder beside it, then renamed into place)."""
+    import shutil
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    if os.path.abspath(src) == os.path.abspath(dest):
+        return
+    tok = AutoTokenizer.from_pretrained(src)
+    parent = os.path.dirname(os.path.abspath(dest))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".rotaq-tok-", dir=parent)
+    try:
+        tok.save_pretrained(tmp)
+        set_normal_permissions(tmp)
+        if os.path.isdir(dest):
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def resolve_source(source: dict[str, str], base_dir: str) -> dict[str, str]:
+    """``source`` with a relative ``tokenizer`` made absolute against ``base_dir`` (the folder
+    of the model file or the artefact folder)."""
+    out = dict(source)
+    tok = out.get("tokenizer")
+    if tok and not os.path.isabs(tok):
+        out["tokenizer"] = os.path.normpath(os.path.join(base_dir, tok))
+    return out
+
+
+def portable_source(source: dict[str, str], folder: str, name: str = "tokenizer") -> dict[str, str]:
+    """``source`` for an artefact folder: its tokenizer (when known) copied to ``folder/name``
+    and recorded relative to the folder."""
+    out = dict(source)
+    tok = out.get("tokenizer")
+    if tok and os.path.isdir(tok):
+        copy_tokenizer(tok, os.path.join(folder, name))
+        out["tokenizer"] = name
+    return out
 
 
 def max_rel_error(ref: list[np.ndarray], out: list[np.ndarray]) -> float:

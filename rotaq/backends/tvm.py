@@ -120,7 +120,7 @@ def _onnx_source(model: Any, tmp: str) -> tuple[str, dict[str, str]]:
         return os.path.abspath(model), dict(m.source)
     m = model if isinstance(model, rotaq.Model) else rotaq.load(model, ir="onnx")
     path = os.path.join(tmp, "model.onnx")
-    m.save(path)
+    m.save(path, tokenizer=False)
     return path, dict(m.source)
 
 
@@ -213,6 +213,9 @@ def compile_tvm(model: Any, out_dir: str, target: str | dict = "llvm",
             buckets[str(n)] = entry
             log.info("bucket %d built (%s)", n, stats)
         np.savez(os.path.join(work, "params.npz"), **store)
+        from rotaq.model import portable_source
+
+        source = portable_source(source, work)
         import onnx
 
         proto = onnx.load(onnx_path, load_external_data=False)
@@ -242,6 +245,9 @@ def compile_tvm(model: Any, out_dir: str, target: str | dict = "llvm",
 
 def replace_dir(tmp: str, out_dir: str) -> None:
     """Move the finished ``tmp`` folder to ``out_dir`` (an existing artefact is replaced)."""
+    from rotaq.files import set_normal_permissions
+
+    set_normal_permissions(tmp)  # mkdtemp made it 0700
     if os.path.isdir(out_dir):
         if not os.path.exists(os.path.join(out_dir, "metadata.json")) and os.listdir(out_dir):
             raise RotaqError(f"{out_dir} exists and is not a rotaq artefact: refusing to replace")
@@ -375,7 +381,9 @@ def load(folder: str) -> Any:
     if meta.get("backend") != "tvm":
         raise RotaqError(f"{folder} is a {meta.get('backend')} artefact, not tvm")
     graph = TvmGraph(os.path.abspath(folder), meta)
-    source = dict(meta.get("source") or {})
+    from rotaq.model import resolve_source
+
+    source = resolve_source(meta.get("source") or {}, os.path.abspath(folder))
     n = min(graph.buckets()[-1], 16)
     sample = {k: np.ones((1, n), np.int64) for k in graph.input_names}
     return Model(graph, sample, source)

@@ -159,7 +159,7 @@ def _onnx_path(model_or_path: Model | str, tmp: str) -> tuple[str, str]:
         if model.ir == "onnx" and on_disk and os.path.isfile(on_disk):
             return on_disk, name  # freshly loaded, unmodified: the cached export itself
     path = os.path.join(tmp, "model", "model.onnx")
-    model.save(path)  # an FX model is exported to ONNX here
+    model.save(path, tokenizer=False)  # an FX model is exported to ONNX here
     return path, name
 
 

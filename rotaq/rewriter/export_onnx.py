@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from rotaq.errors import RotaqError
+from rotaq.progress import stage
 
 log = logging.getLogger(__name__)
 
@@ -21,8 +22,8 @@ def export_onnx(ep: torch.export.ExportedProgram, path: str, metadata: dict[str,
 
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    log.info("exporting to ONNX (torch.onnx.export, dynamo); this takes a while for big models")
-    with tempfile.TemporaryDirectory(dir=folder, prefix=".rotaq-export-") as tmp:
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".rotaq-export-") as tmp, \
+            stage(f"exporting to ONNX (torch.onnx.export, dynamo): {os.path.basename(path)}"):
         f = os.path.join(tmp, "model.onnx")
         kwargs: dict[str, Any] = {"dynamo": True, "external_data": True, "verbose": False}
         if opset:

@@ -20,6 +20,7 @@ import torch
 from torch.utils._pytree import tree_flatten
 
 from rotaq.errors import LoadError, RewriteError
+from rotaq.files import set_normal_permissions
 from rotaq.rewriter.sites import GNode, GraphView, Kronecker
 
 log = logging.getLogger(__name__)
@@ -435,9 +436,14 @@ class FxGraph:
         g = self.gm.graph
         g.eliminate_dead_code()
         used = {n.target for n in g.nodes if n.op == "get_attr"}
-        for name, _ in list(self.gm.named_parameters(recurse=False)):
-            if name.startswith("rotaq_const_") and name not in used:
-                delattr(self.gm, name)
+        # a rewritten weight is a new attribute; the one it replaced is no longer read by any
+        # node but stays registered, and torch.export would save it too (every weight twice)
+        named = list(self.gm.named_parameters(remove_duplicate=False)) + \
+            list(self.gm.named_buffers(remove_duplicate=False))
+        for name, _ in named:
+            if name not in used:
+                owner, _, leaf = name.rpartition(".")
+                delattr(self.gm.get_submodule(owner) if owner else self.gm, leaf)
         self.gm.recompile()
 
     def export(self) -> torch.export.ExportedProgram:
@@ -468,6 +474,7 @@ def _atomic(path: str, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        set_normal_permissions(tmp)  # mkstemp made it 0600
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
