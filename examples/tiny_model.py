@@ -14,11 +14,13 @@ import os
 import sys
 import tempfile
 
-_TEXT = """The quick brown fox jumps over the lazy dog. A man is eating food.
-Rotations spread outliers across channels so that quantization loses less.
-The model reads text, one token at a time, and predicts the next one.
-Hadamard matrices are orthogonal, and their entries are plus or minus one.
-Residual streams carry the hidden state from one block to the next.""".split("\n")
+_TEXT = [
+    "The quick brown fox jumps over the lazy dog. A man is eating food.",
+    "Rotations spread outliers across channels so that quantization loses less.",
+    "The model reads text, one token at a time, and predicts the next one.",
+    "Hadamard matrices are orthogonal, and their entries are plus or minus one.",
+    "Residual streams carry the hidden state from one block to the next.",
+]
 
 
 def make_tiny_llama(folder: str | None = None, vocab: int = 256) -> str:

@@ -12,5 +12,13 @@ from rotaq.model import Model
 from rotaq.recipe import Recipe
 from rotaq.version import __version__
 
-__all__ = ["Model", "OptimizeResult", "Recipe", "RotaqError", "inspect", "load", "optimize",
-           "__version__"]
+__all__ = [
+           "Model",
+           "OptimizeResult",
+           "Recipe",
+           "RotaqError",
+           "__version__",
+           "inspect",
+           "load",
+           "optimize",
+]

@@ -79,7 +79,6 @@ def load_artifact(folder: str) -> Any:
 
         return tb.load(folder)
     import rotaq
-
     from rotaq.model import resolve_source
 
     model = rotaq.load(os.path.join(folder, meta["model_file"]))
