@@ -64,7 +64,7 @@ def _row(name: str, path: str, args, fp32_lat: dict | None, extra: dict, source:
     lat = bench(path, backend="ort", tokens=args.lat_tokens, repeats=args.repeats,
                 threads=args.threads, progress=False)
     row = {"name": name, "ppl": ppl["ppl"], "tokens": ppl["tokens"],
-           "size_mb": lat["size_mb"], "latency_ms": {k: v["median_ms"]
+           "size_mb": lat["size_mib"], "latency_ms": {k: v["median_ms"]
                                                       for k, v in lat["tokens"].items()},
            "kernels": {k: v for k, v in (lat.get("optimized_ops") or {}).items()
                        if any(s in k for s in ("MatMul", "Gemm", "QLinear", "Quantize"))}}

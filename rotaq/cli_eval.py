@@ -9,6 +9,7 @@ import sys
 from typing import Any
 
 from rotaq.errors import RotaqError
+from rotaq.progress import stage
 
 _MODEL_HELP = ("a built-in name (smollm2-135m, minilm-l6), a .onnx or .pt2 file, or a Hugging "
                "Face model directory")
@@ -72,31 +73,39 @@ def _print_eval(d: dict[str, Any]) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from rotaq.assets import BUILTIN_MODELS
-    from rotaq.eval import quality as q
-
     model = load_for_backend(args.model, args.backend)
-    progress = sys.stderr.isatty()
+    progress = sys.stderr.isatty()  # tqdm bars on a terminal; the stage lines always
     if args.task == "ppl":
-        res = q.perplexity(model, corpus=args.text, n_tokens=args.tokens or _DEFAULT_TOKENS["ppl"],
-                           window=args.window, batch=args.batch, progress=progress,
-                           tokenizer=args.tokenizer)
+        n = args.tokens or _DEFAULT_TOKENS["ppl"]
+        what = f"perplexity on {n} tokens of {args.text} (windows of {args.window})"
     else:
-        if args.reference:
-            ref = load_for_backend(args.reference, None)
-        elif model.ir == "fx" and args.model in BUILTIN_MODELS:
-            ref = model  # a built-in loaded as is: it is its own original (saves a load)
-        else:
-            ref = q.reference_for(model, args.model)
-        if args.task == "agreement":
-            res = q.agreement(model, ref, corpus=args.text,
-                              n_tokens=args.tokens or _DEFAULT_TOKENS["agreement"],
-                              window=args.window, progress=progress, tokenizer=args.tokenizer)
-        else:
-            res = q.cosine_to_reference(model, ref, tokenizer=args.tokenizer)
+        what = f"{args.task} against the reference"
+    with stage(what):
+        res = _evaluate(model, args, progress)
     res = {"task": args.task, **res}
     _emit(res, args.json, _print_eval)
     return 0
+
+
+def _evaluate(model: Any, args: argparse.Namespace, progress: bool) -> dict[str, Any]:
+    from rotaq.assets import BUILTIN_MODELS
+    from rotaq.eval import quality as q
+
+    if args.task == "ppl":
+        return q.perplexity(model, corpus=args.text,
+                            n_tokens=args.tokens or _DEFAULT_TOKENS["ppl"], window=args.window,
+                            batch=args.batch, progress=progress, tokenizer=args.tokenizer)
+    if args.reference:
+        ref = load_for_backend(args.reference, None)
+    elif model.ir == "fx" and args.model in BUILTIN_MODELS:
+        ref = model  # a built-in loaded as is: it is its own original (saves a load)
+    else:
+        ref = q.reference_for(model, args.model)
+    if args.task == "agreement":
+        return q.agreement(model, ref, corpus=args.text,
+                           n_tokens=args.tokens or _DEFAULT_TOKENS["agreement"],
+                           window=args.window, progress=progress, tokenizer=args.tokenizer)
+    return q.cosine_to_reference(model, ref, tokenizer=args.tokenizer)
 
 
 # ---- bench ----------------------------------------------------------------------------------
@@ -111,14 +120,21 @@ def _token_list(s: str) -> list[int]:
 
 
 def _print_bench(d: dict[str, Any]) -> None:
-    print(f"{d['model']} ({d['backend']}, {d['threads']} threads): {d['size_mb']:.1f} MiB")
+    import textwrap
+
+    print(f"{d['model']} ({d['backend']}, {d['threads']} threads): {d['size_mib']:.2f} MiB on "
+          f"disk (MiB = 2^20 bytes; {', '.join(os.path.basename(f) for f in d['files'])})")
     print(f"{'tokens':>8s} {'median ms':>10s} {'p90 ms':>10s}")
     for n, t in d["tokens"].items():
         print(f"{n:>8s} {t['median_ms']:10.2f} {t['p90_ms']:10.2f}")
-    if d.get("optimized_ops"):
-        top = list(d["optimized_ops"].items())[:8]
-        print("optimized graph: " + ", ".join(f"{k} {v}" for k, v in top)
-              + (", ..." if len(d["optimized_ops"]) > len(top) else ""))
+    ops = d.get("optimized_ops")
+    if ops:  # every op type ORT runs after its graph optimizations, most frequent first
+        items = sorted(ops.items(), key=lambda kv: (-kv[1], kv[0]))
+        text = ", ".join(f"{k} x{v}" for k, v in items)
+        print(textwrap.fill(text, 100, initial_indent="ORT kernels (optimized graph): ",
+                            subsequent_indent="  "))
+    elif d["backend"] == "ort":
+        print("ORT kernels: not available (ORT could not write its optimized graph)")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from rotaq.errors import RotaqError
 from rotaq.model import Model
+from rotaq.progress import stage
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +172,8 @@ def _bench_ort(model_or_path: Model | str, tokens: Sequence[int], repeats: int, 
         path, name = _onnx_path(model_or_path, tmp)
         files = onnx_files(path)
         size = sum(os.path.getsize(f) for f in files)
-        sess, ops = _ort_session(path, threads)
+        with stage("ONNX Runtime session and its optimized graph"):
+            sess, ops = _ort_session(path, threads)
         specs = {i.name: (_ORT_TYPES.get(i.type, np.float32), list(i.shape))
                  for i in sess.get_inputs()}
         outs = [o.name for o in sess.get_outputs()]
@@ -179,11 +181,12 @@ def _bench_ort(model_or_path: Model | str, tokens: Sequence[int], repeats: int, 
         for n in tqdm(tokens, desc="bench", unit="len", file=sys.stderr, disable=not progress,
                       leave=False):
             feeds = _feeds(specs, n)
-            timings[str(n)] = time_calls(lambda f=feeds: sess.run(outs, f), warmup, repeats)
+            with stage(f"timing {n} tokens ({warmup} + {repeats} runs)"):
+                timings[str(n)] = time_calls(lambda f=feeds: sess.run(outs, f), warmup, repeats)
         kept = [f if not f.startswith(os.path.abspath(tmp)) else os.path.basename(f)
                 for f in files]
     return {"model": name, "backend": "ort", "ort_version": ort.__version__, "threads": threads,
-            "tokens": timings, "size_bytes": size, "size_mb": round(size / 2**20, 2),
+            "tokens": timings, "size_bytes": size, "size_mib": round(size / 2**20, 2),
             "files": kept, "optimized_ops": ops}
 
 
@@ -229,12 +232,14 @@ def _bench_torch(model_or_path: Model | str, tokens: Sequence[int], repeats: int
         for n in tqdm(tokens, desc="bench", unit="len", file=sys.stderr, disable=not progress,
                       leave=False):
             feeds = _feeds(specs, n)
-            timings[str(n)] = time_calls(lambda f=feeds: model.graph.run(f), warmup, repeats)
+            with stage(f"timing {n} tokens ({warmup} + {repeats} runs)"):
+                timings[str(n)] = time_calls(lambda f=feeds: model.graph.run(f), warmup,
+                                             repeats)
     finally:
         torch.set_num_threads(before)
     return {"model": model.source.get("name", "") if pt2 is None else pt2, "backend": "torch",
             "torch_version": torch.__version__, "threads": threads, "tokens": timings,
-            "size_bytes": size, "size_mb": round(size / 2**20, 2), "size_source": source,
+            "size_bytes": size, "size_mib": round(size / 2**20, 2), "size_source": source,
             "files": files, "optimized_ops": None}
 
 
@@ -269,10 +274,11 @@ def _bench_artifact(src: Any, backend: str, tokens: Sequence[int], repeats: int,
     for n in tqdm(tokens, desc="bench", unit="len", file=sys.stderr, disable=not progress,
                   leave=False):
         feeds = _feeds({k: (np.int64, [1, None]) for k in model.graph.input_names}, n)
-        timings[str(n)] = time_calls(lambda f=feeds: model.graph.run(f), warmup, repeats)
+        with stage(f"timing {n} tokens ({warmup} + {repeats} runs)"):
+            timings[str(n)] = time_calls(lambda f=feeds: model.graph.run(f), warmup, repeats)
     return {"model": folder, "backend": "tvm", "tvm_version": meta.get("tvm_version"),
             "target": meta.get("target"), "threads": threads, "tokens": timings,
-            "size_bytes": size, "size_mb": round(size / 2**20, 2), "files": files,
+            "size_bytes": size, "size_mib": round(size / 2**20, 2), "files": files,
             "optimized_ops": None}
 
 
@@ -285,8 +291,8 @@ def bench(model_or_path: Model | str, backend: str = "ort", tokens: Sequence[int
     ``model_or_path``: a Model, an .onnx/.pt2 file, a model directory or a built-in name (for
     ``backend="ort"`` a built-in is run from its cached ONNX export). Keys: ``model``,
     ``backend``, ``threads``, ``tokens`` ({"n": {median_ms, p90_ms, min_ms, mean_ms}}),
-    ``size_bytes`` / ``size_mb`` (MiB; the .onnx plus its external data, or the .pt2, or for an
-    in-memory torch model its weight bytes), ``files``, ``optimized_ops`` (op type -> count in
+    ``size_bytes`` / ``size_mib`` (MiB = 2**20 bytes; the .onnx plus its external data, or the
+    .pt2, or for an in-memory torch model its weight bytes), ``files``, ``optimized_ops`` (op type -> count in
     ORT's optimized graph, None for torch or when it could not be written).
     """
     tokens = [int(n) for n in tokens]

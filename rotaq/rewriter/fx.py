@@ -440,8 +440,9 @@ class FxGraph:
         # node but stays registered, and torch.export would save it too (every weight twice)
         named = list(self.gm.named_parameters(remove_duplicate=False)) + \
             list(self.gm.named_buffers(remove_duplicate=False))
+        nested = any(n.op == "call_module" for n in g.nodes)  # submodules read their own
         for name, _ in named:
-            if name not in used:
+            if name not in used and not nested:
                 owner, _, leaf = name.rpartition(".")
                 delattr(self.gm.get_submodule(owner) if owner else self.gm, leaf)
         self.gm.recompile()

@@ -61,7 +61,7 @@ def test_bench_onnx_file(tmp_path, external):
         assert 0 < t["min_ms"] <= t["median_ms"] <= t["p90_ms"]
     assert res["size_bytes"] == sum(os.path.getsize(f) for f in files)
     assert res["size_bytes"] > 2 * VOCAB * HIDDEN * 4  # both weight tables are counted
-    assert res["size_mb"] == round(res["size_bytes"] / 2**20, 2)
+    assert res["size_mib"] == round(res["size_bytes"] / 2**20, 2)
     ops = res["optimized_ops"]
     assert ops is not None and ops.get("Gather") == 1
     assert ops.get("MatMul", 0) + ops.get("FusedMatMul", 0) == 1
