@@ -16,6 +16,7 @@ from typing import Any
 
 from rotaq.errors import RotaqError, VerificationError
 from rotaq.model import TOKENIZER_SUFFIX
+from rotaq.progress import stage
 
 log = logging.getLogger("rotaq")
 
@@ -101,46 +102,95 @@ def _print_inspect(d: dict[str, Any]) -> None:
     print(f"residual stream: {'pre-norm' if d['pre_norm'] else 'not pre-norm'}, "
           f"{r['blocks']} blocks, embedding {r['embedding']}, head {', '.join(map(str, r['head']))}")
     if "stats" in d:
-        print(f"{'linear':48s} {'max/RMS':>9s} {'kurtosis':>9s}")
-        for row in d["stats"]:
-            print(f"{row['name'][:48]:48s} {row['max_rms']:9.2f} {row['kurtosis']:9.2f}")
-    if "stats_summary" in d:
-        print(json.dumps(d["stats_summary"], indent=2))
+        _print_stats(d)
+
+
+def _print_stats(d: dict[str, Any]) -> None:
+    """Per-linear input statistics, before and (with --recipe) after, side by side."""
+    after = {r["key"]: r for r in d.get("stats_after", [])}
+    rec = d.get("stats_recipe")
+    print(f"\ninput statistics of each linear ({d['stats_tokens']} tokens of {d['stats_text']}"
+          + (f"; before -> after recipe {rec}" if rec else "") + ")")
+    if after:
+        print(f"{'linear':44s} {'max/RMS before':>14s} {'after':>7s} {'kurtosis before':>16s} "
+              f"{'after':>7s}")
+    else:
+        print(f"{'linear':44s} {'max/RMS':>8s} {'kurtosis':>9s}")
+    for row in d["stats"]:
+        name = row["name"] if len(row["name"]) <= 44 else "..." + row["name"][-41:]
+        a = after.get(row["key"])
+        if a:
+            print(f"{name:44s} {row['max_rms']:14.1f} {a['max_rms']:7.1f} "
+                  f"{row['kurtosis']:16.1f} {a['kurtosis']:7.1f}")
+        else:
+            print(f"{name:44s} {row['max_rms']:8.1f} {row['kurtosis']:9.1f}")
+    if d.get("stats_summary"):
+        print(f"\nworst per role: {'role':10s} {'linears':>7s} {'max/RMS before':>14s} "
+              f"{'after':>6s} {'factor':>7s} {'kurtosis before':>15s} {'after':>6s}")
+        for r in d["stats_summary"]:
+            print(f"{'':16s}{r['role']:10s} {r['linears']:7d} {r['max_rms_before']:14.1f} "
+                  f"{r['max_rms_after']:6.1f} {r['factor']:6.1f}x {r['kurtosis_before']:15.1f} "
+                  f"{r['kurtosis_after']:6.1f}")
+    if "plot" in d:
+        print(f"\nplot of the input channels of {d['plot']['layer']}: {d['plot']['file']}")
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     import rotaq
     from rotaq.eval import stats as st
 
+    if args.plot:  # check what can be checked before the statistics run
+        folder = os.path.dirname(os.path.abspath(args.plot))
+        if not os.path.isdir(folder):
+            raise RotaqError(f"--plot {args.plot}: folder {folder} does not exist")
+        if not args.plot.lower().endswith(".png"):
+            raise RotaqError(f"--plot {args.plot}: the plot is written as PNG: name a .png file")
     model = rotaq.load(args.model, ir="onnx" if args.onnx else "fx")
     data = rotaq.inspect(model)
     if args.stats or args.plot:
+        names = {k: s.name or s.key for k, s in model.analysis().linears.items()}
+        layer = _pick_layer(names, args.layer) if args.layer else None
         feeds = st.calibration_feeds(model, args.text, args.tokens, args.window)
-        before = st.activation_stats(model, feeds)
+        with stage(f"input statistics of {len(names)} linears"):
+            before = st.activation_stats(model, feeds)
         data["stats"] = st.summarize(before)
+        data["stats_text"], data["stats_tokens"] = args.text, _feed_tokens(feeds)
         after = None
         if args.recipe:
             res = rotaq.optimize(model, args.recipe)
-            after = st.activation_stats(res.model, feeds)
+            with stage(f"input statistics after {args.recipe}"):
+                after = st.activation_stats(res.model, feeds)
             data["stats_after"] = st.summarize(after)
             data["stats_recipe"] = args.recipe
             data["stats_summary"] = st.worst_by_role(model.analysis(), before, after)
         if args.plot:
-            key = _pick_layer(before, args.layer)
-            st.plot_channels(before[key], after[key] if after else None, args.plot,
-                             f"{data['model']}: input of {before[key]['name']}")
+            key = layer or max(before, key=lambda k: before[k]["max_rms"])
+            title = f"{data['model']}: input of {before[key]['name']}"
+            st.plot_channels(before[key], after[key] if after else None, args.plot, title,
+                             recipe=args.recipe)
             data["plot"] = {"file": os.path.abspath(args.plot), "layer": before[key]["name"]}
     _emit(data, args.json, _print_inspect)
     return 0
 
 
-def _pick_layer(stats: dict[str, Any], layer: str | None) -> str:
-    if layer is None:
-        return max(stats, key=lambda k: stats[k]["max_rms"])
-    hits = [k for k, v in stats.items() if layer in (k, v["name"])] or \
-        [k for k, v in stats.items() if layer in v["name"]]
+def _feed_tokens(feeds: dict[str, Any]) -> int:
+    ids = feeds.get("input_ids")
+    return int(ids.size) if ids is not None else 0
+
+
+def _pick_layer(names: dict[str, str], layer: str) -> str:
+    """The key of the linear ``layer`` names (its key, its name, or a unique part of a name)."""
+    if layer in names:
+        return layer
+    hits = [k for k, v in names.items() if v == layer] or \
+        [k for k, v in names.items() if layer in v]
     if not hits:
-        raise RotaqError(f"--layer '{layer}' matches no linear (try a name from `rotaq inspect`)")
+        raise RotaqError(f"--layer '{layer}' matches no linear (try a name from `rotaq inspect "
+                         "--stats`)")
+    if len(hits) > 1:
+        some = ", ".join(f"{k} ({names[k]})" for k in hits[:4])
+        raise RotaqError(f"--layer '{layer}' matches {len(hits)} linears: {some}"
+                         f"{', ...' if len(hits) > 4 else ''}; give one key or full name")
     return hits[0]
 
 

@@ -97,16 +97,18 @@ def summarize(stats: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def plot_channels(before: dict[str, Any], after: dict[str, Any] | None, path: str,
-                  title: str) -> None:
-    """Per-channel max|x| of one linear's input, before (and after) a rewrite, as a PNG."""
+                  title: str, recipe: str | None = None) -> None:
+    """Per-channel max|x| of one linear's input, before (and after ``recipe``) as a PNG; both
+    panels share one y scale, so the drop in the peaks is visible."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = 2 if after is not None else 1
-    fig, axes = plt.subplots(rows, 1, figsize=(10, 3.2 * rows), squeeze=False)
-    for ax, (label, st) in zip(axes[:, 0], [("original", before), ("rewritten", after)]):
+    fig, axes = plt.subplots(rows, 1, figsize=(10, 3.2 * rows), squeeze=False, sharey=True)
+    labels = [("original", before), (f"after {recipe}" if recipe else "rewritten", after)]
+    for ax, (label, st) in zip(axes[:, 0], labels):
         if st is None:
             continue
         cm = st["channel_max"]
@@ -115,7 +117,7 @@ def plot_channels(before: dict[str, Any], after: dict[str, Any] | None, path: st
         ax.set_title(f"{label}: max/RMS {st['max_rms']:.1f}, kurtosis {st['kurtosis']:.1f}")
         ax.set_xlabel("input channel")
         ax.set_ylabel("max |x|")
-    fig.suptitle(title)
+    fig.suptitle(f"{title} (recipe {recipe})" if recipe else title)
     fig.tight_layout()
     tmp = path + ".tmp.png"
     fig.savefig(tmp, dpi=110)
