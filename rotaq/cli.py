@@ -275,9 +275,15 @@ def cmd_recipes(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="rotaq", description=__doc__.splitlines()[0])
-    p.add_argument("-v", "--verbose", action="store_true", help="log progress and details")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    from rotaq.cli_help import HelpFormatter, finish
+    from rotaq.version import __version__
+
+    p = argparse.ArgumentParser(prog="rotaq", formatter_class=HelpFormatter)
+    p.add_argument("--version", action="version", version=f"rotaq {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="show rotaq's own log (INFO); progress lines are always shown")
+    p.add_argument("--debug", action="store_true",
+                   help="show tracebacks, other libraries' logs and warnings")
     sub = p.add_subparsers(dest="command", required=True)
     model_help = ("a built-in name (smollm2-135m, minilm-l6), a .onnx or .pt2 file, or a "
                   "Hugging Face model directory")
@@ -305,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("export", help="write the ONNX (or .pt2) form of a torch model")
     sp.add_argument("model", help=model_help)
     sp.add_argument("-o", "--output", required=True, help="out.onnx or out.pt2")
-    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--json", action="store_true", help="print the written path as JSON")
     sp.set_defaults(func=cmd_export)
 
     sp = sub.add_parser("optimize", help="apply a recipe, verify, and write the result")
@@ -330,8 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_compile(sub, model_help)
 
     sp = sub.add_parser("recipes", help="list the built-in recipes")
-    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--json", action="store_true", help="print every recipe in full as JSON")
     sp.set_defaults(func=cmd_recipes)
+    finish(p, sub)
     return p
 
 

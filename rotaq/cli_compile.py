@@ -114,8 +114,11 @@ def add_command(sub: Any, model_help: str) -> None:
                                         "a TVM or ONNX Runtime artefact folder")
     sp.add_argument("model", help=model_help)
     sp.add_argument("--recipe", default=None, help="recipe to apply first (name or .json)")
-    sp.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a pass option")
-    sp.add_argument("--backend", choices=("tvm", "ort"), default="tvm")
+    sp.add_argument("--set", action="append", metavar="KEY=VALUE",
+                    help="override a pass option of --recipe (repeatable)")
+    sp.add_argument("--backend", choices=("tvm", "ort"), default="tvm",
+                    help="tvm: compiled libraries + parameters; ort: ORT's optimized ONNX and "
+                         "its session settings")
     sp.add_argument("--target", default="llvm",
                     help="tvm: llvm (this machine's CPU and its vector units), llvm:CPU (an "
                          "LLVM CPU name; llvm:generic for a portable build), cuda (sm_80) or "

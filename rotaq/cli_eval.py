@@ -11,8 +11,8 @@ from typing import Any
 from rotaq.errors import RotaqError
 from rotaq.progress import stage
 
-_MODEL_HELP = ("a built-in name (smollm2-135m, minilm-l6), a .onnx or .pt2 file, or a Hugging "
-               "Face model directory")
+_MODEL_HELP = ("a built-in name (smollm2-135m, minilm-l6), a .onnx or .pt2 file, a Hugging "
+               "Face model directory, or a folder written by rotaq compile")
 _DEFAULT_TOKENS = {"ppl": 8192, "agreement": 2048}
 
 
@@ -171,7 +171,7 @@ def add_commands(sub: Any) -> None:
     sp.add_argument("--batch", type=int, default=1, help="windows per forward pass (ppl)")
     sp.add_argument("--backend", choices=("torch", "ort", "tvm"), default=None,
                     help="run with PyTorch or ONNX Runtime (default: ort for .onnx, else torch), "
-                         "or a `rotaq compile` folder (tvm or ort)")
+                         "or a folder written by rotaq compile (tvm or ort)")
     sp.add_argument("--tokenizer", default=None, metavar="DIR",
                     help="tokenizer directory (default: the one the model records)")
     sp.add_argument("--reference", default=None, metavar="MODEL",
@@ -183,7 +183,7 @@ def add_commands(sub: Any) -> None:
     sp.add_argument("model", help=_MODEL_HELP)
     sp.add_argument("--backend", choices=("ort", "torch", "tvm"), default=None,
                     help="ONNX Runtime on CPU (default; a built-in runs its cached ONNX export), "
-                         "PyTorch, or tvm for a `rotaq compile` folder")
+                         "PyTorch, or tvm for a folder written by rotaq compile")
     sp.add_argument("--tokens", default="1,16,512",
                     help="comma-separated sequence lengths (default 1,16,512)")
     sp.add_argument("--repeats", type=int, default=20, help="timed runs per length")
