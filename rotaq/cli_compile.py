@@ -14,6 +14,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from typing import Any
 
 from rotaq.errors import RotaqError
@@ -87,8 +88,10 @@ def load_artifact(folder: str) -> Any:
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
+    from rotaq.api import file_sizes
     from rotaq.cli import _emit, _options
 
+    t0 = time.perf_counter()
     if args.backend == "tvm":
         from rotaq.backends.tvm import require_tvm
 
@@ -103,9 +106,21 @@ def cmd_compile(args: argparse.Namespace) -> int:
         meta = compile_tvm(model, args.output, target=args.target, tokens=tokens,
                            progress=sys.stderr.isatty())
     meta["output"] = os.path.abspath(args.output)
-    _emit(meta, args.json, lambda d: print(f"wrote {d['output']} ({d['backend']}, "
-                                           f"{d['target']})"))
+    meta["files"] = file_sizes([os.path.join(args.output, f)
+                                for f in sorted(os.listdir(args.output))])
+    meta["total_seconds"] = round(time.perf_counter() - t0, 1)
+    _emit(meta, args.json, _print_compile)
     return 0
+
+
+def _print_compile(d: dict[str, Any]) -> None:
+    from rotaq.cli import _size
+
+    target = d["target_kind"] + (f" (CPU {d['mcpu']})" if d.get("mcpu") else "")
+    tokens = f", token counts {','.join(map(str, d['tokens']))}" if d.get("tokens") else ""
+    files = ", ".join(f"{os.path.basename(f['path'])} ({_size(f['bytes'])})" for f in d["files"])
+    print(f"wrote {d['output']}/ ({d['backend']}, {target}{tokens}) in {d['total_seconds']} s: "
+          f"{files}")
 
 
 def add_command(sub: Any, model_help: str) -> None:

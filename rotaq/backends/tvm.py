@@ -32,6 +32,7 @@ import numpy as np
 from tqdm import tqdm
 
 from rotaq.errors import MissingDependencyError, RotaqError
+from rotaq.progress import stage
 
 log = logging.getLogger(__name__)
 
@@ -194,7 +195,8 @@ def compile_tvm(model: Any, out_dir: str, target: str | dict = "llvm",
         t0 = time.perf_counter()
         for n in tqdm(tokens, desc="tvm compile", unit="bucket", file=sys.stderr,
                       disable=not progress, leave=False):
-            ex, names, params, stats = build_bucket(onnx_path, n, tgt)
+            with stage(f"TVM: compiling for {n} tokens ({tgt.kind.name})"):
+                ex, names, params, stats = build_bucket(onnx_path, n, tgt)
             keys = []
             for arr in params:
                 key = hashlib.sha1(arr.tobytes() + str(arr.shape).encode() +

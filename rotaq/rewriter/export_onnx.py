@@ -28,10 +28,18 @@ def export_onnx(ep: torch.export.ExportedProgram, path: str, metadata: dict[str,
         kwargs: dict[str, Any] = {"dynamo": True, "external_data": True, "verbose": False}
         if opset:
             kwargs["opset_version"] = opset
+        # "torchvision is not installed. Skipping torchvision::nms" (4 lines per export) unless
+        # rotaq logs at DEBUG
+        reg = logging.getLogger("torch.onnx._internal.exporter._registration")
+        level = reg.level
+        if not logging.getLogger("rotaq").isEnabledFor(logging.DEBUG):
+            reg.setLevel(logging.ERROR)
         try:
             torch.onnx.export(ep, (), f, **kwargs)
         except Exception as err:  # the exporter raises many types
             raise RotaqError(f"ONNX export failed: {type(err).__name__}: {err}") from err
+        finally:
+            reg.setLevel(level)
         g = OnnxGraph.load(f)
         g.metadata.update(metadata)
         g.save(path)

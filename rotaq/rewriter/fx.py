@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import tempfile
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -427,7 +428,11 @@ class FxGraph:
         return seen
 
     def clone(self) -> FxGraph:
-        other = FxGraph(copy.deepcopy(self.gm), self.example_inputs, self.dynamic_shapes)
+        with warnings.catch_warnings():  # torch's own pytree deprecation, raised by deepcopy
+            warnings.filterwarnings("ignore", message=r".*treespec, LeafSpec",
+                                    category=FutureWarning)
+            gm = copy.deepcopy(self.gm)
+        other = FxGraph(gm, self.example_inputs, self.dynamic_shapes)
         other.metadata = dict(self.metadata)
         other._counter = self._counter
         return other
