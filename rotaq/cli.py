@@ -56,6 +56,18 @@ class _Format(logging.Formatter):
         return super().format(record)
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to the current ``sys.stderr`` (which tests and embedders may replace)."""
+
+    @property  # type: ignore[override]
+    def stream(self):  # noqa: ANN201
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # noqa: ANN001
+        pass
+
+
 def setup_logging(verbose: bool, debug: bool) -> None:
     """stderr logging for the command: progress lines always; rotaq's own log at INFO with -v;
     other libraries (onnxscript, onnx_ir, torch, transformers) at WARNING and their
@@ -66,7 +78,7 @@ def setup_logging(verbose: bool, debug: bool) -> None:
     for h in list(root.handlers):
         if getattr(h, "_rotaq", False):
             root.removeHandler(h)
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.setFormatter(_Format("%(levelname)s %(name)s: %(message)s"))
     handler._rotaq = True  # type: ignore[attr-defined]
     root.addHandler(handler)

@@ -29,7 +29,8 @@ EXAMPLES = {
   rotaq recipes""",
     "inspect": """examples:
   rotaq inspect smollm2-135m --json
-  rotaq inspect model.onnx --stats --recipe rotate --plot down.png --layer model.layers.3.mlp.down_proj""",
+  rotaq inspect model.onnx --stats --recipe rotate --plot down.png \\
+      --layer model.layers.3.mlp.down_proj""",
     "export": """examples:
   rotaq export smollm2-135m -o smollm2.onnx
   rotaq export ./my-hf-model -o my-model.pt2""",

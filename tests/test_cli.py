@@ -34,7 +34,8 @@ def test_optimize_onnx_json(tiny_files, tmp_path, capsys):
                  "--set", "rotate_qk=true"]) == 0
     rep = json.loads(capsys.readouterr().out)
     assert rep["ir"] == "onnx" and rep["exact"] is True
-    assert rep["verify"]["ort"] < 1e-5 and rep["max_rel_error"] < 1e-5
+    assert rep["verify"]["written"]["runtime"] == "ort"
+    assert rep["verify"]["written"]["max_rel_error"] < 1e-5 and rep["max_rel_error"] < 1e-5
     assert rep["passes"][0]["stats"]["qk_rotated"] == 2
     assert out.exists() and _digest(src) == before
     # the written file is a model rotaq reads back with the same structure
@@ -52,7 +53,8 @@ def test_optimize_pt2_and_recipe_file(tiny_files, tmp_path, capsys):
     rep = json.loads(capsys.readouterr().out)
     assert rep["recipe"]["name"] == "mine"
     assert rep["passes"][0]["stats"]["online_hadamards"] == 0
-    assert rep["verify"]["torch"] < 1e-5
+    assert rep["verify"]["written"]["runtime"] == "torch"
+    assert rep["verify"]["written"]["max_rel_error"] < 1e-5
 
 
 def test_inspect_human_and_stats_plot(tiny_files, tmp_path, capsys):

@@ -97,9 +97,10 @@ def summarize(stats: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def plot_channels(before: dict[str, Any], after: dict[str, Any] | None, path: str,
-                  title: str, recipe: str | None = None) -> None:
+                  title: str, recipe: str | None = None) -> dict[str, Any]:
     """Per-channel max|x| of one linear's input, before (and after ``recipe``) as a PNG; both
-    panels share one y scale, so the drop in the peaks is visible."""
+    panels share one y scale, so the drop in the peaks is visible. Returns the figure's
+    ``title`` and each panel's ``ylim``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -117,9 +118,12 @@ def plot_channels(before: dict[str, Any], after: dict[str, Any] | None, path: st
         ax.set_title(f"{label}: max/RMS {st['max_rms']:.1f}, kurtosis {st['kurtosis']:.1f}")
         ax.set_xlabel("input channel")
         ax.set_ylabel("max |x|")
-    fig.suptitle(f"{title} (recipe {recipe})" if recipe else title)
+    full_title = f"{title} (recipe {recipe})" if recipe else title
+    fig.suptitle(full_title)
     fig.tight_layout()
+    drawn = {"title": full_title, "ylim": [tuple(ax.get_ylim()) for ax in axes[:, 0]]}
     tmp = path + ".tmp.png"
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
     os.replace(tmp, path)
+    return drawn

@@ -445,9 +445,10 @@ class FxGraph:
         # node but stays registered, and torch.export would save it too (every weight twice)
         named = list(self.gm.named_parameters(remove_duplicate=False)) + \
             list(self.gm.named_buffers(remove_duplicate=False))
-        nested = any(n.op == "call_module" for n in g.nodes)  # submodules read their own
+        # a called submodule (e.g. torch's _guards_fn) reads its own attributes: keep those
+        called = tuple(f"{n.target}." for n in g.nodes if n.op == "call_module")
         for name, _ in named:
-            if name not in used and not nested:
+            if name not in used and not name.startswith(called):
                 owner, _, leaf = name.rpartition(".")
                 delattr(self.gm.get_submodule(owner) if owner else self.gm, leaf)
         self.gm.recompile()
