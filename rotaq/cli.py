@@ -69,9 +69,11 @@ class _StderrHandler(logging.StreamHandler):
 
 
 def setup_logging(verbose: bool, debug: bool) -> None:
-    """stderr logging for the command: progress lines always; rotaq's own log at INFO with -v;
-    other libraries (onnxscript, onnx_ir, torch, transformers) at WARNING and their
-    Future/Deprecation warnings hidden, unless --debug (then everything at INFO, rotaq DEBUG)."""
+    """stderr logging for the command: progress lines (``[rotaq] step ...``, ``[rotaq] step:
+    12.3 s``) on a terminal or with -v; rotaq's own log at INFO with -v; other libraries
+    (onnxscript, onnx_ir, torch, transformers) at WARNING and their Future/Deprecation/User
+    warnings hidden, unless --debug (then everything at INFO, rotaq at DEBUG). Without -v and
+    off a terminal, stderr holds only warnings and errors (one line for a user mistake)."""
     import warnings
 
     root = logging.getLogger()
@@ -85,7 +87,9 @@ def setup_logging(verbose: bool, debug: bool) -> None:
     root.setLevel(logging.INFO if debug else logging.WARNING)
     logging.getLogger("rotaq").setLevel(logging.DEBUG if debug else
                                         logging.INFO if verbose else logging.WARNING)
-    logging.getLogger("rotaq.progress").setLevel(logging.INFO)
+    show_progress = verbose or debug or sys.stderr.isatty()
+    logging.getLogger("rotaq.progress").setLevel(logging.INFO if show_progress else
+                                                 logging.WARNING)
     logging.captureWarnings(True)
     if not debug:
         for cat in (FutureWarning, DeprecationWarning, UserWarning):
@@ -293,7 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rotaq", formatter_class=HelpFormatter)
     p.add_argument("--version", action="version", version=f"rotaq {__version__}")
     p.add_argument("-v", "--verbose", action="store_true",
-                   help="show rotaq's own log (INFO); progress lines are always shown")
+                   help="show rotaq's log (INFO) and its progress lines (these are shown on a "
+                        "terminal anyway)")
     p.add_argument("--debug", action="store_true",
                    help="show tracebacks, other libraries' logs and warnings")
     sub = p.add_subparsers(dest="command", required=True)

@@ -63,7 +63,9 @@ def test_version(capsys):
 ])
 def test_report_schema_and_stable_verify_keys(files, tmp_path, capsys, src, out, runtimes):
     assert main(["optimize", str(files / src), "-o", str(tmp_path / out), "--json"]) == 0
-    rep = json.loads(capsys.readouterr().out)
+    cap = capsys.readouterr()
+    assert cap.err == ""  # off a terminal and without -v: no progress lines, no library noise
+    rep = json.loads(cap.out)
     assert rep["schema"] == 1 and rep["rotaq_version"] == rotaq.__version__
     v = rep["verify"]
     assert set(v) == {"rewrite", "written", "passed"}
@@ -107,7 +109,7 @@ def test_verbose_shows_rotaq_log_and_progress_only(files, tmp_path, capsys):
 def test_summary_names_every_file_with_time_and_verdict(files, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr("rotaq.rewriter.onnx._EXTERNAL_DATA_BYTES", 0)  # force a .data file
     out = tmp_path / "rot.onnx"
-    assert main(["optimize", str(files / "hf"), "-o", str(out)]) == 0
+    assert main(["-v", "optimize", str(files / "hf"), "-o", str(out)]) == 0
     cap = capsys.readouterr()
     assert re.search(r"max relative error: rewrite in torch \S+, written in ort \S+: "
                      r"PASS \(tolerance 0\.0001\)", cap.out), cap.out
