@@ -49,58 +49,6 @@ def _jsonable(o: Any) -> Any:
     return str(o)
 
 
-class _Format(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        if record.name == "rotaq.progress":
-            return f"[rotaq] {record.getMessage()}"
-        return super().format(record)
-
-
-class _StderrHandler(logging.StreamHandler):
-    """Writes to the current ``sys.stderr`` (which tests and embedders may replace)."""
-
-    @property  # type: ignore[override]
-    def stream(self):  # noqa: ANN201
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, value) -> None:  # noqa: ANN001
-        pass
-
-
-def setup_logging(verbose: bool, debug: bool) -> None:
-    """stderr logging for the command: progress lines (``[rotaq] step ...``, ``[rotaq] step:
-    12.3 s``) on a terminal or with -v; rotaq's own log at INFO with -v; other libraries
-    (onnxscript, onnx_ir, torch, transformers) at WARNING and their Future/Deprecation/User
-    warnings hidden, unless --debug (then everything at INFO, rotaq at DEBUG). Without -v and
-    off a terminal, stderr holds only warnings and errors (one line for a user mistake)."""
-    import warnings
-
-    root = logging.getLogger()
-    for h in list(root.handlers):
-        if getattr(h, "_rotaq", False):
-            root.removeHandler(h)
-    handler = _StderrHandler()
-    handler.setFormatter(_Format("%(levelname)s %(name)s: %(message)s"))
-    handler._rotaq = True  # type: ignore[attr-defined]
-    root.addHandler(handler)
-    root.setLevel(logging.INFO if debug else logging.WARNING)
-    logging.getLogger("rotaq").setLevel(logging.DEBUG if debug else
-                                        logging.INFO if verbose else logging.WARNING)
-    show_progress = verbose or debug or sys.stderr.isatty()
-    logging.getLogger("rotaq.progress").setLevel(logging.INFO if show_progress else
-                                                 logging.WARNING)
-    logging.captureWarnings(True)
-    if not debug:
-        for cat in (FutureWarning, DeprecationWarning, UserWarning):
-            warnings.filterwarnings("ignore", category=cat, module=r"(?!rotaq)")
-        # transformers' "Loading weights" bars; torch.onnx's "torchvision is not installed"
-        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-        import torch  # noqa: F401 - torch sets its loggers' levels when imported
-
-        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-
-
 # ---- inspect --------------------------------------------------------------------------------
 def _print_inspect(d: dict[str, Any]) -> None:
     print(f"model: {d['model']}  ({d['ir']})")
@@ -215,10 +163,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     import rotaq
 
     _check_output(args.model, args.output)
+    from rotaq.api import file_sizes
+
     model = rotaq.load(args.model)
-    model.save(args.output)
-    _emit({"model": model.source.get("name", ""), "output": os.path.abspath(args.output)},
-          args.json, lambda d: print(f"wrote {d['output']}"))
+    files = file_sizes(model.save(args.output))
+    _emit({"model": model.source.get("name", ""), "output": os.path.abspath(args.output),
+           "files": files}, args.json,
+          lambda d: print("wrote " + ", ".join(f"{f['path']} ({_size(f['bytes'])})"
+                                               for f in d["files"])))
     return 0
 
 
@@ -361,6 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from rotaq.cli_log import setup_logging
+
     setup_logging(args.verbose, args.debug)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import shutil
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -10,6 +12,8 @@ import numpy as np
 
 from rotaq.files import set_normal_permissions
 from rotaq.rewriter.analysis import Analysis, analyze
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -60,11 +64,21 @@ class Model:
         tok_dir = self.source.get("tokenizer")
         if tokenizer and tok_dir and os.path.isdir(tok_dir):
             dest = os.fspath(path) + TOKENIZER_SUFFIX
-            copy_tokenizer(tok_dir, dest)
-            meta["rotaq.tokenizer"] = os.path.basename(dest)
-            written.append(dest)
+            try:
+                copy_tokenizer(tok_dir, dest)
+            except Exception as err:  # noqa: BLE001 - transformers raises many types
+                log.warning("could not copy the tokenizer %s beside the output (%s: %s); the "
+                            "output records its absolute path", tok_dir, type(err).__name__, err)
+            else:
+                meta["rotaq.tokenizer"] = os.path.basename(dest)
+                written.append(dest)
         self.graph.metadata.update(meta)
-        self.graph.save(path)
+        try:
+            self.graph.save(path)
+        except BaseException:  # no tokenizer folder without its model
+            for d in written:
+                shutil.rmtree(d, ignore_errors=True)
+            raise
         return [os.fspath(path), *self._sidecars(os.fspath(path)), *written]
 
     @staticmethod
@@ -79,7 +93,6 @@ TOKENIZER_SUFFIX = ".tokenizer"
 def copy_tokenizer(src: str, dest: str) -> None:
     """Save the tokenizer of directory ``src`` as a tokenizer directory ``dest`` (atomically:
     written to a temporary folder beside it, then renamed into place)."""
-    import shutil
     import tempfile
 
     from transformers import AutoTokenizer
