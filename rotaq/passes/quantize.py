@@ -102,6 +102,11 @@ class Quantize:
 
     def __call__(self, model: Model) -> PassResult:
         a = model.analysis()
+        if a.experts:
+            e = next(iter(a.experts.values()))
+            raise RewriteError(f"quantize: MoE experts '{e.name or e.key}' ({e.num_experts} "
+                               "experts in one grouped weight) cannot be quantized yet; the "
+                               "recipe would leave them in float")
         keys = self._select(a)
         if not keys:
             raise RewriteError("quantize: no linear matches the include/exclude filters")
