@@ -79,6 +79,10 @@ def _online_reason(a: Analysis) -> str:
                 "rotation does not fold into")
     if not res.blocks:
         return "no residual stream was found (no residual add fed by a linear)"
+    if res.streams > 1:
+        return (f"the model has {res.streams} residual streams (encoder-decoder: the decoder's "
+                "cross-attention reads the encoder's stream), and one rotation of one stream "
+                "is what residual mode folds")
     if kind.startswith(("sandwich", "post-sublayer")):
         b = next(b for b in res.blocks if b.branch_norms)
         n = a.norms[b.branch_norms[0]]
@@ -124,7 +128,8 @@ class Rotate:
         reason = ""
         if mode == "auto":
             rms = all(a.norms[nk].kind == "rms" for b in a.residual.blocks for nk in b.norms)
-            mode = "residual" if a.pre_norm and rms and not a.experts else "online"
+            one = a.residual.streams == 1
+            mode = "residual" if a.pre_norm and rms and one and not a.experts else "online"
             reason = _online_reason(a) if mode == "online" else ""
         if mode == "residual":
             stats = self._residual(model, a)
@@ -145,7 +150,7 @@ class Rotate:
             raise RewriteError(f"rotate: mode=residual cannot fold a rotation into MoE experts "
                                f"'{e.name or e.key}' ({e.num_experts} experts in one grouped "
                                "weight); use mode=online (experts stay unrotated)")
-        if not res.pre_norm:
+        if not res.pre_norm or res.streams > 1:
             raise RewriteError(f"rotate: mode=residual needs a pre-norm residual stream; "
                                f"{_online_reason(a)}; use mode=online")
         stream_norms = [nk for b in res.blocks for nk in b.norms] + (

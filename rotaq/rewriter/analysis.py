@@ -430,7 +430,7 @@ def _branch(view: GraphView, a: Analysis, n: GNode, stream: list[str]
     the sublayer's output (sandwich / post-sublayer norms: Gemma-2/3, OLMo-2), and through adds
     of several sublayers (parallel attention + MLP: GPT-J, GPT-NeoX, Phi, Falcon).
     """
-    if n.op != "add" or len(n.inputs) != 2 or any(view.is_const(i) for i in n.inputs):
+    if n.op != "add" or len(n.inputs) != 2 or any(const_like(view, i) for i in n.inputs):
         return None
     ins = [i for i in n.inputs if i in stream]
     if len(ins) != 1:
@@ -502,13 +502,67 @@ def _stream_norms(a: Analysis, cons: list[GNode]) -> list[str]:
 
 
 def _find_residual(view: GraphView, a: Analysis) -> ResidualStream:
+    """Every residual stream, walked block by block from its start: an embedding, or (for
+    encoders that start from a convolution or patch projection) the stream input of the first
+    residual add no stream holds yet. Encoder-decoders have two streams; their blocks are listed
+    encoder first, ``streams`` counts them."""
     res = ResidualStream(False, None, None, [], [])
     res.head = _heads_from_outputs(view)
-    emb = next(iter(a.embeddings.values()), None)
-    if emb is None:
-        return _finish(view, a, res)
-    res.embedding = emb.key
-    v = emb.output
+    starts = [e.output for e in a.embeddings.values()]
+    done: set[str] = set()
+    walked = 0
+    while True:
+        start = next((v for v in starts if v not in done), None)
+        if start is None:
+            start = _first_free_add(view, a, {b.add for b in res.blocks})
+            if start is None:
+                break
+        done.add(start)
+        part = _walk(view, a, start)
+        if not part.blocks or part.blocks[0].add in {b.add for b in res.blocks}:
+            continue
+        walked += 1
+        if res.embedding is None:
+            res.embedding = next((k for k, e in a.embeddings.items() if e.output == start), None)
+        res.blocks.extend(part.blocks)
+        res.post_norms.extend(part.post_norms)
+        res.final_norm = part.final_norm
+    res.streams = walked
+    return _finish(view, a, res)
+
+
+def _first_free_add(view: GraphView, a: Analysis, taken: set[str]) -> str | None:
+    """The stream input of the first residual add (in graph order) outside ``taken``."""
+    for n in view.nodes:
+        if n.op != "add" or n.key in taken or len(n.inputs) != 2 or any(
+                const_like(view, i) for i in n.inputs):
+            continue
+        sides = [i for i, o in ((n.inputs[0], n.inputs[1]), (n.inputs[1], n.inputs[0]))
+                 if (t := _tail(view, a, o, set(closure(view, i)))) and t[0]
+                 and _depends(view, o, i) and not _depends(view, i, o)]
+        if len(sides) == 1:
+            return sides[0]
+    return None
+
+
+def _depends(view: GraphView, value: str, target: str, limit: int = 4096) -> bool:
+    """Is ``value`` computed from ``target`` (a residual branch is computed from its stream)?"""
+    todo, seen = [value], set()
+    while todo and len(seen) < limit:
+        v = todo.pop()
+        if v == target:
+            return True
+        if v in seen:
+            continue
+        seen.add(v)
+        p = view.producer.get(v)
+        if p is not None:
+            todo.extend(i for i in p.inputs if i and not view.is_const(i))
+    return False
+
+
+def _walk(view: GraphView, a: Analysis, v: str) -> ResidualStream:
+    res = ResidualStream(False, None, None, [], [])
     for _ in range(10_000):
         stream = closure(view, v)
         cons = consumers_of(view, stream)
@@ -545,7 +599,7 @@ def _find_residual(view: GraphView, a: Analysis) -> ResidualStream:
             v = combine[0].outputs[0]
             continue
         break
-    return _finish(view, a, res)
+    return res
 
 
 def _finish(view: GraphView, a: Analysis, res: ResidualStream) -> ResidualStream:
@@ -587,7 +641,8 @@ def _heads_from_outputs(view: GraphView) -> list[str]:
                 break
             live = [i for i in p.inputs if i and not const_like(view, i)]
             tanh = p.op == "other" and "tanh" in str(p.params.get("target", "")).lower()
-            if not (passthrough(view, p) or p.op == "transpose" or tanh) or not live:
+            bias = p.op in ("add", "sub") and len(live) == 1  # a logits bias (BART)
+            if not (passthrough(view, p) or p.op == "transpose" or tanh or bias) or not live:
                 break
             v = p.inputs[0] if p.inputs[0] in live else live[0]
     return heads

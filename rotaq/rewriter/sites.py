@@ -203,6 +203,7 @@ class ResidualStream:
     head: list[str]
     blocks: list[Block]
     post_norms: list[str] = field(default_factory=list)  # norms applied after residual adds
+    streams: int = 1  # 2 for encoder-decoders (their blocks are listed encoder first)
 
     @property
     def structure(self) -> str:
@@ -218,7 +219,9 @@ class ResidualStream:
             kind = "pre-norm"
         else:
             kind = "mixed"
-        return kind + (", parallel" if any(b.parallel for b in self.blocks) else "")
+        if any(b.parallel for b in self.blocks):
+            kind += ", parallel"
+        return kind + (f", {self.streams} streams (encoder-decoder)" if self.streams > 1 else "")
 
 
 class GraphAdapter(Protocol):
