@@ -86,7 +86,7 @@ def _online_reason(a: Analysis) -> str:
     if kind.startswith(("sandwich", "post-sublayer")):
         b = next(b for b in res.blocks if b.branch_norms)
         n = a.norms[b.branch_norms[0]]
-        return (f"the model is {kind}: norm '{n.name or n.key}' scales a sublayer's output "
+        return (f"the model is {kind}-norm: norm '{n.name or n.key}' scales a sublayer's output "
                 "before the residual add, so a rotation of the stream cannot be folded into "
                 "its writer")
     if res.post_norms:
