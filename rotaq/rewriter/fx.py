@@ -333,7 +333,9 @@ class FxGraph:
         n = self._node(key)
         x, w, w_out_in, b = self._linear_parts(n)
         like = _attr(self.gm, w.target)
-        new_w = self._new_attr(weight if w_out_in else weight.T, like, n)
+        # the new weight replaces the op's weight argument (bypassing a transpose node, if any):
+        # linear takes [out, in]; addmm / mm / matmul take [in, out]
+        new_w = self._new_attr(weight if n.target == aten.linear.default else weight.T, like, n)
         new_b = self._new_attr(bias, like, n) if bias is not None else None
         if n.target == aten.linear.default:
             n.args = (x, new_w, new_b)
