@@ -52,7 +52,8 @@ def test_structure_fx(name):
     _check(name, "fx")
 
 
-ONNX_FAMILIES = ["gemma2", "olmo2", "phi3", "gpt-j", "whisper"]
+ONNX_FAMILIES = ["gemma2", "olmo2", "phi3", "gpt-j", "falcon", "whisper", "bart", "vit"]
+BOTH = [(n, "fx") for n in FAMILIES] + [(n, "onnx") for n in ONNX_FAMILIES]
 
 
 @pytest.mark.parametrize("name", ONNX_FAMILIES)
@@ -60,9 +61,9 @@ def test_structure_onnx(name):
     _check(name, "onnx")
 
 
-@pytest.mark.parametrize("name", list(FAMILIES))
-def test_rotate_exact(name):
-    _, model = _load(name)
+@pytest.mark.parametrize(("name", "ir"), BOTH)
+def test_rotate_exact(name, ir):
+    _, model = _load(name, ir)
     if FAMILIES[name].experts:  # auto mode picks online rotation; residual mode refuses by name
         with pytest.raises(RewriteError, match="MoE experts"):
             rotaq.optimize(model, "rotate", options={"mode": "residual"})
@@ -74,10 +75,10 @@ def test_rotate_exact(name):
     assert rot["mode"] == expect, rot.get("mode_reason")
 
 
-@pytest.mark.parametrize("name", [n for n in FAMILIES if not FAMILIES[n].experts])
-def test_quantized_linears(name):
+@pytest.mark.parametrize(("name", "ir"), [(n, ir) for n, ir in BOTH if not FAMILIES[n].experts])
+def test_quantized_linears(name, ir):
     """The recipe's list of quantized linears is every linear but the head (and routers)."""
-    m, model = _load(name)
+    m, model = _load(name, ir)
     res = rotaq.optimize(model, "w4a16")
     st = res.report["passes"][0]["stats"]
     expected = sorted(set(linear_names(m)) - set(FAMILIES[name].head))
