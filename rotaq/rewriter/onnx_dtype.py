@@ -112,7 +112,7 @@ def rounding_noise(graph: Any, feeds: dict[str, np.ndarray]) -> dict[str, Any] |
     its fp32 copy on ``feeds``; None for an fp32 graph. ``method`` is ``native`` when ORT runs
     the graph in that dtype, else ``emulated`` (fp32 copy rounding every op output to it)."""
     from rotaq.model import max_rel_error
-    from rotaq.rewriter.onnx import ort_session
+    from rotaq.rewriter.onnx_run import ort_session
 
     low, computes_low = low_precision(graph)
     if low is None:
