@@ -904,7 +904,7 @@ class OnnxGraph:
                 try:
                     sess = ort_session(self.model)
                 except Exception as err:
-                    if not not_implemented(err) or onnx_dtype.low_precision(self)[0] is None:
+                    if not not_implemented(err) or not onnx_dtype.has_low(self.model):
                         raise
                     logger.info("ORT has no kernel for this graph in its own dtype (%s): "
                                 "running an fp32 copy (weights upcast exactly)", _first_line(err))

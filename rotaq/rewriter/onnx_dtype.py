@@ -83,6 +83,13 @@ def round_through(model: oir.Model, low: oir.DataType) -> oir.Model:
     return copy
 
 
+def has_low(model: oir.Model) -> bool:
+    """Whether any initializer or value of ``model``'s main graph is fp16 / bf16."""
+    g = model.graph
+    return any(v.dtype in LOW for v in [*g.inputs, *g.initializers.values()]) or any(
+        o.dtype in LOW for n in g for o in n.outputs)
+
+
 def low_precision(graph: Any) -> tuple[oir.DataType | None, bool]:
     """(coarsest fp16/bf16 dtype among the linears' weights as stored and their activations,
     whether the activations themselves are in it) for an ``OnnxGraph``; (None, False) when
@@ -109,7 +116,7 @@ def low_precision(graph: Any) -> tuple[oir.DataType | None, bool]:
 
 def rounding_noise(graph: Any, feeds: dict[str, np.ndarray]) -> dict[str, Any] | None:
     """``{"dtype", "e0", "method"}``: the max relative error of ``graph`` in its low dtype vs
-    its fp32 copy on ``feeds``; None for an fp32 graph. ``method`` is ``native`` when ORT runs
+    its fp32 copy on ``feeds``; None for an fp32 graph (or when either run is not finite). ``method`` is ``native`` when ORT runs
     the graph in that dtype, else ``emulated`` (fp32 copy rounding every op output to it)."""
     from rotaq.model import max_rel_error
     from rotaq.rewriter.onnx_run import ort_session
@@ -123,6 +130,9 @@ def rounding_noise(graph: Any, feeds: dict[str, np.ndarray]) -> dict[str, Any] |
         lp, method = graph.run(feeds), "native"
     else:
         lp, method = run_model(round_through(high, low), feeds, ort_session), "emulated"
+    if not all(np.isfinite(np.asarray(a, np.float64)).all() for a in [*ref, *lp]):
+        logger.warning("%s rounding noise not measurable (non-finite outputs)", LOW[low])
+        return None
     e0 = max_rel_error(ref, lp)
     logger.info("%s rounding noise e0=%.3g (%s)", LOW[low], e0, method)
     return {"dtype": LOW[low], "e0": e0, "method": method}
