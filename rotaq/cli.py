@@ -145,6 +145,8 @@ def _print_optimize(d: dict[str, Any]) -> None:
         print(f"  {p['pass']}: " + ", ".join(items))
     for rt, err in d["verify"].items():
         print(f"  max relative error ({rt}): {err:.3g}")
+    if d["verify"] and d.get("tolerance_used") is not None:
+        print(f"  tolerance: {d['tolerance_used']:.3g} ({d.get('tolerance_basis', '')})")
     if "output" in d:
         print(f"wrote {d['output']}")
 
