@@ -62,9 +62,20 @@ def _print_inspect(d: dict[str, Any]) -> None:
         a0 = d["attention"][0]
         print(f"attention: {len(d['attention'])} sites ({a0['kind']}), {a0['num_heads']} heads, "
               f"{a0['num_kv_heads']} KV heads, head size {a0['head_dim']}")
+    if d.get("experts"):
+        e0 = d["experts"][0]
+        print(f"MoE experts: {len(d['experts'])} grouped weights x {e0['num_experts']} experts; "
+              f"routers (kept in float): {len(d['routers'])}")
     r = d["residual"]
-    print(f"residual stream: {'pre-norm' if d['pre_norm'] else 'not pre-norm'}, "
-          f"{r['blocks']} blocks, embedding {r['embedding']}, head {', '.join(map(str, r['head']))}")
+    print(f"residual stream: {d['structure']}, {r['blocks']} blocks, embedding "
+          f"{r['embedding']}, final norm {r['final_norm']}, head "
+          f"{', '.join(map(str, r['head'])) or 'none'}")
+    for i, b in enumerate(d.get("block_structure", [])):
+        before = ", ".join(b["norm_before"]) or "no norm"
+        after = f"; norm on the sublayer output: {', '.join(b['norm_after_sublayer'])}" \
+            if b["norm_after_sublayer"] else ""
+        print(f"  block {i}: reads through {before}{after}; writers "
+              f"{', '.join(b['writers'])}{' (parallel)' if b['parallel'] else ''}")
     if "stats" in d:
         _print_stats(d)
 
@@ -192,7 +203,9 @@ def _print_optimize(d: dict[str, Any]) -> None:
         items = [f"{k}={v}" if not isinstance(v, (dict, list)) else f"{k}=({len(v)} in --json)"
                  for k, v in p["stats"].items()]
         print(f"  {p['pass']}: " + ", ".join(items))
-    v, tol = d["verify"], d["tolerance"]
+    v, tol = d["verify"], d.get("tolerance_used", d["tolerance"])
+    basis = d.get("tolerance_basis", "")
+    why = f"; {basis}" if basis and "noise" in basis else ""  # fp16/bf16: derived bound
     checks = [f"{k} in {c['runtime']} {c['max_rel_error']:.3g}" for k in ("rewrite", "written")
               if (c := v.get(k))]
     if not checks:
@@ -200,9 +213,9 @@ def _print_optimize(d: dict[str, Any]) -> None:
     elif tol is None:
         verdict = "no tolerance (lossy recipe)"
     elif v["passed"]:
-        verdict = f"PASS (tolerance {tol:g})"
+        verdict = f"PASS (tolerance {tol:.3g}{why})"
     else:  # an exact recipe over its tolerance has already failed with exit code 3
-        verdict = f"over the tolerance {tol:g} (not enforced: lossy recipe)"
+        verdict = f"over the tolerance {tol:.3g} (not enforced: lossy recipe)"
     print(f"  max relative error: {', '.join(checks) or '-'}: {verdict}")
     files = ", ".join(f"{f['path']}{'/' if f['path'].endswith(TOKENIZER_SUFFIX) else ''} "
                       f"({_size(f['bytes'])})" for f in d.get("files", []))
