@@ -20,6 +20,7 @@ import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -72,13 +73,17 @@ class _Evil:
         return (os.system, (f"touch '{self.path}'",))
 
 
-def _rewrite_zip(src: Path, dst: Path, edit: Callable[[str, bytes], bytes | None]) -> None:
-    """Copy zip ``src`` to ``dst`` with ``edit(name, data)`` applied to every entry."""
+def _rewrite_zip(src: Path, dst: Path, edit: Callable[[str, bytes], Any]) -> None:
+    """Copy zip ``src`` to ``dst`` with ``edit(name, data)`` applied to every entry: it returns
+    the new data, None to drop the entry, or (name, data) to rename it as well."""
     with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED) as zout:
         for info in zin.infolist():
             data = edit(info.filename, zin.read(info.filename))
+            name = info.filename
+            if isinstance(data, tuple):
+                name, data = data
             if data is not None:
-                zout.writestr(info.filename, data)
+                zout.writestr(name, data)
 
 
 def _json_edit(suffix: str, change: Callable[[dict], None]) -> Callable[[str, bytes], bytes]:
@@ -137,6 +142,26 @@ def _pt2_files(d: Path) -> None:
     # the sample inputs: weights_only=True fails, torch retries with weights_only=False
     _rewrite_zip(d / "mlp.pt2", d / "evil-inputs.pt2", lambda n, b: pickle.dumps(
         _Evil(marker), protocol=2) if n.endswith("sample_inputs/model.pt") else b)
+    # a second program under an odd record name, with code-running sample inputs: torch loads
+    # every record under models/ (named by cutting 7 + 5 characters) and its sample inputs
+
+    with zipfile.ZipFile(d / "mlp.pt2") as z:
+        root = z.namelist()[0].split("/")[0]
+        program = z.read(f"{root}/models/model.json")
+        entries = {n: z.read(n) for n in z.namelist()}
+    with zipfile.ZipFile(d / "evil-second.pt2", "w", zipfile.ZIP_STORED) as z:
+        for n, data in entries.items():
+            z.writestr(n, data)
+            if n.endswith("data/weights/model_weights_config.json"):
+                z.writestr(n.replace("model_weights", "xyzzy_weights"), data)
+            if n.endswith("data/constants/model_constants_config.json"):
+                z.writestr(n.replace("model_constants", "xyzzy_constants"), data)
+        z.writestr(f"{root}/models/xyzzy.bin!", program)
+        z.writestr(f"{root}/data/sample_inputs/xyzzy.pt", pickle.dumps(_Evil(marker), protocol=2))
+    # the sample inputs under an upper-case name: torch's zip lookup ignores case
+    _rewrite_zip(d / "mlp.pt2", d / "evil-case.pt2", lambda n, b: (
+        n.replace("model.pt", "MODEL.pt"), pickle.dumps(_Evil(marker), protocol=2))
+        if n.endswith("sample_inputs/model.pt") else b)
     # a shape expression: torch hands it to sympy.sympify, which evals it
 
     def expr(prog: dict) -> None:
@@ -250,6 +275,7 @@ def _plain_files(d: Path) -> None:
     recipes = {
         "tol-abc.json": {"name": "t", "tolerance": "abc", "passes": [{"pass": "rotate"}]},
         "misspelled.json": {"name": "t", "tolerence": 1e-4, "passes": [{"pass": "rotate"}]},
+        "seed-float.json": {"name": "t", "passes": [{"pass": "rotate", "seed": 1.5}]},
     }
     for name, body in recipes.items():
         (d / name).write_text(json.dumps(body))
@@ -295,6 +321,12 @@ def cases() -> list[Case]:
         Case(".pt2, sample inputs replaced by a code-running pickle", ["inspect",
              "{d}/evil-inputs.pt2"], phrase="not plain tensor data",
              inputs=["evil-inputs.pt2"], absent=[MARKER]),
+        Case(".pt2, a second program (odd record name) with code-running sample inputs",
+             ["inspect", "{d}/evil-second.pt2"], phrase="not plain tensor data",
+             inputs=["evil-second.pt2"], absent=[MARKER]),
+        Case(".pt2, code-running sample inputs under an upper-case record name",
+             ["inspect", "{d}/evil-case.pt2"], phrase="not plain tensor data",
+             inputs=["evil-case.pt2"], absent=[MARKER]),
         Case(".pt2, Python code in a shape expression", ["inspect", "{d}/evil-expr.pt2"],
              phrase="symbolic shape expression", inputs=["evil-expr.pt2"], absent=[MARKER]),
         Case(".pt2, a node calling torch.os.system", ["optimize", "{d}/evil-target.pt2", "-o",
@@ -311,6 +343,9 @@ def cases() -> list[Case]:
         Case('recipe key misspelled ("tolerence")', ["optimize", "{d}/mlp.onnx", "--recipe",
              "{d}/misspelled.json", "-o", "{d}/o4.onnx"], phrase="tolerence",
              inputs=["misspelled.json"], absent=["o4.onnx"]),
+        Case("recipe option of the wrong JSON type (seed 1.5)", ["optimize", "{d}/mlp.onnx",
+             "--recipe", "{d}/seed-float.json", "-o", "{d}/o14.onnx"], phrase="expects int",
+             absent=["o14.onnx"]),
         Case("-o names an existing directory", ["optimize", "{d}/mlp.onnx", "-o",
              "{d}/out-dir.onnx"], phrase="is a directory", inputs=["mlp.onnx"]),
         Case("inspect --plot into a missing folder", ["inspect", "{d}/mlp.pt2", "--stats",
@@ -341,6 +376,10 @@ def cases() -> list[Case]:
         Case("CNN .pt2 exported with a positional input, rotate", ["optimize", "{d}/cnn.pt2",
              "-o", "{d}/cnn-rot.pt2"], codes=(0,), inputs=["cnn.pt2"]),
         Case(".pt2 written by rotaq reads back", ["inspect", "{d}/cnn-rot.pt2"], codes=(0,)),
+        Case(".pt2 with dynamic shapes (sympy expressions) loads", ["inspect",
+             "{d}/mlp-dyn.pt2"], codes=(0,), inputs=["mlp-dyn.pt2"]),
+        Case(".pt2 with keyword inputs loads", ["inspect", "{d}/mlp-kw.pt2"], codes=(0,),
+             inputs=["mlp-kw.pt2"]),
     ]
     return c
 

@@ -29,6 +29,7 @@ import io
 import json
 import logging
 import math
+import os
 import pickletools
 import re
 import warnings
@@ -112,16 +113,22 @@ def check_pt2(path: str) -> None:
     if any(r.startswith(c.AOTINDUCTOR_DIR) for r in records):
         raise LoadError(f"{path}: refused: the archive holds AOTInductor native code, which "
                         "rotaq does not load")
-    models = [r[len(c.MODELS_DIR):-len(".json")] for r in records
-              if r.startswith(c.MODELS_DIR) and r.endswith(".json")]
-    if not models:
+    # torch deserializes every record under models/, naming it by cutting the format's prefix
+    # and suffix lengths whatever the record ends with: do exactly the same
+    prefix, suffix = c.MODELS_FILENAME_FORMAT.split("{}")
+    programs = sorted(r for r in records if r.startswith(c.MODELS_DIR))
+    if not programs:
         raise LoadError(f"{path}: the archive holds no exported program")
-    for model in models:
-        _check_program(path, reader.read_bytes(c.MODELS_FILENAME_FORMAT.format(model)))
+    for record in programs:
+        model = record[len(prefix):len(record) - len(suffix)]
+        _check_program(path, reader.read_bytes(record))
+        # torch tests legacy files by exact name but reads records through miniz, whose
+        # lookup ignores case: look every pickle up the way torch reads it
         for legacy in (f"{c.WEIGHTS_DIR}{model}.pt", f"{c.CONSTANTS_DIR}{model}.pt",
                        c.SAMPLE_INPUTS_FILENAME_FORMAT.format(model)):
-            if legacy in records:
-                _check_pickle(path, legacy, reader.read_bytes(legacy))
+            blob = _read(reader, legacy)
+            if blob is not None:
+                _check_pickle(path, legacy, blob)
         _check_payloads(path, reader, records, c.WEIGHTS_CONFIG_FILENAME_FORMAT.format(model),
                         c.WEIGHTS_DIR)
         _check_payloads(path, reader, records, c.CONSTANTS_CONFIG_FILENAME_FORMAT.format(model),
@@ -149,15 +156,23 @@ def _check_payloads(path: str, reader: Any, records: set[str], config: str, fold
         _check_name(path, fqn, config)
         if not isinstance(meta, dict) or not isinstance(meta.get("path_name"), str):
             raise LoadError(f"{path}: {config}: entry {fqn!r} has no path_name")
-        record = folder + meta["path_name"]
+        record = os.path.join(folder, meta["path_name"])  # as torch joins it
         if meta["path_name"].startswith((c.CUSTOM_OBJ_FILENAME_PREFIX,
                                          c.OPAQUE_OBJ_FILENAME_PREFIX)):
             raise LoadError(f"{path}: refused: constant {fqn!r} is a pickled Python object "
                             f"({record}); rotaq loads tensors only")
         if meta.get("use_pickle"):
-            if record not in records:
+            blob = _read(reader, record)
+            if blob is None:
                 raise LoadError(f"{path}: {config}: {record} is missing")
-            _check_pickle(path, record, reader.read_bytes(record))
+            _check_pickle(path, record, blob)
+
+
+def _read(reader: Any, record: str) -> bytes | None:
+    try:
+        return reader.read_bytes(record)
+    except RuntimeError:  # torch's "failed locating file"
+        return None
 
 
 def _check_pickle(path: str, record: str, blob: bytes) -> None:
@@ -348,7 +363,12 @@ def load_exported(path: str, extra_files: dict[str, Any]) -> torch.export.Export
     """``torch.export.load`` after :func:`check_pt2`. torch's own log of a failed
     deserialization (a traceback at WARNING) is kept off the console; its cause is named in
     the error instead."""
-    check_pt2(path)
+    try:
+        check_pt2(path)
+    except LoadError:
+        raise
+    except Exception as err:  # a malformed archive the checks did not foresee: refuse it
+        raise LoadError(f"{path}: not a readable .pt2 archive: {_first_line(err)}") from err
     keep = _Keep()
     saved = {}
     for name in [n for n in logging.root.manager.loggerDict
