@@ -101,3 +101,33 @@ def test_sigterm_during_export_leaves_nothing(tmp_path):
     proc.wait(timeout=120)
     assert proc.returncode != 0
     assert os.listdir(d) == [], os.listdir(d)
+
+
+def test_positional_dynamic_two_inputs(tmp_path):
+    """Positional inputs with a dynamic batch plus a fixed-size second input (not sliced)."""
+    import torch
+
+    import rotaq
+
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(16, 64), torch.nn.Linear(64, 16)
+
+        def forward(self, x, scale):
+            return self.b(torch.relu(self.a(x))) * scale
+
+    torch.manual_seed(0)
+    m = M().eval()
+    sc = torch.randn(16)
+    ep = torch.export.export(m, (torch.randn(4, 16), sc),
+                             dynamic_shapes=({0: torch.export.Dim.AUTO}, None))
+    torch.export.save(ep, tmp_path / "m.pt2")
+    model = rotaq.load(str(tmp_path / "m.pt2"))
+    assert {k: v.shape for k, v in model.sample_inputs.items()} == {"x": (1, 16), "scale": (16,)}
+    rep = rotaq.optimize(model, "rotate").save(str(tmp_path / "r.pt2"))
+    assert rep["passes"][0]["stats"]["linears_rotated"] == 2
+    x = torch.randn(7, 16)  # another batch size: the batch stayed dynamic
+    with torch.no_grad():
+        y0, y1 = m(x, sc), torch.export.load(tmp_path / "r.pt2").module()(x, sc)
+    assert float((y1 - y0).abs().max() / y0.abs().max()) < 1e-4

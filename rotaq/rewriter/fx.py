@@ -151,6 +151,16 @@ class FxGraph:
     def input_names(self) -> list[str]:
         return [n.name for n in self.gm.graph.nodes if n.op == "placeholder"]
 
+    def dynamic_batch_inputs(self) -> set[str]:
+        """Inputs whose first dimension the program keeps symbolic."""
+        out = set()
+        for n in self.gm.graph.nodes:
+            val = n.meta.get("val") if n.op == "placeholder" else None
+            if isinstance(val, torch.Tensor) and val.dim() and isinstance(val.shape[0],
+                                                                          torch.SymInt):
+                out.add(n.name)
+        return out
+
     def view(self) -> GraphView:
         if self._view is None:
             self._view = self._lift()
@@ -407,9 +417,9 @@ class FxGraph:
 
     # ---- running and saving -------------------------------------------------------------
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        inputs = {k: torch.from_numpy(np.asarray(v)) for k, v in feeds.items()}
+        args, kwargs = self._split({k: torch.from_numpy(np.asarray(v)) for k, v in feeds.items()})
         with torch.no_grad():
-            out = self._compiled()(*self._split(inputs)[0], **self._split(inputs)[1])
+            out = self._compiled()(*args, **kwargs)
         return [_to_numpy(t) for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
 
     def capture(self, feeds: dict[str, np.ndarray], values: Sequence[str]) -> dict[str, np.ndarray]:
