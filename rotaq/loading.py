@@ -176,8 +176,9 @@ def _sample_for(g: Any, source: dict, seq_len: int) -> dict[str, np.ndarray]:
         feeds = assets.sample_inputs(tok, source.get("kind", "causal-lm"), seq_len=seq_len)
         names = set(g.input_names)
         return {k: v for k, v in feeds.items() if k in names}
-    if getattr(g, "ir", "") == "fx":
-        return {k: v[:1] for k, v in _np(g.example_inputs).items()}
+    if getattr(g, "ir", "") == "fx":  # one row of the inputs whose first dim is dynamic
+        dyn = g.dynamic_batch_inputs()
+        return {k: v[:1] if k in dyn else v for k, v in _np(g.example_inputs).items()}
     return _synthetic(g, seq_len)
 
 
