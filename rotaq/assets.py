@@ -248,7 +248,7 @@ def _convert_gguf(gguf_path: Path, target: Path, source: dict[str, Any]) -> None
             tokenizer = AutoTokenizer.from_pretrained(
                 str(gguf_path.parent), gguf_file=gguf_path.name
             )
-        except Exception as exc:  # a GGUF without tokenizer metadata: inputs are synthesized
+        except Exception as exc:  # noqa: BLE001 - no tokenizer metadata: inputs synthesized
             logger.info("%s: no tokenizer in the GGUF (%s)", gguf_path.name, _one_line(exc))
             tokenizer = None
         config = model.config
