@@ -67,6 +67,13 @@ def _dims(vi: Any) -> list[Any]:
     return list(vi.type.tensor_type.shape.dim)
 
 
+def _fixed(d: Any) -> int | None:
+    """A dim's static size; torch's exporter sometimes writes one as a numeric dim_param."""
+    if d.HasField("dim_value"):
+        return int(d.dim_value)
+    return int(d.dim_param) if d.dim_param.isdigit() else None
+
+
 def pad_axes(proto: Any, declared: dict[str, int | None] | None = None) -> dict[str, int]:
     """Input name -> its token axis, the one padded to a compiled length at run time.
 
@@ -80,7 +87,7 @@ def pad_axes(proto: Any, declared: dict[str, int | None] | None = None) -> dict[
     for name, vi in specs.items():
         dims = _dims(vi)
         if (vi.type.tensor_type.elem_type in _INT_TYPES and _TOKEN_NAME.search(name)
-                and len(dims) >= 2 and not dims[1].HasField("dim_value")):
+                and len(dims) >= 2 and _fixed(dims[1]) is None):
             axes[name] = 1
     for name, axis in (declared or {}).items():
         if name not in specs:
@@ -92,9 +99,9 @@ def pad_axes(proto: Any, declared: dict[str, int | None] | None = None) -> dict[
         dims = _dims(specs[name])
         if not 0 <= axis < len(dims):
             raise RotaqError(f"--pad-axis {name}:{axis}: {name!r} has {len(dims)} axes")
-        if dims[axis].HasField("dim_value"):
+        if _fixed(dims[axis]) is not None:
             raise RotaqError(f"--pad-axis {name}:{axis}: that axis is fixed at "
-                             f"{dims[axis].dim_value} in the model, it cannot be padded")
+                             f"{_fixed(dims[axis])} in the model, it cannot be padded")
         axes[name] = axis
     params = {_dims(specs[n])[a].dim_param for n, a in axes.items()} - {""}
     for name, vi in specs.items():
@@ -118,8 +125,8 @@ def static_shapes(proto: Any, n: int, axes: dict[str, int],
         for i, d in enumerate(dims):
             if axes.get(vi.name) == i:
                 shape.append(n)
-            elif d.HasField("dim_value"):
-                shape.append(d.dim_value)
+            elif _fixed(d) is not None:
+                shape.append(_fixed(d))
             elif i == 0:
                 shape.append(1)
             elif have is not None and len(have) == len(dims):

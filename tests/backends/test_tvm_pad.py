@@ -79,6 +79,9 @@ def test_default_axes_and_shapes(two_inputs):
     assert static_shapes(proto, 4, axes, {"features": (1, 7, WIDTH)})["features"] == [1, 7, 32]
     with pytest.raises(RotaqError, match="--pad-axis features:1"):
         static_shapes(proto, BUCKET, axes, {})
+    # torch's exporter writes some static sizes as numeric symbols (Whisper's mel bins)
+    proto.graph.input[1].type.tensor_type.shape.dim[1].dim_param = "3"
+    assert static_shapes(proto, 4, axes, {})["features"] == [1, 3, 32]
     # an input sharing the token axis' symbol is padded with it
     proto.graph.input[1].type.tensor_type.shape.dim[1].dim_param = \
         proto.graph.input[0].type.tensor_type.shape.dim[1].dim_param
