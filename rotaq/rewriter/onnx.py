@@ -79,6 +79,14 @@ class _Linear:
     beta: float = 1.0
 
 
+def _static_dim(d: Any) -> int | None:
+    """A dim's size: torch's exporter writes some static sizes as numeric symbols ("16")."""
+    if isinstance(d, int):
+        return d
+    text = str(getattr(d, "value", d) or "")
+    return int(text) if text.isdigit() else None
+
+
 _CONTROL_FLOW = ("If", "Loop", "Scan")
 _PASS_THROUGH = ("Transpose", "Cast", "Identity", "Reshape", "DequantizeLinear")
 
@@ -336,7 +344,7 @@ class OnnxGraph:
             if v.is_initializer():
                 continue
             dtype = v.dtype.numpy() if v.dtype is not None else np.float32
-            dims = [d if isinstance(d, int) else None for d in (v.shape or [])]
+            dims = [_static_dim(d) for d in (v.shape or [])]
             specs[v.name] = (np.dtype(dtype), dims)
         return specs
 
