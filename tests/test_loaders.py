@@ -177,6 +177,19 @@ def test_seq2seq_cli_onnx(seq2seq_dirs, tmp_path, capsys, family):
     assert res.report["max_rel_error"] < 1e-4
 
 
+def test_image_encoder_dir(tmp_path):
+    """A ViT directory (no tokenizer, main input pixel_values) gets images from its config."""
+    torch.manual_seed(0)
+    m = T.ViTModel(T.ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                               intermediate_size=128, image_size=32, patch_size=8))
+    m.save_pretrained(str(tmp_path / "vit"))
+    model = rotaq.load(str(tmp_path / "vit"))
+    assert {k: v.shape for k, v in model.sample_inputs.items()} == {
+        "pixel_values": (1, 3, 32, 32)}
+    assert len(model.analysis().linears) == sum(
+        isinstance(x, torch.nn.Linear) for x in m.modules()) == 13
+
+
 def test_unexportable_family_is_named(seq2seq_dirs, monkeypatch):
     from rotaq.rewriter import fx
 
