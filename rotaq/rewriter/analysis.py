@@ -599,8 +599,8 @@ def _walk(view: GraphView, a: Analysis, v: str) -> ResidualStream:
             res.head = first_linears(view, a.norms[nk].output)
             break
         combine = [c for c in cons if c.op == "add" and len(c.inputs) == 2
-                   and not _upstream_linears(view, [i for i in c.inputs if i not in stream][0]
-                                             if any(i not in stream for i in c.inputs) else v)]
+                   and not _upstream_linears(view, next((i for i in c.inputs
+                                                         if i not in stream), v))]
         if combine:
             v = combine[0].outputs[0]
             continue
