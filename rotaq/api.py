@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from rotaq.errors import VerificationError
+from rotaq.errors import MatchError, VerificationError
 from rotaq.loading import load
 from rotaq.model import TOKENIZER_SUFFIX, Model, max_rel_error
 from rotaq.progress import stage
@@ -104,6 +104,11 @@ def optimize(model: Any, recipe: str | Recipe = "rotate", *, options: dict[str, 
     exact = all(getattr(p, "exact", False) for p in passes)
     if not verify and hasattr(src.graph, "check_unverified"):
         src.graph.check_unverified()
+    needs = any(getattr(p, "needs_linears", True) for p in passes)  # all built-in passes do
+    if needs and not src.analysis().linears:
+        raise MatchError(f"no linear found in {src.source.get('name') or 'the model'} (a linear "
+                         "is a MatMul/Gemm/aten.linear with a constant 2-D weight): recipe "
+                         f"'{rec.name}' has nothing to rewrite")
     reference = []
     if verify:
         with stage("running the original on the sample inputs"):

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from rotaq.errors import RotaqError
 from rotaq.files import set_normal_permissions
 from rotaq.rewriter.analysis import Analysis, analyze
 
@@ -59,6 +60,8 @@ class Model:
         beside the output and recorded relative to it (``rotaq.tokenizer`` metadata), so the
         output can be moved or copied to another machine; without it the recorded path stays
         as it is (for temporary files)."""
+        if self.ir == "onnx" and not str(path).lower().endswith(".onnx"):
+            raise RotaqError(f"{path}: an ONNX model is written as .onnx only")
         meta = {f"rotaq.{k}": str(v) for k, v in self.source.items()}
         written = []
         tok_dir = self.source.get("tokenizer")
