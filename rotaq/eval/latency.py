@@ -277,7 +277,7 @@ def _bench_artifact(src: Any, backend: str, tokens: Sequence[int], repeats: int,
     timings = {}
     for n in tqdm(tokens, desc="bench", unit="len", file=sys.stderr, disable=not progress,
                   leave=False):
-        feeds = _feeds({k: (np.int64, [1, None]) for k in model.graph.input_names}, n)
+        feeds = model.graph.sample_feeds(n)  # as compiled: only token axes take n
         with stage(f"timing {n} tokens ({warmup} + {repeats} runs)"):
             timings[str(n)] = time_calls(lambda f=feeds: model.graph.run(f), warmup, repeats)
     return {"model": folder, "backend": "tvm", "tvm_version": meta.get("tvm_version"),

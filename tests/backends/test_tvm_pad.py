@@ -108,6 +108,12 @@ def test_compile_token_and_float_input(two_inputs, tmp_path, capsys):
     bad = {"input_ids": np.ones((1, 4), np.int64), "features": feats[:1, :2]}
     with pytest.raises(RotaqError, match="compiled for \\[1, 3, 32\\]"):
         model.graph.run(bad)
+    # bench feeds each input as compiled: only the token axis takes the benchmarked length
+    capsys.readouterr()
+    assert main(["bench", str(art), "--backend", "tvm", "--tokens", f"{BUCKET},5",
+                 "--repeats", "2", "--json"]) == 0
+    bench = json.loads(capsys.readouterr().out)
+    assert set(bench["tokens"]) == {str(BUCKET), "5"}
 
 
 def test_compile_without_token_input(tmp_path):
