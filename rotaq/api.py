@@ -9,8 +9,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rotaq.errors import VerificationError
+from rotaq.inputs import describe
 from rotaq.loading import load
-from rotaq.model import Model, max_rel_error
+from rotaq.model import Model, max_rel_error, rel_rms_error
 from rotaq.recipe import Recipe
 
 log = logging.getLogger(__name__)
@@ -29,10 +30,13 @@ class OptimizeResult:
         self.model.save(path)
         written = load(path)
         written.sample_inputs = self.model.sample_inputs
-        err = max_rel_error(self.reference, written.run())
+        out = written.run()
+        err = max_rel_error(self.reference, out)
         runtime = "ort" if written.ir == "onnx" else "torch"
         self.report["verify"][runtime] = err
         self.report["max_rel_error"] = max(self.report["verify"].values())
+        self.report["rel_rms_error"] = max(self.report.get("rel_rms_error", 0.0),
+                                           rel_rms_error(self.reference, out))
         self.report["output"] = os.path.abspath(path)
         tol = self.report["tolerance"]
         if self.exact and tol is not None and err > tol:
@@ -49,14 +53,19 @@ def _remove_output(path: str) -> None:
 
 
 def optimize(model: Any, recipe: str | Recipe = "rotate", *, options: dict[str, Any] | None = None,
-             verify: bool = True, example_inputs: Any = None) -> OptimizeResult:
+             verify: bool = True, example_inputs: Any = None, inputs: Any = None,
+             verify_inputs: Any = None, tokenizer: str | None = None) -> OptimizeResult:
     """Apply ``recipe`` (a built-in name, a JSON path or a :class:`Recipe`) to ``model``.
 
     The original model is not modified. With ``verify`` the rewritten model is run on the
     sample inputs beside the original; an exact recipe whose max relative error exceeds the
-    recipe's tolerance raises :class:`VerificationError`.
+    recipe's tolerance raises :class:`VerificationError`. ``inputs`` / ``verify_inputs`` /
+    ``tokenizer`` are passed to :func:`rotaq.load` (user calibration and verification data);
+    calibration never uses the verification inputs. The report names both sets
+    (``verify_inputs``, ``calibration_inputs``).
     """
-    src = load(model, example_inputs)
+    src = load(model, example_inputs, inputs=inputs, verify_inputs=verify_inputs,
+               tokenizer=tokenizer)
     rec = recipe if isinstance(recipe, Recipe) else Recipe.load(recipe)
     if options:
         rec = rec.with_options(options)
@@ -64,6 +73,7 @@ def optimize(model: Any, recipe: str | Recipe = "rotate", *, options: dict[str, 
     exact = all(getattr(p, "exact", False) for p in passes)
     reference = src.run() if verify else []
     work = src.clone()
+    work.inputs_info["calibration_used"] = []  # the sets this run's passes calibrate on
     t0 = time.perf_counter()
     pass_reports = []
     for p in passes:
@@ -77,13 +87,16 @@ def optimize(model: Any, recipe: str | Recipe = "rotate", *, options: dict[str, 
         "model": src.source.get("name", ""), "ir": src.ir, "recipe": rec.to_dict(),
         "passes": pass_reports, "seconds": round(time.perf_counter() - t0, 3),
         "exact": exact, "tolerance": rec.tolerance, "verify": {},
+        "verify_inputs": src.inputs_info.get("verify") or describe(src.sample_inputs, "given"),
+        "calibration_inputs": work.inputs_info.get("calibration_used", []),
     }
     if verify:
-        err = max_rel_error(reference, work.run())
+        out = work.run()
+        err = max_rel_error(reference, out)
         runtime = "ort" if work.ir == "onnx" else "torch"
         report["verify"][runtime] = err
         report["max_rel_error"] = err
-        report["verify_inputs"] = {k: list(v.shape) for k, v in src.sample_inputs.items()}
+        report["rel_rms_error"] = rel_rms_error(reference, out)
         if exact and rec.tolerance is not None and err > rec.tolerance:
             raise VerificationError(f"recipe '{rec.name}' is exact but changed the outputs by "
                                     f"{err:.3g} (max relative error) > tolerance {rec.tolerance:g}")
