@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from rotaq.errors import VerificationError
+from rotaq.errors import LoadError, VerificationError
 from rotaq.inputs import describe
 from rotaq.loading import load
 from rotaq.model import Model, max_rel_error, rel_rms_error
@@ -52,6 +52,21 @@ def _remove_output(path: str) -> None:
             os.unlink(p)
 
 
+def _reference(src: Model) -> list:
+    """The original's outputs on the sample inputs; synthetic inputs a model cannot run on
+    (e.g. a length its Reshape or Pad rejects) are a user problem: ask for real ones."""
+    try:
+        return src.run()
+    except Exception as err:  # ORT / torch raise many types here
+        info = src.inputs_info.get("verify", {})
+        if info.get("source") != "synthetic":
+            raise
+        msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise LoadError(f"the model fails on synthetic sample inputs {info.get('shapes')} "
+                        f"({msg[:200]}); give valid inputs with --inputs FILE.npz "
+                        "(Python: inputs=...)") from err
+
+
 def optimize(model: Any, recipe: str | Recipe = "rotate", *, options: dict[str, Any] | None = None,
              verify: bool = True, example_inputs: Any = None, inputs: Any = None,
              verify_inputs: Any = None, tokenizer: str | None = None) -> OptimizeResult:
@@ -71,7 +86,7 @@ def optimize(model: Any, recipe: str | Recipe = "rotate", *, options: dict[str, 
         rec = rec.with_options(options)
     passes = rec.build()
     exact = all(getattr(p, "exact", False) for p in passes)
-    reference = src.run() if verify else []
+    reference = _reference(src) if verify else []
     work = src.clone()
     work.inputs_info["calibration_used"] = []  # the sets this run's passes calibrate on
     t0 = time.perf_counter()

@@ -255,3 +255,29 @@ def assets_tok(path):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(path)
+
+
+def test_model_that_rejects_synthetic_inputs(tmp_path, capsys):
+    """A graph whose Reshape needs a length that is a multiple of 24: the synthetic sample
+    (length 32) cannot run; rotaq says so (exit 2) and the user's inputs make it work."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.random.default_rng(0).standard_normal((24, 24)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["x", "shape"], ["r"]),
+         helper.make_node("MatMul", ["r", "w"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", "len"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.array([-1, 24]), "shape")])
+    path = str(tmp_path / "reshape.onnx")
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    argv = ["optimize", path, "--recipe", "lowrank", "--set", "method=svd", "--set", "rank=8",
+            "-o", str(tmp_path / "o.onnx"), "--json"]
+    rc, _, err = _cli(argv, capsys)
+    assert rc == 2 and "fails on synthetic sample inputs" in err and "--inputs" in err
+    np.savez(tmp_path / "x.npz", x=np.random.default_rng(1).standard_normal((8, 48))
+             .astype(np.float32))
+    rc, out, err = _cli(argv + ["--inputs", str(tmp_path / "x.npz")], capsys)
+    assert rc == 0, err
+    rep = json.loads(out)
+    assert rep["verify_inputs"]["shapes"] == {"x": [2, 48]} and rep["max_rel_error"] > 1e-3

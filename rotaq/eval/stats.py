@@ -26,8 +26,11 @@ def calibration_feeds(model: Model, corpus: str = "lee", n_tokens: int = 512,
     else ``n_tokens`` of ``corpus`` text in windows of ``window`` tokens (windows that overlap
     the verification text are skipped), else synthetic inputs drawn with the calibration seed.
     The set used is recorded in ``model.inputs_info["calibration_used"]``."""
+    import time
+
     from rotaq import inputs as inp
 
+    t0 = time.perf_counter()
     tok_dir = model.source.get("tokenizer")
     if model.calibration is not None:
         feeds = model.calibration
@@ -40,6 +43,7 @@ def calibration_feeds(model: Model, corpus: str = "lee", n_tokens: int = 512,
                     "real data", inp.CALIB_SEED)
         feeds = inp.synthetic_calibration(model.graph, n_tokens, window)
         info = inp.describe(feeds, "synthetic", seed=inp.CALIB_SEED)
+        _check_runs(model, feeds)
     dup = inp.overlap(feeds, model.sample_inputs)
     if dup:
         log.warning("%d calibration sample(s) equal verification samples", dup)
@@ -47,7 +51,23 @@ def calibration_feeds(model: Model, corpus: str = "lee", n_tokens: int = 512,
     used = model.inputs_info.setdefault("calibration_used", [])
     if info not in used:
         used.append(info)
+    log.info("calibration inputs: %s %s (%.1f s)", info["source"], info["shapes"],
+             time.perf_counter() - t0)
     return feeds
+
+
+def _check_runs(model: Model, feeds: dict[str, np.ndarray]) -> None:
+    """Synthetic calibration inputs the model cannot run on: ask for real ones."""
+    from rotaq import inputs as inp
+
+    first = next(inp.chunks(model.graph, feeds, 1))
+    try:
+        model.graph.run(first)
+    except Exception as err:  # ORT / torch raise many types here
+        msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise RewriteError(f"the model fails on synthetic calibration inputs "
+                           f"{inp.describe(first, '')['shapes']} ({msg[:200]}); give valid "
+                           "inputs with --inputs FILE.npz (Python: inputs=...)") from err
 
 
 def _text_feeds(model: Model, tok_dir: str, corpus: str, n_tokens: int, window: int
