@@ -185,7 +185,8 @@ def add_input_args(sp: argparse.ArgumentParser) -> None:
                     help="verification inputs (same format), kept apart from --inputs")
     sp.add_argument("--tokenizer", metavar="DIR",
                     help="a Hugging Face tokenizer folder, for a model file without rotaq "
-                         "metadata: verify on Wikipedia text, calibrate on --text")
+                         "metadata: verify on Wikipedia text, calibrate on Lee news text "
+                         "(the passes' calib_text)")
 
 
 def input_options(args: argparse.Namespace) -> dict[str, Any]:

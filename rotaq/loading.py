@@ -37,6 +37,10 @@ def load(src: Any, example_inputs: Any = None, *, ir: str = "fx", seq_len: int =
     ``verify_inputs`` is given too; ``tokenizer`` (a Hugging Face tokenizer directory) makes
     a model without rotaq metadata use real text.
     """
+    if example_inputs is None and inputs is not None and _is_module(src):
+        from rotaq.inputs import read
+
+        example_inputs = {k: v[:2] for k, v in read(inputs)[0].items()}  # capture shapes only
     model = _load(src, example_inputs, ir, seq_len)
     if inputs is None and verify_inputs is None and tokenizer is None:
         return model
@@ -54,6 +58,12 @@ def load(src: Any, example_inputs: Any = None, *, ir: str = "fx", seq_len: int =
             model.calibration = calib
         model.inputs_info.update(info)
     return model
+
+
+def _is_module(src: Any) -> bool:
+    import torch
+
+    return isinstance(src, torch.nn.Module)
 
 
 def _load(src: Any, example_inputs: Any, ir: str, seq_len: int) -> Model:

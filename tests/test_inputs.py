@@ -116,6 +116,9 @@ def test_user_inputs_split_for_a_positional_module():
     want = max_rel_error([mlp(torch.from_numpy(held["x"])).detach().numpy()],
                          res.model.run(held))
     assert rep["max_rel_error"] == pytest.approx(want, rel=1e-5)
+    # the user's arrays alone are enough to capture the module
+    again = rotaq.optimize(mlp, rotaq.Recipe("lr", AGGRESSIVE, None), inputs={"x": x})
+    assert again.report["max_rel_error"] == pytest.approx(want, rel=1e-5)
 
 
 def test_split_rules():
