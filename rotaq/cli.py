@@ -59,9 +59,20 @@ def _print_inspect(d: dict[str, Any]) -> None:
         a0 = d["attention"][0]
         print(f"attention: {len(d['attention'])} sites ({a0['kind']}), {a0['num_heads']} heads, "
               f"{a0['num_kv_heads']} KV heads, head size {a0['head_dim']}")
+    if d.get("experts"):
+        e0 = d["experts"][0]
+        print(f"MoE experts: {len(d['experts'])} grouped weights x {e0['num_experts']} experts; "
+              f"routers (kept in float): {len(d['routers'])}")
     r = d["residual"]
-    print(f"residual stream: {'pre-norm' if d['pre_norm'] else 'not pre-norm'}, "
-          f"{r['blocks']} blocks, embedding {r['embedding']}, head {', '.join(map(str, r['head']))}")
+    print(f"residual stream: {d['structure']}, {r['blocks']} blocks, embedding "
+          f"{r['embedding']}, final norm {r['final_norm']}, head "
+          f"{', '.join(map(str, r['head'])) or 'none'}")
+    for i, b in enumerate(d.get("block_structure", [])):
+        before = ", ".join(b["norm_before"]) or "no norm"
+        after = f"; norm on the sublayer output: {', '.join(b['norm_after_sublayer'])}" \
+            if b["norm_after_sublayer"] else ""
+        print(f"  block {i}: reads through {before}{after}; writers "
+              f"{', '.join(b['writers'])}{' (parallel)' if b['parallel'] else ''}")
     if "stats" in d:
         print(f"{'linear':48s} {'max/RMS':>9s} {'kurtosis':>9s}")
         for row in d["stats"]:
@@ -134,6 +145,8 @@ def _print_optimize(d: dict[str, Any]) -> None:
         print(f"  {p['pass']}: " + ", ".join(items))
     for rt, err in d["verify"].items():
         print(f"  max relative error ({rt}): {err:.3g}")
+    if d["verify"] and d.get("tolerance_used") is not None:
+        print(f"  tolerance: {d['tolerance_used']:.3g} ({d.get('tolerance_basis', '')})")
     if d["verify"] and d.get("verify_inputs"):
         print(f"  relative RMS error: {d.get('rel_rms_error', 0.0):.3g}; verified on "
               f"{_inputs_label(d['verify_inputs'])}")

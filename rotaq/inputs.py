@@ -163,6 +163,10 @@ def _fmt(dims: list[int | None]) -> str:
                            for i, d in enumerate(dims)) + "]"
 
 
+def _is_float(dt: np.dtype) -> bool:
+    return np.issubdtype(dt, np.floating) or "float" in np.dtype(dt).name  # ml_dtypes bfloat16
+
+
 def validate(g: Any, feeds: Feeds, label: str) -> Feeds:
     """Check ``feeds`` against the graph inputs (names, ranks, fixed dims, dtype kind) and cast
     to the model's dtypes; raise :class:`LoadError` naming the input and what is expected."""
@@ -187,8 +191,7 @@ def validate(g: Any, feeds: Feeds, label: str) -> Feeds:
                 raise LoadError(f"{label}: input '{k}' has shape {list(v.shape)}; expected "
                                 f"{want} (axis {i} must be {d})")
         same_kind = (np.issubdtype(v.dtype, np.integer) and np.issubdtype(dtype, np.integer)) or \
-            (np.issubdtype(v.dtype, np.floating) and np.issubdtype(dtype, np.floating)) or \
-            v.dtype == dtype
+            (_is_float(v.dtype) and _is_float(dtype)) or v.dtype == dtype
         if not same_kind:
             raise LoadError(f"{label}: input '{k}' has dtype {v.dtype}; expected {want}")
         if n is None:

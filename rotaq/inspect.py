@@ -35,6 +35,12 @@ def inspect(model: Any) -> dict[str, Any]:
                   for n in a.norms.values()],
         "embeddings": [{"key": e.key, "name": e.name, "num_embeddings": e.num_embeddings,
                         "dim": e.dim} for e in a.embeddings.values()],
+        "experts": [{"key": e.key, "name": e.name, "num_experts": e.num_experts,
+                     "in_features": e.in_features, "out_features": e.out_features}
+                    for e in a.experts.values()],
+        "routers": [name(k) for k in a.linears if k in a.routers],
+        "structure": res.structure,
+        "block_structure": [_block(b, name) for b in res.blocks],
         "residual": {
             "blocks": len(res.blocks),
             "embedding": name(res.embedding),
@@ -45,3 +51,11 @@ def inspect(model: Any) -> dict[str, Any]:
             "writers": sum(len(b.writers) for b in res.blocks),
         },
     }
+
+
+def _block(b: Any, name: Any) -> dict[str, Any]:
+    """One residual block: which norm reads the stream, which writes it, where the add is."""
+    return {"add": b.add, "norm_before": [name(k) for k in b.norms],
+            "norm_after_sublayer": [name(k) for k in b.branch_norms],
+            "readers": [name(k) for k in b.readers], "writers": [name(k) for k in b.writers],
+            "parallel": b.parallel}

@@ -55,8 +55,8 @@ def make_pass(name: str, options: dict[str, Any]) -> Callable:
 
 def select_linears(a: Any, include: str = "", exclude: str = "", head: bool = False) -> list[str]:
     """Linear keys of analysis ``a`` in graph order, filtered by regexes on their names (module
-    paths); the head is left out unless ``head`` or ``include`` names it."""
-    heads = set(a.residual.head)
+    paths); the head and MoE routers are left out unless ``head`` or ``include`` names them."""
+    heads = set(a.residual.head) | set(getattr(a, "routers", ()))  # MoE routers stay float
     inc = re.compile(include) if include else None
     exc = re.compile(exclude) if exclude else None
     out = []

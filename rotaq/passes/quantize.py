@@ -102,6 +102,11 @@ class Quantize:
 
     def __call__(self, model: Model) -> PassResult:
         a = model.analysis()
+        if a.experts:
+            e = next(iter(a.experts.values()))
+            raise RewriteError(f"quantize: MoE experts '{e.name or e.key}' ({e.num_experts} "
+                               "experts in one grouped weight) cannot be quantized yet; the "
+                               "recipe would leave them in float")
         keys = self._select(a)
         if not keys:
             raise RewriteError("quantize: no linear matches the include/exclude filters")
@@ -140,6 +145,9 @@ class Quantize:
                  "weight_rel_error_max": float(lin_err.max()),
                  **counts(feeds, seen),
                  "kv_quantized": kv}
+        done = set(errors)
+        stats["quantized"] = [a.linears[k].name or k for k in a.linears if k in done]
+        stats["kept_float"] = [a.linears[k].name or k for k in a.linears if k not in done]
         if self.lowrank_rank:
             stats["lowrank"] = f"{self.lowrank_mode} rank {self.lowrank_rank}"
         return PassResult(model, True, stats)

@@ -37,7 +37,13 @@ from rotaq.linalg.hadamard import (
 )
 from rotaq.model import Model
 from rotaq.passes.base import PassResult, register
-from rotaq.rewriter.analysis import Analysis, closure, const_root, consumers_of
+from rotaq.rewriter.analysis import (
+    Analysis,
+    closure,
+    const_root,
+    consumers_of,
+    first_linears,
+)
 from rotaq.rewriter.sites import Kronecker
 
 log = logging.getLogger(__name__)
@@ -63,6 +69,41 @@ class _Weights:
             self.graph.set_linear(key, w, b)
 
 
+def _online_reason(a: Analysis) -> str:
+    """Why the residual stream cannot carry a folded rotation, in the model's own terms."""
+    res = a.residual
+    kind = res.structure
+    if a.experts:
+        e = next(iter(a.experts.values()))
+        return (f"MoE experts '{e.name or e.key}' are one grouped weight, which the residual "
+                "rotation does not fold into")
+    if not res.blocks:
+        return "no residual stream was found (no residual add fed by a linear)"
+    if res.streams > 1:
+        return (f"the model has {res.streams} residual streams (encoder-decoder: the decoder's "
+                "cross-attention reads the encoder's stream), and one rotation of one stream "
+                "is what residual mode folds")
+    if kind.startswith(("sandwich", "post-sublayer")):
+        b = next(b for b in res.blocks if b.branch_norms)
+        n = a.norms[b.branch_norms[0]]
+        return (f"the model is {kind}-norm: norm '{n.name or n.key}' scales a sublayer's output "
+                "before the residual add, so a rotation of the stream cannot be folded into "
+                "its writer")
+    if res.post_norms:
+        n = a.norms[res.post_norms[0]]
+        return (f"the model is post-norm: norm '{n.name or n.key}' is applied to the stream "
+                "after the residual add")
+    lns = [nk for b in res.blocks for nk in b.norms if a.norms[nk].kind == "layer"]
+    if lns:
+        n = a.norms[lns[0]]
+        return (f"LayerNorm '{n.name or n.key}' subtracts the mean, which does not commute "
+                "with a rotation of the residual stream")
+    b = next((b for b in res.blocks if not b.norm), None)
+    if b is not None:
+        return f"block at '{b.add}' reads the stream without a norm"
+    return f"the model is {kind}"
+
+
 @register
 @dataclass(frozen=True)
 class Rotate:
@@ -84,24 +125,36 @@ class Rotate:
     def __call__(self, model: Model) -> PassResult:
         a = model.analysis()
         mode = self.mode
+        reason = ""
         if mode == "auto":
-            rms = all(a.norms[b.norm].kind == "rms" for b in a.residual.blocks if b.norm)
-            mode = "residual" if a.pre_norm and rms else "online"
+            rms = all(a.norms[nk].kind == "rms" for b in a.residual.blocks for nk in b.norms)
+            one = a.residual.streams == 1
+            mode = "residual" if a.pre_norm and rms and one and not a.experts else "online"
+            reason = _online_reason(a) if mode == "online" else ""
         if mode == "residual":
             stats = self._residual(model, a)
         else:
             stats = self._online(model, a)
         stats["mode"] = mode
+        stats["structure"] = a.residual.structure
+        if reason:
+            stats["mode_reason"] = reason
         return PassResult(model, True, stats)
 
     # ---- residual-stream rotation ---------------------------------------------------------
     def _residual(self, model: Model, a: Analysis) -> dict:
         g = model.graph
         res = a.residual
-        if not res.pre_norm:
-            raise RewriteError("rotate: mode=residual needs a pre-norm residual stream, and this "
-                               "model is not pre-norm; use mode=online")
-        stream_norms = [b.norm for b in res.blocks] + ([res.final_norm] if res.final_norm else [])
+        if a.experts:
+            e = next(iter(a.experts.values()))
+            raise RewriteError(f"rotate: mode=residual cannot fold a rotation into MoE experts "
+                               f"'{e.name or e.key}' ({e.num_experts} experts in one grouped "
+                               "weight); use mode=online (experts stay unrotated)")
+        if not res.pre_norm or res.streams > 1:
+            raise RewriteError(f"rotate: mode=residual needs a pre-norm residual stream; "
+                               f"{_online_reason(a)}; use mode=online")
+        stream_norms = [nk for b in res.blocks for nk in b.norms] + (
+            [res.final_norm] if res.final_norm else [])
         for nk in stream_norms:
             n = a.norms[nk]
             if n.kind != "rms":
@@ -111,7 +164,8 @@ class Rotate:
         d = a.embeddings[res.embedding].dim
         q = random_rotation(d, self.seed)
         w = _Weights(g)
-        readers_of = {b.norm: b.readers for b in res.blocks}
+        readers_of = {nk: first_linears(g.view(), a.norms[nk].output)
+                      for b in res.blocks for nk in b.norms}
         if res.final_norm:
             readers_of[res.final_norm] = res.head
         # 1. fold norm scales into the readers (all read from one view, then written)

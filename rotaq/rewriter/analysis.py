@@ -14,6 +14,7 @@ from rotaq.rewriter.sites import (
     AttentionSite,
     Block,
     EmbeddingSite,
+    ExpertsSite,
     GNode,
     GraphView,
     LinearSite,
@@ -33,6 +34,8 @@ class Analysis:
     attention: list[AttentionSite]
     residual: ResidualStream
     norm_internal: dict[str, set[str]] = field(default_factory=dict)
+    experts: dict[str, ExpertsSite] = field(default_factory=dict)
+    routers: set[str] = field(default_factory=set)  # MoE routers: linears feeding a top-k
 
     @property
     def pre_norm(self) -> bool:
@@ -53,9 +56,29 @@ def analyze(view: GraphView) -> Analysis:
     norms, internal = _find_norms(view)
     a = Analysis(view, linears, embeddings, norms, [], ResidualStream(False, None, None, [], []),
                  internal)
+    a.experts = {n.key: ExpertsSite(n.key, n.scope, n.params["num_experts"],
+                                    n.params["in_features"], n.params["out_features"],
+                                    n.inputs[0], n.outputs[0])
+                 for n in view.nodes if n.op == "experts"}
+    a.routers = {k for k in linears if _feeds_topk(view, linears[k].output)}
     a.attention = _find_attention(view, a)
     a.residual = _find_residual(view, a)
     return a
+
+
+def _feeds_topk(view: GraphView, value: str) -> bool:
+    """A MoE router: its logits reach a top-k (through casts and a softmax/sigmoid)."""
+    todo, seen = [value], 0
+    while todo and seen < 8:
+        v = todo.pop()
+        seen += 1
+        for c in view.consumers.get(v, []):
+            t = str(c.params.get("target", "")).lower()
+            if "topk" in t:
+                return True
+            if c.op in ("cast", "identity", "softmax") or "sigmoid" in t:
+                todo.extend(c.outputs)
+    return False
 
 
 # ---- helpers on the view ---------------------------------------------------------------------
@@ -95,7 +118,8 @@ def passthrough(view: GraphView, n: GNode) -> bool:
     if n.op in ("cast", "identity"):
         return True
     if n.op in ("slice", "reshape", "expand") or (
-            n.op == "other" and n.params.get("target") in ("Gather", "Squeeze", "Unsqueeze")):
+            n.op == "other" and n.params.get("target") in ("Gather", "Squeeze", "Unsqueeze",
+                                                           "aten.index.Tensor")):
         si, so = view.shape(n.inputs[0]), view.shape(n.outputs[0])
         return bool(si and so and si[-1] == so[-1] and si[-1] > 0)
     return _scalar_const(view, n)
@@ -127,7 +151,9 @@ def consumers_of(view: GraphView, values: list[str]) -> list[GNode]:
 
 
 def first_linears(view: GraphView, value: str) -> list[str]:
-    return [c.key for c in consumers_of(view, closure(view, value)) if c.op == "linear"]
+    """Linears (and MoE expert groups) reading ``value`` through passthrough ops."""
+    return [c.key for c in consumers_of(view, closure(view, value))
+            if c.op in ("linear", "experts")]
 
 
 def _root(view: GraphView, value: str) -> str:
@@ -300,12 +326,11 @@ def _explicit_attention(view: GraphView, a: Analysis, sm: GNode) -> AttentionSit
             return None
         if p.op == "matmul":
             break
-        if p.op not in ("add", "mul", "div", "cast", "identity"):
+        if not _score_op(p):
             return None
         cur = next((i for i in p.inputs if i and not view.is_const(i)
                     and view.producer.get(i) is not None
-                    and view.producer[i].op in ("matmul", "add", "mul", "div", "cast", "identity")),
-                   "")
+                    and (view.producer[i].op == "matmul" or _score_op(view.producer[i]))), "")
     else:
         return None
     qk = view.producer[cur]
@@ -316,6 +341,13 @@ def _explicit_attention(view: GraphView, a: Analysis, sm: GNode) -> AttentionSit
     return _attention_site(view, a, sm, "explicit", q, k, pv[0].inputs[1], pv[0].outputs[0],
                            q_consumer=qk.key, k_consumer=k_consumer, v_consumer=pv[0].key,
                            k_has_head_last=bool(k_consumer))
+
+
+def _score_op(n: GNode) -> bool:
+    """Ops between the score matmul and the softmax: mask adds, scales, casts, and tanh
+    soft-capping (Gemma-2: tanh(s / c) * c)."""
+    return n.op in ("add", "mul", "div", "cast", "identity") or (
+        n.op == "other" and "tanh" in str(n.params.get("target", "")).lower())
 
 
 def _untranspose_k(view: GraphView, qk: GNode, kt: str, head_dim: int) -> tuple[str, str]:
@@ -352,12 +384,17 @@ def _attention_site(view: GraphView, a: Analysis, n: GNode, kind: str, q: str, k
     heads = n.params.get("num_heads")
     kv_heads = n.params.get("num_kv_heads")
     fused = q_proj is not None and q_proj == k_proj == v_proj
-    if head_dim == 0 and heads and q_proj:
-        head_dim = a.linears[q_proj].out_features // (3 if fused else 1) // heads
-    if not heads and head_dim and q_proj:
-        heads = a.linears[q_proj].out_features // (3 if fused else 1) // head_dim
+    if not heads and head_dim and len(q_shape) == 4 and q_shape[1] > 0:
+        heads = q_shape[1]  # [batch, heads, tokens, head_dim], as the attention reads it
+    if head_dim == 0 and heads and q_proj and not fused:
+        head_dim = a.linears[q_proj].out_features // heads
+    if not heads and head_dim and q_proj and not fused:
+        heads = a.linears[q_proj].out_features // head_dim
     if not kv_heads and head_dim and k_proj:
-        kv_heads = heads if fused else a.linears[k_proj].out_features // head_dim
+        if fused and heads:  # q, k, v in one projection: k and v share what q leaves
+            kv_heads = (a.linears[k_proj].out_features - heads * head_dim) // (2 * head_dim)
+        elif not fused:
+            kv_heads = a.linears[k_proj].out_features // head_dim
     scope = view.by_key[q_proj].scope.rsplit(".", 1)[0] if q_proj else n.scope
     return AttentionSite(
         n.key, scope, kind, int(heads or 0), int(kv_heads or 0), int(head_dim), q_proj, k_proj,
@@ -381,51 +418,171 @@ def _downstream_linear(view: GraphView, value: str) -> str | None:
 
 
 # ---- residual stream -------------------------------------------------------------------------
-def _residual_add(view: GraphView, n: GNode, stream: list[str]) -> str | None:
-    """If ``n`` adds a linear's output into the stream, return that writer linear."""
-    if n.op != "add" or len(n.inputs) != 2 or any(view.is_const(i) for i in n.inputs):
+def _norm_by_output(a: Analysis) -> dict[str, str]:
+    return {n.output: k for k, n in a.norms.items()}
+
+
+def _branch(view: GraphView, a: Analysis, n: GNode, stream: list[str]
+            ) -> tuple[list[str], list[str]] | None:
+    """If ``n`` adds a sublayer's output into the stream, (writer linears, branch norms).
+
+    The sublayer's output reaches the add through passthrough ops, through a norm applied to
+    the sublayer's output (sandwich / post-sublayer norms: Gemma-2/3, OLMo-2), and through adds
+    of several sublayers (parallel attention + MLP: GPT-J, GPT-NeoX, Phi, Falcon).
+    """
+    if n.op != "add" or len(n.inputs) != 2 or any(const_like(view, i) for i in n.inputs):
         return None
     ins = [i for i in n.inputs if i in stream]
     if len(ins) != 1:
         return None
     other = n.inputs[1] if n.inputs[0] in stream else n.inputs[0]
-    return _writer(view, other)
+    return _tail(view, a, other, set(stream))
+
+
+def _tail(view: GraphView, a: Analysis, value: str, stream: set[str]
+          ) -> tuple[list[str], list[str]] | None:
+    by_out = _norm_by_output(a)
+    writers: list[str] = []
+    norms: list[str] = []
+    todo, seen = [value], set()
+    while todo:
+        v = todo.pop()
+        for _ in range(64):
+            if v in stream or v in seen or view.is_const(v):
+                return None
+            seen.add(v)
+            p = view.producer.get(v)
+            if p is None:
+                return None
+            if p.op == "linear":
+                writers.append(p.key)
+                break
+            if v in by_out:
+                norms.append(by_out[v])
+                v = a.norms[by_out[v]].input
+                continue
+            if p.op == "add" and len(p.inputs) == 2 and not any(view.is_const(i) for i in p.inputs):
+                todo.extend(p.inputs)
+                break
+            if p.op == "experts":  # MoE: the experts' down projections write the stream
+                writers.append(p.key)
+                break
+            if passthrough(view, p):
+                v = p.inputs[0]
+                continue
+            carry = _channel_input(view, p, v)
+            if carry is None:
+                return None
+            v = carry
+        else:
+            return None
+    order = {nd.key: i for i, nd in enumerate(view.nodes)}
+    return sorted(writers, key=order.get), norms
+
+
+def _channel_input(view: GraphView, n: GNode, out: str) -> str | None:
+    """For token-axis ops in a MoE combine (gather, routing-weight scale, sum over the top-k
+    axis): the one input that carries the output's channel axis, if exactly one does."""
+    if n.op not in ("mul", "reshape", "other") or n.op == "other" and not any(
+            t in str(n.params.get("target", "")) for t in ("index", "sum", "Gather", "ReduceSum",
+                                                         "scatter", "Scatter")):
+        return None
+    dim = (view.shape(out) or (0,))[-1]
+    if dim <= 1:
+        return None
+    carry = [i for i in n.inputs if i and not view.is_const(i)
+             and (view.shape(i) or (0,))[-1] == dim]
+    return carry[0] if len(carry) == 1 else None
+
+
+def _stream_norms(a: Analysis, cons: list[GNode]) -> list[str]:
+    keys = {c.key for c in cons}
+    return [k for k, s in a.norm_internal.items() if keys & s and a.norms[k].input in
+            {i for c in cons for i in c.inputs}]
 
 
 def _find_residual(view: GraphView, a: Analysis) -> ResidualStream:
+    """Every residual stream, walked block by block from its start: an embedding, or (for
+    encoders that start from a convolution or patch projection) the stream input of the first
+    residual add no stream holds yet. Encoder-decoders have two streams; their blocks are listed
+    encoder first, ``streams`` counts them."""
     res = ResidualStream(False, None, None, [], [])
-    emb = next(iter(a.embeddings.values()), None)
-    if emb is None:
-        return res
-    res.embedding = emb.key
-    v = emb.output
+    res.head = _heads_from_outputs(view)
+    starts = [e.output for e in a.embeddings.values()]
+    done: set[str] = set()
+    walked = 0
+    while True:
+        start = next((v for v in starts if v not in done), None)
+        if start is None:
+            start = _first_free_add(view, a, {b.add for b in res.blocks})
+            if start is None:
+                break
+        done.add(start)
+        part = _walk(view, a, start)
+        if not part.blocks or part.blocks[0].add in {b.add for b in res.blocks}:
+            continue
+        walked += 1
+        if res.embedding is None:
+            res.embedding = next((k for k, e in a.embeddings.items() if e.output == start), None)
+        res.blocks.extend(part.blocks)
+        res.post_norms.extend(part.post_norms)
+        res.final_norm = part.final_norm
+    res.streams = walked
+    return _finish(view, a, res)
+
+
+def _first_free_add(view: GraphView, a: Analysis, taken: set[str]) -> str | None:
+    """The stream input of the first residual add (in graph order) outside ``taken``."""
+    for n in view.nodes:
+        if n.op != "add" or n.key in taken or len(n.inputs) != 2 or any(
+                const_like(view, i) for i in n.inputs):
+            continue
+        sides = [i for i, o in ((n.inputs[0], n.inputs[1]), (n.inputs[1], n.inputs[0]))
+                 if (t := _tail(view, a, o, set(closure(view, i)))) and t[0]
+                 and _depends(view, o, i) and not _depends(view, i, o)]
+        if len(sides) == 1:
+            return sides[0]
+    return None
+
+
+def _depends(view: GraphView, value: str, target: str, limit: int = 4096) -> bool:
+    """Is ``value`` computed from ``target`` (a residual branch is computed from its stream)?"""
+    todo, seen = [value], set()
+    while todo and len(seen) < limit:
+        v = todo.pop()
+        if v == target:
+            return True
+        if v in seen:
+            continue
+        seen.add(v)
+        p = view.producer.get(v)
+        if p is not None:
+            todo.extend(i for i in p.inputs if i and not view.is_const(i))
+    return False
+
+
+def _walk(view: GraphView, a: Analysis, v: str) -> ResidualStream:
+    res = ResidualStream(False, None, None, [], [])
     for _ in range(10_000):
         stream = closure(view, v)
         cons = consumers_of(view, stream)
-        adds = [(c, w) for c in cons for w in [_residual_add(view, c, stream)] if w]
-        norms = [c for c in cons if c.key in a.norms or any(
-            c.key in s for s in a.norm_internal.values())]
-        norm_keys = [k for k, s in a.norm_internal.items() if any(c.key in s for c in norms)]
+        adds = [(c, b) for c in cons for b in [_branch(view, a, c, stream)] if b and b[0]]
+        norm_keys = _stream_norms(a, cons)
         if adds:
-            add, writer = adds[0]
-            writers = [w for c, w in adds if c.key == add.key]
-            if norm_keys:
-                nk = norm_keys[0]
-                readers = first_linears(view, a.norms[nk].output)
-            else:
-                nk = None
-                readers = [c.key for c in cons if c.op == "linear"]
-            res.blocks.append(Block(nk, readers, writers, add.key))
+            add, (writers, bnorms) = adds[0]
+            readers = [r for nk in norm_keys for r in first_linears(view, a.norms[nk].output)]
+            readers += [c.key for c in cons if c.op == "linear" and c.key not in readers]
+            res.blocks.append(Block(norm_keys[0] if norm_keys else None, readers, writers,
+                                    add.key, norms=norm_keys, branch_norms=bnorms))
             v = add.outputs[0]
             after = consumers_of(view, closure(view, v))
-            after_norms = [k for k, s in a.norm_internal.items() if any(c.key in s for c in after)]
+            after_norms = _stream_norms(a, after)
             if after_norms and not any(c.op == "linear" for c in after) and not any(
-                    _residual_add(view, c, closure(view, v)) for c in after):
+                    _branch(view, a, c, closure(view, v)) for c in after):
                 nk2 = after_norms[0]
                 if _continues(view, a, a.norms[nk2].output):
                     res.post_norms.append(nk2)
                     v = a.norms[nk2].output
-                    continue
             continue
         if norm_keys:
             nk = norm_keys[0]
@@ -434,7 +591,6 @@ def _find_residual(view: GraphView, a: Analysis) -> ResidualStream:
                 v = a.norms[nk].output
                 continue
             res.final_norm = nk
-            res.head = first_linears(view, a.norms[nk].output)
             break
         combine = [c for c in cons if c.op == "add" and len(c.inputs) == 2
                    and not _upstream_linears(view, [i for i in c.inputs if i not in stream][0]
@@ -442,16 +598,60 @@ def _find_residual(view: GraphView, a: Analysis) -> ResidualStream:
         if combine:
             v = combine[0].outputs[0]
             continue
-        res.head = [c.key for c in cons if c.op == "linear"]
         break
-    res.pre_norm = bool(res.blocks) and not res.post_norms and all(b.norm for b in res.blocks)
     return res
+
+
+def _finish(view: GraphView, a: Analysis, res: ResidualStream) -> ResidualStream:
+    """The final norm is the norm the head reads (found from the graph output, never by
+    position); pre-norm means every block reads the stream through a norm and writes it back
+    without one."""
+    by_out = _norm_by_output(a)
+    for h in res.head:
+        v = view.by_key[h].inputs[0]
+        for _ in range(16):
+            if v in by_out:
+                res.final_norm = by_out[v]
+                break
+            p = view.producer.get(v)
+            if p is None or not passthrough(view, p):
+                break
+            v = p.inputs[0]
+        if res.final_norm in by_out.values():
+            break
+    blocks = res.blocks
+    res.pre_norm = bool(blocks) and not res.post_norms and all(
+        b.norm and not b.branch_norms for b in blocks)
+    return res
+
+
+def _heads_from_outputs(view: GraphView) -> list[str]:
+    """Linears whose outputs reach a graph output through elementwise ops on one tensor only
+    (casts, reshapes, slices, scalar scales, tanh soft-capping): the model's heads."""
+    heads: list[str] = []
+    for out in view.outputs:
+        v = out
+        for _ in range(32):
+            p = view.producer.get(v)
+            if p is None:
+                break
+            if p.op == "linear":
+                if p.key not in heads:
+                    heads.append(p.key)
+                break
+            live = [i for i in p.inputs if i and not const_like(view, i)]
+            tanh = p.op == "other" and "tanh" in str(p.params.get("target", "")).lower()
+            bias = p.op in ("add", "sub") and len(live) == 1  # a logits bias (BART)
+            if not (passthrough(view, p) or p.op == "transpose" or tanh or bias) or not live:
+                break
+            v = p.inputs[0] if p.inputs[0] in live else live[0]
+    return heads
 
 
 def _continues(view: GraphView, a: Analysis, value: str) -> bool:
     """Does the stream go on after this norm (a residual add reads its output downstream)?"""
     stream = closure(view, value)
     for c in view.nodes:
-        if c.op == "add" and _residual_add(view, c, stream):
+        if c.op == "add" and _branch(view, a, c, stream):
             return True
     return False

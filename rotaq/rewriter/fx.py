@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 aten = torch.ops.aten
 
 _ELEMENTWISE = {
-    aten.add.Tensor: "add", aten.sub.Tensor: "sub", aten.mul.Tensor: "mul",
+    aten.add.Tensor: "add", aten.add_.Tensor: "add", aten.sub.Tensor: "sub", aten.mul.Tensor: "mul",
     aten.div.Tensor: "div", aten.pow.Tensor_Scalar: "pow", aten.sqrt.default: "sqrt",
     aten.rsqrt.default: "rsqrt", aten.reciprocal.default: "reciprocal", aten.neg.default: "neg",
     aten.mean.dim: "mean", aten.softmax.int: "softmax", aten._softmax.default: "softmax",
@@ -181,7 +181,8 @@ class FxGraph:
         else:
             return None
         if isinstance(w, torch.fx.Node) and w.op == "call_function" and w.target in (
-                aten.t.default, aten.permute.default) and w.args[0].op == "get_attr":
+                aten.t.default, aten.permute.default, aten.numpy_T.default) \
+                and w.args[0].op == "get_attr":
             if w.target == aten.permute.default and list(w.args[1]) != [1, 0]:
                 return None
             w, w_out_in = w.args[0], not w_out_in
@@ -194,6 +195,23 @@ class FxGraph:
         if b is not None and not (isinstance(b, torch.fx.Node) and b.op == "get_attr"):
             return None
         return x, w, w_out_in, b
+
+    def _experts_parts(self, n: torch.fx.Node) -> dict[str, int] | None:
+        """MoE experts as one grouped matmul (transformers' grouped_mm / batched_mm) on a 3-D
+        weight [experts, out, in] (read transposed) or [experts, in, out]."""
+        if n.op != "call_function" or not any(k in str(n.target) for k in ("grouped_mm",
+                                                                          "batched_mm")):
+            return None
+        if len(n.args) < 2 or not all(isinstance(a, torch.fx.Node) for a in n.args[:2]):
+            return None
+        w, transposed = n.args[1], False
+        if w.op == "call_function" and w.target in (aten.transpose.int, aten.permute.default):
+            w, transposed = w.args[0], True
+        if w.op != "get_attr" or _attr(self.gm, w.target).dim() != 3:
+            return None
+        e, a, b = _attr(self.gm, w.target).shape
+        out_f, in_f = (a, b) if transposed else (b, a)
+        return {"num_experts": int(e), "in_features": int(in_f), "out_features": int(out_f)}
 
     def _lift(self) -> GraphView:
         nodes: list[GNode] = []
@@ -238,6 +256,9 @@ class FxGraph:
         t = n.target
         args = [a for a in n.args]
         node_inputs = [a.name for a in tree_flatten(args)[0] if isinstance(a, torch.fx.Node)]
+        experts = self._experts_parts(n)
+        if experts is not None:
+            return GNode(n.name, "experts", [args[0].name], [n.name], experts, scope)
         if t == aten.embedding.default and args[0].op == "get_attr":
             wt = _attr(self.gm, args[0].target)
             return GNode(n.name, "embedding", [args[1].name], [n.name], {
@@ -312,7 +333,9 @@ class FxGraph:
         n = self._node(key)
         x, w, w_out_in, b = self._linear_parts(n)
         like = _attr(self.gm, w.target)
-        new_w = self._new_attr(weight if w_out_in else weight.T, like, n)
+        # the new weight replaces the op's weight argument (bypassing a transpose node, if any):
+        # linear takes [out, in]; addmm / mm / matmul take [in, out]
+        new_w = self._new_attr(weight if n.target == aten.linear.default else weight.T, like, n)
         new_b = self._new_attr(bias, like, n) if bias is not None else None
         if n.target == aten.linear.default:
             n.args = (x, new_w, new_b)

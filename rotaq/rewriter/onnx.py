@@ -13,6 +13,14 @@ Matching is structural (never by name):
 Every setter writes a fresh initializer in the original dtype, so a tensor read by another node
 (tied embeddings, initializers merged by the exporter) is never changed behind its back. The
 whole model is held in memory (external data included) so the source file is never needed again.
+
+Real-world files: a graph without intermediate ``value_info`` gets onnx's shape inference (with
+data propagation, through onnx-ir so > 2 GB models work) on load, in memory. A float ``Cast`` of a
+constant counts as that constant (fp16/bf16 weights stored, fp32 computed): reads see through it,
+writes keep the storage dtype behind a fresh ``Cast``. A graph ORT cannot run in its own dtype
+(bf16: no CPU MatMul) runs as an fp32 copy (:mod:`rotaq.rewriter.onnx_dtype`). A node ORT does
+not know (a custom domain) is refused with a :class:`RotaqError` when the graph must run; with
+``--no-verify`` nothing runs and the rewrite treats the node as opaque.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ import onnx
 import onnx_ir as oir
 
 from rotaq.errors import LoadError, RewriteError
+from rotaq.rewriter.onnx_run import not_implemented, ort_session
 from rotaq.rewriter.sites import GNode, GraphView, Kronecker
 
 logger = logging.getLogger(__name__)
@@ -59,7 +68,6 @@ _PRIMITIVES = {
     "Expand": "expand",
 }
 _EXTERNAL_DATA_BYTES = 100 * 2**20  # save weights to a side file above this size
-_IN_MEMORY_SESSION_BYTES = 1_800_000_000  # protobuf cannot serialize 2 GB
 _ROLE = "rotaq.role"
 _TRANSFORM_ROLE = "online_transform"
 _SCOPE_KEY = "pkg.torch.onnx.name_scopes"
@@ -134,7 +142,9 @@ class OnnxGraph:
         self.model = model
         self.source = source
         self.metadata: dict[str, str] = dict(model.metadata_props)
+        self._upcast = False  # True once ORT could not run the graph in its fp16/bf16 dtype
         self._prepare()
+        self._infer_shapes()
         self._invalidate()
 
     # ------------------------------------------------------------------ construction
@@ -236,6 +246,23 @@ class OnnxGraph:
             if not v.name:
                 v.name = self._fresh(f"rotaq_v{i}")
 
+    def _infer_shapes(self) -> None:
+        """Shape inference (data propagation, symbolic dims kept) when a node output has no
+        type or shape, e.g. a file written without ``value_info``; the model is edited in
+        memory, never its file. Large initializers are left out of the call by onnx-ir."""
+        from onnx_ir.passes.common import ShapeInferencePass
+
+        def missing() -> int:
+            return sum(o.shape is None or o.dtype is None for n in self.model.graph
+                       for o in n.outputs if n.op_type != "Constant")
+
+        before = missing()
+        if not before:
+            return
+        ShapeInferencePass(strict_mode=False, data_prop=True)(self.model)
+        logger.info("shape inference: %d of the values without a shape now have one",
+                    before - missing())
+
     def _fresh(self, hint: str) -> str:
         name, k = hint, 0
         while name in self._taken:
@@ -300,11 +327,28 @@ class OnnxGraph:
             self._view = self._lift()
         return self._view
 
+    def _const_cast(self, v: oir.Value | None) -> oir.Node | None:
+        """The float ``Cast`` node producing ``v`` from a float constant, if any."""
+        prod = v.producer() if v is not None else None
+        if (prod is None or prod.op_type != "Cast" or not _is_default(prod) or not prod.inputs
+                or prod.inputs[0] is None):
+            return None
+        to = _attr(prod, "to")
+        if to is None or not oir.DataType(to).is_floating_point():
+            return None
+        src = self._const(prod.inputs[0])
+        return prod if src is not None and src.dtype.is_floating_point() else None
+
     def _const(self, v: oir.Value | None) -> oir.TensorProtocol | None:
+        """The tensor behind ``v`` as stored (an initializer, a Constant, or what a float Cast
+        of one of those reads), or None."""
         if v is None or v.is_graph_input():
             return None
         if v.const_value is not None:
             return v.const_value
+        cast = self._const_cast(v)
+        if cast is not None:
+            return self._const(cast.inputs[0])
         prod = v.producer()
         if prod is not None and prod.op_type == "Constant" and _is_default(prod):
             try:
@@ -370,7 +414,10 @@ class OnnxGraph:
 
     def _shared(self, value: oir.Value, owners: Sequence[oir.Node]) -> bool:
         own = {id(n) for n in owners}
-        return value.is_graph_output() or any(id(u.node) not in own for u in value.uses())
+        if value.is_graph_output() or any(id(u.node) not in own for u in value.uses()):
+            return True
+        cast = self._const_cast(value)  # Cast(W): W read by another node too?
+        return cast is not None and self._shared(cast.inputs[0], [cast])
 
     def _lift(self) -> GraphView:
         g = self.model.graph
@@ -409,6 +456,8 @@ class OnnxGraph:
         gnodes = []
         for n in nodes:
             if id(n) in absorbed or (n.op_type == "Constant" and _is_default(n)):
+                continue
+            if self._const_cast(n.outputs[0]) is n:  # a stored weight cast up: a constant
                 continue
             gnodes.append(self._gnode(n, linears.get(n.name)))
         shapes = {name: _dims(v, self._const(v)) for name, v in values.items()}
@@ -578,6 +627,21 @@ class OnnxGraph:
         self.model.graph.register_initializer(v)
         return v
 
+    def _like(self, ref: oir.Value, array: np.ndarray, hint: str) -> oir.Value:
+        """A fresh constant holding ``array`` stored as ``ref`` is: in its dtype, or, when
+        ``ref`` is ``Cast(W)``, in ``W``'s dtype behind a fresh Cast of the same target."""
+        cast = self._const_cast(ref)
+        if cast is None:
+            return self._initializer(array, self._const(ref).dtype, hint)
+        src = self._like(cast.inputs[0], array, hint)
+        to = oir.DataType(_attr(cast, "to"))
+        out = oir.Value(name=self._fresh(f"{hint}_cast"), shape=oir.Shape(list(np.shape(array))),
+                        type=oir.TensorType(to))
+        node = oir.Node("", "Cast", [src], [oir.AttrInt64("to", int(to))], outputs=[out],
+                        name=self._fresh(f"{hint}_cast"), metadata_props=dict(cast.metadata_props))
+        self.model.graph.insert_before(next(iter(self.model.graph)), node)
+        return out
+
     def _hint(self, node: oir.Node, suffix: str) -> str:
         scope = _scope(node)
         return f"{scope}.{suffix}" if scope else f"{node.name}.{suffix}"
@@ -591,7 +655,8 @@ class OnnxGraph:
             g.initializers.pop(v.name, None)
             return
         prod = v.producer()
-        if prod is None or prod.graph is not g or prod.op_type not in ("Transpose", "Constant"):
+        if prod is None or prod.graph is not g or prod.op_type not in (
+                "Transpose", "Constant", "Cast"):
             return
         if any(list(o.uses()) or o.is_graph_output() for o in prod.outputs):
             return
@@ -620,7 +685,9 @@ class OnnxGraph:
         ref = old or next((v for v in n.inputs[1:] if v is not None and v.dtype), n.inputs[0])
         if ref is None or ref.dtype is None:
             raise RewriteError(f"set_const: dtype of input {index} of {node!r} is unknown")
-        new = self._initializer(np.asarray(array), ref.dtype, self._hint(n, f"in{index}"))
+        hint = self._hint(n, f"in{index}")
+        new = (self._like(old, np.asarray(array), hint) if old is not None
+               else self._initializer(np.asarray(array), ref.dtype, hint))
         if index >= len(n.inputs):
             n.resize_inputs(index + 1)
         n.replace_input_with(index, new)
@@ -651,14 +718,13 @@ class OnnxGraph:
             bias = np.asarray(bias, dtype=np.float64).reshape(-1)
             if bias.shape != (lin.out_features,):
                 raise RewriteError(f"set_linear {key!r}: bias shape {bias.shape} is wrong")
-        dtype = self._const(lin.weight).dtype
         old_w = n.inputs[1]
         if n.op_type == "Gemm":
-            new_w = self._initializer(weight, dtype, self._hint(n, "weight"))
+            new_w = self._like(lin.weight, weight, self._hint(n, "weight"))
             n.attributes["transB"] = oir.AttrInt64("transB", 1)
             n.attributes["alpha"] = oir.AttrFloat32("alpha", 1.0)
         else:
-            new_w = self._initializer(weight.T, dtype, self._hint(n, "weight"))
+            new_w = self._like(lin.weight, weight.T, self._hint(n, "weight"))
         n.replace_input_with(1, new_w)
         self._drop_if_unused(old_w)
         if n.op_type == "Gemm" and lin.bias_add is None:
@@ -666,10 +732,11 @@ class OnnxGraph:
             if bias is None:
                 n.resize_inputs(2)
             else:
-                cdt = self._const(old_c).dtype if old_c is not None else dtype
+                ref = old_c if old_c is not None else lin.weight
+                new_c = self._like(ref, bias, self._hint(n, "bias"))
                 if len(n.inputs) < 3:
                     n.resize_inputs(3)
-                n.replace_input_with(2, self._initializer(bias, cdt, self._hint(n, "bias")))
+                n.replace_input_with(2, new_c)
                 n.attributes["beta"] = oir.AttrFloat32("beta", 1.0)
             self._drop_if_unused(old_c)
         elif lin.bias_add is not None:
@@ -682,11 +749,11 @@ class OnnxGraph:
                 g.remove(add, safe=True)
                 z.name, y.name = self._fresh(f"{name}_removed"), name
             else:
-                new_b = self._initializer(bias, lin.bias.dtype, self._hint(n, "bias"))
+                new_b = self._like(lin.bias, bias, self._hint(n, "bias"))
                 add.replace_input_with(idx, new_b)
             self._drop_if_unused(lin.bias)
         elif bias is not None:
-            self._append_bias(n, self._initializer(bias, dtype, self._hint(n, "bias")))
+            self._append_bias(n, self._like(lin.weight, bias, self._hint(n, "bias")))
         self._invalidate()
 
     def _append_bias(self, n: oir.Node, b: oir.Value) -> None:
@@ -729,7 +796,7 @@ class OnnxGraph:
         table = np.asarray(table, dtype=np.float64)
         if table.shape != tuple(self._const(old).shape):
             raise RewriteError(f"set_embedding {key!r}: table shape {table.shape} is wrong")
-        n.replace_input_with(0, self._initializer(table, old.dtype, self._hint(n, "weight")))
+        n.replace_input_with(0, self._like(old, table, self._hint(n, "weight")))
         self._drop_if_unused(old)
         self._invalidate()
 
@@ -821,7 +888,7 @@ class OnnxGraph:
         ``extra`` values (ORT then drops the nodes past them, e.g. the head, when capturing)."""
         if (extra, only) in self._sessions:
             return self._sessions[(extra, only)]
-        import onnxruntime as ort
+        from rotaq.rewriter import onnx_dtype
 
         g = self.model.graph
         added = [self._value(name) for name in extra]
@@ -830,22 +897,19 @@ class OnnxGraph:
             g.outputs.clear()
         n_out = len(g.outputs)
         g.outputs.extend(added)
-        from rotaq.backends.ort import EXACT, session_options
-
-        opts = session_options("all", EXACT)
-        providers = ["CPUExecutionProvider"]
         try:
-            size = sum(v.const_value.nbytes for v in g.initializers.values())
-            if size < _IN_MEMORY_SESSION_BYTES:
-                data = oir.serde.serialize_model(self.model).SerializeToString()
-                sess = ort.InferenceSession(data, opts, providers=providers)
+            if self._upcast:
+                sess = ort_session(onnx_dtype.convert_float(self.model))
             else:
-                with tempfile.TemporaryDirectory(
-                    prefix="rotaq-ort-", ignore_cleanup_errors=True
-                ) as tmp:
-                    p = os.path.join(tmp, "model.onnx")
-                    oir.save(self.model, p, external_data="model.onnx.data")
-                    sess = ort.InferenceSession(p, opts, providers=providers)
+                try:
+                    sess = ort_session(self.model)
+                except Exception as err:
+                    if not not_implemented(err) or not onnx_dtype.has_low(self.model):
+                        raise
+                    logger.info("ORT has no kernel for this graph in its own dtype (%s): "
+                                "running an fp32 copy (weights upcast exactly)", _first_line(err))
+                    self._upcast = True
+                    sess = ort_session(onnx_dtype.convert_float(self.model))
         finally:
             while len(g.outputs) > n_out:
                 g.outputs.pop()
@@ -856,8 +920,38 @@ class OnnxGraph:
         return sess
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        """Run the model with ONNX Runtime (CPU) and return the graph outputs in order."""
-        return self._session().run(self.output_names, feeds)
+        """Run the model with ONNX Runtime (CPU) and return the graph outputs in order (fp32
+        outputs for a graph that runs as its fp32 copy, see :meth:`runs_upcast`)."""
+        sess = self._session()
+        return sess.run(self.output_names, self._feeds(feeds))
+
+    def runs_upcast(self, feeds: dict[str, np.ndarray] | None = None) -> bool:
+        """Whether ORT runs this graph as an fp32 copy (it has no kernel in the graph's dtype)."""
+        self._session()
+        return self._upcast
+
+    def _feeds(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if not self._upcast:
+            return feeds
+        from rotaq.rewriter.onnx_dtype import LOW
+
+        low = {v.name for v in self.model.graph.inputs if v.dtype in LOW}
+        return {k: np.asarray(a, np.float32) if k in low else a for k, a in feeds.items()}
+
+    def check_unverified(self) -> None:
+        """Before a rewrite that will not be run: refuse a node ORT cannot run (custom domain)
+        that lies between two matched sites (linear, embedding, norm), where a rewrite would
+        change what it reads; one before or after every site sees the original values."""
+        from rotaq.rewriter.onnx_run import check_unverified
+
+        check_unverified(self)
+
+    def rounding_noise(self, feeds: dict[str, np.ndarray]) -> dict[str, Any] | None:
+        """The fp16/bf16 rounding noise of this graph (see :mod:`rotaq.rewriter.onnx_dtype`);
+        None for an fp32 graph."""
+        from rotaq.rewriter.onnx_dtype import rounding_noise
+
+        return rounding_noise(self, feeds)
 
     def capture(self, feeds: dict[str, np.ndarray], values: Sequence[str]) -> dict[str, np.ndarray]:
         """Values by name: graph inputs from ``feeds``, constants as stored, others computed."""
@@ -868,12 +962,13 @@ class OnnxGraph:
             if name in feeds:
                 result[name] = np.asarray(feeds[name])
             elif self._is_const(v):
-                result[name] = self._const(v).numpy().copy()
+                arr = self._const(v).numpy()
+                result[name] = arr.astype(v.dtype.numpy()) if v.dtype is not None else arr.copy()
             else:
                 computed.append(name)
         if not computed:
             return result
-        outs = self._session(tuple(computed), only=True).run(computed, feeds)
+        outs = self._session(tuple(computed), only=True).run(computed, self._feeds(feeds))
         got = dict(zip(computed, outs))
         for name in values:
             result.setdefault(name, got.get(name))
@@ -884,6 +979,7 @@ class OnnxGraph:
         """An independent copy (tensors are shared but never mutated: setters write new ones)."""
         other = OnnxGraph(self.model.clone(), source=self.source)
         other.metadata = dict(self.metadata)
+        other._upcast = self._upcast
         return other
 
     def _remove_unused_initializers(self) -> None:

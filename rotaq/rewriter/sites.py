@@ -123,6 +123,19 @@ class LinearSite:
 
 
 @dataclass
+class ExpertsSite:
+    """MoE experts stored as one grouped weight [experts, out, in] (one matmul per expert)."""
+
+    key: str
+    name: str
+    num_experts: int
+    in_features: int
+    out_features: int
+    input: str
+    output: str
+
+
+@dataclass
 class EmbeddingSite:
     key: str
     name: str
@@ -173,6 +186,13 @@ class Block:
     readers: list[str]  # linear keys that read the (normalized) stream
     writers: list[str]  # linear keys whose outputs are added into the stream
     add: str  # key of the residual add
+    norms: list[str] = field(default_factory=list)  # every norm reading the stream (norm first)
+    branch_norms: list[str] = field(default_factory=list)  # norms on the sublayer's output
+
+    @property
+    def parallel(self) -> bool:
+        """Several sublayers (attention and MLP) read the same stream value and add together."""
+        return len(self.writers) > 1
 
 
 @dataclass
@@ -183,6 +203,25 @@ class ResidualStream:
     head: list[str]
     blocks: list[Block]
     post_norms: list[str] = field(default_factory=list)  # norms applied after residual adds
+    streams: int = 1  # 2 for encoder-decoders (their blocks are listed encoder first)
+
+    @property
+    def structure(self) -> str:
+        """pre-norm | post-norm | sandwich | post-sublayer | none, with ', parallel' when the
+        sublayers of a block run side by side."""
+        if not self.blocks:
+            return "none"
+        if any(b.branch_norms for b in self.blocks):
+            kind = "sandwich" if all(b.norm for b in self.blocks) else "post-sublayer"
+        elif self.post_norms:
+            kind = "post-norm"
+        elif all(b.norm for b in self.blocks):
+            kind = "pre-norm"
+        else:
+            kind = "mixed"
+        if any(b.parallel for b in self.blocks):
+            kind += ", parallel"
+        return kind + (f", {self.streams} streams (encoder-decoder)" if self.streams > 1 else "")
 
 
 class GraphAdapter(Protocol):

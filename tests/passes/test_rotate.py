@@ -93,7 +93,7 @@ def test_layernorm_residual_refused():
 
 def test_post_norm_residual_refused():
     m, inputs = build("bert")
-    with pytest.raises(RewriteError, match="not pre-norm"):
+    with pytest.raises(RewriteError, match="pre-norm residual stream; the model is post-norm"):
         _rotate(m, inputs, mode="residual")
 
 

@@ -1,0 +1,96 @@
+"""Running ONNX models in ONNX Runtime (CPU) for rotaq: sessions, and ops it cannot run."""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Sequence
+from typing import Any
+
+import onnx_ir as oir
+
+from rotaq.errors import RotaqError
+
+logger = logging.getLogger(__name__)
+
+_IN_MEMORY_SESSION_BYTES = 1_800_000_000  # protobuf cannot serialize 2 GB
+_ORT_DOMAINS = {"", "ai.onnx", "ai.onnx.ml", "com.microsoft", "com.microsoft.nchwc",
+                "ai.onnx.preview.training", "com.microsoft.experimental"}
+
+
+def _unregistered(model: oir.Model) -> list[oir.Node]:
+    """Nodes of domains ONNX Runtime does not implement (and no model-local function defines)."""
+    local = {(f.domain, f.name) for f in model.functions.values()}
+    return [n for n in oir.traversal.RecursiveGraphIterator(model.graph)
+            if n.domain not in _ORT_DOMAINS and (n.domain, n.op_type) not in local]
+
+
+def ort_session(model: oir.Model):
+    """An ORT CPU session for ``model`` (in memory below 1.8 GB of weights, else through a
+    temporary file). A node ORT cannot run raises :class:`RotaqError` naming it."""
+    import onnxruntime as ort
+
+    from rotaq.backends.ort import EXACT, session_options
+
+    opts = session_options("all", EXACT)
+    providers = ["CPUExecutionProvider"]
+    try:
+        size = sum(v.const_value.nbytes for v in model.graph.initializers.values())
+        if size < _IN_MEMORY_SESSION_BYTES:
+            data = oir.serde.serialize_model(model).SerializeToString()
+            return ort.InferenceSession(data, opts, providers=providers)
+        with tempfile.TemporaryDirectory(prefix="rotaq-ort-", ignore_cleanup_errors=True) as tmp:
+            p = os.path.join(tmp, "model.onnx")
+            oir.save(model, p, external_data="model.onnx.data")
+            return ort.InferenceSession(p, opts, providers=providers)
+    except Exception as err:
+        text = str(err)
+        unknown = _unregistered(model)
+        if unknown and ("not a registered" in text or "No Op registered" in text):
+            ops = sorted({f"{n.op_type} (domain '{n.domain}')" for n in unknown})
+            raise RotaqError(
+                f"ONNX Runtime cannot run op {', '.join(ops)} (node {unknown[0].name!r}), so "
+                "rotaq cannot verify a rewrite of this model; pass --no-verify "
+                "(verify=False) to rewrite it unverified (refused if the op lies between "
+                "rewritten layers)"
+            ) from err
+        raise
+
+
+def _reach(start: Sequence[oir.Node], step: Any) -> set[int]:
+    """ids of the nodes reachable from ``start`` (excluded) through ``step(node)``."""
+    seen: set[int] = set()
+    todo = [m for n in start for m in step(n) if m is not None]
+    while todo:
+        n = todo.pop()
+        if id(n) not in seen:
+            seen.add(id(n))
+            todo.extend(m for m in step(n) if m is not None)
+    return seen
+
+
+def not_implemented(err: BaseException) -> bool:
+    return type(err).__name__ == "NotImplemented" or "NOT_IMPLEMENTED" in str(err)
+
+
+def check_unverified(graph: Any) -> None:
+    """Refuse an ``OnnxGraph`` holding a node ORT cannot run (custom domain) between two matched
+    sites (linear, embedding, norm): a rewrite would change what it reads, unverified. A node
+    before or after every site sees the original values, so the rewrite stays exact there."""
+    unknown = _unregistered(graph.model)
+    if not unknown:
+        return
+    sites = [graph._node(n.key) for n in graph.view().nodes
+             if n.op in ("linear", "embedding", "layer_norm", "rms_norm")]
+    after = _reach(sites, lambda n: [u.node for o in n.outputs for u in o.uses()])
+    before = _reach(sites, lambda n: [v.producer() for v in n.inputs if v is not None])
+    inside = [n for n in unknown if id(n) in after and id(n) in before]
+    if inside:
+        n = inside[0]
+        raise RotaqError(
+            f"op {n.op_type} (domain '{n.domain}', node {n.name!r}) lies between layers "
+            "rotaq rewrites and ONNX Runtime cannot run it: rotaq can neither verify nor "
+            "safely rewrite around it")
+    logger.warning("not verified: %d node(s) ORT cannot run (%s), all outside the "
+                   "rewritten layers", len(unknown), unknown[0].op_type)
