@@ -265,13 +265,15 @@ def test_model_that_rejects_synthetic_inputs(tmp_path, capsys):
     (length 32) cannot run; rotaq says so (exit 2) and the user's inputs make it work."""
     from onnx import TensorProto, helper, numpy_helper
 
-    w = np.random.default_rng(0).standard_normal((24, 24)).astype(np.float32)
+    w1, w2 = np.random.default_rng(0).standard_normal((2, 24, 24)).astype(np.float32)
     graph = helper.make_graph(
         [helper.make_node("Reshape", ["x", "shape"], ["r"]),
-         helper.make_node("MatMul", ["r", "w"], ["y"])], "g",
+         helper.make_node("MatMul", ["r", "w1"], ["h"]), helper.make_node("Relu", ["h"], ["a"]),
+         helper.make_node("MatMul", ["a", "w2"], ["y"])], "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", "len"])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.array([-1, 24]), "shape")])
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2"),
+         numpy_helper.from_array(np.array([-1, 24]), "shape")])
     path = str(tmp_path / "reshape.onnx")
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
     argv = ["optimize", path, "--recipe", "lowrank", "--set", "method=svd", "--set", "rank=8",
