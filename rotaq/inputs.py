@@ -37,6 +37,8 @@ def input_specs(g: Any) -> dict[str, tuple[np.dtype, list[int | None]]]:
     """Graph input name -> (numpy dtype, dims); ``None`` for a symbolic (dynamic) dim."""
     if hasattr(g, "input_specs"):
         return g.input_specs()
+    if not hasattr(g, "gm"):  # e.g. a compiled TVM artefact: no specs to check against
+        return {}
     import torch
     from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
