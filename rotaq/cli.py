@@ -85,6 +85,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     import rotaq
     from rotaq.eval import stats as st
 
+    if args.plot:
+        _check_plot_path(args.plot)
     model = rotaq.load(args.model, ir="onnx" if args.onnx else "fx", **input_options(args))
     data = rotaq.inspect(model)
     if args.stats or args.plot:
@@ -134,6 +136,23 @@ def _check_output(src: str, out: str) -> None:
         raise RotaqError(f"{out}: output must end in .onnx or .pt2")
     if os.path.exists(src) and os.path.abspath(src) == os.path.abspath(out):
         raise RotaqError(f"{out}: refusing to overwrite the input model")
+    if os.path.isdir(out):
+        raise RotaqError(f"{out}: is a directory (-o names the output file)")
+    if src.lower().endswith(".onnx") and out.lower().endswith(".pt2"):
+        raise RotaqError(f"{out}: an ONNX model cannot be written as .pt2 (a torch.export "
+                         "archive); write .onnx")
+
+
+def _check_plot_path(path: str) -> None:
+    """Before the statistics run: the plot's folder must exist and the name must be free."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise RotaqError(f"--plot {path}: is a directory (give a file name, e.g. p.png)")
+    if not os.path.isdir(folder):
+        raise RotaqError(f"--plot {path}: folder {os.path.dirname(path) or folder} does not "
+                         "exist")
+    if not os.access(folder, os.W_OK):
+        raise RotaqError(f"--plot {path}: folder {folder} is not writable")
 
 
 def _print_optimize(d: dict[str, Any]) -> None:
@@ -255,7 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("model", help=model_help)
     sp.add_argument("--recipe", default="rotate",
                     help="built-in recipe name (rotaq recipes), a .json file, or a pass name "
-                         "(rotate, quantize, lowrank, ...) as a one-pass recipe")
+                         "(rotate, quantize, lowrank, ...) as a one-pass recipe; a name without "
+                         "a path separator or .json suffix is always the built-in (./NAME for "
+                         "a file in the current directory)")
     sp.add_argument("-o", "--output", required=True, help="out.onnx or out.pt2")
     sp.add_argument("--set", action="append", metavar="KEY=VALUE",
                     help="override a pass option (e.g. seed=1 or rotate.rotate_qk=true)")
@@ -285,8 +306,11 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    from rotaq.rewriter.export_onnx import sigterm_raises
+
     try:
-        return args.func(args)
+        with sigterm_raises():  # SIGTERM unwinds, so temporary files and folders are removed
+            return args.func(args)
     except VerificationError as err:
         print(f"rotaq: verification failed: {err}", file=sys.stderr)
         return 3

@@ -99,11 +99,22 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
         tokens = [int(t) for t in args.tokens.split(",") if t.strip()]
         meta = compile_tvm(model, args.output, target=args.target, tokens=tokens,
-                           progress=sys.stderr.isatty())
+                           progress=sys.stderr.isatty(), pad_axes=_pad_axes(args.pad_axis))
     meta["output"] = os.path.abspath(args.output)
     _emit(meta, args.json, lambda d: print(f"wrote {d['output']} ({d['backend']}, "
                                            f"{d['target']})"))
     return 0
+
+
+def _pad_axes(specs: list[str] | None) -> dict[str, int | None]:
+    """``--pad-axis NAME:AXIS`` (``NAME:none``: no token axis) -> {name: axis or None}."""
+    out: dict[str, int | None] = {}
+    for spec in specs or []:
+        name, sep, axis = spec.rpartition(":")
+        if not sep or not name or not (axis.isdigit() or axis.lower() == "none"):
+            raise RotaqError(f"--pad-axis expects NAME:AXIS or NAME:none, got '{spec}'")
+        out[name] = None if axis.lower() == "none" else int(axis)
+    return out
 
 
 def add_command(sub: Any, model_help: str) -> None:
@@ -120,6 +131,10 @@ def add_command(sub: Any, model_help: str) -> None:
                          "cuda:sm_90 (default llvm)")
     sp.add_argument("--tokens", default="1,16,512",
                     help="tvm: sequence lengths to compile (static shapes; default 1,16,512)")
+    sp.add_argument("--pad-axis", action="append", metavar="NAME:AXIS",
+                    help="tvm: the token axis of input NAME, padded to the compiled length "
+                         "(NAME:none: keep its shape); default: axis 1 of integer *ids/*mask "
+                         "inputs, every other input keeps its shape")
     sp.add_argument("-o", "--output", required=True, help="artefact folder")
     sp.add_argument("--json", action="store_true", help="print the metadata as JSON")
     sp.set_defaults(func=cmd_compile)

@@ -88,6 +88,8 @@ def _load(src: Any, example_inputs: Any, ir: str, seq_len: int) -> Model:
 
     if os.path.isdir(path):
         return _from_hf(path, seq_len, ir)
+    if path.lower().endswith(".gguf"):
+        return _from_gguf(path, seq_len, ir)
     if os.path.exists(path) or path.endswith((".onnx", ".pt2")):
         model = _from_file(path, seq_len)
         return _maybe_onnx(model, ir) if model.ir == "fx" else model
@@ -116,9 +118,9 @@ def _from_module(module: Any, example_inputs: Any, source: dict, ir: str,
         names = list(inspect.signature(module.forward).parameters)
         example_inputs = dict(zip(names, example_inputs))
     inputs = {k: torch.as_tensor(v) for k, v in example_inputs.items()}
-    cfg = getattr(module, "config", None)
-    if cfg is not None and hasattr(cfg, "use_cache"):
-        cfg.use_cache = False
+    from rotaq.assets import disable_cache
+
+    disable_cache(module)  # every sub-config: encoder-decoder stacks hold their own copies
     g = FxGraph.from_module(module, inputs)
     feeds = _np(inputs)  # the caller's example inputs verify (all their rows)
     info = info or {"verify": describe(feeds, "example_inputs")}
@@ -147,13 +149,62 @@ def _maybe_onnx(model: Model, ir: str, cache_path: str | None = None) -> Model:
                  dict(model.inputs_info))
 
 
-def _from_hf(path: str, seq_len: int, ir: str) -> Model:
-    from rotaq import assets
+def _from_hf(path: str, seq_len: int, ir: str, name: str | None = None) -> Model:
+    """A local Hugging Face directory: sample inputs from its tokenizer, or synthesized from
+    its config when it has none (:mod:`rotaq.hf_inputs`). Encoder-decoders (T5, BART,
+    Whisper, ...) are captured as one graph of the whole model, encoder inputs plus
+    ``decoder_input_ids`` (teacher forcing), outputs: logits and the encoder's last state."""
+    from rotaq import assets, hf_inputs
 
-    module, tok, kind = assets.load_hf_model(path)
-    feeds, info = _text_sample(tok, kind, seq_len)
-    source = {"name": os.path.abspath(path), "kind": kind, "tokenizer": os.path.abspath(path)}
-    return _from_module(module, feeds, source, ir, {"verify": info})
+    module, tok, kind = assets.load_hf_model(path, tokenizer_required=False)
+    feeds = hf_inputs.model_inputs(module, tok, kind, seq_len=seq_len)
+    source = {"name": name or os.path.abspath(path), "kind": kind}
+    if tok is not None and kind != assets.KIND_SEQ2SEQ and hf_inputs.main_input(module) == \
+            "input_ids":  # a saved file's sample inputs can be rebuilt from the tokenizer
+        source["tokenizer"] = os.path.abspath(path)
+        feeds, info = _text_sample(tok, kind, seq_len)  # verification text, not calibration's
+    elif tok is not None and "input_ids" in feeds:  # seq2seq: calibration is synthetic
+        info = describe(feeds, "text", text="lee")
+    else:
+        info = describe(feeds, "synthetic", seed=hf_inputs._SEED)
+    try:
+        return _from_module(module, feeds, source, ir, {"verify": info})
+    except LoadError as err:
+        why = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise LoadError(f"{path}: the {hf_inputs.family(module)} model "
+                        f"({type(module).__name__}) cannot be captured: {why}") from err
+
+
+def _from_gguf(path: str, seq_len: int, ir: str) -> Model:
+    """A GGUF file: dequantized to fp32 by transformers (cached, :func:`assets.gguf_model_dir`)
+    and captured like a model directory; the capture is cached too (GGUF models are LLMs
+    whose torch.export takes minutes)."""
+    import torch
+
+    from rotaq import assets
+    from rotaq.rewriter.fx import FxGraph
+
+    hf_dir = assets.gguf_model_dir(path)
+    tag = hashlib.sha1(f"{hf_dir.name}|{seq_len}|{torch.__version__}|{CAPTURE_VERSION}".encode()
+                       ).hexdigest()[:10]
+    pt2 = hf_dir.parent / f"{hf_dir.name}-{tag}.pt2"
+    name = os.path.abspath(path)
+    if pt2.exists():
+        try:
+            g = FxGraph.load(str(pt2))
+            source = {k[len("rotaq."):]: v for k, v in g.metadata.items()
+                      if k.startswith("rotaq.")}
+            source["name"] = name
+            feeds, info = _sample_for(g, source, seq_len)
+            model = Model(g, feeds, source, inputs_info={"verify": info})
+            return _maybe_onnx(model, ir, str(pt2.with_suffix(".onnx")) if ir == "onnx"
+                               else None)
+        except LoadError as err:
+            log.warning("cached export %s unreadable (%s); capturing again", pt2, err)
+    model = _from_hf(str(hf_dir), seq_len, "fx", name=name)
+    model.source["gguf"] = name
+    model.save(str(pt2))
+    return _maybe_onnx(model, ir, str(pt2.with_suffix(".onnx")) if ir == "onnx" else None)
 
 
 def _from_builtin(name: str, seq_len: int, ir: str) -> Model:
@@ -223,8 +274,9 @@ def _sample_for(g: Any, source: dict, seq_len: int) -> tuple[dict[str, np.ndarra
         feeds = {k: v for k, v in feeds.items() if k in names}
         info["shapes"] = {k: v for k, v in info["shapes"].items() if k in names}
         return feeds, info
-    if getattr(g, "ir", "") == "fx":
-        feeds = {k: v[:1] for k, v in _np(g.example_inputs).items()}
+    if getattr(g, "ir", "") == "fx":  # one row of the inputs whose first dim is dynamic
+        dyn = g.dynamic_batch_inputs()
+        feeds = {k: v[:1] if k in dyn else v for k, v in _np(g.example_inputs).items()}
         return feeds, describe(feeds, "example_inputs")
     return _synthetic(g, seq_len, VERIFY_SEED)
 

@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from rotaq.errors import RotaqError
 from rotaq.rewriter.analysis import Analysis, analyze
 
 
@@ -57,6 +58,8 @@ class Model:
                      {k: list(v) if isinstance(v, list) else v for k, v in self.inputs_info.items()})
 
     def save(self, path: str) -> None:
+        if self.ir == "onnx" and not str(path).lower().endswith(".onnx"):
+            raise RotaqError(f"{path}: an ONNX model is written as .onnx only")
         self.graph.metadata.update({f"rotaq.{k}": str(v) for k, v in self.source.items()})
         self.graph.save(path)
 

@@ -25,12 +25,19 @@ class Recipe:
 
     @classmethod
     def load(cls, name_or_path: str) -> Recipe:
-        """A built-in name (``rotate``) or a path to a recipe JSON file."""
-        if os.path.exists(name_or_path):
+        """A built-in name (``rotate``), a pass name, or a recipe JSON file. A name without a
+        path separator and without a ``.json`` suffix is always a built-in (a file or folder of
+        that name in the current directory does not shadow it: write ``./NAME`` for a file)."""
+        seps = [os.sep] + ([os.altsep] if os.altsep else [])
+        if any(c in name_or_path for c in seps) or name_or_path.lower().endswith(".json"):
+            if os.path.isdir(name_or_path):
+                raise RotaqError(f"recipe {name_or_path}: is a directory, not a recipe file")
             try:
                 with open(name_or_path, encoding="utf-8") as f:
                     data = json.load(f)
-            except (OSError, json.JSONDecodeError) as err:
+            except FileNotFoundError as err:
+                raise RotaqError(f"recipe {name_or_path}: no such file") from err
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
                 raise RotaqError(f"recipe {name_or_path}: not valid JSON: {err}") from err
         else:
             files = resources.files("rotaq.recipes")
@@ -38,9 +45,11 @@ class Recipe:
             if not path.is_file() and name_or_path in pass_names():
                 return cls.for_pass(name_or_path)
             if not path.is_file():
+                hint = (f"; for the file in this directory write ./{name_or_path}"
+                        if os.path.isfile(name_or_path) else "")
                 raise RotaqError(f"unknown recipe '{name_or_path}' (built-in: "
                                  f"{', '.join(builtin_recipes())}; a pass name: "
-                                 f"{', '.join(pass_names())}; or give a .json path)")
+                                 f"{', '.join(pass_names())}; or give a .json path{hint})")
             data = json.loads(path.read_text(encoding="utf-8"))
         return cls.from_dict(data, default_name=os.path.basename(name_or_path))
 
@@ -59,10 +68,20 @@ class Recipe:
         for p in data["passes"]:
             if not isinstance(p, dict) or "pass" not in p:
                 raise RotaqError(f"recipe pass entries need a 'pass' key: {p!r}")
-        known = {"name", "passes", "tolerance", "description"}
-        return cls(data.get("name", default_name), [dict(p) for p in data["passes"]],
-                   data.get("tolerance", 1e-4), data.get("description", ""),
-                   {k: v for k, v in data.items() if k not in known})
+        name = data.get("name", default_name)
+        unknown = sorted(set(data) - set(RECIPE_KEYS))
+        if unknown:
+            raise RotaqError(f"recipe '{name}': unknown key {', '.join(map(repr, unknown))} "
+                             f"(valid keys: {', '.join(RECIPE_KEYS)})")
+        tol = data.get("tolerance", 1e-4)
+        if tol is not None and (isinstance(tol, bool) or not isinstance(tol, (int, float))
+                                or not tol > 0):
+            raise RotaqError(f"recipe '{name}': tolerance must be a positive number or null, "
+                             f"got {tol!r}")
+        if not isinstance(data.get("description", ""), str) or not isinstance(name, str):
+            raise RotaqError(f"recipe '{name}': name and description must be strings")
+        return cls(name, [dict(p) for p in data["passes"]],
+                   None if tol is None else float(tol), data.get("description", ""), {})
 
     def with_options(self, options: dict[str, Any]) -> Recipe:
         """Override pass options: ``{"seed": 1}`` sets it on every pass that has it,
@@ -83,7 +102,11 @@ class Recipe:
                     p[opt] = value
                     hit = True
             if not hit:
-                raise RotaqError(f"option '{key}' matches no pass of recipe '{self.name}'")
+                valid = "; ".join(
+                    f"{p['pass']}: " + ", ".join(sorted(f.name for f in dataclasses.fields(
+                        _REGISTRY[p["pass"]]))) for p in passes if p["pass"] in _REGISTRY)
+                raise RotaqError(f"option '{key}' matches no pass of recipe '{self.name}' "
+                                 f"(options: {valid})")
         return Recipe(self.name, passes, self.tolerance, self.description, dict(self.extra))
 
     def build(self) -> list:
@@ -93,6 +116,9 @@ class Recipe:
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "passes": self.passes, "tolerance": self.tolerance,
                 "description": self.description}
+
+
+RECIPE_KEYS = ("name", "description", "tolerance", "passes")
 
 
 def builtin_recipes() -> list[str]:

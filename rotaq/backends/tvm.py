@@ -10,10 +10,18 @@ atomically::
     DIR/cuda_<n>.cu     the generated CUDA source (cuda; compiled with nvcc when a GPU runs it)
     DIR/params.npz      parameters (deduplicated across buckets)
 
+Only token inputs are specialized per bucket: each input's token axis (``pad_axes`` in the
+metadata; by default axis 1 of integer inputs named ``*ids`` / ``*mask``, overridden with
+``pad_axes={"name": axis or None}`` / ``--pad-axis NAME:AXIS``) is set to ``n``; every other
+input keeps its shape (fixed dims as in the model, symbolic ones from the model's sample inputs),
+e.g. a decoder's ``encoder_hidden_states`` or Whisper's mel features. A model without token
+inputs is compiled once, with static shapes (``tokens`` is then empty).
+
 ``load(DIR)`` returns a :class:`rotaq.model.Model` whose graph is a :class:`TvmGraph`: feeds of
-``n`` tokens run on the smallest bucket ``>= n``, padded at the end (causal models: later
-positions cannot change earlier ones; encoders: padding is masked out by a zero attention mask)
-and the outputs are cut back to ``n`` positions.
+``n`` tokens run on the smallest bucket ``>= n``, their token axes padded at the end with zeros
+(causal models: later positions cannot change earlier ones; encoders: padding is masked out by
+a zero attention mask) and outputs whose axis 1 has the bucket's length are cut back to ``n``
+positions; every other input must have the shape it was compiled for.
 """
 
 from __future__ import annotations
@@ -112,25 +120,18 @@ def missing_cpu_features(cpu: str | None) -> list[str]:
 
 
 # ---- compile ----------------------------------------------------------------------------------
-def _onnx_source(model: Any, tmp: str) -> tuple[str, dict[str, str]]:
+def _onnx_source(model: Any, tmp: str) -> tuple[str, dict[str, str], dict[str, tuple]]:
+    """(ONNX path, source, sample input shapes) of ``model``."""
     import rotaq
 
     if isinstance(model, str) and model.lower().endswith(".onnx") and os.path.isfile(model):
         m = rotaq.load(model)
-        return os.path.abspath(model), dict(m.source)
-    m = model if isinstance(model, rotaq.Model) else rotaq.load(model, ir="onnx")
-    path = os.path.join(tmp, "model.onnx")
-    m.save(path)
-    return path, dict(m.source)
-
-
-def _input_shapes(proto: Any, n: int) -> dict[str, list[int]]:
-    out = {}
-    for vi in proto.graph.input:
-        dims = vi.type.tensor_type.shape.dim
-        out[vi.name] = [d.dim_value if d.HasField("dim_value") else (1 if i == 0 else n)
-                        for i, d in enumerate(dims)]
-    return out
+        path = os.path.abspath(model)
+    else:
+        m = model if isinstance(model, rotaq.Model) else rotaq.load(model, ir="onnx")
+        path = os.path.join(tmp, "model.onnx")
+        m.save(path)
+    return path, dict(m.source), {k: np.shape(v) for k, v in m.sample_inputs.items()}
 
 
 def _pipeline(target: Any) -> Any:
@@ -157,16 +158,17 @@ def _pipeline(target: Any) -> Any:
     return _gpu
 
 
-def build_bucket(onnx_path: str, n: int, target: Any) -> tuple[Any, list[str], list[np.ndarray],
-                                                               dict]:
-    """Specialize to ``n`` tokens, import and build: (executable, input names, params, stats)."""
+def build_bucket(onnx_path: str, shapes: dict[str, list[int]], target: Any
+                 ) -> tuple[Any, list[str], list[np.ndarray], dict]:
+    """Specialize to static input ``shapes``, import and build: (executable, input names,
+    params, stats)."""
     import onnx
     import tvm
 
     from rotaq.backends.tvm_import import import_onnx, specialize
 
     proto = onnx.load(onnx_path)
-    proto = specialize(proto, _input_shapes(proto, n))
+    proto = specialize(proto, shapes)
     cpu = target.kind.name == "llvm"
     mod, names, params, stats = import_onnx(proto, cpu=cpu, avx512=cpu and has_avx512(target))
     with tvm.transform.PassContext(opt_level=3):
@@ -176,9 +178,12 @@ def build_bucket(onnx_path: str, n: int, target: Any) -> tuple[Any, list[str], l
 
 def compile_tvm(model: Any, out_dir: str, target: str | dict = "llvm",
                 tokens: tuple[int, ...] | list[int] = DEFAULT_TOKENS,
-                progress: bool = True) -> dict[str, Any]:
+                progress: bool = True,
+                pad_axes: dict[str, int | None] | None = None) -> dict[str, Any]:
     """Compile ``model`` (a Model, an .onnx path or a built-in name) for each token count and
-    write the artefact to ``out_dir`` (atomically). Returns the metadata."""
+    write the artefact to ``out_dir`` (atomically). ``pad_axes``: input name -> token axis
+    (``None``: no token axis) where the default rule (see the module doc) is wrong. Returns the
+    metadata."""
     tvm = require_tvm()
     tgt = make_target(target)
     tokens = sorted({int(t) for t in tokens})
@@ -188,20 +193,31 @@ def compile_tvm(model: Any, out_dir: str, target: str | dict = "llvm",
     os.makedirs(parent, exist_ok=True)
     work = tempfile.mkdtemp(prefix=".rotaq-tvm-", dir=parent)
     try:
-        onnx_path, source = _onnx_source(model, work)
+        import onnx
+
+        from rotaq.backends.tvm_import import pad_axes as find_axes
+        from rotaq.backends.tvm_import import static_shapes
+
+        onnx_path, source, sample = _onnx_source(model, work)
+        proto = onnx.load(onnx_path, load_external_data=False)
+        axes = find_axes(proto, pad_axes)
+        if not axes:  # nothing to pad: one build with the model's own shapes
+            log.info("no token input: compiling once with static shapes")
+            tokens = []
         store: dict[str, np.ndarray] = {}
         buckets = {}
         t0 = time.perf_counter()
-        for n in tqdm(tokens, desc="tvm compile", unit="bucket", file=sys.stderr,
+        for n in tqdm(tokens or [0], desc="tvm compile", unit="bucket", file=sys.stderr,
                       disable=not progress, leave=False):
-            ex, names, params, stats = build_bucket(onnx_path, n, tgt)
+            shapes = static_shapes(proto, n, axes, sample)
+            ex, names, params, stats = build_bucket(onnx_path, shapes, tgt)
             keys = []
             for arr in params:
                 key = hashlib.sha1(arr.tobytes() + str(arr.shape).encode() +
                                    str(arr.dtype).encode()).hexdigest()[:16]
                 store.setdefault(key, arr)
                 keys.append(key)
-            entry = {"params": keys, "stats": stats}
+            entry = {"params": keys, "stats": stats, "input_shapes": shapes}
             if tgt.kind.name == "llvm":
                 ex.export_library(os.path.join(work, f"lib_{n}.so"))
                 entry["lib"] = f"lib_{n}.so"
@@ -213,16 +229,17 @@ def compile_tvm(model: Any, out_dir: str, target: str | dict = "llvm",
             buckets[str(n)] = entry
             log.info("bucket %d built (%s)", n, stats)
         np.savez(os.path.join(work, "params.npz"), **store)
-        import onnx
+        from onnx import helper
 
-        proto = onnx.load(onnx_path, load_external_data=False)
         meta = {
             "format": FORMAT, "version": 1, "backend": "tvm", "target": str(tgt),
             "target_kind": tgt.kind.name, "tvm_version": tvm.__version__,
             "mcpu": str(tgt.attrs.get("mcpu", "")) or None,
             "inputs": [i.name for i in proto.graph.input],
             "outputs": [o.name for o in proto.graph.output],
-            "input_names": names, "tokens": tokens,
+            "input_names": names, "tokens": tokens, "pad_axes": axes,
+            "input_dtypes": {i.name: str(helper.tensor_dtype_to_np_dtype(
+                i.type.tensor_type.elem_type)) for i in proto.graph.input},
             "padding_exact": not any(nd.op_type == "DynamicQuantizeLinear"
                                      for nd in proto.graph.node), "buckets": buckets, "source": source,
             "compile_seconds": round(time.perf_counter() - t0, 2),
@@ -306,19 +323,50 @@ class TvmGraph:
             self._vms[int(n)] = relax.VirtualMachine(lib, dev)
             self._params[int(n)] = [store[k] for k in entry["params"]]
         self._order = list(meta.get("input_names") or self.input_names)
+        # artefacts from before pad_axes was recorded padded axis 1 of every input
+        self.pad_axes: dict[str, int] = dict(meta.get("pad_axes", {k: 1 for k in
+                                                                  self.input_names}))
+        self._shapes = {int(n): e.get("input_shapes") for n, e in meta["buckets"].items()}
         self._tvm = tvm
 
     def buckets(self) -> list[int]:
         return sorted(self._vms)
 
+    def sample_feeds(self, n: int, seed: int = 0) -> dict[str, np.ndarray]:
+        """Feeds of ``n`` tokens shaped as compiled: integer inputs all ones (token 1, mask 1),
+        float inputs seeded standard normal."""
+        b = self._bucket(n) if self.pad_axes else self.buckets()[0]
+        shapes = self._shapes[b] or {k: [1, b] for k in self.input_names}
+        dtypes = self.meta.get("input_dtypes") or {}
+        rng, feeds = np.random.default_rng(seed), {}
+        for name in self.input_names:
+            shape = list(shapes[name])
+            if name in self.pad_axes:
+                shape[self.pad_axes[name]] = n
+            dtype = np.dtype(dtypes.get(name, "int64"))
+            feeds[name] = (np.ones(shape, dtype) if np.issubdtype(dtype, np.integer) else
+                           rng.standard_normal(shape).astype(dtype))
+        return feeds
+
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        ids = np.asarray(next(iter(feeds.values())))
-        if ids.ndim < 2:
-            raise RotaqError(f"the TVM artefact runs inputs [batch, tokens, ...]; got "
-                             f"{ids.shape}")
-        rows = [self._run1({k: np.asarray(v)[i : i + 1] for k, v in feeds.items()},
-                           ids.shape[1]) for i in range(ids.shape[0])]
+        missing = [k for k in self._order if k not in feeds]
+        if missing:
+            raise RotaqError(f"the TVM artefact needs inputs {', '.join(missing)}")
+        first = np.asarray(feeds[self._order[0]])
+        if first.ndim < 1:
+            raise RotaqError(f"the TVM artefact runs batched inputs; got {first.shape}")
+        rows = [self._run1({k: np.asarray(v)[i : i + 1] for k, v in feeds.items()})
+                for i in range(first.shape[0])]
         return [np.concatenate([r[j] for r in rows]) for j in range(len(rows[0]))]
+
+    def _tokens(self, feeds: dict[str, np.ndarray]) -> int | None:
+        """The token count of ``feeds`` (None: the artefact has no token input)."""
+        lens = {k: np.shape(feeds[k])[a] for k, a in self.pad_axes.items()
+                if k in feeds and np.ndim(feeds[k]) > a}
+        if len(set(lens.values())) > 1:
+            raise RotaqError(f"token inputs of different lengths {lens}: one call runs one "
+                             "token count (pad them to one length)")
+        return next(iter(lens.values()), None)
 
     def _bucket(self, n: int) -> int:
         if n in self._vms:
@@ -332,21 +380,28 @@ class TvmGraph:
                              f"--tokens including {n}")
         return fit[0]
 
-    def _run1(self, feeds: dict[str, np.ndarray], n: int) -> list[np.ndarray]:
-        b = self._bucket(n)
+    def _run1(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        n = self._tokens(feeds)
+        b = self.buckets()[0] if n is None else self._bucket(n)
         args = []
         for name in self._order:
             a = np.asarray(feeds[name])
-            if b > n:
-                pad = np.zeros((a.shape[0], b - n, *a.shape[2:]), a.dtype)  # mask 0 / token 0
-                a = np.concatenate([a, pad], axis=1)
+            axis = self.pad_axes.get(name)
+            if n is not None and axis is not None and b > n:
+                widths = [(0, 0)] * a.ndim
+                widths[axis] = (0, b - n)
+                a = np.pad(a, widths)  # token 0 / mask 0
+            want = (self._shapes.get(b) or {}).get(name)
+            if want is not None and list(a.shape) != list(want):
+                raise RotaqError(f"input {name!r} has shape {list(a.shape)}; the artefact was "
+                                 f"compiled for {list(want)} (token axes: {self.pad_axes})")
             args.append(self._tvm.runtime.tensor(np.ascontiguousarray(a)))
         res = self._vms[b]["main"](*args, *self._params[b])
         res = list(res) if not hasattr(res, "numpy") else [res]
         out = []
         for r in res:
             arr = r.numpy()
-            if b > n and arr.ndim >= 2 and arr.shape[1] == b:
+            if n is not None and b > n and arr.ndim >= 2 and arr.shape[1] == b:
                 arr = arr[:, :n]
             out.append(arr)
         return out
@@ -376,6 +431,5 @@ def load(folder: str) -> Any:
         raise RotaqError(f"{folder} is a {meta.get('backend')} artefact, not tvm")
     graph = TvmGraph(os.path.abspath(folder), meta)
     source = dict(meta.get("source") or {})
-    n = min(graph.buckets()[-1], 16)
-    sample = {k: np.ones((1, n), np.int64) for k in graph.input_names}
+    sample = graph.sample_feeds(min(graph.buckets()[-1], 16))
     return Model(graph, sample, source)

@@ -19,12 +19,14 @@ small ones become constants so shape computations fold.
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 import numpy as np
 
 from rotaq.backends import tvm_hadamard as H
 from rotaq.backends import tvm_kernels as K
+from rotaq.errors import RotaqError
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +57,86 @@ def specialize(model: Any, shapes: dict[str, list[int]]) -> Any:
         node.name = f"n{i}_{node.op_type}"
     proto = oir.serde.serialize_model(m)
     return onnx.shape_inference.infer_shapes(proto, data_prop=True)
+
+
+_TOKEN_NAME = re.compile(r"(ids|mask)$")  # input_ids, attention_mask, decoder_input_ids, ...
+_INT_TYPES = (6, 7, 2, 3, 4, 5, 12, 13)  # ONNX INT32, INT64, UINT8, INT8, UINT16, INT16, ...
+
+
+def _dims(vi: Any) -> list[Any]:
+    return list(vi.type.tensor_type.shape.dim)
+
+
+def _fixed(d: Any) -> int | None:
+    """A dim's static size; torch's exporter sometimes writes one as a numeric dim_param."""
+    if d.HasField("dim_value"):
+        return int(d.dim_value)
+    return int(d.dim_param) if d.dim_param.isdigit() else None
+
+
+def pad_axes(proto: Any, declared: dict[str, int | None] | None = None) -> dict[str, int]:
+    """Input name -> its token axis, the one padded to a compiled length at run time.
+
+    Default: integer inputs named like token inputs (``*ids``, ``*mask``) whose axis 1 is
+    symbolic get axis 1; every other input keeps its shape. ``declared`` (``--pad-axis
+    NAME:AXIS``; ``None`` for no axis) overrides the default per input. An input whose dim
+    carries the same symbolic name as a padded axis is padded on that dim too (it has the
+    same length by the model's own declaration)."""
+    specs = {vi.name: vi for vi in proto.graph.input}
+    axes: dict[str, int] = {}
+    for name, vi in specs.items():
+        dims = _dims(vi)
+        if (vi.type.tensor_type.elem_type in _INT_TYPES and _TOKEN_NAME.search(name)
+                and len(dims) >= 2 and _fixed(dims[1]) is None):
+            axes[name] = 1
+    for name, axis in (declared or {}).items():
+        if name not in specs:
+            raise RotaqError(f"--pad-axis {name}: the model has no input {name!r} "
+                             f"(inputs: {', '.join(specs)})")
+        if axis is None:
+            axes.pop(name, None)
+            continue
+        dims = _dims(specs[name])
+        if not 0 <= axis < len(dims):
+            raise RotaqError(f"--pad-axis {name}:{axis}: {name!r} has {len(dims)} axes")
+        if _fixed(dims[axis]) is not None:
+            raise RotaqError(f"--pad-axis {name}:{axis}: that axis is fixed at "
+                             f"{_fixed(dims[axis])} in the model, it cannot be padded")
+        axes[name] = axis
+    params = {_dims(specs[n])[a].dim_param for n, a in axes.items()} - {""}
+    for name, vi in specs.items():
+        if name in axes or name in (declared or {}):
+            continue
+        shared = [i for i, d in enumerate(_dims(vi)) if i > 0 and d.dim_param in params]
+        if shared:
+            axes[name] = shared[0]
+    return axes
+
+
+def static_shapes(proto: Any, n: int, axes: dict[str, int],
+                  sample: dict[str, tuple[int, ...]]) -> dict[str, list[int]]:
+    """Input name -> static shape for ``n`` tokens: the token axis (``axes``) is ``n``, fixed
+    dims stay, a symbolic batch (axis 0) is 1, other symbolic dims come from the model's sample
+    inputs (``sample``: name -> shape)."""
+    out = {}
+    for vi in proto.graph.input:
+        dims, shape = _dims(vi), []
+        have = sample.get(vi.name)
+        for i, d in enumerate(dims):
+            if axes.get(vi.name) == i:
+                shape.append(n)
+            elif _fixed(d) is not None:
+                shape.append(_fixed(d))
+            elif i == 0:
+                shape.append(1)
+            elif have is not None and len(have) == len(dims):
+                shape.append(int(have[i]))
+            else:
+                raise RotaqError(f"input {vi.name!r}: axis {i} ({d.dim_param or 'unnamed'}) is "
+                                 "neither fixed nor a token axis and no sample input gives its "
+                                 f"size: declare it with --pad-axis {vi.name}:{i}")
+        out[vi.name] = shape
+    return out
 
 
 def _static_shapes(proto: Any) -> dict[str, tuple[list[int], int]]:

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from rotaq.errors import RotaqError
+from rotaq.errors import LoadError, RotaqError
 from rotaq.model import Model
 
 log = logging.getLogger(__name__)
@@ -107,7 +107,11 @@ def onnx_files(path: str) -> list[str]:
     """``path`` plus the external data files its tensors point to (absolute, existing)."""
     import onnx
 
-    proto = onnx.load(path, load_external_data=False)
+    try:
+        proto = onnx.load(path, load_external_data=False)
+    except Exception as err:  # protobuf DecodeError and friends
+        raise LoadError(f"cannot load {path}: not a valid ONNX model (truncated or corrupt): "
+                        f"{type(err).__name__}: {_first_line(err)}") from err
     folder = os.path.dirname(os.path.abspath(path))
     files = [os.path.abspath(path)]
     for t in _tensors(proto.graph):

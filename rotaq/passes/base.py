@@ -8,6 +8,7 @@ command line (``--set field=value``).
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -50,7 +51,13 @@ def make_pass(name: str, options: dict[str, Any]) -> Callable:
     if bad:
         raise RotaqError(f"pass '{name}' has no option {', '.join(bad)} "
                          f"(options: {', '.join(sorted(fields))})")
-    return cls(**{k: _coerce(fields[k], v, name) for k, v in options.items()})
+    values = {k: _coerce(fields[k], v, name) for k, v in options.items()}
+    for k, why in getattr(cls, "unset_options", {}).items():
+        # an option whose default means "not set" (rank=0): giving that value is a mistake
+        if k in values and values[k] == fields[k].default:
+            raise RotaqError(f"pass '{name}': {k}={values[k]!r} means 'not set' ({why}); give "
+                             f"a value >= 1 or leave {k} out")
+    return cls(**values)
 
 
 def select_linears(a: Any, include: str = "", exclude: str = "", head: bool = False) -> list[str]:
@@ -75,8 +82,14 @@ def select_linears(a: Any, include: str = "", exclude: str = "", head: bool = Fa
 def _coerce(f: dataclasses.Field, value: Any, pass_name: str) -> Any:
     """Options from the command line arrive as strings; convert them to the field's type."""
     typ = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
-    if not isinstance(value, str) or typ == "str":
-        return value
+    if not isinstance(value, str) or typ == "str":  # from a recipe file or Python: check it
+        ok = {"int": lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool),
+              "float": lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool),
+              "bool": lambda v: isinstance(v, bool), "str": lambda v: isinstance(v, str)}
+        if typ in ok and not ok[typ](value):
+            raise RotaqError(f"pass '{pass_name}': option {f.name} expects {typ}, got "
+                             f"{value!r}")
+        return float(value) if typ == "float" else int(value) if typ == "int" else value
     try:
         if typ == "bool":
             if value.lower() in ("1", "true", "yes", "on"):

@@ -51,6 +51,7 @@ class LowRank:
     ratio: float = 0.2  # fraction of the selected linears' parameters to remove
     energy: float = 0.99  # rank_by=energy: spectrum energy kept
     rank: int = 0  # >0: this rank for every layer (overrides rank_by)
+    unset_options: ClassVar[dict[str, str]] = {"rank": "ranks then come from rank_by"}
     step: int = 8  # budget ranks are multiples of this
     alpha: float = 0.5  # asvd exponent
     force: bool = False  # replace even where the rank saves nothing (checks, experiments)

@@ -41,6 +41,7 @@ class Structured:
     kind: str = "monarch"  # kron | monarch
     keep: float = 0.5  # parameter fraction kept per layer
     rank: int = 0  # >0: fixed rank (Kronecker terms / Monarch block rank), capped at full
+    unset_options: ClassVar[dict[str, str]] = {"rank": "the rank then comes from keep"}
     include: str = ""
     exclude: str = ""
 

@@ -77,10 +77,11 @@ class FxGraph:
     ir = "fx"
 
     def __init__(self, gm: torch.fx.GraphModule, example_inputs: dict[str, torch.Tensor],
-                 dynamic_shapes: Any = None) -> None:
+                 dynamic_shapes: Any = None, n_positional: int = 0) -> None:
         self.gm = gm
         self.example_inputs = example_inputs
         self.dynamic_shapes = dynamic_shapes
+        self.n_positional = n_positional  # inputs the program takes positionally, in order
         self.metadata: dict[str, str] = {}
         self._view: GraphView | None = None
         self._counter = 0
@@ -115,14 +116,16 @@ class FxGraph:
     def from_exported(cls, ep: torch.export.ExportedProgram,
                       example_inputs: dict[str, torch.Tensor] | None = None,
                       dynamic_shapes: Any = None) -> FxGraph:
-        if example_inputs is None:
+        gm, n_positional = ep.module(), 0
+        if example_inputs is None:  # a loaded program: positional inputs first, then keywords
             args, kwargs = ep.example_inputs or ((), {})
-            names = [s.arg.name for s in ep.graph_signature.input_specs
-                     if s.kind == torch.export.graph_signature.InputKind.USER_INPUT]
-            example_inputs = dict(kwargs) or dict(zip(names, args))
+            # positional inputs are named by the module's placeholders (`input` -> `input_1`)
+            names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+            n_positional = len(args)
+            example_inputs = {**dict(zip(names, args)), **dict(kwargs)}
         if dynamic_shapes is None and ep.range_constraints:
             dynamic_shapes = _dynamic_from_fake(ep, example_inputs)
-        return cls(ep.module(), dict(example_inputs), dynamic_shapes)
+        return cls(gm, dict(example_inputs), dynamic_shapes, n_positional)
 
     @classmethod
     def load(cls, path: str) -> FxGraph:
@@ -131,12 +134,11 @@ class FxGraph:
             import transformers.modeling_outputs  # noqa: F401
         except ImportError:
             pass
-        try:
-            ep = torch.export.load(path, extra_files=extra)
-        except FileNotFoundError as err:
-            raise LoadError(f"{path}: no such file") from err
-        except Exception as err:
-            raise LoadError(f"{path}: not a readable ExportedProgram (.pt2): {err}") from err
+        from rotaq.rewriter.pt2_safe import load_exported
+
+        if not os.path.isfile(path):
+            raise LoadError(f"{path}: no such file")
+        ep = load_exported(path, extra)  # refuses archives that would run code
         fx = cls.from_exported(ep)
         try:
             fx.metadata = dict(json.loads(extra["rotaq.json"] or "{}"))
@@ -148,6 +150,16 @@ class FxGraph:
     @property
     def input_names(self) -> list[str]:
         return [n.name for n in self.gm.graph.nodes if n.op == "placeholder"]
+
+    def dynamic_batch_inputs(self) -> set[str]:
+        """Inputs whose first dimension the program keeps symbolic."""
+        out = set()
+        for n in self.gm.graph.nodes:
+            val = n.meta.get("val") if n.op == "placeholder" else None
+            if isinstance(val, torch.Tensor) and val.dim() and isinstance(val.shape[0],
+                                                                          torch.SymInt):
+                out.add(n.name)
+        return out
 
     def view(self) -> GraphView:
         if self._view is None:
@@ -428,8 +440,9 @@ class FxGraph:
 
     # ---- running and saving -------------------------------------------------------------
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        args, kwargs = self._split({k: torch.from_numpy(np.asarray(v)) for k, v in feeds.items()})
         with torch.no_grad():
-            out = self._compiled()(**{k: torch.from_numpy(np.asarray(v)) for k, v in feeds.items()})
+            out = self._compiled()(*args, **kwargs)
         return [_to_numpy(t) for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
 
     def capture(self, feeds: dict[str, np.ndarray], values: Sequence[str]) -> dict[str, np.ndarray]:
@@ -449,7 +462,8 @@ class FxGraph:
         return seen
 
     def clone(self) -> FxGraph:
-        other = FxGraph(copy.deepcopy(self.gm), self.example_inputs, self.dynamic_shapes)
+        other = FxGraph(copy.deepcopy(self.gm), self.example_inputs, self.dynamic_shapes,
+                        self.n_positional)
         other.metadata = dict(self.metadata)
         other._counter = self._counter
         return other
@@ -465,9 +479,16 @@ class FxGraph:
 
     def export(self) -> torch.export.ExportedProgram:
         self._cleanup()
+        args, kwargs = self._split(self.example_inputs)
         with torch.no_grad():
-            return torch.export.export(self.gm, (), dict(self.example_inputs),
+            return torch.export.export(self.gm, args, kwargs,
                                        dynamic_shapes=self.dynamic_shapes, strict=False)
+
+    def _split(self, inputs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+        """(positional, keyword) arguments of the program for ``inputs`` keyed by name."""
+        names = self.input_names[:self.n_positional]
+        return (tuple(inputs[n] for n in names),
+                {k: v for k, v in inputs.items() if k not in names})
 
     def save(self, path: str) -> None:
         """Write ``.pt2`` (re-exported ExportedProgram) or ``.onnx`` atomically."""

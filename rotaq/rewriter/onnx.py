@@ -87,6 +87,60 @@ class _Linear:
     beta: float = 1.0
 
 
+def _static_dim(d: Any) -> int | None:
+    """A dim's size: torch's exporter writes some static sizes as numeric symbols ("16")."""
+    if isinstance(d, int):
+        return d
+    text = str(getattr(d, "value", d) or "")
+    return int(text) if text.isdigit() else None
+
+
+_CONTROL_FLOW = ("If", "Loop", "Scan")
+_PASS_THROUGH = ("Transpose", "Cast", "Identity", "Reshape", "DequantizeLinear")
+
+
+def _constant_operand(v: oir.Value | None) -> bool:
+    """A constant (initializer of this or an outer graph, Constant node) or one seen through
+    Transpose / Cast / Identity / Reshape / DequantizeLinear."""
+    if v is None:
+        return False
+    if v.const_value is not None:
+        return True
+    prod = v.producer()
+    if prod is None:
+        return False
+    return prod.op_type == "Constant" or (prod.op_type in _PASS_THROUGH
+                                          and _constant_operand(prod.inputs[0]))
+
+
+def refuse_hidden_linears(graph: oir.Graph) -> None:
+    """Raise :class:`RewriteError` when a control-flow subgraph (``If`` / ``Loop`` / ``Scan``
+    bodies, at any depth) holds a linear (``MatMul`` / ``Gemm`` with a constant weight):
+    rotaq sees only the main graph, so a recipe would leave those linears unchanged while
+    reporting the model rewritten. Subgraphs without linears are fine."""
+    for node in graph:
+        if node.op_type not in _CONTROL_FLOW or not _is_default(node):
+            continue
+        for attr in node.attributes.values():
+            if attr.type == oir.AttributeType.GRAPH:
+                bodies = [attr.value]
+            elif attr.type == oir.AttributeType.GRAPHS:
+                bodies = list(attr.value)
+            else:
+                continue
+            for body in bodies:
+                for inner in oir.traversal.RecursiveGraphIterator(body):
+                    ins = list(inner.inputs)
+                    if inner.op_type in ("MatMul", "Gemm") and len(ins) > 1 and \
+                            any(_constant_operand(v) for v in ins[:2]):
+                        raise RewriteError(
+                            f"{node.op_type} node {node.name!r} holds a linear in its "
+                            f"'{attr.name}' subgraph ({inner.op_type} {inner.name!r} with a "
+                            "constant weight): rotaq does not rewrite linears inside "
+                            "If/Loop/Scan bodies, so it refuses this model rather than leave "
+                            "them unchanged")
+
+
 def _first_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return text[0] if text else type(err).__name__
@@ -317,7 +371,7 @@ class OnnxGraph:
             if v.is_initializer():
                 continue
             dtype = v.dtype.numpy() if v.dtype is not None else np.float32
-            dims = [d if isinstance(d, int) else None for d in (v.shape or [])]
+            dims = [_static_dim(d) for d in (v.shape or [])]
             specs[v.name] = (np.dtype(dtype), dims)
         return specs
 
@@ -421,6 +475,7 @@ class OnnxGraph:
 
     def _lift(self) -> GraphView:
         g = self.model.graph
+        refuse_hidden_linears(g)
         nodes = list(g)
         values: dict[str, oir.Value] = {v.name: v for v in g.inputs}
         values.update({v.name: v for v in g.initializers.values()})
