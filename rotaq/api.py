@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from rotaq.errors import LoadError, MatchError, VerificationError
+from rotaq.errors import LoadError, MatchError, RotaqError, VerificationError
 from rotaq.inputs import describe
 from rotaq.loading import load
 from rotaq.model import Model, max_rel_error, rel_rms_error
@@ -64,6 +64,8 @@ def _reference(src: Model) -> list:
     (e.g. a length its Reshape or Pad rejects) are a user problem: ask for real ones."""
     try:
         return src.run()
+    except RotaqError:  # already a message for the user
+        raise
     except Exception as err:  # ORT / torch raise many types here
         info = src.inputs_info.get("verify", {})
         if info.get("source") != "synthetic":

@@ -282,9 +282,11 @@ def _sample_for(g: Any, source: dict, seq_len: int) -> tuple[dict[str, np.ndarra
 
 
 def _synthetic(g: Any, seq_len: int, seed: int) -> tuple[dict[str, np.ndarray], dict]:
-    from rotaq.inputs import VERIFY_ROWS, synthetic
+    from rotaq.inputs import VERIFY_ROWS, batch_capacity, synthetic
 
-    feeds = synthetic(g, seed, rows=VERIFY_ROWS, seq_len=seq_len)
+    # a graph with a fixed batch size verifies on one batch of it (tools run it as is)
+    rows = VERIFY_ROWS if batch_capacity(g) is None else 1
+    feeds = synthetic(g, seed, rows=rows, seq_len=seq_len)
     return feeds, describe(feeds, "synthetic", seed=seed)
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from rotaq.errors import RewriteError
+from rotaq.errors import RewriteError, RotaqError
 from rotaq.model import Model
 
 log = logging.getLogger(__name__)
@@ -63,6 +63,8 @@ def _check_runs(model: Model, feeds: dict[str, np.ndarray]) -> None:
     first = next(inp.chunks(model.graph, feeds, 1))
     try:
         model.graph.run(first)
+    except RotaqError:
+        raise
     except Exception as err:  # ORT / torch raise many types here
         msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise RewriteError(f"the model fails on synthetic calibration inputs "
