@@ -67,7 +67,7 @@ def test_inspect_human_and_stats_plot(tiny_files, tmp_path, capsys):
     assert png.stat().st_size > 10_000
     assert main(["inspect", str(tiny_files / "bert.onnx")]) == 0
     text = capsys.readouterr().out
-    assert "linears: 13" in text and "not pre-norm" in text and "LayerNorm" in text
+    assert "linears: 13" in text and "residual stream: post-norm" in text and "LayerNorm" in text
 
 
 @pytest.mark.parametrize("args, message", [
@@ -78,7 +78,7 @@ def test_inspect_human_and_stats_plot(tiny_files, tmp_path, capsys):
     (["optimize", "{llama}", "--set", "seed=abc", "-o", "{tmp}/o.onnx"], "expects int"),
     (["optimize", "{llama}", "-o", "{llama}"], "refusing to overwrite the input"),
     (["optimize", "{llama}", "-o", "{tmp}/o.txt"], "must end in .onnx or .pt2"),
-    (["optimize", "{bert}", "--set", "mode=residual", "-o", "{tmp}/o.onnx"], "not pre-norm"),
+    (["optimize", "{bert}", "--set", "mode=residual", "-o", "{tmp}/o.onnx"], "is post-norm"),
 ])
 def test_errors_one_line_exit_2(tiny_files, tmp_path, capsys, args, message):
     args = [a.format(llama=tiny_files / "llama.onnx", bert=tiny_files / "bert.onnx", tmp=tmp_path)

@@ -507,8 +507,8 @@ def _find_residual(view: GraphView, a: Analysis) -> ResidualStream:
     residual add no stream holds yet. Encoder-decoders have two streams; their blocks are listed
     encoder first, ``streams`` counts them."""
     res = ResidualStream(False, None, None, [], [])
-    res.head = _heads_from_outputs(view)
     starts = [e.output for e in a.embeddings.values()]
+    last_head: list[str] = []
     done: set[str] = set()
     walked = 0
     while True:
@@ -527,7 +527,12 @@ def _find_residual(view: GraphView, a: Analysis) -> ResidualStream:
         res.blocks.extend(part.blocks)
         res.post_norms.extend(part.post_norms)
         res.final_norm = part.final_norm
+        last_head = part.head
     res.streams = walked
+    res.head = _heads_from_outputs(view)
+    if not res.head:  # an output the walk up cannot cross (e.g. a custom op): the stream's end
+        res.head = last_head or (first_linears(view, a.norms[res.final_norm].output)
+                                 if res.final_norm else [])
     return _finish(view, a, res)
 
 
@@ -591,13 +596,15 @@ def _walk(view: GraphView, a: Analysis, v: str) -> ResidualStream:
                 v = a.norms[nk].output
                 continue
             res.final_norm = nk
+            res.head = first_linears(view, a.norms[nk].output)
             break
         combine = [c for c in cons if c.op == "add" and len(c.inputs) == 2
-                   and not _upstream_linears(view, [i for i in c.inputs if i not in stream][0]
-                                             if any(i not in stream for i in c.inputs) else v)]
+                   and not _upstream_linears(view, next((i for i in c.inputs
+                                                         if i not in stream), v))]
         if combine:
             v = combine[0].outputs[0]
             continue
+        res.head = [c.key for c in cons if c.op == "linear"]
         break
     return res
 
@@ -607,18 +614,21 @@ def _finish(view: GraphView, a: Analysis, res: ResidualStream) -> ResidualStream
     position); pre-norm means every block reads the stream through a norm and writes it back
     without one."""
     by_out = _norm_by_output(a)
+    found = None
     for h in res.head:
         v = view.by_key[h].inputs[0]
         for _ in range(16):
             if v in by_out:
-                res.final_norm = by_out[v]
+                found = by_out[v]
                 break
             p = view.producer.get(v)
             if p is None or not passthrough(view, p):
                 break
             v = p.inputs[0]
-        if res.final_norm in by_out.values():
+        if found:
             break
+    if res.head:  # a head that reads the stream without a norm: no final norm to fold
+        res.final_norm = found
     blocks = res.blocks
     res.pre_norm = bool(blocks) and not res.post_norms and all(
         b.norm and not b.branch_norms for b in blocks)

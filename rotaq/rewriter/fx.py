@@ -343,7 +343,7 @@ class FxGraph:
 
     def set_linear(self, key: str, weight: np.ndarray, bias: np.ndarray | None) -> None:
         n = self._node(key)
-        x, w, w_out_in, b = self._linear_parts(n)
+        x, w, _, b = self._linear_parts(n)
         like = _attr(self.gm, w.target)
         # the new weight replaces the op's weight argument (bypassing a transpose node, if any):
         # linear takes [out, in]; addmm / mm / matmul take [in, out]

@@ -977,8 +977,17 @@ class OnnxGraph:
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         """Run the model with ONNX Runtime (CPU) and return the graph outputs in order (fp32
         outputs for a graph that runs as its fp32 copy, see :meth:`runs_upcast`)."""
+        self._upcast_for(feeds)
         sess = self._session()
         return sess.run(self.output_names, self._feeds(feeds))
+
+    def _upcast_for(self, feeds: dict[str, np.ndarray]) -> None:
+        """ORT takes no bfloat16 arrays as inputs: a graph fed bf16 runs as its fp32 copy."""
+        if not self._upcast and any(np.asarray(a).dtype.name == "bfloat16"
+                                    for a in feeds.values()):
+            logger.info("bfloat16 inputs: running an fp32 copy of the graph")
+            self._upcast = True
+            self._sessions = {}
 
     def runs_upcast(self, feeds: dict[str, np.ndarray] | None = None) -> bool:
         """Whether ORT runs this graph as an fp32 copy (it has no kernel in the graph's dtype)."""
@@ -1023,6 +1032,7 @@ class OnnxGraph:
                 computed.append(name)
         if not computed:
             return result
+        self._upcast_for(feeds)
         outs = self._session(tuple(computed), only=True).run(computed, self._feeds(feeds))
         got = dict(zip(computed, outs))
         for name in values:

@@ -150,7 +150,8 @@ def cast_feeds(model: oir.Model, feeds: dict[str, np.ndarray]) -> dict[str, np.n
     for k, v in feeds.items():
         a = np.asarray(v)
         dt = types.get(k)
-        if dt is not None and dt.is_floating_point() and np.issubdtype(a.dtype, np.floating):
+        floating = np.issubdtype(a.dtype, np.floating) or a.dtype.name == "bfloat16"
+        if dt is not None and dt.is_floating_point() and floating:
             a = a.astype(dt.numpy())
         out[k] = a
     return out
