@@ -9,9 +9,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from rotaq.errors import MatchError, VerificationError
+from rotaq.errors import LoadError, MatchError, RotaqError, VerificationError
+from rotaq.inputs import describe
 from rotaq.loading import load
-from rotaq.model import TOKENIZER_SUFFIX, Model, max_rel_error
+from rotaq.model import TOKENIZER_SUFFIX, Model, max_rel_error, rel_rms_error
 from rotaq.progress import stage
 from rotaq.recipe import Recipe
 from rotaq.version import __version__
@@ -46,7 +47,10 @@ class OptimizeResult:
         with stage(f"verifying {os.path.basename(path)} in {_RUNTIME_NAMES[runtime]}"):
             written = load(path)
             written.sample_inputs = self.model.sample_inputs
-            err = max_rel_error(self.reference, written.run())
+            out = written.run()
+            err = max_rel_error(self.reference, out)
+        self.report["rel_rms_error"] = max(self.report.get("rel_rms_error") or 0.0,
+                                           rel_rms_error(self.reference, out))
         self.report["verify"]["written"] = {"runtime": runtime, "max_rel_error": err}
         self.report["max_rel_error"] = max(self.report["max_rel_error"], err)
         _judge(self.report)
@@ -88,15 +92,37 @@ def _remove_output(path: str) -> None:
         shutil.rmtree(path + TOKENIZER_SUFFIX, ignore_errors=True)
 
 
+def _reference(src: Model) -> list:
+    """The original's outputs on the sample inputs; synthetic inputs a model cannot run on
+    (e.g. a length its Reshape or Pad rejects) are a user problem: ask for real ones."""
+    try:
+        return src.run()
+    except RotaqError:  # already a message for the user
+        raise
+    except Exception as err:  # ORT / torch raise many types here
+        info = src.inputs_info.get("verify", {})
+        if info.get("source") != "synthetic":
+            raise
+        msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise LoadError(f"the model fails on synthetic sample inputs {info.get('shapes')} "
+                        f"({msg[:200]}); give valid inputs with --inputs FILE.npz "
+                        "(Python: inputs=...)") from err
+
+
 def optimize(model: Any, recipe: str | Recipe = "rotate", *, options: dict[str, Any] | None = None,
-             verify: bool = True, example_inputs: Any = None) -> OptimizeResult:
+             verify: bool = True, example_inputs: Any = None, inputs: Any = None,
+             verify_inputs: Any = None, tokenizer: str | None = None) -> OptimizeResult:
     """Apply ``recipe`` (a built-in name, a JSON path or a :class:`Recipe`) to ``model``.
 
     The original model is not modified. With ``verify`` the rewritten model is run on the
     sample inputs beside the original; an exact recipe whose max relative error exceeds the
-    recipe's tolerance raises :class:`VerificationError`.
+    recipe's tolerance raises :class:`VerificationError`. ``inputs`` / ``verify_inputs`` /
+    ``tokenizer`` are passed to :func:`rotaq.load` (user calibration and verification data);
+    calibration never uses the verification inputs. The report names both sets
+    (``verify_inputs``, ``calibration_inputs``).
     """
-    src = load(model, example_inputs)
+    src = load(model, example_inputs, inputs=inputs, verify_inputs=verify_inputs,
+               tokenizer=tokenizer)
     rec = recipe if isinstance(recipe, Recipe) else Recipe.load(recipe)
     if options:
         rec = rec.with_options(options)
@@ -112,10 +138,11 @@ def optimize(model: Any, recipe: str | Recipe = "rotate", *, options: dict[str, 
     reference = []
     if verify:
         with stage("running the original on the sample inputs"):
-            reference = src.run()
+            reference = _reference(src)
     tol, basis, noise = _tolerance(src, rec.tolerance) if verify and exact else (
         rec.tolerance, "recipe tolerance", None)
     work = src.clone()
+    work.inputs_info["calibration_used"] = []  # the sets this run's passes calibrate on
     t0 = time.perf_counter()
     pass_reports = []
     for p in passes:
@@ -132,17 +159,21 @@ def optimize(model: Any, recipe: str | Recipe = "rotate", *, options: dict[str, 
         "exact": exact, "tolerance": rec.tolerance, "tolerance_used": tol,
         "tolerance_basis": basis,
         "verify": {"rewrite": None, "written": None, "passed": None}, "max_rel_error": None,
+        "rel_rms_error": None,
+        "verify_inputs": src.inputs_info.get("verify") or describe(src.sample_inputs, "given"),
+        "calibration_inputs": work.inputs_info.get("calibration_used", []),
     }
     if noise is not None:
         report["rounding_noise"] = {**noise, "factor": NOISE_FACTOR}
     if verify:
         runtime = "ort" if work.ir == "onnx" else "torch"
         with stage(f"verifying the rewrite in {_RUNTIME_NAMES[runtime]}"):
-            err = max_rel_error(reference, work.run())
+            out = work.run()
+            err = max_rel_error(reference, out)
         report["verify"]["rewrite"] = {"runtime": runtime, "max_rel_error": err}
         report["max_rel_error"] = err
         _judge(report)
-        report["verify_inputs"] = {k: list(v.shape) for k, v in src.sample_inputs.items()}
+        report["rel_rms_error"] = rel_rms_error(reference, out)
         if exact and tol is not None and err > tol:
             raise VerificationError(f"recipe '{rec.name}' is exact but changed the outputs by "
                                     f"{err:.3g} (max relative error) > tolerance {tol:.3g} "
@@ -154,7 +185,12 @@ def _tolerance(src: Model, tol: float | None) -> tuple[float | None, str, dict |
     """(bound, why, noise): the recipe tolerance for an fp32 model; for an fp16/bf16 one
     max(tolerance, NOISE_FACTOR x e0) with e0 its measured rounding noise."""
     measure = getattr(src.graph, "rounding_noise", None)
-    noise = measure(src.sample_inputs) if measure is not None and tol is not None else None
+    if measure is not None and tol is not None:  # one batch the graph accepts is enough
+        from rotaq.inputs import chunks
+
+        noise = measure(next(chunks(src.graph, src.sample_inputs)))
+    else:
+        noise = None
     if noise is None:
         return tol, "fp32 recipe tolerance", None
     dt, e0 = noise["dtype"], noise["e0"]

@@ -116,7 +116,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     if args.plot:  # checked before the statistics run
         _check_plot_path(args.plot)
-    model = rotaq.load(args.model, ir="onnx" if args.onnx else "fx")
+    model = rotaq.load(args.model, ir="onnx" if args.onnx else "fx", **input_options(args))
     data = rotaq.inspect(model)
     if args.stats or args.plot:
         names = {k: s.name or s.key for k, s in model.analysis().linears.items()}
@@ -230,10 +230,23 @@ def _print_optimize(d: dict[str, Any]) -> None:
     else:  # an exact recipe over its tolerance has already failed with exit code 3
         verdict = f"over the tolerance {tol:.3g} (not enforced: lossy recipe)"
     print(f"  max relative error: {', '.join(checks) or '-'}: {verdict}")
+    if checks and d.get("verify_inputs"):
+        rms = d.get("rel_rms_error")
+        print(f"  relative RMS error: {'-' if rms is None else f'{rms:.3g}'}; verified on "
+              f"{_inputs_label(d['verify_inputs'])}")
+    for c in d.get("calibration_inputs") or []:
+        print(f"  calibrated on {_inputs_label(c)}")
     files = ", ".join(f"{f['path']}{'/' if f['path'].endswith(TOKENIZER_SUFFIX) else ''} "
                       f"({_size(f['bytes'])})" for f in d.get("files", []))
     total = f" in {d['total_seconds']:.1f} s" if "total_seconds" in d else ""
     print(f"wrote {files or d.get('output', '')}{total}")
+
+
+def _inputs_label(d: dict[str, Any]) -> str:
+    how = {"text": f"'{d.get('text')}' text", "synthetic": f"synthetic inputs (seed "
+           f"{d.get('seed')})", "user": f"{d.get('file')} {d.get('rows', '')}".strip()}
+    shapes = ", ".join(f"{k} {v}" for k, v in d.get("shapes", {}).items())
+    return f"{how.get(d.get('source'), d.get('source'))}: {shapes}"
 
 
 def cmd_optimize(args: argparse.Namespace) -> int:
@@ -247,7 +260,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     # a lossy recipe written as ONNX runs on the ONNX form, so that it lowers to ORT's integer
     # kernels; on the torch side quantization is simulated (dequantized weights)
     ir = "onnx" if args.output.lower().endswith(".onnx") and not exact else "fx"
-    model = rotaq.load(args.model, ir=ir)
+    model = rotaq.load(args.model, ir=ir, **input_options(args))
     res = rotaq.optimize(model, recipe, verify=not args.no_verify)
     if args.stats:
         feeds = st.calibration_feeds(model, args.text, args.tokens, args.window)
@@ -258,6 +271,25 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     res.report["total_seconds"] = round(time.perf_counter() - t0, 1)
     _emit(res.report, args.json, _print_optimize)
     return 0
+
+
+def add_input_args(sp: argparse.ArgumentParser) -> None:
+    """``--inputs`` / ``--verify-inputs`` / ``--tokenizer`` (see ``rotaq.inputs``)."""
+    sp.add_argument("--inputs", metavar="FILE.npz",
+                    help="model inputs by input name, samples first: the last quarter of the "
+                         "samples verify, the rest calibrate (all calibrate with --verify-inputs)")
+    sp.add_argument("--verify-inputs", metavar="FILE.npz",
+                    help="verification inputs (same format), kept apart from --inputs")
+    sp.add_argument("--tokenizer", metavar="DIR",
+                    help="a Hugging Face tokenizer folder, for a model file without rotaq "
+                         "metadata: verify on Wikipedia text, calibrate on Lee news text "
+                         "(the passes' calib_text)")
+
+
+def input_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {"inputs": getattr(args, "inputs", None),
+            "verify_inputs": getattr(args, "verify_inputs", None),
+            "tokenizer": getattr(args, "tokenizer", None)}
 
 
 def cmd_recipes(args: argparse.Namespace) -> int:
@@ -301,6 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--layer", default=None,
                     help="linear to plot (name or key; default: the worst max/RMS)")
     stats_args(sp)
+    add_input_args(sp)
     sp.set_defaults(func=cmd_inspect)
 
     sp = sub.add_parser("export", help="write the ONNX (or .pt2) form of a torch model")
@@ -324,6 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--stats", action="store_true",
                     help="add per-linear outlier statistics before and after to the report")
     stats_args(sp)
+    add_input_args(sp)
     sp.set_defaults(func=cmd_optimize)
 
     from rotaq.cli_compile import add_command as add_compile

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from rotaq.errors import LoadError
+from rotaq.inputs import describe
 from rotaq.model import Model, resolve_source
 from rotaq.progress import stage
 
@@ -18,7 +19,8 @@ log = logging.getLogger(__name__)
 CAPTURE_VERSION = "1"  # bump when capture changes, to invalidate cached exports
 
 
-def load(src: Any, example_inputs: Any = None, *, ir: str = "fx", seq_len: int = 32) -> Model:
+def load(src: Any, example_inputs: Any = None, *, ir: str = "fx", seq_len: int = 32,
+         inputs: Any = None, verify_inputs: Any = None, tokenizer: str | None = None) -> Model:
     """Capture ``src`` as a Model.
 
     - ``torch.nn.Module`` (+ ``example_inputs``: dict of tensors, or a tuple for positional
@@ -29,7 +31,43 @@ def load(src: Any, example_inputs: Any = None, *, ir: str = "fx", seq_len: int =
 
     ``ir="onnx"`` gives the ONNX form of a torch source (exported once and cached for
     built-ins).
+
+    Sample inputs (what rewrites are verified on) and calibration inputs never share a row (see
+    :mod:`rotaq.inputs`): ``inputs`` (an .npz path or a dict of arrays keyed by input name,
+    samples first) gives both, split last quarter / rest, or only calibration when
+    ``verify_inputs`` is given too; ``tokenizer`` (a Hugging Face tokenizer directory) makes
+    a model without rotaq metadata use real text.
     """
+    if example_inputs is None and inputs is not None and _is_module(src):
+        from rotaq.inputs import read
+
+        example_inputs = {k: v[:2] for k, v in read(inputs)[0].items()}  # capture shapes only
+    model = _load(src, example_inputs, ir, seq_len)
+    if inputs is None and verify_inputs is None and tokenizer is None:
+        return model
+    model = Model(model.graph, dict(model.sample_inputs), dict(model.source), model.calibration,
+                  dict(model.inputs_info))
+    if tokenizer is not None:
+        _use_tokenizer(model, tokenizer, seq_len)
+    if inputs is not None or verify_inputs is not None:
+        from rotaq.inputs import user_inputs
+
+        calib, verify, info = user_inputs(model.graph, inputs, verify_inputs)
+        if verify is not None:
+            model.sample_inputs = verify
+        if calib is not None:
+            model.calibration = calib
+        model.inputs_info.update(info)
+    return model
+
+
+def _is_module(src: Any) -> bool:
+    import torch
+
+    return isinstance(src, torch.nn.Module)
+
+
+def _load(src: Any, example_inputs: Any, ir: str, seq_len: int) -> Model:
     import torch
 
     if isinstance(src, Model):
@@ -40,7 +78,9 @@ def load(src: Any, example_inputs: Any = None, *, ir: str = "fx", seq_len: int =
         from rotaq.rewriter.fx import FxGraph
 
         g = FxGraph.from_exported(src)
-        return _maybe_onnx(Model(g, _np(g.example_inputs), {"name": "ExportedProgram"}), ir)
+        feeds = _np(g.example_inputs)
+        return _maybe_onnx(Model(g, feeds, {"name": "ExportedProgram"},
+                                 inputs_info={"verify": describe(feeds, "example_inputs")}), ir)
     if not isinstance(src, (str, os.PathLike)):
         raise LoadError(f"cannot load a {type(src).__name__}: give a torch module, an "
                         "ExportedProgram, a .pt2/.onnx path, a model directory or a built-in name")
@@ -65,7 +105,8 @@ def _np(inputs: dict[str, Any]) -> dict[str, np.ndarray]:
             for k, v in inputs.items()}
 
 
-def _from_module(module: Any, example_inputs: Any, source: dict, ir: str) -> Model:
+def _from_module(module: Any, example_inputs: Any, source: dict, ir: str,
+                 info: dict | None = None) -> Model:
     import torch
 
     from rotaq.rewriter.fx import FxGraph
@@ -83,8 +124,9 @@ def _from_module(module: Any, example_inputs: Any, source: dict, ir: str) -> Mod
     disable_cache(module)  # every sub-config: encoder-decoder stacks hold their own copies
     with stage(f"capturing {type(module).__name__} with torch.export"):
         g = FxGraph.from_module(module, inputs)
-    feeds = {k: v[:1] for k, v in _np(inputs).items()}
-    return _maybe_onnx(Model(g, feeds, dict(source)), ir)
+    feeds = _np(inputs)  # the caller's example inputs verify (all their rows)
+    info = info or {"verify": describe(feeds, "example_inputs")}
+    return _maybe_onnx(Model(g, feeds, dict(source), inputs_info=info), ir)
 
 
 def _maybe_onnx(model: Model, ir: str, cache_path: str | None = None) -> Model:
@@ -105,7 +147,8 @@ def _maybe_onnx(model: Model, ir: str, cache_path: str | None = None) -> Model:
         if not os.path.exists(cache_path):
             model.save(cache_path, tokenizer=False)
         graph = OnnxGraph.load(cache_path)
-    return Model(graph, model.sample_inputs, dict(model.source))
+    return Model(graph, model.sample_inputs, dict(model.source), model.calibration,
+                 dict(model.inputs_info))
 
 
 def _from_hf(path: str, seq_len: int, ir: str, name: str | None = None) -> Model:
@@ -122,8 +165,13 @@ def _from_hf(path: str, seq_len: int, ir: str, name: str | None = None) -> Model
     if tok is not None and kind != assets.KIND_SEQ2SEQ and hf_inputs.main_input(module) == \
             "input_ids":  # a saved file's sample inputs can be rebuilt from the tokenizer
         source["tokenizer"] = os.path.abspath(path)
+        feeds, info = _text_sample(tok, kind, seq_len)  # verification text, not calibration's
+    elif tok is not None and "input_ids" in feeds:  # seq2seq: calibration is synthetic
+        info = describe(feeds, "text", text="lee")
+    else:
+        info = describe(feeds, "synthetic", seed=hf_inputs._SEED)
     try:
-        return _from_module(module, feeds, source, ir)
+        return _from_module(module, feeds, source, ir, {"verify": info})
     except LoadError as err:
         why = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise LoadError(f"{path}: the {hf_inputs.family(module)} model "
@@ -150,8 +198,8 @@ def _from_gguf(path: str, seq_len: int, ir: str) -> Model:
             source = {k[len("rotaq."):]: v for k, v in g.metadata.items()
                       if k.startswith("rotaq.")}
             source["name"] = name
-            feeds = {k: v[:1] for k, v in _np(g.example_inputs).items()}
-            model = Model(g, feeds, source)
+            feeds, info = _sample_for(g, source, seq_len)
+            model = Model(g, feeds, source, inputs_info={"verify": info})
             return _maybe_onnx(model, ir, str(pt2.with_suffix(".onnx")) if ir == "onnx"
                                else None)
         except LoadError as err:
@@ -179,18 +227,18 @@ def _from_builtin(name: str, seq_len: int, ir: str) -> Model:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tok_dir)
-    feeds = assets.sample_inputs(tok, kind, seq_len=seq_len)
+    feeds, info = _text_sample(tok, kind, seq_len)
     model = None
     if pt2.exists():
         try:
             g = FxGraph.load(str(pt2))
-            model = Model(g, feeds, source)
+            model = Model(g, feeds, source, inputs_info={"verify": info})
         except LoadError as err:
             log.warning("cached export %s unreadable (%s); capturing again", pt2, err)
     if model is None:
         log.info("capturing %s with torch.export (cached at %s)", name, pt2)
         module, _, _ = assets.load_hf_model(name)
-        model = _from_module(module, feeds, source, "fx")
+        model = _from_module(module, feeds, source, "fx", {"verify": info})
         model.save(str(pt2), tokenizer=False)
     onnx_cache = str(folder / f"{name}-{tag}.onnx") if ir == "onnx" else None
     return _maybe_onnx(model, ir, onnx_cache)
@@ -203,7 +251,8 @@ def _from_file(path: str, seq_len: int) -> Model:
     source = {k[len("rotaq."):]: v for k, v in g.metadata.items() if k.startswith("rotaq.")}
     source = resolve_source(source, os.path.dirname(os.path.abspath(path)))
     source.setdefault("name", os.path.abspath(path))
-    return Model(g, _sample_for(g, source, seq_len), source)
+    feeds, info = _sample_for(g, source, seq_len)
+    return Model(g, feeds, source, inputs_info={"verify": info})
 
 
 def _read_graph(path: str, ext: str) -> Any:
@@ -220,38 +269,88 @@ def _read_graph(path: str, ext: str) -> Any:
     return g
 
 
-def _sample_for(g: Any, source: dict, seq_len: int) -> dict[str, np.ndarray]:
-    """Real-text inputs when the tokenizer is known, else synthetic ones from the graph."""
-    from rotaq import assets
+def _sample_for(g: Any, source: dict, seq_len: int) -> tuple[dict[str, np.ndarray], dict]:
+    """Verification inputs: Wikipedia text when the tokenizer is known, else the graph's own
+    example inputs (.pt2) or synthetic ones drawn with the verification seed."""
+    from rotaq.inputs import VERIFY_SEED
 
     tok_dir = source.get("tokenizer")
     if tok_dir and os.path.isdir(tok_dir):
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(tok_dir)
-        feeds = assets.sample_inputs(tok, source.get("kind", "causal-lm"), seq_len=seq_len)
+        feeds, info = _text_sample(tok, source.get("kind", "causal-lm"), seq_len)
         names = set(g.input_names)
-        return {k: v for k, v in feeds.items() if k in names}
+        feeds = {k: v for k, v in feeds.items() if k in names}
+        info["shapes"] = {k: v for k, v in info["shapes"].items() if k in names}
+        return feeds, info
     if getattr(g, "ir", "") == "fx":  # one row of the inputs whose first dim is dynamic
         dyn = g.dynamic_batch_inputs()
-        return {k: v[:1] if k in dyn else v for k, v in _np(g.example_inputs).items()}
-    return _synthetic(g, seq_len)
+        feeds = {k: v[:1] if k in dyn else v for k, v in _np(g.example_inputs).items()}
+        return feeds, describe(feeds, "example_inputs")
+    return _synthetic(g, seq_len, VERIFY_SEED)
 
 
-def _synthetic(g: Any, seq_len: int) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(0)
-    view = g.view()
-    vocab = min((n.params["num_embeddings"] for n in view.nodes if n.op == "embedding"),
-                default=100)
-    feeds = {}
-    for name, (dtype, shape) in g.input_specs().items():
-        shape = [d if isinstance(d, int) and d > 0 else (1 if i == 0 else seq_len)
-                 for i, d in enumerate(shape)]
-        if np.issubdtype(dtype, np.integer):
-            hi = 2 if "mask" in name or "type" in name else vocab
-            feeds[name] = rng.integers(0, hi, size=shape).astype(dtype)
-            if "mask" in name:
-                feeds[name][:] = 1
-        else:
-            feeds[name] = rng.standard_normal(shape).astype(dtype)
-    return feeds
+def _synthetic(g: Any, seq_len: int, seed: int) -> tuple[dict[str, np.ndarray], dict]:
+    from rotaq.inputs import VERIFY_ROWS, batch_capacity, synthetic
+
+    # a graph with a fixed batch size verifies on one batch of it (tools run it as is)
+    rows = VERIFY_ROWS if batch_capacity(g) is None else 1
+    feeds = synthetic(g, seed, rows=rows, seq_len=seq_len)
+    return feeds, describe(feeds, "synthetic", seed=seed)
+
+
+def _text_sample(tok: Any, kind: str, seq_len: int) -> tuple[dict[str, np.ndarray], dict]:
+    """The first ``seq_len`` tokens of the verification text (never the calibration text)."""
+    from rotaq import assets
+    from rotaq.inputs import VERIFY_TEXT
+
+    feeds = assets.sample_inputs(tok, kind, seq_len=seq_len, corpus=VERIFY_TEXT)
+    special = 2 if kind == assets.KIND_ENCODER and feeds["input_ids"][0, 0] == getattr(
+        tok, "cls_token_id", None) else 0
+    tokens = int(feeds["input_ids"].size) - special * len(feeds["input_ids"])
+    return feeds, describe(feeds, "text", text=VERIFY_TEXT, tokens=tokens)
+
+
+def _use_tokenizer(model: Model, tok_dir: str, seq_len: int) -> None:
+    """Real-text sample inputs from a Hugging Face tokenizer directory (``--tokenizer``)."""
+    from rotaq.inputs import input_specs, token_vocab
+
+    if not os.path.isdir(tok_dir):
+        raise LoadError(f"--tokenizer {tok_dir}: not a directory (give a Hugging Face tokenizer "
+                        "folder, with tokenizer.json or tokenizer_config.json)")
+    specs = input_specs(model.graph)
+    if "input_ids" not in specs:
+        raise LoadError(f"--tokenizer: the model has no input_ids input (its inputs: "
+                        f"{', '.join(specs)}); give its inputs with --inputs FILE.npz")
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(tok_dir)
+    except Exception as err:  # transformers raises OSError, ValueError, ...
+        raise LoadError(f"--tokenizer {tok_dir}: not a loadable tokenizer: "
+                        f"{str(err).splitlines()[0] if str(err) else type(err).__name__}"
+                        ) from err
+    kind = model.source.get("kind")
+    if kind not in ("causal-lm", "encoder"):
+        wrapped = getattr(tok, "cls_token_id", None) is not None and "attention_mask" in specs
+        kind = "encoder" if wrapped else "causal-lm"
+    fixed = specs["input_ids"][1][1:2]
+    if fixed and isinstance(fixed[0], int):
+        seq_len = fixed[0]
+    feeds, info = _text_sample(tok, kind, seq_len)
+    ids = feeds["input_ids"]
+    rows = token_vocab(model.graph)
+    if rows is not None and int(ids.max()) >= rows:
+        raise LoadError(f"--tokenizer {tok_dir}: token id {int(ids.max())} is outside the "
+                        f"model's embedding ({rows} rows): not this model's tokenizer")
+    feeds = model.token_feeds(ids)
+    feeds = {k: v for k, v in feeds.items() if k in specs}
+    missing = [k for k in specs if k not in feeds]
+    if missing:
+        raise LoadError(f"--tokenizer: cannot build input '{missing[0]}' from text; give the "
+                        "inputs with --inputs FILE.npz")
+    model.source.update(tokenizer=os.path.abspath(tok_dir), kind=kind)
+    info["shapes"] = {k: list(v.shape) for k, v in feeds.items()}
+    model.sample_inputs = feeds
+    model.inputs_info["verify"] = info

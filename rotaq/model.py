@@ -23,11 +23,16 @@ class Model:
 
     ``source`` records where it came from: ``name`` (builtin name or path), ``kind``
     (``causal-lm``, ``encoder`` or ``unknown``) and ``tokenizer`` (a directory, when known).
+    ``sample_inputs`` verify rewrites; ``calibration`` holds the user's calibration rows (when
+    given; else passes calibrate on text or synthetic inputs, never on ``sample_inputs``).
+    ``inputs_info`` describes both sets for reports (``verify``, ``calibration``).
     """
 
     graph: Any
     sample_inputs: dict[str, np.ndarray]
     source: dict[str, str] = field(default_factory=dict)
+    calibration: dict[str, np.ndarray] | None = None
+    inputs_info: dict[str, Any] = field(default_factory=dict)
 
     @property
     def ir(self) -> str:
@@ -37,7 +42,10 @@ class Model:
         return analyze(self.graph.view())
 
     def run(self, feeds: dict[str, np.ndarray] | None = None) -> list[np.ndarray]:
-        return self.graph.run(self.sample_inputs if feeds is None else feeds)
+        """Outputs on ``feeds`` (default: the sample inputs), batched to the graph's size."""
+        from rotaq.inputs import run
+
+        return run(self.graph, self.sample_inputs if feeds is None else feeds)
 
     def token_feeds(self, ids: np.ndarray) -> dict[str, np.ndarray]:
         """Feeds for token windows ``ids`` [batch, seq]: ids plus an all-ones attention mask and
@@ -51,7 +59,9 @@ class Model:
         return feeds
 
     def clone(self) -> Model:
-        return Model(self.graph.clone(), dict(self.sample_inputs), dict(self.source))
+        return Model(self.graph.clone(), dict(self.sample_inputs), dict(self.source),
+                     self.calibration,
+                     {k: list(v) if isinstance(v, list) else v for k, v in self.inputs_info.items()})
 
     def save(self, path: str, *, tokenizer: bool = True) -> list[str]:
         """Write ``path`` (.onnx or .pt2; atomically) and return the files written.
@@ -146,6 +156,26 @@ def max_rel_error(ref: list[np.ndarray], out: list[np.ndarray]) -> float:
         r64, o64 = np.asarray(r, np.float64), np.asarray(o, np.float64)
         if r64.shape != o64.shape:
             raise ValueError(f"output shape changed: {r64.shape} -> {o64.shape}")
-        scale = float(np.max(np.abs(r64))) or 1.0
-        worst = max(worst, float(np.max(np.abs(o64 - r64))) / scale)
+        # a value that is NaN / inf where the original is finite is an infinite error (a plain
+        # max() would drop NaN and let a broken rewrite pass); both non-finite at the same
+        # place (e.g. masked -inf logits) is no error
+        same = (r64 == o64) | (np.isnan(r64) & np.isnan(o64))
+        if np.any(~np.isfinite(o64) & ~same):
+            return float("inf")
+        fin = np.isfinite(r64)
+        scale = float(np.max(np.abs(r64[fin]), initial=0.0)) or 1.0
+        with np.errstate(invalid="ignore"):
+            diff = np.where(same, 0.0, np.abs(o64 - r64))
+        worst = max(worst, float(np.max(diff, initial=0.0)) / scale)
+    return worst
+
+
+def rel_rms_error(ref: list[np.ndarray], out: list[np.ndarray]) -> float:
+    """||out - ref|| / ||ref|| (Frobenius) per output tensor; the worst output counts. An average,
+    so steadier across input samples than :func:`max_rel_error` for lossy rewrites."""
+    worst = 0.0
+    for r, o in zip(ref, out):
+        r64, o64 = np.asarray(r, np.float64), np.asarray(o, np.float64)
+        scale = float(np.linalg.norm(r64)) or 1.0
+        worst = max(worst, float(np.linalg.norm(o64 - r64)) / scale)
     return worst

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm import tqdm
 
+from rotaq.inputs import chunks, rows_of
 from rotaq.model import Model
 
 
@@ -39,10 +40,31 @@ def feeds_for(model: Model, text: str, tokens: int, window: int) -> dict[str, np
     return calibration_feeds(model, text, tokens, window)
 
 
-def batches(feeds: dict[str, np.ndarray], batch: int):
-    n = next(iter(feeds.values())).shape[0]
+def batches(feeds: dict[str, np.ndarray], batch: int, model: Model | None = None):
+    """``feeds`` in pieces of ``batch`` rows (fewer if the model's graph has a fixed batch)."""
+    if model is not None:
+        yield from chunks(model.graph, feeds, batch)
+        return
+    n = rows_of(feeds)
     for i in range(0, n, batch):
         yield {k: v[i:i + batch] for k, v in feeds.items()}
+
+
+def capture(model: Model, feeds: dict[str, np.ndarray], values: list[str],
+            batch: int | None = None) -> dict[str, np.ndarray]:
+    """``model.graph.capture`` over all rows of ``feeds``, in batches the graph accepts
+    (captured values concatenated on their first axis)."""
+    parts = [model.graph.capture(p, values) for p in chunks(model.graph, feeds, batch)]
+    if len(parts) == 1:
+        return parts[0]
+    return {v: np.concatenate([p[v] for p in parts], axis=0) for v in parts[0]}
+
+
+def counts(feeds: dict[str, np.ndarray] | None, positions: int) -> dict[str, int]:
+    """What a pass reports about its calibration: samples fed and positions (tokens, frames,
+    rows) seen by a calibrated linear."""
+    return {"calibration_samples": rows_of(feeds) if feeds else 0,
+            "calibration_tokens": int(positions)}
 
 
 def input_stats(model: Model, values: list[str], feeds: dict[str, np.ndarray],
@@ -50,8 +72,8 @@ def input_stats(model: Model, values: list[str], feeds: dict[str, np.ndarray],
     """Gram matrix and mean |x| of each value over all tokens of ``feeds``."""
     out: dict[str, InputStats] = {}
     wanted = sorted(set(values))
-    n = next(iter(feeds.values())).shape[0]
-    for part in tqdm(list(batches(feeds, batch)), desc=desc, unit="batch", leave=False,
+    n = rows_of(feeds)
+    for part in tqdm(list(batches(feeds, batch, model)), desc=desc, unit="batch", leave=False,
                      disable=n <= batch):
         caught = model.graph.capture(part, wanted)
         for v in wanted:

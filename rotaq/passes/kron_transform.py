@@ -28,7 +28,7 @@ from rotaq.linalg.kron import near_square_split
 from rotaq.linalg.threads import single_threaded
 from rotaq.model import Model
 from rotaq.passes.base import PassResult, register, select_linears
-from rotaq.passes.calib import batches, feeds_for
+from rotaq.passes.calib import batches, counts, feeds_for
 from rotaq.rewriter.sites import Kronecker
 
 log = logging.getLogger(__name__)
@@ -99,7 +99,7 @@ class KronTransform:
             gains.append(t.loss_init / max(t.loss_final, 1e-300))
             done += 1
         stats = {"groups": len(groups), "transformed": done, "skipped": skipped,
-                 "calibration_tokens": int(np.asarray(feeds["input_ids"]).size),
+                 **counts(feeds, max((x.shape[0] for x in xs.values()), default=0)),
                  "loss_ratio_mean": float(np.mean(gains)) if gains else 1.0,
                  "loss_ratio_min": float(np.min(gains)) if gains else 1.0}
         return PassResult(model, done > 0, stats)
@@ -109,7 +109,7 @@ class KronTransform:
         """Inputs of every group on the float model (transforms are exact, so one capture
         serves every layer), as float32 [tokens, n]."""
         parts: dict[str, list[np.ndarray]] = {v: [] for v in values}
-        for part in batches(feeds, 2):
+        for part in batches(feeds, 2, model):
             caught = model.graph.capture(part, values)
             for v in values:
                 x = np.asarray(caught[v], np.float32)

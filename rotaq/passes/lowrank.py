@@ -30,7 +30,7 @@ from rotaq.linalg import lowrank as lr
 from rotaq.linalg.threads import single_threaded
 from rotaq.model import Model
 from rotaq.passes.base import PassResult, register, select_linears
-from rotaq.passes.calib import feeds_for, input_stats, linear_inputs
+from rotaq.passes.calib import counts, feeds_for, input_stats, linear_inputs
 from rotaq.rewriter.chain import lowrank_chain
 
 log = logging.getLogger(__name__)
@@ -80,11 +80,12 @@ class LowRank:
             raise RewriteError("lowrank: no linear matches the include/exclude filters")
         g = model.graph
         inputs = linear_inputs(model, keys)
-        stats = {}
+        stats, calib = {}, {}
         if self.method != "svd":
             feeds = feeds_for(model, self.calib_text, self.calib_tokens, self.calib_window)
             stats = input_stats(model, list(inputs.values()), feeds,
                                 gram=self.method == "whiten", desc="lowrank calibration")
+            calib = counts(feeds, max((s.count for s in stats.values()), default=0))
         weights = {k: g.get_linear(k) for k in keys}
 
         def transform_args(k: str) -> dict:
@@ -125,7 +126,7 @@ class LowRank:
                "params_removed_ratio": round(1.0 - after / dense, 4),
                "rank_min": min(chosen, default=0), "rank_max": max(chosen, default=0),
                "rel_error_mean": float(np.mean(errors)) if errors else 0.0,
-               "ranks": {a.linears[k].name or k: ranks[k] for k in keys}}
+               **calib, "ranks": {a.linears[k].name or k: ranks[k] for k in keys}}
         return PassResult(model, replaced > 0, out)
 
     def _ranks(self, keys: list[str], weights: dict, spectra: dict) -> dict[str, int | None]:

@@ -38,7 +38,7 @@ from rotaq.linalg.quant import (
 from rotaq.linalg.threads import single_threaded
 from rotaq.model import Model
 from rotaq.passes.base import PassResult, register, select_linears
-from rotaq.passes.calib import feeds_for, input_stats, linear_inputs
+from rotaq.passes.calib import capture, counts, feeds_for, input_stats, linear_inputs
 from rotaq.rewriter.analysis import Analysis
 from rotaq.rewriter.chain import lowrank_chain
 from rotaq.rewriter.sites import ActQuant
@@ -116,16 +116,20 @@ class Quantize:
         if needs_calib or eora:
             feeds = feeds_for(model, self.calib_text, self.calib_tokens, self.calib_window)
         grams: dict[str, np.ndarray] = {}
+        seen = 0  # positions (tokens, frames) a calibrated linear saw
         if eora and not needs_calib:  # one pass over the float model gives every Gram matrix
             ins = linear_inputs(model, keys)
             st = input_stats(model, list(ins.values()), feeds, desc="eora calibration")
             grams.update({k: st[v].gram for k, v in ins.items()})
+            seen = max((s.count for s in st.values()), default=0)
         errors: dict[str, float] = {}
         groups = self._blocks(a, keys)
         bar = tqdm(total=len(keys), desc=f"quantize ({self.method})", unit="linear",
                    disable=len(keys) < 8, leave=False)
         for group in groups:
             caught = self._capture(model, a, group, feeds) if needs_calib else {}
+            for x in caught.values():
+                seen = max(seen, int(np.prod(np.shape(x)[:-1])))
             for key in group:
                 errors[key] = self._quantize_one(model, a, key, caught, grams=grams)
                 bar.update(1)
@@ -139,7 +143,7 @@ class Quantize:
                  "method": self.method, "head_quantized": len(head),
                  "weight_rel_error_mean": float(lin_err.mean()),
                  "weight_rel_error_max": float(lin_err.max()),
-                 "calibration_tokens": int(feeds["input_ids"].size) if feeds else 0,
+                 **counts(feeds, seen),
                  "kv_quantized": kv}
         done = set(errors)
         stats["quantized"] = [a.linears[k].name or k for k in a.linears if k in done]
@@ -173,7 +177,7 @@ class Quantize:
     def _capture(self, model: Model, a: Analysis, group: list[str], feeds) -> dict:
         view = model.graph.view()
         values = sorted({view.by_key[k].inputs[0] for k in group})
-        return model.graph.capture(feeds, values)
+        return capture(model, feeds, values)
 
     def _act(self, x: np.ndarray | None) -> ActQuant | None:
         if not self.a_bits:

@@ -15,7 +15,7 @@ def llama():
     m, inputs = build("llama")
     model = rotaq.load(m, inputs)
     rng = np.random.default_rng(0)
-    model.sample_inputs = {"input_ids": rng.integers(0, 256, (4, 32))}  # calibration set
+    model.calibration = {"input_ids": rng.integers(0, 256, (4, 32))}  # calibration set
     heldout = {"input_ids": rng.integers(0, 256, (2, 32))}
     return model, heldout
 
@@ -61,7 +61,7 @@ def test_gptq_beats_rtn(llama):
     model, heldout = llama
     rtn = _q(model, w_bits=3, w_group=32, method="rtn").model
     gq = _q(model, w_bits=3, w_group=32, method="gptq").model
-    for feeds, factor in [(model.sample_inputs, 0.8), (heldout, 1.1)]:
+    for feeds, factor in [(model.calibration, 0.8), (heldout, 1.1)]:
         ref = model.run(feeds)
         e_rtn = max_rel_error(ref, rtn.run(feeds))
         e_gptq = max_rel_error(ref, gq.run(feeds))
