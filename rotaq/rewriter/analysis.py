@@ -179,7 +179,7 @@ def _upstream_linears(view: GraphView, value: str, limit: int = 64) -> list[str]
             if p.key not in found:
                 found.append(p.key)
             continue
-        if p.op in ("embedding", "sdpa", "softmax", "layer_norm", "rms_norm"):
+        if p.op in ("embedding", "sdpa", "gqa", "softmax", "layer_norm", "rms_norm"):
             continue
         todo.extend(i for i in p.inputs if i)
     return found
@@ -306,7 +306,28 @@ def _find_attention(view: GraphView, a: Analysis) -> list[AttentionSite]:
             site = _explicit_attention(view, a, n)
             if site is not None:
                 sites.append(site)
+        elif n.op == "gqa":
+            sites.append(_gqa_site(view, a, n))
     return sites
+
+
+def _gqa_site(view: GraphView, a: Analysis, n: GNode) -> AttentionSite:
+    """ORT's GroupQueryAttention: heads, KV heads and head size from the op (head size from
+    the packed q|k|v width, see ``onnx_contrib``); q/k/v projections above its inputs (one
+    fused projection when q, k and v come packed). No per-head Q/K point is exposed: RoPE, when
+    the op applies it (``do_rotary``), happens inside."""
+    p = n.params
+    q = n.inputs[0]
+    k, v = (q, q) if p.get("packed") else (n.inputs[1], n.inputs[2])
+    projs = [(lambda ls: ls[0] if len(ls) == 1 else None)(_upstream_linears(view, x))
+             for x in (q, k, v)]
+    heads, kv, hd = int(p["num_heads"]), int(p["num_kv_heads"]), int(p.get("head_dim") or 0)
+    if not hd and projs[0]:
+        hd = a.linears[projs[0]].out_features // ((heads + 2 * kv) if p.get("packed") else heads)
+    scope = view.by_key[projs[0]].scope.rsplit(".", 1)[0] if projs[0] else n.scope
+    return AttentionSite(n.key, scope, "gqa", heads, kv, hd, *projs,
+                         _downstream_linear(view, n.outputs[0]), "", "", q_consumer=n.key,
+                         k_consumer=n.key, v_value=v, v_consumer=n.key)
 
 
 def _explicit_attention(view: GraphView, a: Analysis, sm: GNode) -> AttentionSite | None:
