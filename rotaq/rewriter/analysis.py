@@ -22,7 +22,7 @@ from rotaq.rewriter.sites import (
     ResidualStream,
 )
 
-_META_OPS = ("_assert", "sym_size", "sym_numel", "guards")
+_META_OPS = ("_assert", "sym_size", "sym_numel", "guards", "Shape")  # read no values
 
 
 @dataclass
@@ -179,8 +179,8 @@ def _upstream_linears(view: GraphView, value: str, limit: int = 64) -> list[str]
             if p.key not in found:
                 found.append(p.key)
             continue
-        if p.op in ("embedding", "sdpa", "gqa", "softmax", "layer_norm", "rms_norm"):
-            continue
+        if p.op in ("embedding", "sdpa", "gqa", "softmax", "layer_norm", "rms_norm") or _is_meta(p):
+            continue  # a Shape (meta) output carries no values of what it reads
         todo.extend(i for i in p.inputs if i)
     return found
 
@@ -240,7 +240,7 @@ def _decomposed_rms(view: GraphView, mean: GNode) -> tuple[NormSite, set[str]] |
     nodes.add(r.key)
     if r.op == "sqrt":
         nxt = view.consumers.get(r.outputs[0], [])
-        if len(nxt) == 1 and nxt[0].op == "reciprocal":
+        if len(nxt) == 1 and (nxt[0].op == "reciprocal" or _one_over(nxt[0], r.outputs[0])):
             r = nxt[0]
             nodes.add(r.key)
             mode = "mul"
@@ -292,6 +292,12 @@ def _decomposed_rms(view: GraphView, mean: GNode) -> tuple[NormSite, set[str]] |
     key = view.producer[out].key
     site = NormSite(key, view.by_key[key].scope, "rms", dim, x, out, scale, None, False, offset)
     return site, nodes
+
+
+def _one_over(n: GNode, value: str) -> bool:
+    """``Div(1, value)``: a reciprocal as TorchScript exports ``torch.rsqrt`` (Optimum)."""
+    return (n.op == "div" and len(n.inputs) == 2 and n.inputs[1] == value
+            and n.inputs[0] != value and n.params.get("scalar") == 1.0)
 
 
 # ---- attention -------------------------------------------------------------------------------

@@ -116,22 +116,27 @@ def _session(path: Path) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
 
-def _feeds(ids: np.ndarray, past: dict[str, np.ndarray] | None, total: int) -> dict:
-    b = ids.shape[0]
-    feeds = {"input_ids": ids, "attention_mask": np.ones((b, total), np.int64)}
+def _feeds(sess: ort.InferenceSession, ids: np.ndarray, past: dict[str, np.ndarray] | None,
+           total: int) -> dict:
+    """Feeds for the inputs the graph declares (the builder's CPU graphs take no
+    position_ids)."""
+    b, seq = ids.shape
+    feeds = {"input_ids": ids, "attention_mask": np.ones((b, total), np.int64),
+             "position_ids": np.broadcast_to(np.arange(total - seq, total), (b, seq)).copy()}
     for i in range(LAYERS):
         for kv in ("key", "value"):
             feeds[f"past_key_values.{i}.{kv}"] = (
                 past[f"present.{i}.{kv}"] if past else np.zeros((b, KV, 0, HD), np.float32))
-    return feeds
+    names = {i.name for i in sess.get_inputs()}
+    return {k: v for k, v in feeds.items() if k in names}
 
 
 def _prefill_decode(sess: ort.InferenceSession, ids: np.ndarray) -> tuple[np.ndarray, ...]:
     """Logits of a prefill of ids[:, :-1] and of one decode step on ids[:, -1:] that reads the
     cache the prefill wrote; and that cache."""
     names = [o.name for o in sess.get_outputs()]
-    pre = dict(zip(names, sess.run(None, _feeds(ids[:, :-1], None, ids.shape[1] - 1))))
-    step = dict(zip(names, sess.run(None, _feeds(ids[:, -1:], pre, ids.shape[1]))))
+    pre = dict(zip(names, sess.run(None, _feeds(sess, ids[:, :-1], None, ids.shape[1] - 1))))
+    step = dict(zip(names, sess.run(None, _feeds(sess, ids[:, -1:], pre, ids.shape[1]))))
     return pre["logits"], step["logits"], pre["present.0.key"], pre["present.0.value"]
 
 
@@ -181,3 +186,71 @@ def test_quantize_fp32_builder_graph(built, recipe, bound):
     stats = res.report["passes"][-1]["stats"]
     assert stats["linears"] == LAYERS * 5
     assert 0 < res.report["max_rel_error"] <= bound
+
+
+# ---- an Optimum-style export: plain ONNX ops, TorchScript exporter, past/present as inputs/outputs
+class _WithCache(torch.nn.Module):
+    """``(input_ids, attention_mask, position_ids, *past) -> (logits, *present)``, the cache
+    passed as tensors and rebuilt as a DynamicCache inside, as Optimum's exports do."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, position_ids, *past):
+        cache = T.DynamicCache()
+        for i in range(LAYERS):
+            cache.update(past[2 * i], past[2 * i + 1], i)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask,
+                         position_ids=position_ids, past_key_values=cache, use_cache=True)
+        layers = out.past_key_values.layers
+        return (out.logits, *[t for lay in layers for t in (lay.keys, lay.values)])
+
+
+@pytest.fixture(scope="module")
+def optimum_style(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    cfg = T.LlamaConfig(hidden_size=HIDDEN, intermediate_size=INTER, num_hidden_layers=LAYERS,
+                        num_attention_heads=HEADS, num_key_value_heads=KV, vocab_size=VOCAB,
+                        max_position_embeddings=256, tie_word_embeddings=True)
+    m = T.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if "norm" in name:
+                p.copy_(0.5 + torch.rand(p.shape))
+    past_len, seq = 3, 4
+    past = [torch.randn(1, KV, past_len, HD) for _ in range(2 * LAYERS)]
+    args = (torch.randint(0, VOCAB, (1, seq)), torch.ones(1, past_len + seq, dtype=torch.long),
+            torch.arange(past_len, past_len + seq)[None], *past)
+    cache = [f"{i}.{kv}" for i in range(LAYERS) for kv in ("key", "value")]
+    ins = ["input_ids", "attention_mask", "position_ids", *(f"past_key_values.{c}" for c in cache)]
+    outs = ["logits", *(f"present.{c}" for c in cache)]
+    dyn = {"input_ids": {0: "batch", 1: "seq"}, "position_ids": {0: "batch", 1: "seq"},
+           "attention_mask": {0: "batch", 1: "total"}, "logits": {0: "batch", 1: "seq"}}
+    dyn.update({n: {0: "batch", 2: "past"} for n in ins[3:]})
+    dyn.update({n: {0: "batch", 2: "total"} for n in outs[1:]})
+    path = tmp_path_factory.mktemp("optimum") / "model.onnx"
+    torch.onnx.export(_WithCache(m), args, str(path), input_names=ins, output_names=outs,
+                      dynamic_axes=dyn, opset_version=17, dynamo=False)
+    return path
+
+
+def test_optimum_style_analysis_and_rotate(optimum_style, tmp_path):
+    a = rotaq.load(str(optimum_style)).analysis()
+    assert len(a.linears) == LAYERS * 7 + 1  # q, k, v, o, gate, up, down + head
+    assert len(a.attention) == LAYERS
+    for s in a.attention:  # the exporter's Div(1, Sqrt(.)) RMSNorm and Shape reads are matched
+        assert (s.num_heads, s.num_kv_heads, s.head_dim) == (HEADS, KV, HD)
+        assert None not in (s.q_proj, s.k_proj, s.v_proj, s.o_proj)
+    assert len(a.norms) == 2 * LAYERS + 1 and a.residual.pre_norm
+    assert len(a.residual.blocks) == 2 * LAYERS and a.residual.final_norm is not None
+    res = rotaq.optimize(str(optimum_style), "rotate")
+    assert res.report["passes"][0]["stats"]["ov_heads_rotated"] == LAYERS
+    assert res.report["max_rel_error"] <= 1e-4
+    out = tmp_path / "rot.onnx"
+    res.save(str(out))
+    ids = np.random.default_rng(4).integers(0, VOCAB, size=(2, 9)).astype(np.int64)
+    ref = _prefill_decode(_session(optimum_style), ids)
+    new = _prefill_decode(_session(out), ids)
+    assert _rel(ref[0], new[0]) <= 1e-4 and _rel(ref[1], new[1]) <= 1e-4
+    assert _rel(ref[3], new[3]) > 0.1  # the cache holds V rotated per head
