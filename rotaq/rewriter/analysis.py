@@ -325,8 +325,8 @@ def _gqa_site(view: GraphView, a: Analysis, n: GNode) -> AttentionSite:
     p = n.params
     q = n.inputs[0]
     k, v = (q, q) if p.get("packed") else (n.inputs[1], n.inputs[2])
-    projs = [(lambda ls: ls[0] if len(ls) == 1 else None)(_upstream_linears(view, x))
-             for x in (q, k, v)]
+    ups = [_upstream_linears(view, x) for x in (q, k, v)]
+    projs = [ls[0] if len(ls) == 1 else None for ls in ups]
     heads, kv, hd = int(p["num_heads"]), int(p["num_kv_heads"]), int(p.get("head_dim") or 0)
     if not hd and projs[0]:
         hd = a.linears[projs[0]].out_features // ((heads + 2 * kv) if p.get("packed") else heads)

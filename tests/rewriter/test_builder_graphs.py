@@ -12,14 +12,14 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import torch
+import transformers as T
 
-pytest.importorskip("onnxruntime_genai")
-torch = pytest.importorskip("torch")
-T = pytest.importorskip("transformers")
+import rotaq
+from rotaq.errors import RewriteError
+from rotaq.rewriter.onnx import OnnxGraph
 
-import rotaq  # noqa: E402
-from rotaq.errors import RewriteError  # noqa: E402
-from rotaq.rewriter.onnx import OnnxGraph  # noqa: E402
+pytest.importorskip("onnxruntime_genai")  # the rotaq[genai] extra: the model builder
 
 HEADS, KV, HD, LAYERS, HIDDEN, INTER, VOCAB = 4, 2, 16, 2, 64, 128, 512
 TOKENIZER = Path.home() / ".cache" / "rotaq" / "smollm2-135m-instruct-fp32"
