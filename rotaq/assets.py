@@ -601,3 +601,52 @@ def sample_inputs(
     if "token_type_ids" in (getattr(tokenizer, "model_input_names", None) or []):
         out["token_type_ids"] = np.zeros_like(input_ids)
     return out
+
+
+def builder_model_dir(name: str = "smollm2-135m", precision: str = "fp32",
+                      accuracy_level: int | None = None,
+                      hf_dir: str | os.PathLike | None = None) -> Path:
+    """The folder onnxruntime-genai's model builder writes for ``name`` (``model.onnx`` +
+    external data + ``genai_config.json`` + tokenizer), built once under
+    :func:`cache_dir` ``/builder/<name>-<precision>[-acc<N>]`` and reused; ``hf_dir`` overrides
+    the source folder (default: the builtin model's fp32 directory). Runs ``python -m
+    onnxruntime_genai.models.builder -e cpu`` offline in a temporary folder renamed into place
+    (a crash never leaves a half-built cache); ``accuracy_level`` (int4/int8) is passed as the
+    builder's ``accuracy_level`` extra option (its CPU default is 4)."""
+    import subprocess
+    import sys
+
+    if precision not in ("fp32", "fp16", "bf16", "int4", "int8"):
+        raise LoadError(f"builder precision must be fp32/fp16/bf16/int4/int8, not {precision!r}")
+    _require("onnxruntime_genai", "pip install onnxruntime-genai (or pip install rotaq[genai])")
+    src = Path(hf_dir) if hf_dir is not None else builtin_model_dir(name)
+    tag = f"{name}-{precision}" + (f"-acc{accuracy_level}" if accuracy_level is not None else "")
+    folder = cache_dir() / "builder"
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / tag
+    source = {"hf_dir": str(src), "precision": precision, "accuracy_level": accuracy_level}
+    if _read_marker(target) == source:
+        return target
+    with _file_lock(folder / f".{tag}.lock"):
+        if _read_marker(target) == source:
+            return target
+        tmp = Path(tempfile.mkdtemp(prefix=f".{tag}-", dir=folder))
+        try:
+            cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(src),
+                   "-o", str(tmp / "out"), "-p", precision, "-e", "cpu", "-c", str(tmp / "hf")]
+            if accuracy_level is not None:
+                cmd += ["--extra_options", f"accuracy_level={int(accuracy_level)}"]
+            env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+            logger.info("building %s with onnxruntime-genai's model builder", tag)
+            done = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True)
+            if done.returncode != 0 or not (tmp / "out" / "model.onnx").is_file():
+                tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+                raise LoadError(f"onnxruntime-genai's model builder failed on {src}: {tail[0]}")
+            (tmp / "out" / CACHE_MARKER).write_text(json.dumps(source, indent=1))
+            _make_readable(tmp / "out")
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(tmp / "out", target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target

@@ -52,12 +52,15 @@ def _jsonable(o: Any) -> Any:
 # ---- inspect --------------------------------------------------------------------------------
 def _print_inspect(d: dict[str, Any]) -> None:
     print(f"model: {d['model']}  ({d['ir']})")
-    print(f"linears: {d['num_linears']}")
+    quant = sum(1 for x in d["linears"] if x.get("quantized"))
+    print(f"linears: {d['num_linears']}" + (f" ({quant} already quantized)" if quant else ""))
     kinds: dict[str, int] = {}
     for n in d["norms"]:
         kinds[n["kind"]] = kinds.get(n["kind"], 0) + 1
+    skip = sum(1 for n in d["norms"] if n.get("residual_add"))
     print("norms: " + ", ".join(f"{v} {'RMSNorm' if k == 'rms' else 'LayerNorm'}"
-                                for k, v in kinds.items()))
+                                for k, v in kinds.items())
+          + (f" ({skip} with the residual add fused in)" if skip else ""))
     if d["attention"]:
         a0 = d["attention"][0]
         print(f"attention: {len(d['attention'])} sites ({a0['kind']}), {a0['num_heads']} heads, "

@@ -95,7 +95,17 @@ def synthetic(g: Any, seed: int, rows: int = 1, seq_len: int = 32) -> Feeds:
             feeds[name] = np.ones(shape, dtype)
         else:
             feeds[name] = rng.standard_normal(shape).astype(dtype)
-    return feeds
+    return _empty_cache(g, feeds)
+
+
+def _empty_cache(g: Any, feeds: Feeds) -> Feeds:
+    """A decoder with KV-cache inputs starts from an empty cache (see :mod:`rotaq.kv_feeds`)."""
+    from rotaq.kv_feeds import complete
+
+    try:
+        return complete(g, feeds, input_specs(g))
+    except ValueError as err:
+        raise LoadError(f"{err}; give the inputs with --inputs FILE.npz") from err
 
 
 def synthetic_calibration(g: Any, n_tokens: int, window: int, seed: int = CALIB_SEED) -> Feeds:

@@ -26,12 +26,15 @@ def inspect(model: Any) -> dict[str, Any]:
         "num_linears": len(a.linears),
         "linears": [{"key": s.key, "name": s.name, "in_features": s.in_features,
                      "out_features": s.out_features, "bias": s.has_bias,
-                     "weight_shared": s.weight_shared} for s in a.linears.values()],
+                     "weight_shared": s.weight_shared,
+                     "quantized": view.by_key[s.key].params.get("quantized")}
+                    for s in a.linears.values()],
         "attention": [{"key": s.key, "name": s.name, "kind": s.kind, "num_heads": s.num_heads,
                        "num_kv_heads": s.num_kv_heads, "head_dim": s.head_dim,
                        "q_proj": name(s.q_proj), "k_proj": name(s.k_proj),
                        "v_proj": name(s.v_proj), "o_proj": name(s.o_proj)} for s in a.attention],
-        "norms": [{"key": n.key, "name": n.name, "kind": n.kind, "dim": n.dim, "fused": n.fused}
+        "norms": [{"key": n.key, "name": n.name, "kind": n.kind, "dim": n.dim, "fused": n.fused,
+                   "residual_add": bool(view.by_key[n.key].params.get("skip"))}
                   for n in a.norms.values()],
         "embeddings": [{"key": e.key, "name": e.name, "num_embeddings": e.num_embeddings,
                         "dim": e.dim} for e in a.embeddings.values()],

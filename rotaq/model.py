@@ -56,6 +56,11 @@ class Model:
             feeds["attention_mask"] = np.ones_like(feeds["input_ids"])
         if "token_type_ids" in names:
             feeds["token_type_ids"] = np.zeros_like(feeds["input_ids"])
+        if any(n.startswith("past_key_values.") for n in names):  # a KV cache: start empty
+            from rotaq.inputs import input_specs
+            from rotaq.kv_feeds import complete
+
+            feeds = complete(self.graph, feeds, input_specs(self.graph))
         return feeds
 
     def clone(self) -> Model:

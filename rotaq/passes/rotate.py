@@ -145,6 +145,8 @@ class Rotate:
     def _residual(self, model: Model, a: Analysis) -> dict:
         g = model.graph
         res = a.residual
+        if self.rotate_qk:
+            _refuse_fused_rope(a)
         if a.experts:
             e = next(iter(a.experts.values()))
             raise RewriteError(f"rotate: mode=residual cannot fold a rotation into MoE experts "
@@ -200,6 +202,9 @@ class Rotate:
         ov = 0
         if self.rotate_ov:
             for site in a.attention:
+                if _rotate_packed_ov(w, site):
+                    ov += 1
+                    continue
                 if site.v_proj and site.o_proj and site.v_proj not in (site.q_proj, site.k_proj) \
                         and is_hadamard_size(site.head_dim):
                     h = normalized_hadamard(site.head_dim)
@@ -265,6 +270,8 @@ class Rotate:
     # ---- per-linear online rotation ---------------------------------------------------------
     def _online(self, model: Model, a: Analysis) -> dict:
         g = model.graph
+        if self.rotate_qk:
+            _refuse_fused_rope(a)
         head = set(a.residual.head)
         groups: dict[str, list[str]] = {}
         for key, lin in a.linears.items():
@@ -290,3 +297,46 @@ class Rotate:
         qk = self._online_qk(g, a) if self.rotate_qk else 0
         return {"linears_rotated": done, "online_hadamards": inserted,
                 "skipped": skipped, "qk_rotated": qk}
+
+
+def _rotate_packed_ov(w: _Weights, site) -> bool:
+    """V/O rotation through ORT's GroupQueryAttention fed one packed q|k|v projection: the
+    projection's rows are [q (heads x hd); k (kv x hd); v (kv x hd)], so the v rows take
+    ``W_v <- (I_kv (x) H)^T W_v`` and the o projection ``W_o <- W_o (I_heads (x) H)``; each
+    query head reads one KV group's V, so its output is rotated by the same H."""
+    hd = site.head_dim
+    if site.kind != "gqa" or not (site.q_proj and site.q_proj == site.k_proj == site.v_proj
+                                  and site.o_proj) or not is_hadamard_size(hd):
+        return False
+    wq, bq = w.get(site.v_proj)
+    lo = (site.num_heads + site.num_kv_heads) * hd
+    hi = lo + site.num_kv_heads * hd
+    if wq.shape[0] != hi:
+        return False
+    h = normalized_hadamard(hd)
+    hv = np.kron(np.eye(site.num_kv_heads), h)
+    wq = wq.copy()
+    wq[lo:hi] = hv.T @ wq[lo:hi]
+    if bq is not None:
+        bq = bq.copy()
+        bq[lo:hi] = bq[lo:hi] @ hv
+    wo, bo = w.get(site.o_proj)
+    w.put(site.v_proj, wq, bq)
+    w.put(site.o_proj, wo @ np.kron(np.eye(wo.shape[1] // hd), h), bo)
+    return True
+
+
+def _refuse_fused_rope(a: Analysis) -> None:
+    """rotate_qk needs q and k per head after RoPE; GroupQueryAttention keeps that inside."""
+    for site in a.attention:
+        if site.kind != "gqa":
+            continue
+        n = a.view.by_key[site.key]
+        why = ("applies RoPE inside the op (do_rotary=1), so no point after RoPE is exposed"
+               if n.params.get("do_rotary") else
+               "takes q and k as [batch, seq, heads x head_dim] inputs, where rotaq does not "
+               "insert the per-head rotation")
+        raise RewriteError(f"rotate: rotate_qk cannot rotate Q/K of GroupQueryAttention node "
+                           f"'{site.key}': it {why}; a rotation that commutes with RoPE for "
+                           "every position is itself a RoPE-style 2x2-block rotation, which does "
+                           "not spread outliers; use rotate_qk=false")

@@ -22,7 +22,7 @@ from rotaq.rewriter.sites import (
     ResidualStream,
 )
 
-_META_OPS = ("_assert", "sym_size", "sym_numel", "guards")
+_META_OPS = ("_assert", "sym_size", "sym_numel", "guards", "Shape")  # read no values
 
 
 @dataclass
@@ -179,8 +179,8 @@ def _upstream_linears(view: GraphView, value: str, limit: int = 64) -> list[str]
             if p.key not in found:
                 found.append(p.key)
             continue
-        if p.op in ("embedding", "sdpa", "softmax", "layer_norm", "rms_norm"):
-            continue
+        if p.op in ("embedding", "sdpa", "gqa", "softmax", "layer_norm", "rms_norm") or _is_meta(p):
+            continue  # a Shape (meta) output carries no values of what it reads
         todo.extend(i for i in p.inputs if i)
     return found
 
@@ -240,7 +240,7 @@ def _decomposed_rms(view: GraphView, mean: GNode) -> tuple[NormSite, set[str]] |
     nodes.add(r.key)
     if r.op == "sqrt":
         nxt = view.consumers.get(r.outputs[0], [])
-        if len(nxt) == 1 and nxt[0].op == "reciprocal":
+        if len(nxt) == 1 and (nxt[0].op == "reciprocal" or _one_over(nxt[0], r.outputs[0])):
             r = nxt[0]
             nodes.add(r.key)
             mode = "mul"
@@ -294,6 +294,12 @@ def _decomposed_rms(view: GraphView, mean: GNode) -> tuple[NormSite, set[str]] |
     return site, nodes
 
 
+def _one_over(n: GNode, value: str) -> bool:
+    """``Div(1, value)``: a reciprocal as TorchScript exports ``torch.rsqrt`` (Optimum)."""
+    return (n.op == "div" and len(n.inputs) == 2 and n.inputs[1] == value
+            and n.inputs[0] != value and n.params.get("scalar") == 1.0)
+
+
 # ---- attention -------------------------------------------------------------------------------
 def _find_attention(view: GraphView, a: Analysis) -> list[AttentionSite]:
     sites = []
@@ -306,7 +312,28 @@ def _find_attention(view: GraphView, a: Analysis) -> list[AttentionSite]:
             site = _explicit_attention(view, a, n)
             if site is not None:
                 sites.append(site)
+        elif n.op == "gqa":
+            sites.append(_gqa_site(view, a, n))
     return sites
+
+
+def _gqa_site(view: GraphView, a: Analysis, n: GNode) -> AttentionSite:
+    """ORT's GroupQueryAttention: heads, KV heads and head size from the op (head size from
+    the packed q|k|v width, see ``onnx_contrib``); q/k/v projections above its inputs (one
+    fused projection when q, k and v come packed). No per-head Q/K point is exposed: RoPE, when
+    the op applies it (``do_rotary``), happens inside."""
+    p = n.params
+    q = n.inputs[0]
+    k, v = (q, q) if p.get("packed") else (n.inputs[1], n.inputs[2])
+    ups = [_upstream_linears(view, x) for x in (q, k, v)]
+    projs = [ls[0] if len(ls) == 1 else None for ls in ups]
+    heads, kv, hd = int(p["num_heads"]), int(p["num_kv_heads"]), int(p.get("head_dim") or 0)
+    if not hd and projs[0]:
+        hd = a.linears[projs[0]].out_features // ((heads + 2 * kv) if p.get("packed") else heads)
+    scope = view.by_key[projs[0]].scope.rsplit(".", 1)[0] if projs[0] else n.scope
+    return AttentionSite(n.key, scope, "gqa", heads, kv, hd, *projs,
+                         _downstream_linear(view, n.outputs[0]), "", "", q_consumer=n.key,
+                         k_consumer=n.key, v_value=v, v_consumer=n.key)
 
 
 def _explicit_attention(view: GraphView, a: Analysis, sm: GNode) -> AttentionSite | None:

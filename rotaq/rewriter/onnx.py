@@ -40,6 +40,7 @@ import onnx
 import onnx_ir as oir
 
 from rotaq.errors import LoadError, RewriteError
+from rotaq.rewriter import onnx_contrib
 from rotaq.rewriter.onnx_run import not_implemented, ort_session
 from rotaq.rewriter.sites import GNode, GraphView, Kronecker
 
@@ -299,6 +300,7 @@ class OnnxGraph:
         for i, v in enumerate(values):
             if not v.name:
                 v.name = self._fresh(f"rotaq_v{i}")
+        onnx_contrib.prepare(self)
 
     def _infer_shapes(self) -> None:
         """Shape inference (data propagation, symbolic dims kept) when a node output has no
@@ -514,7 +516,8 @@ class OnnxGraph:
                 continue
             if self._const_cast(n.outputs[0]) is n:  # a stored weight cast up: a constant
                 continue
-            gnodes.append(self._gnode(n, linears.get(n.name)))
+            contrib = onnx_contrib.lift(self, n, _scope(n))
+            gnodes.extend(contrib or [self._gnode(n, linears.get(n.name))])
         shapes = {name: _dims(v, self._const(v)) for name, v in values.items()}
         return GraphView(gnodes, consts, shapes, self.input_names, self.output_names)
 
@@ -659,6 +662,7 @@ class OnnxGraph:
             self.view()
             lin = self._linears.get(key)
         if lin is None:
+            onnx_contrib.refuse_quantized(self, key)
             raise RewriteError(f"node {key!r} is not a linear")
         return lin
 
@@ -731,6 +735,7 @@ class OnnxGraph:
             raise RewriteError(f"set_const: use set_linear/set_embedding for node {node!r}")
         if op == "rms_norm" and index == 2:
             raise RewriteError(f"set_const: RMS norm {node!r} has no bias input")
+        index = onnx_contrib.node_input_index(n, index)  # skip norms: view input 1 = node 2
         n_inputs = 3 if op in ("layer_norm", "rms_norm") else len(n.inputs)
         if index < 0 or index >= max(n_inputs, len(n.inputs)):
             raise RewriteError(f"set_const: node {node!r} has no input {index}")
@@ -843,6 +848,7 @@ class OnnxGraph:
         g = self.view().by_key.get(key)
         if g is None or g.op != "embedding":
             raise RewriteError(f"node {key!r} is not an embedding")
+        onnx_contrib.refuse_quantized(self, key)
         return self._node(key)
 
     def set_embedding(self, key: str, table: np.ndarray) -> None:
