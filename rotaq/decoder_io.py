@@ -245,13 +245,14 @@ class CacheRunner:
     ``past`` holds the last presents (renamed to past inputs) and ``length`` the cached tokens.
     """
 
-    def __init__(self, path: str, threads: int | None = None, optimization: str = "all") -> None:
+    def __init__(self, path: str, threads: int | None = None, optimization: str = "all",
+                 session: Any = None) -> None:
         from rotaq.backends.ort import ort_session
 
         self.path = path
         self.spec = cache_spec(path)
         try:
-            self.session = ort_session(path, optimization, threads=threads)
+            self.session = session or ort_session(path, optimization, threads=threads)
         except Exception as err:
             msg = str(err).strip().splitlines()[0] if str(err).strip() else ""
             raise RotaqError(f"ONNX Runtime cannot load {path}: {type(err).__name__}: "
