@@ -150,13 +150,19 @@ def genai_config(spec: CacheSpec, cfg: dict[str, Any], share_buffer: bool,
     }
 
 
-def _uses_gqa(path: str) -> bool:
-    """True when the graph's attention is GroupQueryAttention (the model builder's graphs),
-    which can read and write one shared past/present buffer of the context length."""
+def _graph_facts(path: str) -> tuple[bool, int | None]:
+    """(uses GroupQueryAttention, the logits' vocabulary size when fixed). GQA (the model
+    builder's graphs) can read and write one shared past/present buffer of the context length."""
     import onnx
 
-    ops = {n.op_type for n in onnx.load(path, load_external_data=False).graph.node}
-    return "GroupQueryAttention" in ops
+    g = onnx.load(path, load_external_data=False).graph
+    gqa = any(n.op_type == "GroupQueryAttention" for n in g.node)
+    vocab = None
+    for o in g.output:
+        dims = o.type.tensor_type.shape.dim
+        if o.name == "logits" and dims and dims[-1].HasField("dim_value"):
+            vocab = int(dims[-1].dim_value)
+    return gqa, vocab
 
 
 # ---- writing --------------------------------------------------------------------------------
@@ -225,7 +231,11 @@ def write_genai_folder(model_or_onnx_path: Any, out_dir: str, tokenizer_dir: str
         model_path = os.path.join(tmp, MODEL_FILE)
         spec = _write_model(model_or_onnx_path, model_path)
         _set_metadata(model_path, spec)
-        conf = genai_config(spec, cfg, _uses_gqa(model_path), tokenizer_dir)
+        gqa, vocab = _graph_facts(model_path)
+        if vocab and cfg.get("vocab_size") not in (None, vocab):
+            raise RotaqError(f"config.json says vocab_size={cfg['vocab_size']} but the graph's "
+                             f"logits have {vocab}: the config belongs to another model")
+        conf = genai_config(spec, cfg, gqa, tokenizer_dir)
         with open(os.path.join(tmp, CONFIG_FILE), "w", encoding="utf-8") as f:
             json.dump(conf, f, indent=4)
         hf = {**cfg, "use_cache": True}
@@ -263,6 +273,7 @@ def check_decoder(model: Any, src: str, out_dir: str) -> None:
         raise RotaqError(f"{out_dir}: a folder output is a generation folder, which needs a "
                          f"decoder with a KV cache; {src} has no past_key_values inputs "
                          f"(inputs {model.graph.input_names[:4]}): write a .onnx file instead")
+    _config_source(model)  # a tokenizer and a config.json are known
 
 
 def _config_source(model: Any) -> tuple[str, str]:

@@ -253,20 +253,24 @@ def _run_genai(res: _Resolved, ids: list[int], tok: Any, max_new: int,
     eos = res.eos or _eos_ids(tok.eos_token_id)
     out = _Streamer(tok, stream)
     t0 = time.perf_counter()
-    gen.append_tokens(np.asarray(ids, np.int32))
     t1 = None
     stopped = "length"
-    while not gen.is_done():
-        gen.generate_next_token()
-        token = int(gen.get_next_tokens()[0])
-        if t1 is None:
-            t1 = time.perf_counter()
-        if token in eos:
-            stopped = "eos"
-            break
-        out.add(token)
-        if len(out.ids) >= max_new:
-            break
+    try:
+        gen.append_tokens(np.asarray(ids, np.int32))
+        while not gen.is_done():
+            gen.generate_next_token()
+            token = int(gen.get_next_tokens()[0])
+            if t1 is None:
+                t1 = time.perf_counter()
+            if token in eos:
+                stopped = "eos"
+                break
+            out.add(token)
+            if len(out.ids) >= max_new:
+                break
+    except RuntimeError as err:  # a folder whose model does not fit its genai_config.json
+        msg = " ".join(str(err).split())
+        raise RotaqError(f"onnxruntime-genai failed on {res.folder}: {msg[:300]}") from err
     t2 = time.perf_counter()
     t1 = t1 or t2
     return out.finish(), out.ids, t1 - t0, t2 - t1, stopped
