@@ -128,7 +128,12 @@ def _prompt_ids(tiny) -> list[int]:
 
 def _cli(args: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "rotaq.cli", *args], env=_ENV, cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=600, check=False)
+
+
+def _json(*parts: str) -> dict:
+    with open(os.path.join(*parts), encoding="utf-8") as f:
+        return json.load(f)
 
 
 # ---- the ORT loop ---------------------------------------------------------------------------
@@ -180,7 +185,7 @@ def test_cache_spec_sources(tiny, tmp_path):
 def test_sampling_is_seeded_and_top_k_1_is_greedy(tiny):
     from rotaq.generate import generate, sample_next
 
-    kw = dict(max_new_tokens=8, tokenizer=tiny["hf"])
+    kw = {"max_new_tokens": 8, "tokenizer": tiny["hf"]}
     a = generate(tiny["torch"], PROMPT, temperature=1.5, top_p=0.9, seed=3, **kw).tokens
     b = generate(tiny["torch"], PROMPT, temperature=1.5, top_p=0.9, seed=3, **kw).tokens
     greedy = generate(tiny["torch"], PROMPT, **kw).tokens
@@ -209,11 +214,11 @@ def test_genai_folder_contents_and_4_tokens(tiny, folder):
 
     from rotaq.generate import generate
 
-    conf = json.load(open(os.path.join(folder, "genai_config.json")))
+    conf = _json(folder, "genai_config.json")
     dec = conf["model"]["decoder"]
     assert (dec["num_hidden_layers"], dec["num_key_value_heads"], dec["head_size"],
             dec["num_attention_heads"], dec["hidden_size"]) == (2, 2, 16, 4, 64)
-    vocab = json.load(open(os.path.join(tiny["hf"], "config.json")))["vocab_size"]
+    vocab = _json(tiny["hf"], "config.json")["vocab_size"]
     assert conf["model"]["eos_token_id"] == 2 and conf["model"]["vocab_size"] == vocab
     assert conf["model"]["type"] == "llama" and conf["search"]["past_present_share_buffer"]
     assert "position_ids" not in dec["inputs"]
@@ -223,7 +228,7 @@ def test_genai_folder_contents_and_4_tokens(tiny, folder):
     assert locs == {"model.onnx.data"}  # relative
     meta = {p.key: p.value for p in proto.metadata_props}
     assert meta["rotaq.kv_cache"] == "1" and meta["rotaq.head_dim"] == "16"
-    assert json.load(open(os.path.join(folder, "config.json")))["use_cache"] is True
+    assert _json(folder, "config.json")["use_cache"] is True
     ours = generate(tiny["builder"], PROMPT, max_new_tokens=4, tokenizer=tiny["hf"]).tokens
     assert _genai_tokens(folder, _prompt_ids(tiny), 4) == ours
     assert generate(folder, PROMPT, max_new_tokens=4, backend="genai").tokens == ours
@@ -231,12 +236,12 @@ def test_genai_folder_contents_and_4_tokens(tiny, folder):
 
 def test_folder_from_torch_export(tiny, tmp_path):
     """A Concat-style graph with position_ids: no shared buffer, position_ids fed by genai."""
-    from rotaq.generate import generate
     from rotaq.genai import write_genai_folder
+    from rotaq.generate import generate
 
     out = str(tmp_path / "f")
     write_genai_folder(tiny["torch"], out, tiny["hf"])
-    conf = json.load(open(os.path.join(out, "genai_config.json")))
+    conf = _json(out, "genai_config.json")
     assert conf["model"]["decoder"]["inputs"]["position_ids"] == "position_ids"
     assert conf["search"]["past_present_share_buffer"] is False
     ours = generate(tiny["torch"], PROMPT, max_new_tokens=12, tokenizer=tiny["hf"]).tokens
@@ -252,7 +257,7 @@ def test_copied_folder_runs_example(tiny, folder, tmp_path):
     try:
         r = subprocess.run([sys.executable, "examples/genai_generate.py", str(copy), PROMPT,
                             "6"], cwd=ROOT, env=_ENV, capture_output=True, text=True,
-                           timeout=300)
+                           timeout=300, check=False)
     finally:
         os.rename(moved, folder)
     assert r.returncode == 0, r.stderr
@@ -275,7 +280,7 @@ def test_folder_target_refuses(tiny, tmp_path):
     assert (busy / "notes.txt").read_text() == "keep me"
     with pytest.raises(RotaqError, match="vocab_size=9 but the graph's logits have"):
         write_genai_folder(tiny["builder"], str(tmp_path / "x"), tiny["hf"],
-                           {**json.load(open(os.path.join(tiny["hf"], "config.json"))),
+                           {**_json(tiny["hf"], "config.json"),
                             "vocab_size": 9})
     assert not (tmp_path / "x").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["busy"]  # no temporary folder left
