@@ -404,3 +404,24 @@ def test_bench_decode_figures(tiny, no_cache_onnx):
     assert "decode ms/token" in r.stdout and "peak RSS" in r.stdout
     r = _cli(["bench", tiny["torch"], "--contexts", "0"])
     assert r.returncode == 2 and "--contexts expects positive integers" in r.stderr
+
+
+def test_decode_bench_pieces(tiny, folder, hf_model):
+    """benchmarks/decode_bench.py's measurements on the tiny folder."""
+    sys.path.insert(0, str(ROOT))
+    try:
+        from benchmarks.decode_bench import GenaiRunner, cpu_info, perplexity
+    finally:
+        sys.path.remove(str(ROOT))
+    from pathlib import Path as P
+
+    wins = np.random.default_rng(1).integers(3, 300, (2, 32))
+    with torch.no_grad():
+        logits = hf_model(torch.tensor(wins)).logits.double()
+    ref = float(torch.exp(torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), torch.tensor(wins[:, 1:]).reshape(-1))))
+    assert perplexity(P(folder), wins, 1) == pytest.approx(ref, rel=1e-5)
+    g = GenaiRunner(P(folder), 1)
+    ms = g.decode_ms(wins[0], 5)
+    assert len(ms) == 5 and min(ms) > 0 and g.prefill_ms(wins[0]) > 0
+    assert cpu_info()["cores"] >= 1
