@@ -37,11 +37,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 RECIPES = ("rotate", "w8a8-rotated", "w4a16-rotated", "w4a8-rotated")
-BUILDER = {  # row -> (precision, extra options)
-    "builder fp32": ("fp32", []),
-    "builder int4 (default)": ("int4", []),
-    "builder int4 (accuracy_level=4)": ("int4", ["int4_accuracy_level=4"]),
-    "builder int4 (accuracy_level=1)": ("int4", ["int4_accuracy_level=1"]),
+BUILDER = {  # row -> (precision, the builder's accuracy_level extra option)
+    "builder fp32": ("fp32", None),
+    "builder int4 (default)": ("int4", None),
+    "builder int4 (accuracy_level=4)": ("int4", 4),
+    "builder int4 (accuracy_level=1)": ("int4", 1),
 }
 _INT8_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8",
                "amx_bf16")
@@ -52,9 +52,7 @@ def cpu_info() -> dict[str, object]:
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             for line in f:
-                if line.startswith("model name") and model in ("?", ""):
-                    model = line.split(":", 1)[1].strip()
-                elif line.startswith("model name"):
+                if line.startswith("model name"):
                     model = line.split(":", 1)[1].strip()
                 elif line.startswith("flags"):
                     flags = set(line.split(":", 1)[1].split())
@@ -67,23 +65,21 @@ def cpu_info() -> dict[str, object]:
 
 # ---- folders --------------------------------------------------------------------------------
 def builder_folder(row: str, src: Path) -> Path:
-    """The model builder's output for ``row`` (cached under ~/.cache/rotaq/builder)."""
+    """The model builder's output for ``row``: ``rotaq.assets.builder_model_dir`` (cached under
+    ~/.cache/rotaq/builder) where this rotaq has it, else built here under
+    ~/.cache/rotaq/decode-bench/."""
     from rotaq import assets
 
-    prec, extra = BUILDER[row]
-    name = prec + "".join("-" + e.split("=")[1] for e in extra)
-    if hasattr(assets, "builder_model_dir"):  # added on another branch: prefer it when present
-        try:
-            return Path(assets.builder_model_dir("smollm2-135m", precision=prec,
-                                                 extra_options=extra))
-        except TypeError:
-            pass
-    out = assets.cache_dir() / "builder" / f"smollm2-135m-{name}"
+    prec, level = BUILDER[row]
+    if hasattr(assets, "builder_model_dir"):
+        return Path(assets.builder_model_dir("smollm2-135m", prec, accuracy_level=level))
+    tag = f"smollm2-135m-{prec}" + (f"-acc{level}" if level is not None else "")
+    out = assets.cache_dir() / "decode-bench" / f"builder-{tag}"
     if not (out / "genai_config.json").is_file():
         cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(src),
                "-o", str(out), "-p", prec, "-e", "cpu", "-c", str(out) + ".hf-cache"]
-        if extra:
-            cmd += ["--extra_options", *extra]
+        if level is not None:
+            cmd += ["--extra_options", f"accuracy_level={level}"]
         print(f"[decode] building {row}: {' '.join(cmd[1:])}", file=sys.stderr)
         subprocess.run(cmd, check=True, capture_output=True, env=_env())
     return out
@@ -243,11 +239,11 @@ def main() -> None:
             for c in contexts:
                 times[r].setdefault(str(c), []).extend(g.decode_ms(text_ids[:c], args.steps))
         print(f"[decode] round {k + 1}/{args.rounds} done", file=sys.stderr)
-    for r in rows:
+    for r, folder in rows.items():
         res[r]["prefill_ms"] = float(np.median(times[r]["prefill"][1:] or times[r]["prefill"]))
         for c in contexts:
             res[r][f"decode_{c}_tok_s"] = 1e3 / float(np.median(times[r][str(c)]))
-        res[r]["peak_rss_mib"] = peak_rss_mib(rows[r], text_ids[: max(contexts)], args.steps,
+        res[r]["peak_rss_mib"] = peak_rss_mib(folder, text_ids[: max(contexts)], args.steps,
                                               args.threads)
     write(args, res, notes, contexts)
 

@@ -12,7 +12,8 @@ from rotaq.errors import RotaqError
 from rotaq.progress import stage
 
 _MODEL_HELP = ("a built-in name (smollm2-135m, minilm-l6), a .onnx or .pt2 file, a Hugging "
-               "Face model directory, or a folder written by rotaq compile")
+               "Face model directory, a folder written by rotaq compile, or a generation "
+               "folder (genai_config.json)")
 _DEFAULT_TOKENS = {"ppl": 8192, "agreement": 2048}
 
 
@@ -72,7 +73,19 @@ def _print_eval(d: dict[str, Any]) -> None:
             print(f"  {x:.4f} (ref {y:.4f})  {a!r} ~ {b!r}")
 
 
+def _genai_folder(args: argparse.Namespace) -> None:
+    """A generation folder (genai_config.json) is evaluated / benchmarked as its model.onnx,
+    with the folder's own tokenizer."""
+    from rotaq.genai import MODEL_FILE, is_genai_folder
+
+    if is_genai_folder(args.model):
+        if getattr(args, "tokenizer", "-") is None:
+            args.tokenizer = args.model
+        args.model = os.path.join(args.model, MODEL_FILE)
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
+    _genai_folder(args)
     model = load_for_backend(args.model, args.backend)
     progress = sys.stderr.isatty()  # tqdm bars on a terminal; the stage lines always
     if args.task == "ppl":
@@ -147,6 +160,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from rotaq.cli_compile import check_artifact_backend
     from rotaq.eval.latency import bench
 
+    _genai_folder(args)
     tokens = _token_list(args.tokens)
     contexts = _token_list(args.contexts, "--contexts")
     backend = check_artifact_backend(args.model, args.backend) or args.backend or "ort"

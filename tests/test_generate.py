@@ -425,3 +425,13 @@ def test_decode_bench_pieces(tiny, folder, hf_model):
     ms = g.decode_ms(wins[0], 5)
     assert len(ms) == 5 and min(ms) > 0 and g.prefill_ms(wins[0]) > 0
     assert cpu_info()["cores"] >= 1
+
+
+def test_eval_cli_on_folder_equals_no_cache(tiny, folder, no_cache_onnx):
+    """`rotaq eval DIR` (a generation folder, its own tokenizer) = the no-cache graph's ppl."""
+    args = ["--tokens", "256", "--window", "64", "--json"]
+    a = _cli(["eval", folder, *args])
+    b = _cli(["eval", no_cache_onnx, "--tokenizer", tiny["hf"], *args])
+    assert a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr
+    pa, pb = json.loads(a.stdout)["ppl"], json.loads(b.stdout)["ppl"]
+    assert pa == pytest.approx(pb, rel=1e-5) and json.loads(a.stdout)["windows"] == 4
