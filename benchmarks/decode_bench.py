@@ -74,6 +74,9 @@ def builder_folder(row: str, src: Path) -> Path:
     if hasattr(assets, "builder_model_dir"):
         return Path(assets.builder_model_dir("smollm2-135m", prec, accuracy_level=level))
     tag = f"smollm2-135m-{prec}" + (f"-acc{level}" if level is not None else "")
+    shared = assets.cache_dir() / "builder" / tag  # builder_model_dir's cache, when complete
+    if (shared / assets.CACHE_MARKER).is_file() and (shared / "genai_config.json").is_file():
+        return shared
     out = assets.cache_dir() / "decode-bench" / f"builder-{tag}"
     if not (out / "genai_config.json").is_file():
         cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(src),
