@@ -163,19 +163,22 @@ class GenaiRunner:
         return out
 
 
+# VmHWM (peak RSS of this address space), not ru_maxrss: Linux carries ru_maxrss over exec, so
+# a child would report the parent's peak
 _RSS_CHILD = """
-import json, resource, sys, numpy as np
+import json, sys, numpy as np
 sys.path.insert(0, sys.argv[1])
 from benchmarks.decode_bench import GenaiRunner
 r = GenaiRunner(__import__('pathlib').Path(sys.argv[2]), int(sys.argv[3]))
 ids = np.array(json.loads(sys.argv[4]), np.int64)
 r.decode_ms(ids, int(sys.argv[5]))
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+print(next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM:')))
 """
 
 
 def peak_rss_mib(folder: Path, ids: np.ndarray, steps: int, threads: int) -> float:
-    """Peak RSS of a fresh process that loads ``folder`` in genai and decodes after ``ids``."""
+    """Peak RSS of a fresh process that loads ``folder`` in genai and decodes after ``ids``
+    (python, numpy and onnxruntime-genai themselves included)."""
     r = subprocess.run([sys.executable, "-c", _RSS_CHILD, str(ROOT), str(folder), str(threads),
                         json.dumps(ids.tolist()), str(steps)], capture_output=True, text=True,
                        env=_env(), check=True)
@@ -197,6 +200,10 @@ def main() -> None:
     ap.add_argument("--ppl-tokens", type=int, default=8192)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("-o", "--output", default=str(ROOT / "benchmarks/results/decode.md"))
+    ap.add_argument("--reuse-ppl", action="store_true",
+                    help="take the perplexities from the previous run's .json (same folder, "
+                         "same --ppl-tokens) instead of recomputing them")
+    ap.add_argument("--note", default="", help="a note printed below the table")
     ap.add_argument("--partial", default="",
                     help="a note printed at the top of the table (e.g. which rows are missing)")
     args = ap.parse_args()
@@ -229,9 +236,15 @@ def main() -> None:
     text_ids = np.asarray(assets.token_windows(tok, "wiki", 2048, 2048)[0], np.int64)
     res: dict[str, dict] = {r: {"folder": str(p), "size_mib": folder_size(p) / 2**20}
                             for r, p in rows.items()}
+    old = {}
+    prev = Path(args.output).with_suffix(".json")
+    if args.reuse_ppl and prev.is_file():
+        data = json.loads(prev.read_text(encoding="utf-8"))
+        if data.get("ppl_tokens") == args.ppl_tokens:
+            old = {d["folder"]: d["ppl"] for d in data["rows"].values()}
     for r, p in rows.items():
         t0 = time.perf_counter()
-        res[r]["ppl"] = perplexity(p, wins, args.threads)
+        res[r]["ppl"] = old.get(str(p)) or perplexity(p, wins, args.threads)
         print(f"[decode] {r}: ppl {res[r]['ppl']:.2f} ({time.perf_counter() - t0:.0f} s)",
               file=sys.stderr)
     runners = {r: GenaiRunner(p, args.threads) for r, p in rows.items()}
@@ -292,9 +305,17 @@ def write(args: argparse.Namespace, res: dict, notes: dict, contexts: list[int])
     for r, why in notes.items():
         lines.append(f"| {r} | {why} |" + " |" * (len(cols) + 1))
     lines.append("\n(prefill ratio: fp32 time / row time, so > 1 is faster.)")
+    if {"builder int4 (default)", "builder int4 (accuracy_level=4)"} <= set(res):
+        lines.append("\nonnxruntime-genai's builder defaults to accuracy_level 4 on CPU, so the "
+                     "int4 (default) and int4 (accuracy_level=4) rows are the same graph "
+                     "(MatMulNBits, blocks of 32, int8 activations): their difference is this "
+                     "run's timing noise.")
+    if args.note:
+        lines.append("\n" + args.note)
     Path(args.output).write_text("\n".join(lines) + "\n", encoding="utf-8")
     Path(args.output).with_suffix(".json").write_text(json.dumps(
-        {"cpu": cpu, "rows": res, "missing": notes,
+        {"cpu": cpu, "rows": res, "missing": notes, "ppl_tokens": args.ppl_tokens,
+         "rounds": args.rounds, "steps": args.steps, "threads": args.threads,
          "max_rss_main_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024},
         indent=2), encoding="utf-8")
     print("\n".join(lines))

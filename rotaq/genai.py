@@ -265,9 +265,10 @@ def check_decoder(model: Any, src: str, out_dir: str) -> None:
     """Before any pass runs: ``out_dir`` is a usable folder target and ``model`` has a cache."""
     from rotaq.decoder_io import has_cache
 
-    if os.path.exists(src) and os.path.abspath(src.rstrip("/" + os.sep)) == \
-            os.path.abspath(out_dir.rstrip("/" + os.sep)):
-        raise RotaqError(f"{out_dir}: refusing to overwrite the input model")
+    out = os.path.abspath(out_dir.rstrip("/" + os.sep))
+    if os.path.exists(src) and os.path.commonpath([out, os.path.abspath(src)]) == out:
+        raise RotaqError(f"{out_dir}: refusing to overwrite the input model (it is in that "
+                         "folder)")
     _check_target(os.path.abspath(out_dir))
     if not has_cache(model.graph.input_names):
         raise RotaqError(f"{out_dir}: a folder output is a generation folder, which needs a "
