@@ -12,6 +12,7 @@ then a draw from softmax(logits / temperature)), reproducible with ``seed``.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -80,8 +81,6 @@ def _eos_ids(*sources: Any) -> list[int]:
 
 
 def _folder_eos(folder: str) -> list[int]:
-    import json
-
     with open(os.path.join(folder, "genai_config.json"), encoding="utf-8") as f:
         conf = json.load(f)
     return _eos_ids(conf.get("model", {}).get("eos_token_id"))
@@ -93,8 +92,6 @@ def resolve_model(src: str, tokenizer: str | None = None) -> _Resolved:
     from rotaq.genai import MODEL_FILE, is_genai_folder
 
     if is_genai_folder(src):
-        import json
-
         with open(os.path.join(src, "genai_config.json"), encoding="utf-8") as f:
             fname = json.load(f).get("model", {}).get("decoder", {}).get("filename", MODEL_FILE)
         return _Resolved(os.path.join(src, fname), tokenizer or src, src, _folder_eos(src))
@@ -232,7 +229,8 @@ def _run_ort(res: _Resolved, ids: list[int], tok: Any, max_new: int, sampling: d
 
 
 def _run_genai(res: _Resolved, ids: list[int], tok: Any, max_new: int,
-               sampling: dict[str, Any], seed: int | None, stream: Any) -> tuple:
+               sampling: dict[str, Any], seed: int | None, stream: Any,
+               threads: int | None) -> tuple:
     from rotaq.genai import import_genai
 
     og = import_genai()
@@ -240,7 +238,11 @@ def _run_genai(res: _Resolved, ids: list[int], tok: Any, max_new: int,
         raise RotaqError("--backend genai runs a generation folder (with genai_config.json): "
                          "write one with `rotaq optimize MODEL --recipe R -o DIR/`")
     try:
-        model = og.Model(res.folder)
+        config = og.Config(res.folder)
+        if threads:
+            config.overlay(json.dumps({"model": {"decoder": {"session_options": {
+                "intra_op_num_threads": int(threads)}}}}))
+        model = og.Model(config)
     except Exception as err:
         raise RotaqError(f"onnxruntime-genai cannot load {res.folder}: {err}") from err
     params = og.GeneratorParams(model)
@@ -303,7 +305,7 @@ def generate(model: str, prompt: str, max_new_tokens: int = 64, backend: str = "
                                                     seed, stream, threads)
         else:
             text, new, pre, dec, stopped = _run_genai(res, ids, tok, max_new_tokens, sampling,
-                                                      seed, stream)
+                                                      seed, stream, threads)
     finally:
         if res.tmp is not None:
             res.tmp.cleanup()
