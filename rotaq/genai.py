@@ -47,8 +47,11 @@ def import_genai() -> Any:
 
 
 def is_folder_target(out: str) -> bool:
-    """``-o DIR/`` (a trailing separator) or an existing directory names a folder target."""
-    return out.endswith(("/", os.sep)) or os.path.isdir(out)
+    """``-o DIR/`` (a trailing separator) or an existing directory names a folder target (one
+    named like a file, ``x.onnx``, is still refused as a directory where a file should go)."""
+    if out.endswith(("/", os.sep)):
+        return True
+    return os.path.isdir(out) and not out.lower().endswith((".onnx", ".pt2"))
 
 
 def is_genai_folder(path: str) -> bool:
@@ -279,7 +282,8 @@ def check_decoder(model: Any, src: str, out_dir: str) -> None:
                          "folder)")
     _check_target(os.path.abspath(out_dir))
     if not has_cache(model.graph.input_names):
-        raise RotaqError(f"{out_dir}: a folder output is a generation folder, which needs a "
+        what = "is a directory; " if not out_dir.endswith(("/", os.sep)) else ""
+        raise RotaqError(f"{out_dir}: {what}a folder output is a generation folder, which needs a "
                          f"decoder with a KV cache; {src} has no past_key_values inputs "
                          f"(inputs {model.graph.input_names[:4]}): write a .onnx file instead")
     _config_source(model)  # a tokenizer and a config.json are known

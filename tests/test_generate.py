@@ -372,6 +372,10 @@ def test_optimize_to_folder(tiny, no_cache_onnx, tmp_path):
     r = _cli(["optimize", no_cache_onnx, "--recipe", "w8a8", "-o", str(tmp_path / "n") + "/"])
     assert r.returncode == 2 and "needs a decoder with a KV cache" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "n").exists()
+    (tmp_path / "plain").mkdir()  # an existing folder (no trailing slash) is a folder target
+    r = _cli(["optimize", no_cache_onnx, "--recipe", "w8a8", "-o", str(tmp_path / "plain")])
+    assert r.returncode == 2 and "is a directory; a folder output is a generation" in r.stderr
+    assert not any((tmp_path / "plain").iterdir())
 
 
 # ---- eval and bench -------------------------------------------------------------------------
