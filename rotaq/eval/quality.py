@@ -6,6 +6,8 @@
   embeddings (mean pooling over the attention mask, L2 normalized), plus pair similarities;
 - ``agreement``: top-1 next-token agreement and the max relative logit error to a reference.
 
+A decoder with a KV cache (``past_key_values.*`` inputs) is fed an empty past per window.
+
 Every loss and error is computed in float64 from the model's first output. The ``*_from_*``
 functions take token ids directly (no tokenizer), for synthetic models and tests.
 """
@@ -81,8 +83,26 @@ def _check_kind(model: Model, want: str, task: str) -> None:
                          f"is a {kind}")
 
 
+_SPECS: dict[int, tuple[Any, Any]] = {}  # id(graph) -> (graph, its CacheSpec)
+
+
+def token_feeds(model: Model, ids: np.ndarray) -> dict[str, np.ndarray]:
+    """``model.token_feeds(ids)``; for a graph with a KV cache, every window starts from an
+    empty past (so the logits equal those of the same model without a cache)."""
+    from rotaq.decoder_io import cache_spec_of_model, has_cache
+
+    if not has_cache(model.graph.input_names):
+        return model.token_feeds(ids)
+    graph, spec = _SPECS.get(id(model.graph), (None, None))
+    if graph is not model.graph:
+        spec = cache_spec_of_model(model)
+        _SPECS.clear()
+        _SPECS[id(model.graph)] = (model.graph, spec)
+    return spec.feeds(np.asarray(ids, np.int64))
+
+
 def _logits(model: Model, ids: np.ndarray) -> np.ndarray:
-    out = np.asarray(model.graph.run(model.token_feeds(ids))[0])
+    out = np.asarray(model.graph.run(token_feeds(model, ids))[0])
     if out.ndim != 3 or out.shape[:2] != ids.shape:
         raise RotaqError(f"expected logits [batch, seq, vocab] as the first output, got shape "
                          f"{tuple(out.shape)} for input {tuple(ids.shape)}")
