@@ -29,75 +29,29 @@ import numpy as np
 HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
-def _session(path: str):
-    import onnxruntime as ort
-
-    if os.path.isdir(path):
-        path = os.path.join(path, "model.onnx")
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 2
-    return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
-
-
-def _genai_config(path: str) -> dict:
-    """The decoder section of genai_config.json beside the model (the builder leaves the head
-    size symbolic in its graph), or {}."""
-    folder = path if os.path.isdir(path) else os.path.dirname(path)
-    try:
-        with open(os.path.join(folder, "genai_config.json")) as f:
-            return json.load(f)["model"]["decoder"]
-    except (OSError, KeyError, ValueError):
-        return {}
-
-
-class CacheRunner:
-    """Feeds a cache graph: empty pasts for a full forward, presents back for a decode step."""
+class Greedy:
+    """Greedy decoding and full forwards over one cache graph (rotaq.decoder_io.CacheRunner)."""
 
     def __init__(self, path: str):
-        self.sess = _session(path)
-        self.config = _genai_config(path)
-        self.inputs = {i.name: i for i in self.sess.get_inputs()}
-        self.outputs = [o.name for o in self.sess.get_outputs()]
-        self.past = [n for n in self.inputs if n.startswith("past_key_values.")]
-        if not self.past:
-            raise SystemExit(f"{path}: the graph has no past_key_values.* inputs (no KV cache)")
-        self.dtype = {n: np.float16 if "float16" in self.inputs[n].type else np.float32
-                      for n in self.past}
+        from rotaq.decoder_io import CacheRunner
 
-    def _empty(self, name: str) -> np.ndarray:
-        shape = self.inputs[name].shape  # [batch, kv_heads, past, head_dim]
-        heads = shape[1] if isinstance(shape[1], int) else self.config["num_key_value_heads"]
-        size = shape[3] if isinstance(shape[3], int) else self.config["head_size"]
-        return np.zeros((1, heads, 0, size), self.dtype[name])
-
-    def run(self, ids: list[int], start: int, past: dict[str, np.ndarray] | None):
-        """Logits for ``ids`` at positions start.. and the new pasts."""
-        n = len(ids)
-        feeds = {"input_ids": np.asarray([ids], np.int64),
-                 "attention_mask": np.ones((1, start + n), np.int64)}
-        if "position_ids" in self.inputs:
-            feeds["position_ids"] = np.arange(start, start + n, dtype=np.int64)[None]
-        for name in self.past:
-            feeds[name] = past[name] if past is not None else self._empty(name)
-        out = dict(zip(self.outputs, self.sess.run(None, feeds)))
-        new_past = {p: out[p.replace("past_key_values.", "present.")] for p in self.past}
-        return out["logits"][0], new_past
+        self.runner = CacheRunner(path if path.endswith(".onnx")
+                                  else os.path.join(path, "model.onnx"), threads=2)
 
     def greedy(self, prompt: list[int], n_new: int) -> tuple[list[int], float, float]:
         t0 = time.perf_counter()
-        logits, past = self.run(prompt, 0, None)
+        logits = self.runner.prefill(np.asarray([prompt]))
         t_prefill = time.perf_counter() - t0
-        tokens = [int(logits[-1].argmax())]
+        tokens = [int(logits[0, -1].argmax())]
         t0 = time.perf_counter()
         for _ in range(n_new - 1):
-            logits, past = self.run(tokens[-1:], len(prompt) + len(tokens) - 1, past)
-            tokens.append(int(logits[-1].argmax()))
+            logits = self.runner.run(np.asarray([tokens[-1:]]))
+            tokens.append(int(logits[0, -1].argmax()))
         return tokens, t_prefill, time.perf_counter() - t0
 
     def full_argmax(self, ids: list[int]) -> np.ndarray:
         """The argmax at every position of a full forward of ``ids`` (empty past)."""
-        logits, _ = self.run(ids, 0, None)
-        return logits.argmax(-1)
+        return self.runner.prefill(np.asarray([ids]))[0].argmax(-1)
 
 
 def _prompts(n: int, length: int) -> list[list[int]]:
@@ -144,7 +98,7 @@ def main() -> None:
     rows, ref_tokens = [], None
     for spec in args.model:
         label, path = spec.split("=", 1)
-        runner = CacheRunner(path)
+        runner = Greedy(path)
         gen, self_ok, fp32_ok, prefix, t_pre, t_dec = [], 0, 0, [], 0.0, 0.0
         for p in prompts:
             toks, a, b = runner.greedy(p, args.new_tokens)
