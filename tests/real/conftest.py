@@ -27,3 +27,27 @@ def minilm():
 @pytest.fixture(scope="session")
 def minilm_onnx():
     return rotaq.load("minilm-l6", ir="onnx")
+
+
+@pytest.fixture
+def loaded_by_cli(monkeypatch, request):
+    """Hand the CLI the session's captured built-ins instead of loading them again (a SmolLM2
+    load reads a 540 MB program, tens of seconds). Only a call identical to the fixture's own
+    (the name, that IR, no input options) is served from it; every other load (the written
+    file, ...) goes to ``rotaq.load``. Returns the calls served, for the test to check."""
+    real = rotaq.load
+    fixtures = {("smollm2-135m", "fx"): "smollm2", ("smollm2-135m", "onnx"): "smollm2_onnx",
+                ("minilm-l6", "fx"): "minilm", ("minilm-l6", "onnx"): "minilm_onnx"}
+    served = []
+
+    def load(src, example_inputs=None, **kw):
+        key = (src, kw.get("ir", "fx"))
+        plain = example_inputs is None and not any(kw.get(k) for k in (
+            "inputs", "verify_inputs", "tokenizer")) and kw.get("seq_len", 32) == 32
+        if isinstance(src, str) and key in fixtures and plain:
+            served.append(key)
+            return request.getfixturevalue(fixtures[key])
+        return real(src, example_inputs, **kw)
+
+    monkeypatch.setattr(rotaq, "load", load)
+    return served

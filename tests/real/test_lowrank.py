@@ -20,7 +20,7 @@ TOKENS, WINDOW = 1024, 512
 
 @pytest.mark.parametrize("recipe,bound", [("lowrank-20", 0.6), ("monarch", 0.05),
                                           ("lowrank-w4a16", 0.95), ("kron-w4a4", 0.8)])
-def test_minilm_recipes_cli(recipe, bound, minilm_onnx, tmp_path, capsys):
+def test_minilm_recipes_cli(recipe, bound, minilm_onnx, tmp_path, capsys, loaded_by_cli):
     """`rotaq optimize minilm-l6 --recipe R -o out.onnx` writes a model stock ORT runs; its
     sentence embeddings keep a minimum cosine to fp32, set below what was measured (lowrank-20
     0.69, monarch 0.16, lowrank-w4a16 0.97, kron-w4a4 with RTN 0.89): a 384-wide encoder loses a
@@ -33,6 +33,7 @@ def test_minilm_recipes_cli(recipe, bound, minilm_onnx, tmp_path, capsys):
                  *sets]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["output"] == str(out)
+    assert loaded_by_cli == [("minilm-l6", "onnx")]  # lossy recipe to .onnx: the ONNX form
     sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     assert sess.get_outputs()
     model = rotaq.load(str(out))

@@ -18,8 +18,11 @@ def _rel(ref: list, out: list) -> float:
 
 
 def _check(original: str, src: str, out: str) -> dict:
-    rep = rotaq.optimize(src, "rotate").save(out)
-    feeds = rotaq.load(src).sample_inputs  # real text: the tokenizer is named in the metadata
+    res = rotaq.optimize(src, "rotate")
+    rep = res.save(out)
+    # the inputs optimize loaded from src (real text: the tokenizer is named in the metadata)
+    feeds = res.model.sample_inputs
+    assert rep["verify_inputs"]["source"] == "text"
 
     def run(p: str) -> list:
         return ort.InferenceSession(p, providers=["CPUExecutionProvider"]).run(None, feeds)

@@ -24,6 +24,13 @@ def _check_inspect(d):
     assert len(head) == 1 and head[0]["weight_shared"]  # lm_head tied to the embedding
 
 
+@pytest.fixture(scope="module")
+def rotated(smollm2):
+    """One `rotate` rewrite of the captured SmolLM2 (verified in torch), shared by the tests
+    that save it and measure its activations."""
+    return rotaq.optimize(smollm2, "rotate")
+
+
 def test_inspect_fx(smollm2):
     _check_inspect(rotaq.inspect(smollm2))
 
@@ -32,7 +39,8 @@ def test_inspect_onnx(smollm2_onnx):
     _check_inspect(rotaq.inspect(smollm2_onnx))
 
 
-def test_rotate_onnx_cli(tmp_path, capsys):
+def test_rotate_onnx_cli(tmp_path, capsys, loaded_by_cli):
+    """The CLI rotates the torch capture (exact recipe) and writes ONNX, verified in ORT."""
     out = tmp_path / "rot.onnx"
     assert main(["optimize", "smollm2-135m", "--recipe", "rotate", "-o", str(out), "--json"]) == 0
     rep = json.loads(capsys.readouterr().out)
@@ -43,11 +51,12 @@ def test_rotate_onnx_cli(tmp_path, capsys):
     st = rep["passes"][0]["stats"]
     assert st["norms_folded"] == 61 and st["online_hadamards"] == 30 and st["ov_heads_rotated"] == 30
     assert out.exists()
+    assert loaded_by_cli == [("smollm2-135m", "fx")]  # the session's capture, as the CLI asked
 
 
-def test_rotate_pt2_and_onnx_ir(tmp_path, smollm2_onnx):
-    res = rotaq.optimize("smollm2-135m", "rotate")
-    rep = res.save(str(tmp_path / "rot.pt2"))
+def test_rotate_pt2_and_onnx_ir(tmp_path, rotated, smollm2_onnx):
+    assert rotated.report["verify"]["rewrite"]["max_rel_error"] <= 1e-4
+    rep = rotated.save(str(tmp_path / "rot.pt2"))
     assert rep["verify"]["written"]["max_rel_error"] <= 1e-4
     # the same recipe applied directly on the ONNX graph, run in ORT
     res2 = rotaq.optimize(smollm2_onnx, "rotate", options={"rotate_qk": True})
@@ -55,11 +64,10 @@ def test_rotate_pt2_and_onnx_ir(tmp_path, smollm2_onnx):
     assert res2.report["passes"][0]["stats"]["qk_rotated"] == 30
 
 
-def test_outliers_drop(smollm2):
+def test_outliers_drop(smollm2, rotated):
     feeds = calibration_feeds(smollm2, "lee", 256, 128)
     before = activation_stats(smollm2, feeds)
-    rotated = rotaq.optimize(smollm2, "rotate").model
-    after = activation_stats(rotated, feeds)
+    after = activation_stats(rotated.model, feeds)
     a = smollm2.analysis()
     qkv = {s.q_proj for s in a.attention}
     o_projs = {s.o_proj for s in a.attention}
