@@ -95,6 +95,10 @@ def synthetic(g: Any, seed: int, rows: int = 1, seq_len: int = 32) -> Feeds:
             feeds[name] = np.ones(shape, dtype)
         else:
             feeds[name] = rng.standard_normal(shape).astype(dtype)
+    from rotaq.rewriter.kv_capture import is_cache_graph, token_feeds
+
+    if is_cache_graph(g) and "input_ids" in feeds:  # a KV-cache graph: prefills, empty pasts
+        feeds = token_feeds(g, feeds["input_ids"])
     return feeds
 
 

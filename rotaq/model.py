@@ -44,8 +44,12 @@ class Model:
     def run(self, feeds: dict[str, np.ndarray] | None = None) -> list[np.ndarray]:
         """Outputs on ``feeds`` (default: the sample inputs), batched to the graph's size."""
         from rotaq.inputs import run
+        from rotaq.rewriter.kv_capture import is_cache_graph, prefill_decode
 
-        return run(self.graph, self.sample_inputs if feeds is None else feeds)
+        feeds = self.sample_inputs if feeds is None else feeds
+        if is_cache_graph(self.graph):  # a prefill, then decode steps fed the returned presents
+            return prefill_decode(_Batched(self.graph), feeds)
+        return run(self.graph, feeds)
 
     def token_feeds(self, ids: np.ndarray) -> dict[str, np.ndarray]:
         """Feeds for token windows ``ids`` [batch, seq]: ids plus an all-ones attention mask and
@@ -56,7 +60,9 @@ class Model:
             feeds["attention_mask"] = np.ones_like(feeds["input_ids"])
         if "token_type_ids" in names:
             feeds["token_type_ids"] = np.zeros_like(feeds["input_ids"])
-        return feeds
+        from rotaq.rewriter.kv_capture import complete_feeds
+
+        return complete_feeds(self.graph, feeds)  # a KV-cache graph: empty pasts, positions
 
     def clone(self) -> Model:
         return Model(self.graph.clone(), dict(self.sample_inputs), dict(self.source),
@@ -101,6 +107,19 @@ class Model:
 
 
 TOKENIZER_SUFFIX = ".tokenizer"
+
+
+class _Batched:
+    """``graph`` whose ``run`` goes through :func:`rotaq.inputs.run` (fixed-batch graphs)."""
+
+    def __init__(self, graph: Any) -> None:
+        self.graph = graph
+        self.input_names = graph.input_names
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        from rotaq.inputs import run
+
+        return run(self.graph, feeds)
 
 
 def copy_tokenizer(src: str, dest: str) -> None:
