@@ -132,7 +132,8 @@ def _reference(src: Model) -> list:
 
 def optimize(model: Any, recipe: str | Recipe = "rotate", *, options: dict[str, Any] | None = None,
              verify: bool = True, example_inputs: Any = None, inputs: Any = None,
-             verify_inputs: Any = None, tokenizer: str | None = None) -> OptimizeResult:
+             verify_inputs: Any = None, tokenizer: str | None = None,
+             kv_cache: bool = True) -> OptimizeResult:
     """Apply ``recipe`` (a built-in name, a JSON path or a :class:`Recipe`) to ``model``.
 
     The original model is not modified. With ``verify`` the rewritten model is run on the
@@ -140,10 +141,10 @@ def optimize(model: Any, recipe: str | Recipe = "rotate", *, options: dict[str, 
     recipe's tolerance raises :class:`VerificationError`. ``inputs`` / ``verify_inputs`` /
     ``tokenizer`` are passed to :func:`rotaq.load` (user calibration and verification data);
     calibration never uses the verification inputs. The report names both sets
-    (``verify_inputs``, ``calibration_inputs``).
+    (``verify_inputs``, ``calibration_inputs``). ``kv_cache`` as in :func:`rotaq.load`.
     """
     src = load(model, example_inputs, inputs=inputs, verify_inputs=verify_inputs,
-               tokenizer=tokenizer)
+               tokenizer=tokenizer, kv_cache=kv_cache)
     rec = recipe if isinstance(recipe, Recipe) else Recipe.load(recipe)
     if options:
         rec = rec.with_options(options)
