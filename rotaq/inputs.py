@@ -175,7 +175,11 @@ def _is_float(dt: np.dtype) -> bool:
 
 def validate(g: Any, feeds: Feeds, label: str) -> Feeds:
     """Check ``feeds`` against the graph inputs (names, ranks, fixed dims, dtype kind) and cast
-    to the model's dtypes; raise :class:`LoadError` naming the input and what is expected."""
+    to the model's dtypes; raise :class:`LoadError` naming the input and what is expected.
+    For a KV-cache graph, tokens suffice: the mask, positions and empty pasts are filled in."""
+    from rotaq.rewriter.kv_capture import complete_feeds
+
+    feeds = complete_feeds(g, feeds)
     specs = input_specs(g)
     missing = [k for k in specs if k not in feeds]
     if missing:

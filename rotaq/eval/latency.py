@@ -37,11 +37,15 @@ _ID_RANGE = 32  # synthetic token ids are drawn from [0, 32): valid for any real
 def _feeds(specs: dict[str, tuple[Any, Sequence[Any]]], n: int) -> dict[str, np.ndarray]:
     """Batch-1 inputs with ``n`` tokens: dynamic dim 0 -> 1, other dynamic dims -> ``n``;
     masks are ones, token types zeros, positions 0..n-1, other ids random in [0, 32)."""
+    from rotaq.rewriter.kv_capture import is_past
+
     rng = np.random.default_rng(0)
     out = {}
     for name, (dtype, shape) in specs.items():
         dims = [d if isinstance(d, int) and d > 0 else (1 if i == 0 and len(shape) > 1 else n)
                 for i, d in enumerate(shape)]
+        if is_past(name):  # a KV-cache graph: a prefill of n tokens (empty past)
+            dims[2] = 0
         dtype = np.dtype(dtype)
         low = name.lower()
         if dtype.kind in "iub":
