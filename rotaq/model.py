@@ -47,7 +47,10 @@ class Model:
         from rotaq.rewriter.kv_capture import is_cache_graph, prefill_decode
 
         feeds = self.sample_inputs if feeds is None else feeds
-        if is_cache_graph(self.graph):  # a prefill, then decode steps fed the returned presents
+        if is_cache_graph(self.graph):
+            from rotaq.rewriter.kv_capture import complete_feeds
+
+            feeds = complete_feeds(self.graph, feeds)  # tokens only: a full prefill  # a prefill, then decode steps fed the returned presents
             return prefill_decode(_Batched(self.graph), feeds)
         return run(self.graph, feeds)
 
