@@ -120,7 +120,10 @@ class FxGraph:
     def from_exported(cls, ep: torch.export.ExportedProgram,
                       example_inputs: dict[str, torch.Tensor] | None = None,
                       dynamic_shapes: Any = None) -> FxGraph:
-        gm, n_positional = ep.module(), 0
+        # a KV-cache graph is captured with batch, seq and past >= 2 (so that none specializes);
+        # torch's guards would then refuse the 1-token, empty-past first step it computes right
+        cache = any(is_past(n.name) for n in ep.graph.nodes if n.op == "placeholder")
+        gm, n_positional = ep.module(check_guards=not cache), 0
         if example_inputs is None:  # a loaded program: positional inputs first, then keywords
             args, kwargs = ep.example_inputs or ((), {})
             # positional inputs are named by the module's placeholders (`input` -> `input_1`)
