@@ -155,7 +155,7 @@ def _capture_with_cache(module: Any, inputs: dict[str, Any]) -> Any:
     name = type(module).__name__
     try:
         with stage(f"capturing {name} with its KV cache (torch.export)"):
-            g = kv_capture.capture(module, dims)
+            g = kv_capture.capture(module, dims, torch.as_tensor(inputs["input_ids"]))
         ids = torch.as_tensor(inputs["input_ids"])[:1, :16]
         with torch.no_grad():
             ref = module(input_ids=ids, use_cache=False).logits.float().numpy()
@@ -333,9 +333,11 @@ def _sample_for(g: Any, source: dict, seq_len: int) -> tuple[dict[str, np.ndarra
         return feeds, info
     from rotaq.rewriter.kv_capture import is_cache_graph
 
-    if getattr(g, "ir", "") == "fx" and not is_cache_graph(g):  # one row, dynamic first dim
+    if getattr(g, "ir", "") == "fx":  # one row, dynamic first dim
         dyn = g.dynamic_batch_inputs()
         feeds = {k: v[:1] if k in dyn else v for k, v in _np(g.example_inputs).items()}
+        if is_cache_graph(g):  # the captured tokens as a prefill (the pasts were random)
+            feeds = _cache_feeds(g, {"input_ids": feeds["input_ids"]})
         return feeds, describe(feeds, "example_inputs")
     return _synthetic(g, seq_len, VERIFY_SEED)
 

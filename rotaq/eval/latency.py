@@ -225,6 +225,8 @@ def _bench_torch(model_or_path: Model | str, tokens: Sequence[int], repeats: int
             raise RotaqError(f"{src} is an ONNX file: benchmark it with --backend ort")
         model = rotaq.load(src)
         pt2 = os.path.abspath(src) if src.lower().endswith(".pt2") else None
+    from rotaq.rewriter.kv_capture import is_past
+
     if model.ir != "fx":
         raise RotaqError("the torch backend needs a torch (FX) model; this one is ONNX: use "
                          "--backend ort")
@@ -232,7 +234,8 @@ def _bench_torch(model_or_path: Model | str, tokens: Sequence[int], repeats: int
         size, source, files = os.path.getsize(pt2), "file", [pt2]
     else:  # no file on disk: count the weights held in memory
         size, source, files = _weight_bytes(model.graph.gm), "weights", []
-    specs = {k: (v.dtype, [None] * v.ndim) for k, v in model.sample_inputs.items()}
+    specs = {k: (v.dtype, [None, v.shape[1], 0, v.shape[3]] if is_past(k) else [None] * v.ndim)
+             for k, v in model.sample_inputs.items()}
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:

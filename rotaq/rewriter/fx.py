@@ -449,6 +449,9 @@ class FxGraph:
 
     # ---- running and saving -------------------------------------------------------------
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        from rotaq.rewriter.kv_capture import complete_feeds
+
+        feeds = complete_feeds(self, feeds)  # a KV-cache graph fed tokens only: a full prefill
         args, kwargs = self._split({k: torch.from_numpy(np.asarray(v)) for k, v in feeds.items()})
         with torch.no_grad():
             out = self._compiled()(*args, **kwargs)

@@ -268,12 +268,18 @@ def wrapper(lm: Any, num_layers: int) -> Any:
 
 
 def example_inputs(num_layers: int, kv_heads: int, head_dim: int, vocab: int, dtype: Any,
-                   batch: int = 2, seq: int = 3, past: int = 4) -> dict[str, Any]:
-    """Capture inputs with batch, seq and past all >= 2 (so none specializes), contract names."""
+                   batch: int = 2, seq: int = 3, past: int = 4, ids: Any = None
+                   ) -> dict[str, Any]:
+    """Capture inputs with batch, seq and past all >= 2 (so none specializes), contract names;
+    ``ids`` (the caller's tokens, >= 2 of them) as ``input_ids``, on two rows at least."""
     import torch
 
     g = torch.Generator().manual_seed(0)
-    ex = {"input_ids": torch.randint(0, vocab, (batch, seq), generator=g),
+    tokens = torch.randint(0, vocab, (batch, seq), generator=g)
+    if ids is not None and ids.dim() == 2 and ids.shape[1] >= 2:
+        tokens = ids if ids.shape[0] >= 2 else torch.cat([ids, ids])
+        batch, seq = tokens.shape
+    ex = {"input_ids": tokens,
           "attention_mask": torch.ones(batch, past + seq, dtype=torch.long),
           "position_ids": torch.arange(past, past + seq).expand(batch, seq).contiguous()}
     for i in range(num_layers):
@@ -291,7 +297,7 @@ def dynamic_shapes(names: list[str]) -> dict[str, Any]:
             for k in names}
 
 
-def capture(lm: Any, dims: tuple[int, int, int]) -> Any:
+def capture(lm: Any, dims: tuple[int, int, int], ids: Any = None) -> Any:
     """``lm`` captured with torch.export as a cache graph (an FxGraph with cache metadata)."""
     import torch
 
@@ -302,7 +308,7 @@ def capture(lm: Any, dims: tuple[int, int, int]) -> Any:
     emb = lm.get_input_embeddings() if hasattr(lm, "get_input_embeddings") else None
     vocab = int(emb.weight.shape[0]) if emb is not None else 2
     mod = wrapper(lm, num_layers)
-    ex = example_inputs(num_layers, kvh, hd, min(vocab, 1000), dtype)
+    ex = example_inputs(num_layers, kvh, hd, min(vocab, 1000), dtype, ids=ids)
     dyn = dynamic_shapes(list(ex))
     with torch.no_grad():
         ep = torch.export.export(mod, (), {fx_name(k): v for k, v in ex.items()},
