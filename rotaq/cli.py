@@ -175,7 +175,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     _check_output(args.model, args.output)
     from rotaq.api import file_sizes
 
-    model = rotaq.load(args.model)
+    model = rotaq.load(args.model, kv_cache=not args.no_kv_cache)
     files = file_sizes(model.save(args.output))
     _emit({"model": model.source.get("name", ""), "output": os.path.abspath(args.output),
            "files": files}, args.json,
@@ -297,12 +297,20 @@ def add_input_args(sp: argparse.ArgumentParser) -> None:
                     help="a Hugging Face tokenizer folder, for a model file without rotaq "
                          "metadata: verify on Wikipedia text, calibrate on Lee news text "
                          "(the passes' calib_text)")
+    add_kv_arg(sp)
+
+
+def add_kv_arg(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--no-kv-cache", action="store_true",
+                    help="capture a decoder-only LM without its KV cache (logits only; by "
+                         "default past_key_values.* inputs and present.* outputs)")
 
 
 def input_options(args: argparse.Namespace) -> dict[str, Any]:
     return {"inputs": getattr(args, "inputs", None),
             "verify_inputs": getattr(args, "verify_inputs", None),
-            "tokenizer": getattr(args, "tokenizer", None)}
+            "tokenizer": getattr(args, "tokenizer", None),
+            "kv_cache": not getattr(args, "no_kv_cache", False)}
 
 
 def cmd_recipes(args: argparse.Namespace) -> int:
@@ -353,6 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("model", help=model_help)
     sp.add_argument("-o", "--output", required=True, help="out.onnx or out.pt2")
     sp.add_argument("--json", action="store_true", help="print the written path as JSON")
+    add_kv_arg(sp)
     sp.set_defaults(func=cmd_export)
 
     sp = sub.add_parser("optimize", help="apply a recipe, verify, and write the result")

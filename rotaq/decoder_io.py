@@ -171,16 +171,20 @@ def cache_spec(path: str) -> CacheSpec:
 
 def cache_spec_of_model(model: Any) -> CacheSpec:
     """The cache spec of a rotaq :class:`~rotaq.model.Model` (ONNX or FX graph)."""
-    g = model.graph
-    inputs = []
-    if model.ir == "onnx":
-        for v in g.model.graph.inputs:
-            if v.is_initializer():
-                continue
-            dims = tuple(d if isinstance(d, int) else str(d) for d in (v.shape or ()))
-            dt = v.dtype.numpy() if v.dtype is not None else np.float32
-            inputs.append((v.name, np.float32 if dt == np.dtype("V2") else dt, dims))
+    return cache_spec_of_graph(model.graph, model.source.get("name", "this model"))
 
+
+def cache_spec_of_graph(g: Any, label: str = "this model") -> CacheSpec:
+    """The cache spec of a rotaq graph (ONNX or FX; FX names its pasts
+    ``past_key_values_{i}_key``, read here as the contract's dotted names)."""
+    from rotaq.inputs import input_specs
+    from rotaq.rewriter.kv_capture import contract_name
+
+    inputs = [(contract_name(n), np.float32 if dt == np.dtype("V2") else dt,
+               tuple(d if isinstance(d, int) else "" for d in dims))
+              for n, (dt, dims) in input_specs(g).items()]
+    nodes, inits, folder = (list), {}, None
+    if hasattr(g, "model"):  # ONNX: the GroupQueryAttention fallback for the head size
         def nodes():
             out = []
             for n in g.model.graph:
@@ -193,11 +197,7 @@ def cache_spec_of_model(model: Any) -> CacheSpec:
         inits = {k: tuple(v.shape) for k, v in g.model.graph.initializers.items()
                  if v.shape is not None}
         folder = os.path.dirname(os.path.abspath(g.source)) if getattr(g, "source", None) else None
-    else:
-        inputs = [(k, v.dtype, tuple(v.shape)) for k, v in model.sample_inputs.items()]
-        nodes, inits, folder = (list), {}, None
-    return _spec(inputs, dict(g.metadata), folder, nodes, inits,
-                 model.source.get("name", "this model"))
+    return _spec(inputs, dict(getattr(g, "metadata", {}) or {}), folder, nodes, inits, label)
 
 
 def _spec(inputs: list[tuple[str, Any, tuple]], meta: dict[str, str], folder: str | None,

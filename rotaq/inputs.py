@@ -95,17 +95,11 @@ def synthetic(g: Any, seed: int, rows: int = 1, seq_len: int = 32) -> Feeds:
             feeds[name] = np.ones(shape, dtype)
         else:
             feeds[name] = rng.standard_normal(shape).astype(dtype)
-    return _empty_cache(g, feeds)
+    from rotaq.rewriter.kv_capture import is_cache_graph, token_feeds
 
-
-def _empty_cache(g: Any, feeds: Feeds) -> Feeds:
-    """A decoder with KV-cache inputs starts from an empty cache (see :mod:`rotaq.kv_feeds`)."""
-    from rotaq.kv_feeds import complete
-
-    try:
-        return complete(g, feeds, input_specs(g))
-    except ValueError as err:
-        raise LoadError(f"{err}; give the inputs with --inputs FILE.npz") from err
+    if is_cache_graph(g) and "input_ids" in feeds:  # a KV-cache graph: prefills, empty pasts
+        feeds = token_feeds(g, feeds["input_ids"])
+    return feeds
 
 
 def synthetic_calibration(g: Any, n_tokens: int, window: int, seed: int = CALIB_SEED) -> Feeds:
@@ -181,7 +175,11 @@ def _is_float(dt: np.dtype) -> bool:
 
 def validate(g: Any, feeds: Feeds, label: str) -> Feeds:
     """Check ``feeds`` against the graph inputs (names, ranks, fixed dims, dtype kind) and cast
-    to the model's dtypes; raise :class:`LoadError` naming the input and what is expected."""
+    to the model's dtypes; raise :class:`LoadError` naming the input and what is expected.
+    For a KV-cache graph, tokens suffice: the mask, positions and empty pasts are filled in."""
+    from rotaq.rewriter.kv_capture import complete_feeds
+
+    feeds = complete_feeds(g, feeds)
     specs = input_specs(g)
     missing = [k for k in specs if k not in feeds]
     if missing:

@@ -16,11 +16,12 @@ from rotaq.model import Model, resolve_source
 from rotaq.progress import stage
 
 log = logging.getLogger(__name__)
-CAPTURE_VERSION = "1"  # bump when capture changes, to invalidate cached exports
+CAPTURE_VERSION = "2"  # bump when capture changes, to invalidate cached exports
 
 
 def load(src: Any, example_inputs: Any = None, *, ir: str = "fx", seq_len: int = 32,
-         inputs: Any = None, verify_inputs: Any = None, tokenizer: str | None = None) -> Model:
+         inputs: Any = None, verify_inputs: Any = None, tokenizer: str | None = None,
+         kv_cache: bool = True) -> Model:
     """Capture ``src`` as a Model.
 
     - ``torch.nn.Module`` (+ ``example_inputs``: dict of tensors, or a tuple for positional
@@ -32,6 +33,11 @@ def load(src: Any, example_inputs: Any = None, *, ir: str = "fx", seq_len: int =
     ``ir="onnx"`` gives the ONNX form of a torch source (exported once and cached for
     built-ins).
 
+    A decoder-only causal LM (torch module fed tokens, HF directory, GGUF, built-in) is captured
+    with its KV cache as explicit inputs/outputs (:mod:`rotaq.rewriter.kv_capture`); its sample
+    and calibration inputs are full prefills (empty pasts). ``kv_cache=False`` captures it
+    without (logits only, the whole prefix recomputed per token).
+
     Sample inputs (what rewrites are verified on) and calibration inputs never share a row (see
     :mod:`rotaq.inputs`): ``inputs`` (an .npz path or a dict of arrays keyed by input name,
     samples first) gives both, split last quarter / rest, or only calibration when
@@ -42,7 +48,7 @@ def load(src: Any, example_inputs: Any = None, *, ir: str = "fx", seq_len: int =
         from rotaq.inputs import read
 
         example_inputs = {k: v[:2] for k, v in read(inputs)[0].items()}  # capture shapes only
-    model = _load(src, example_inputs, ir, seq_len)
+    model = _load(src, example_inputs, ir, seq_len, kv_cache)
     if inputs is None and verify_inputs is None and tokenizer is None:
         return model
     model = Model(model.graph, dict(model.sample_inputs), dict(model.source), model.calibration,
@@ -67,13 +73,13 @@ def _is_module(src: Any) -> bool:
     return isinstance(src, torch.nn.Module)
 
 
-def _load(src: Any, example_inputs: Any, ir: str, seq_len: int) -> Model:
+def _load(src: Any, example_inputs: Any, ir: str, seq_len: int, kv: bool = True) -> Model:
     import torch
 
     if isinstance(src, Model):
         return src
     if isinstance(src, torch.nn.Module):
-        return _from_module(src, example_inputs, {"name": type(src).__name__}, ir)
+        return _from_module(src, example_inputs, {"name": type(src).__name__}, ir, kv=kv)
     if isinstance(src, torch.export.ExportedProgram):
         from rotaq.rewriter.fx import FxGraph
 
@@ -88,14 +94,14 @@ def _load(src: Any, example_inputs: Any, ir: str, seq_len: int) -> Model:
     from rotaq import assets
 
     if os.path.isdir(path):
-        return _from_hf(path, seq_len, ir)
+        return _from_hf(path, seq_len, ir, kv=kv)
     if path.lower().endswith(".gguf"):
-        return _from_gguf(path, seq_len, ir)
+        return _from_gguf(path, seq_len, ir, kv)
     if os.path.exists(path) or path.endswith((".onnx", ".pt2")):
         model = _from_file(path, seq_len)
         return _maybe_onnx(model, ir) if model.ir == "fx" else model
     if path in assets.BUILTIN_MODELS:
-        return _from_builtin(path, seq_len, ir)
+        return _from_builtin(path, seq_len, ir, kv)
     raise LoadError(f"{path}: no such file, directory or built-in model "
                     f"(built-in: {', '.join(assets.BUILTIN_MODELS)})")
 
@@ -106,7 +112,7 @@ def _np(inputs: dict[str, Any]) -> dict[str, np.ndarray]:
 
 
 def _from_module(module: Any, example_inputs: Any, source: dict, ir: str,
-                 info: dict | None = None) -> Model:
+                 info: dict | None = None, kv: bool = True) -> Model:
     import torch
 
     from rotaq.rewriter.fx import FxGraph
@@ -122,11 +128,50 @@ def _from_module(module: Any, example_inputs: Any, source: dict, ir: str,
     from rotaq.assets import disable_cache
 
     disable_cache(module)  # every sub-config: encoder-decoder stacks hold their own copies
-    with stage(f"capturing {type(module).__name__} with torch.export"):
-        g = FxGraph.from_module(module, inputs)
+    g = _capture_with_cache(module, inputs) if kv else None
+    if g is None:
+        with stage(f"capturing {type(module).__name__} with torch.export"):
+            g = FxGraph.from_module(module, inputs)
     feeds = _np(inputs)  # the caller's example inputs verify (all their rows)
+    if g.metadata.get("rotaq.kv_cache") == "1":
+        from rotaq.rewriter import kv_capture
+
+        feeds = kv_capture.complete_feeds(g, feeds)
     info = info or {"verify": describe(feeds, "example_inputs")}
     return _maybe_onnx(Model(g, feeds, dict(source), inputs_info=info), ir)
+
+
+def _capture_with_cache(module: Any, inputs: dict[str, Any]) -> Any:
+    """The cache graph of a decoder-only causal LM, checked against the module: its prefill
+    logits must equal the module's no-cache logits; None (captured without a cache, with a
+    warning saying why) for other models or when the capture fails."""
+    import torch
+
+    from rotaq.rewriter import kv_capture
+
+    dims = kv_capture.cache_layout(module, inputs)
+    if dims is None:
+        return None
+    name = type(module).__name__
+    try:
+        with stage(f"capturing {name} with its KV cache (torch.export)"):
+            g = kv_capture.capture(module, dims, torch.as_tensor(inputs["input_ids"]))
+        ids = torch.as_tensor(inputs["input_ids"])[:1, :16]
+        with torch.no_grad():
+            ref = module(input_ids=ids, use_cache=False).logits.float().numpy()
+        out = g.run(kv_capture.token_feeds(g, ids.numpy()))[0]
+        from rotaq.model import max_rel_error
+
+        err = max_rel_error([ref], [np.asarray(out, np.float32)])
+    except Exception as err:  # noqa: BLE001 - torch.export raises many types; fall back
+        log.warning("%s: capture with a KV cache failed (%s: %s); captured without a cache",
+                    name, type(err).__name__, str(err).splitlines()[0] if str(err) else "")
+        return None
+    if not err <= 1e-3:
+        log.warning("%s: the KV-cache graph's prefill differs from the model by %.3g; captured "
+                    "without a cache", name, err)
+        return None
+    return g
 
 
 def _maybe_onnx(model: Model, ir: str, cache_path: str | None = None) -> Model:
@@ -151,7 +196,8 @@ def _maybe_onnx(model: Model, ir: str, cache_path: str | None = None) -> Model:
                  dict(model.inputs_info))
 
 
-def _from_hf(path: str, seq_len: int, ir: str, name: str | None = None) -> Model:
+def _from_hf(path: str, seq_len: int, ir: str, name: str | None = None, kv: bool = True
+             ) -> Model:
     """A local Hugging Face directory: sample inputs from its tokenizer, or synthesized from
     its config when it has none (:mod:`rotaq.hf_inputs`). Encoder-decoders (T5, BART,
     Whisper, ...) are captured as one graph of the whole model, encoder inputs plus
@@ -171,14 +217,14 @@ def _from_hf(path: str, seq_len: int, ir: str, name: str | None = None) -> Model
     else:
         info = describe(feeds, "synthetic", seed=hf_inputs._SEED)
     try:
-        return _from_module(module, feeds, source, ir, {"verify": info})
+        return _from_module(module, feeds, source, ir, {"verify": info}, kv=kv)
     except LoadError as err:
         why = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise LoadError(f"{path}: the {hf_inputs.family(module)} model "
                         f"({type(module).__name__}) cannot be captured: {why}") from err
 
 
-def _from_gguf(path: str, seq_len: int, ir: str) -> Model:
+def _from_gguf(path: str, seq_len: int, ir: str, kv: bool = True) -> Model:
     """A GGUF file: dequantized to fp32 by transformers (cached, :func:`assets.gguf_model_dir`)
     and captured like a model directory; the capture is cached too (GGUF models are LLMs
     whose torch.export takes minutes)."""
@@ -188,8 +234,8 @@ def _from_gguf(path: str, seq_len: int, ir: str) -> Model:
     from rotaq.rewriter.fx import FxGraph
 
     hf_dir = assets.gguf_model_dir(path)
-    tag = hashlib.sha1(f"{hf_dir.name}|{seq_len}|{torch.__version__}|{CAPTURE_VERSION}".encode()
-                       ).hexdigest()[:10]
+    tag = hashlib.sha1(f"{hf_dir.name}|{seq_len}|{torch.__version__}|{CAPTURE_VERSION}|kv{kv:d}"
+                       .encode()).hexdigest()[:10]
     pt2 = hf_dir.parent / f"{hf_dir.name}-{tag}.pt2"
     name = os.path.abspath(path)
     if pt2.exists():
@@ -204,13 +250,13 @@ def _from_gguf(path: str, seq_len: int, ir: str) -> Model:
                                else None)
         except LoadError as err:
             log.warning("cached export %s unreadable (%s); capturing again", pt2, err)
-    model = _from_hf(str(hf_dir), seq_len, "fx", name=name)
+    model = _from_hf(str(hf_dir), seq_len, "fx", name=name, kv=kv)
     model.source["gguf"] = name
     model.save(str(pt2), tokenizer=False)
     return _maybe_onnx(model, ir, str(pt2.with_suffix(".onnx")) if ir == "onnx" else None)
 
 
-def _from_builtin(name: str, seq_len: int, ir: str) -> Model:
+def _from_builtin(name: str, seq_len: int, ir: str, kv: bool = True) -> Model:
     """Built-ins are captured once; the ExportedProgram (and ONNX form) is cached."""
     import torch
 
@@ -219,7 +265,8 @@ def _from_builtin(name: str, seq_len: int, ir: str) -> Model:
 
     folder = assets.cache_dir() / "exported"
     folder.mkdir(parents=True, exist_ok=True)
-    tag = hashlib.sha1(f"{name}|{torch.__version__}|{CAPTURE_VERSION}".encode()).hexdigest()[:10]
+    tag = hashlib.sha1(f"{name}|{torch.__version__}|{CAPTURE_VERSION}|kv{kv:d}".encode()
+                       ).hexdigest()[:10]
     pt2 = folder / f"{name}-{tag}.pt2"
     tok_dir = str(assets.builtin_model_dir(name))
     kind = assets.BUILTIN_MODELS[name].kind
@@ -232,13 +279,13 @@ def _from_builtin(name: str, seq_len: int, ir: str) -> Model:
     if pt2.exists():
         try:
             g = FxGraph.load(str(pt2))
-            model = Model(g, feeds, source, inputs_info={"verify": info})
+            model = Model(g, _cache_feeds(g, feeds), source, inputs_info={"verify": info})
         except LoadError as err:
             log.warning("cached export %s unreadable (%s); capturing again", pt2, err)
     if model is None:
         log.info("capturing %s with torch.export (cached at %s)", name, pt2)
         module, _, _ = assets.load_hf_model(name)
-        model = _from_module(module, feeds, source, "fx", {"verify": info})
+        model = _from_module(module, feeds, source, "fx", {"verify": info}, kv=kv)
         model.save(str(pt2), tokenizer=False)
     onnx_cache = str(folder / f"{name}-{tag}.onnx") if ir == "onnx" else None
     return _maybe_onnx(model, ir, onnx_cache)
@@ -281,14 +328,25 @@ def _sample_for(g: Any, source: dict, seq_len: int) -> tuple[dict[str, np.ndarra
         tok = AutoTokenizer.from_pretrained(tok_dir)
         feeds, info = _text_sample(tok, source.get("kind", "causal-lm"), seq_len)
         names = set(g.input_names)
-        feeds = {k: v for k, v in feeds.items() if k in names}
-        info["shapes"] = {k: v for k, v in info["shapes"].items() if k in names}
+        feeds = {k: v for k, v in _cache_feeds(g, feeds).items() if k in names}
+        info["shapes"] = {k: list(v.shape) for k, v in feeds.items()}
         return feeds, info
-    if getattr(g, "ir", "") == "fx":  # one row of the inputs whose first dim is dynamic
+    from rotaq.rewriter.kv_capture import is_cache_graph
+
+    if getattr(g, "ir", "") == "fx":  # one row, dynamic first dim
         dyn = g.dynamic_batch_inputs()
         feeds = {k: v[:1] if k in dyn else v for k, v in _np(g.example_inputs).items()}
+        if is_cache_graph(g):  # the captured tokens as a prefill (the pasts were random)
+            feeds = _cache_feeds(g, {"input_ids": feeds["input_ids"]})
         return feeds, describe(feeds, "example_inputs")
     return _synthetic(g, seq_len, VERIFY_SEED)
+
+
+def _cache_feeds(g: Any, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Token feeds made full-prefill feeds of a cache graph (empty pasts, mask, positions)."""
+    from rotaq.rewriter.kv_capture import complete_feeds
+
+    return complete_feeds(g, feeds)
 
 
 def _synthetic(g: Any, seq_len: int, seed: int) -> tuple[dict[str, np.ndarray], dict]:

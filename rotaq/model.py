@@ -44,8 +44,15 @@ class Model:
     def run(self, feeds: dict[str, np.ndarray] | None = None) -> list[np.ndarray]:
         """Outputs on ``feeds`` (default: the sample inputs), batched to the graph's size."""
         from rotaq.inputs import run
+        from rotaq.rewriter.kv_capture import is_cache_graph, prefill_decode
 
-        return run(self.graph, self.sample_inputs if feeds is None else feeds)
+        feeds = self.sample_inputs if feeds is None else feeds
+        if is_cache_graph(self.graph):
+            from rotaq.rewriter.kv_capture import complete_feeds
+
+            feeds = complete_feeds(self.graph, feeds)  # tokens only: a full prefill  # a prefill, then decode steps fed the returned presents
+            return prefill_decode(_Batched(self.graph), feeds)
+        return run(self.graph, feeds)
 
     def token_feeds(self, ids: np.ndarray) -> dict[str, np.ndarray]:
         """Feeds for token windows ``ids`` [batch, seq]: ids plus an all-ones attention mask and
@@ -56,12 +63,9 @@ class Model:
             feeds["attention_mask"] = np.ones_like(feeds["input_ids"])
         if "token_type_ids" in names:
             feeds["token_type_ids"] = np.zeros_like(feeds["input_ids"])
-        if any(n.startswith("past_key_values.") for n in names):  # a KV cache: start empty
-            from rotaq.inputs import input_specs
-            from rotaq.kv_feeds import complete
+        from rotaq.rewriter.kv_capture import complete_feeds
 
-            feeds = complete(self.graph, feeds, input_specs(self.graph))
-        return feeds
+        return complete_feeds(self.graph, feeds)  # a KV-cache graph: empty pasts, positions
 
     def clone(self) -> Model:
         return Model(self.graph.clone(), dict(self.sample_inputs), dict(self.source),
@@ -106,6 +110,19 @@ class Model:
 
 
 TOKENIZER_SUFFIX = ".tokenizer"
+
+
+class _Batched:
+    """``graph`` whose ``run`` goes through :func:`rotaq.inputs.run` (fixed-batch graphs)."""
+
+    def __init__(self, graph: Any) -> None:
+        self.graph = graph
+        self.input_names = graph.input_names
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        from rotaq.inputs import run
+
+        return run(self.graph, feeds)
 
 
 def copy_tokenizer(src: str, dest: str) -> None:

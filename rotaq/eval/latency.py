@@ -39,11 +39,15 @@ _ID_RANGE = 32  # synthetic token ids are drawn from [0, 32): valid for any real
 def _feeds(specs: dict[str, tuple[Any, Sequence[Any]]], n: int) -> dict[str, np.ndarray]:
     """Batch-1 inputs with ``n`` tokens: dynamic dim 0 -> 1, other dynamic dims -> ``n``;
     masks are ones, token types zeros, positions 0..n-1, other ids random in [0, 32)."""
+    from rotaq.rewriter.kv_capture import is_past
+
     rng = np.random.default_rng(0)
     out = {}
     for name, (dtype, shape) in specs.items():
         dims = [d if isinstance(d, int) and d > 0 else (1 if i == 0 and len(shape) > 1 else n)
                 for i, d in enumerate(shape)]
+        if is_past(name):  # a KV-cache graph: a prefill of n tokens (empty past)
+            dims[2] = 0
         dtype = np.dtype(dtype)
         low = name.lower()
         if dtype.kind in "iub":
@@ -254,6 +258,8 @@ def _bench_torch(model_or_path: Model | str, tokens: Sequence[int], repeats: int
             raise RotaqError(f"{src} is an ONNX file: benchmark it with --backend ort")
         model = rotaq.load(src)
         pt2 = os.path.abspath(src) if src.lower().endswith(".pt2") else None
+    from rotaq.rewriter.kv_capture import is_past
+
     if model.ir != "fx":
         raise RotaqError("the torch backend needs a torch (FX) model; this one is ONNX: use "
                          "--backend ort")
@@ -261,7 +267,8 @@ def _bench_torch(model_or_path: Model | str, tokens: Sequence[int], repeats: int
         size, source, files = os.path.getsize(pt2), "file", [pt2]
     else:  # no file on disk: count the weights held in memory
         size, source, files = _weight_bytes(model.graph.gm), "weights", []
-    specs = {k: (v.dtype, [None] * v.ndim) for k, v in model.sample_inputs.items()}
+    specs = {k: (v.dtype, [None, v.shape[1], 0, v.shape[3]] if is_past(k) else [None] * v.ndim)
+             for k, v in model.sample_inputs.items()}
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:

@@ -33,7 +33,9 @@ def calibration_feeds(model: Model, corpus: str = "lee", n_tokens: int = 512,
     t0 = time.perf_counter()
     tok_dir = model.source.get("tokenizer")
     if model.calibration is not None:
-        feeds = model.calibration
+        from rotaq.rewriter.kv_capture import complete_feeds
+
+        feeds = complete_feeds(model.graph, model.calibration)  # cache graph: empty pasts
         info = model.inputs_info.get("calibration") or inp.describe(feeds, "user")
     elif tok_dir and os.path.isdir(tok_dir) and "input_ids" in model.graph.input_names:
         feeds, info = _text_feeds(model, tok_dir, corpus, n_tokens, window)

@@ -8,6 +8,7 @@ sites for reports only.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from rotaq.rewriter.sites import (
@@ -61,7 +62,7 @@ def analyze(view: GraphView) -> Analysis:
                                     n.inputs[0], n.outputs[0])
                  for n in view.nodes if n.op == "experts"}
     a.routers = {k for k in linears if _feeds_topk(view, linears[k].output)}
-    a.attention = _find_attention(view, a)
+    a.attention = [_before_cache_concat(view, s) for s in _find_attention(view, a)]
     a.residual = _find_residual(view, a)
     return a
 
@@ -368,6 +369,40 @@ def _explicit_attention(view: GraphView, a: Analysis, sm: GNode) -> AttentionSit
     return _attention_site(view, a, sm, "explicit", q, k, pv[0].inputs[1], pv[0].outputs[0],
                            q_consumer=qk.key, k_consumer=k_consumer, v_consumer=pv[0].key,
                            k_has_head_last=bool(k_consumer))
+
+
+def _before_cache_concat(view: GraphView, site: AttentionSite) -> AttentionSite:
+    """In a KV-cache graph K and V reach the attention as Concat(past, new) (then GQA's
+    repeat_kv: unsqueeze / expand / reshape): point ``k_value`` / ``v_value`` at the new keys and
+    values entering that Concat, with the Concat as their consumer, so that an online transform
+    or a fake quantization there is also what the cache stores (``present.*``)."""
+    changes = {}
+    for val, cons in (("k_value", "k_consumer"), ("v_value", "v_consumer")):
+        found = _cache_concat(view, getattr(site, val))
+        if found is not None:
+            changes[val], changes[cons] = found
+    return dataclasses.replace(site, **changes) if changes else site
+
+
+def _cache_concat(view: GraphView, value: str) -> tuple[str, str] | None:
+    """(new value, concat key) when ``value`` is, through token-only ops, a Concat of a graph
+    input (the past) and a computed tensor; None otherwise."""
+    graph_inputs = set(view.inputs)
+    for _ in range(8):
+        if not value:
+            return None
+        p = view.producer.get(value)
+        if p is None:
+            return None
+        if p.op == "concat":
+            data = [i for i in p.inputs if i and not const_like(view, i)]
+            past = [i for i in data if _root(view, i) in graph_inputs]
+            new = [i for i in data if i not in past]
+            return (new[0], p.key) if len(past) == 1 and len(new) == 1 else None
+        if not passthrough(view, p):
+            return None
+        value = p.inputs[0]
+    return None
 
 
 def _score_op(n: GNode) -> bool:

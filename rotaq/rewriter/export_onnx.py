@@ -68,5 +68,27 @@ def export_onnx(ep: torch.export.ExportedProgram, path: str, metadata: dict[str,
         finally:
             reg.setLevel(level)
         g = OnnxGraph.load(f)
+        if metadata.get("rotaq.kv_cache") == "1":
+            _contract_names(g.model.graph)
         g.metadata.update(metadata)
         g.save(path)
+
+
+def _contract_names(graph: Any) -> None:
+    """Name a KV-cache graph's inputs and outputs as onnxruntime-genai / Optimum do: the FX
+    placeholders ``past_key_values_{i}_key`` become ``past_key_values.{i}.key``, the outputs
+    ``logits``, ``present.{i}.key``, ``present.{i}.value`` (renaming an onnx-ir value renames
+    every use of it)."""
+    from rotaq.rewriter.kv_capture import contract_name, output_names
+
+    for v in graph.inputs:
+        v.name = contract_name(v.name)
+    names = output_names((len(graph.outputs) - 1) // 2)
+    if len(names) != len(graph.outputs):
+        raise RotaqError(f"a KV-cache graph has {len(graph.outputs)} outputs (expected logits "
+                         "and two presents per layer)")
+    taken = {v.name for v in graph.inputs}
+    for v, name in zip(graph.outputs, names):
+        if name in taken:
+            raise RotaqError(f"output name {name} is taken by an input")
+        v.name = name

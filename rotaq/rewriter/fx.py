@@ -22,6 +22,8 @@ from torch.utils._pytree import tree_flatten
 
 from rotaq.errors import LoadError, RewriteError
 from rotaq.files import set_normal_permissions
+from rotaq.rewriter.kv_capture import contract_name, fx_name, is_past
+from rotaq.rewriter.kv_capture import dynamic_shapes as kv_dynamic_shapes
 from rotaq.rewriter.sites import GNode, GraphView, Kronecker
 
 log = logging.getLogger(__name__)
@@ -118,13 +120,17 @@ class FxGraph:
     def from_exported(cls, ep: torch.export.ExportedProgram,
                       example_inputs: dict[str, torch.Tensor] | None = None,
                       dynamic_shapes: Any = None) -> FxGraph:
-        gm, n_positional = ep.module(), 0
+        # a KV-cache graph is captured with batch, seq and past >= 2 (so that none specializes);
+        # torch's guards would then refuse the 1-token, empty-past first step it computes right
+        cache = any(is_past(n.name) for n in ep.graph.nodes if n.op == "placeholder")
+        gm, n_positional = ep.module(check_guards=not cache), 0
         if example_inputs is None:  # a loaded program: positional inputs first, then keywords
             args, kwargs = ep.example_inputs or ((), {})
             # positional inputs are named by the module's placeholders (`input` -> `input_1`)
             names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
             n_positional = len(args)
-            example_inputs = {**dict(zip(names, args)), **dict(kwargs)}
+            example_inputs = {contract_name(k): v for k, v in
+                              {**dict(zip(names, args)), **dict(kwargs)}.items()}
         if dynamic_shapes is None and ep.range_constraints:
             dynamic_shapes = _dynamic_from_fake(ep, example_inputs)
         return cls(gm, dict(example_inputs), dynamic_shapes, n_positional)
@@ -151,7 +157,8 @@ class FxGraph:
     # ---- view ---------------------------------------------------------------------------
     @property
     def input_names(self) -> list[str]:
-        return [n.name for n in self.gm.graph.nodes if n.op == "placeholder"]
+        """Placeholder names; a KV-cache past as its contract name (``past_key_values.0.key``)."""
+        return [contract_name(n.name) for n in self.gm.graph.nodes if n.op == "placeholder"]
 
     def dynamic_batch_inputs(self) -> set[str]:
         """Inputs whose first dimension the program keeps symbolic."""
@@ -160,7 +167,7 @@ class FxGraph:
             val = n.meta.get("val") if n.op == "placeholder" else None
             if isinstance(val, torch.Tensor) and val.dim() and isinstance(val.shape[0],
                                                                           torch.SymInt):
-                out.add(n.name)
+                out.add(contract_name(n.name))
         return out
 
     def view(self) -> GraphView:
@@ -442,6 +449,9 @@ class FxGraph:
 
     # ---- running and saving -------------------------------------------------------------
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        from rotaq.rewriter.kv_capture import complete_feeds
+
+        feeds = complete_feeds(self, feeds)  # a KV-cache graph fed tokens only: a full prefill
         args, kwargs = self._split({k: torch.from_numpy(np.asarray(v)) for k, v in feeds.items()})
         with torch.no_grad():
             out = self._compiled()(*args, **kwargs)
@@ -500,7 +510,7 @@ class FxGraph:
         """(positional, keyword) arguments of the program for ``inputs`` keyed by name."""
         names = self.input_names[:self.n_positional]
         return (tuple(inputs[n] for n in names),
-                {k: v for k, v in inputs.items() if k not in names})
+                {fx_name(k): v for k, v in inputs.items() if k not in names})
 
     def save(self, path: str) -> None:
         """Write ``.pt2`` (re-exported ExportedProgram) or ``.onnx`` atomically."""
@@ -535,5 +545,7 @@ def _dynamic_from_fake(ep: torch.export.ExportedProgram, inputs: dict[str, Any])
     """Mark dims 0/1 of every 2-D+ user input dynamic again (as at capture)."""
     from torch.export import Dim
 
+    if any(is_past(k) for k in inputs):
+        return kv_dynamic_shapes(list(inputs))
     return {k: ({0: Dim.AUTO, 1: Dim.AUTO} if getattr(v, "dim", lambda: 0)() >= 2 else None)
             for k, v in inputs.items()}

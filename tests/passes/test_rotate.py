@@ -107,11 +107,12 @@ def test_original_untouched_and_pt2_roundtrip(tmp_path):
     assert rep["verify"]["written"]["runtime"] == "torch"
     assert rep["verify"]["written"]["max_rel_error"] < TOL
     again = rotaq.load(str(tmp_path / "r.pt2"))
-    assert max_rel_error(before, again.run(model.sample_inputs)) < TOL
+    # the logits (a KV-cache graph's presents hold V rotated per head: the model's own state)
+    assert max_rel_error(before[:1], again.run(model.sample_inputs)[:1]) < TOL
     # dynamic sequence length survives the rewrite and the save
     longer = {"input_ids": np.random.default_rng(1).integers(0, 256, (2, 13))}
     ref = m(input_ids=torch.from_numpy(longer["input_ids"])).logits.detach().numpy()
-    assert max_rel_error([ref], again.run(longer)) < TOL
+    assert max_rel_error([ref], again.run(longer)[:1]) < TOL
 
 
 @settings(max_examples=5, deadline=None)
