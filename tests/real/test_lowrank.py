@@ -42,6 +42,7 @@ def test_minilm_recipes_cli(recipe, bound, minilm_onnx, tmp_path, capsys, loaded
     assert cos["cosine_min"] > bound, cos
 
 
+@pytest.mark.slow  # covered by passes/test_lowrank.py::test_whitened_beats_plain_at_equal_rank
 def test_smollm2_whitened_vs_plain_svd(smollm2_onnx):
     """At 20% fewer linear parameters (the lowrank-20 budget), whitened SVD keeps perplexity far
     closer to fp32 than plain SVD (benchmark: see README)."""
