@@ -42,11 +42,13 @@ def main() -> None:
     out = args.output or os.path.join(tempfile.mkdtemp(prefix="rotaq-example-"), "model.onnx")
 
     module = build_module(args.model).eval()
-    module.config.use_cache = False
     vocab = module.config.vocab_size
     example = {"input_ids": torch.randint(0, vocab, (1, 16))}
 
-    model = rotaq.load(module, example)  # torch.export capture
+    # torch.export capture; kv_cache=False: one input (input_ids), one output (logits). By
+    # default a decoder is captured with its KV cache (past_key_values.* in, present.* out):
+    # see examples/genai_generate.py and `rotaq generate` for running that form
+    model = rotaq.load(module, example, kv_cache=False)
     res = rotaq.optimize(model, "rotate", options={"rotate_qk": True})
     res.save(out)
     print(f"rotated and wrote {out}: max relative error {res.report['max_rel_error']:.3g}")
