@@ -345,7 +345,7 @@ class FxGraph:
         self._touch()
 
     def get_linear(self, key: str) -> tuple[np.ndarray, np.ndarray | None]:
-        x, w, w_out_in, b = self._linear_parts(self._node(key))
+        _, w, w_out_in, b = self._linear_parts(self._node(key))
         wt = _to_numpy(_attr(self.gm, w.target)).astype(np.float64)
         bias = _to_numpy(_attr(self.gm, b.target)).astype(np.float64) if b is not None else None
         return (wt if w_out_in else wt.T), bias
