@@ -64,28 +64,13 @@ def cpu_info() -> dict[str, object]:
 
 
 # ---- folders --------------------------------------------------------------------------------
-def builder_folder(row: str, src: Path) -> Path:
-    """The model builder's output for ``row``: ``rotaq.assets.builder_model_dir`` (cached under
-    ~/.cache/rotaq/builder) where this rotaq has it, else built here under
-    ~/.cache/rotaq/decode-bench/."""
+def builder_folder(row: str) -> Path:
+    """The model builder's output for ``row`` (``rotaq.assets.builder_model_dir``: built once,
+    cached under ~/.cache/rotaq/builder)."""
     from rotaq import assets
 
     prec, level = BUILDER[row]
-    if hasattr(assets, "builder_model_dir"):
-        return Path(assets.builder_model_dir("smollm2-135m", prec, accuracy_level=level))
-    tag = f"smollm2-135m-{prec}" + (f"-acc{level}" if level is not None else "")
-    shared = assets.cache_dir() / "builder" / tag  # builder_model_dir's cache, when complete
-    if (shared / assets.CACHE_MARKER).is_file() and (shared / "genai_config.json").is_file():
-        return shared
-    out = assets.cache_dir() / "decode-bench" / f"builder-{tag}"
-    if not (out / "genai_config.json").is_file():
-        cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(src),
-               "-o", str(out), "-p", prec, "-e", "cpu", "-c", str(out) + ".hf-cache"]
-        if level is not None:
-            cmd += ["--extra_options", f"accuracy_level={level}"]
-        print(f"[decode] building {row}: {' '.join(cmd[1:])}", file=sys.stderr)
-        subprocess.run(cmd, check=True, capture_output=True, env=_env())
-    return out
+    return Path(assets.builder_model_dir("smollm2-135m", prec, accuracy_level=level))
 
 
 def rotaq_folder(recipe: str, build: bool) -> tuple[Path | None, str]:
@@ -217,7 +202,7 @@ def main() -> None:
     rows: dict[str, Path] = {}
     notes: dict[str, str] = {}
     for row in BUILDER:
-        rows[row] = builder_folder(row, src)
+        rows[row] = builder_folder(row)
     given = dict(f.split("=", 1) for f in args.folder)
     for recipe in [] if args.no_rotaq else RECIPES:
         if recipe in given:

@@ -67,23 +67,6 @@ def _prompts(n: int, length: int) -> list[list[int]]:
     return prompts
 
 
-def cpu_description() -> str:
-    """The CPU's model name and its int8 dot-product flags (int8 speed depends on them)."""
-    name, flags = platform.processor() or "unknown CPU", set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                elif line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    break
-    except OSError:
-        pass
-    int8 = [f for f in ("avx512_vnni", "avx_vnni", "amx_int8") if f in flags]
-    return f"{name} ({', '.join(int8) or 'no VNNI/AMX'}; {os.cpu_count()} cores)"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", action="append", required=True,
@@ -124,7 +107,13 @@ def main() -> None:
 
 
 def _write(args, rows: list[dict]) -> None:
-    meta = {"cpu": cpu_description(), "python": platform.python_version(),
+    try:  # the same CPU description as the decode table (run as a script, or as a module)
+        from decode_bench import cpu_info
+    except ImportError:
+        from benchmarks.decode_bench import cpu_info
+
+    cpu = cpu_info()
+    meta = {"cpu": f"{cpu['model']} ({', '.join(cpu['int8_flags'])}; {cpu['cores']} cores)", "python": platform.python_version(),
             "prompts": args.prompts, "prompt_tokens": args.prompt_tokens,
             "new_tokens": args.new_tokens}
     with open(args.out + ".json", "w") as f:
