@@ -83,26 +83,8 @@ def _check_kind(model: Model, want: str, task: str) -> None:
                          f"is a {kind}")
 
 
-_SPECS: dict[int, tuple[Any, Any]] = {}  # id(graph) -> (graph, its CacheSpec)
-
-
-def token_feeds(model: Model, ids: np.ndarray) -> dict[str, np.ndarray]:
-    """``model.token_feeds(ids)``; for a graph with a KV cache, every window starts from an
-    empty past (so the logits equal those of the same model without a cache)."""
-    from rotaq.decoder_io import cache_spec_of_model, has_cache
-
-    if not has_cache(model.graph.input_names):
-        return model.token_feeds(ids)
-    graph, spec = _SPECS.get(id(model.graph), (None, None))
-    if graph is not model.graph:
-        spec = cache_spec_of_model(model)
-        _SPECS.clear()
-        _SPECS[id(model.graph)] = (model.graph, spec)
-    return spec.feeds(np.asarray(ids, np.int64))
-
-
 def _logits(model: Model, ids: np.ndarray) -> np.ndarray:
-    out = np.asarray(model.graph.run(token_feeds(model, ids))[0])
+    out = np.asarray(model.graph.run(model.token_feeds(ids))[0])  # a KV cache starts empty
     if out.ndim != 3 or out.shape[:2] != ids.shape:
         raise RotaqError(f"expected logits [batch, seq, vocab] as the first output, got shape "
                          f"{tuple(out.shape)} for input {tuple(ids.shape)}")

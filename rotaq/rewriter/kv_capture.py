@@ -53,15 +53,6 @@ def is_cache_graph(g: Any) -> bool:
     return any(is_past(n) for n in getattr(g, "input_names", []))
 
 
-def layout(g: Any) -> tuple[int, int, int, np.dtype]:
-    """(layers, kv_heads, head_dim, dtype) of a cache graph: its metadata, else its inputs, else
-    (graphs made elsewhere) a genai_config.json beside it or its GroupQueryAttention nodes."""
-    from rotaq.decoder_io import cache_spec_of_graph
-
-    spec = cache_spec_of_graph(g)
-    return spec.num_layers, spec.kv_heads, spec.head_dim, spec.dtype
-
-
 def metadata(num_layers: int, kv_heads: int, head_dim: int) -> dict[str, str]:
     return {META_FLAG: "1", "rotaq.num_layers": str(num_layers), "rotaq.kv_heads": str(kv_heads),
             "rotaq.head_dim": str(head_dim)}
@@ -70,18 +61,14 @@ def metadata(num_layers: int, kv_heads: int, head_dim: int) -> dict[str, str]:
 def token_feeds(g: Any, ids: np.ndarray, attention_mask: np.ndarray | None = None
                 ) -> dict[str, np.ndarray]:
     """Prefill feeds of a cache graph for tokens ``ids`` [batch, seq]: a full prefill (empty
-    pasts), all-ones mask (or the one given), positions 0..seq-1; only inputs ``g`` declares."""
-    ids = np.asarray(ids, dtype=np.int64)
-    b, s = ids.shape
-    layers, kvh, hd, dtype = layout(g)
-    mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, np.int64)
-    feeds = {"input_ids": ids, "attention_mask": mask,
-             "position_ids": np.broadcast_to(np.arange(s, dtype=np.int64), (b, s)).copy()}
-    for i in range(layers):
-        for w in ("key", "value"):
-            feeds[f"past_key_values.{i}.{w}"] = np.zeros((b, kvh, 0, hd), dtype)
-    names = set(g.input_names)
-    return {k: v for k, v in feeds.items() if k in names}
+    pasts), all-ones mask (or the one given), positions 0..seq-1; only inputs ``g`` declares
+    (:meth:`rotaq.decoder_io.CacheSpec.feeds`)."""
+    from rotaq.decoder_io import cache_spec_of_graph
+
+    feeds = cache_spec_of_graph(g).feeds(ids)
+    if attention_mask is not None and "attention_mask" in feeds:
+        feeds["attention_mask"] = np.asarray(attention_mask, np.int64)
+    return feeds
 
 
 def complete_feeds(g: Any, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
