@@ -1,0 +1,7 @@
+"""``python -m rotaq ...`` (and ``torchrun ... -m rotaq ...``): the ``rotaq`` command."""
+
+import sys
+
+from rotaq.cli import main
+
+sys.exit(main())
