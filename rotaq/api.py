@@ -9,6 +9,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from rotaq.dtypes import NOISE_FACTOR, graph_dtype
+from rotaq.dtypes import tolerance as _dtype_tolerance
 from rotaq.errors import LoadError, MatchError, RotaqError, VerificationError
 from rotaq.inputs import describe
 from rotaq.loading import load
@@ -19,13 +21,6 @@ from rotaq.version import __version__
 
 log = logging.getLogger(__name__)
 REPORT_SCHEMA = 1  # bump when a key of the optimize report changes meaning or goes away
-# An exact rewrite of an fp16/bf16 model is held to NOISE_FACTOR x e0, e0 being the model's own
-# rounding noise (its low-precision run vs its fp32 copy). The rewrite and the original each carry
-# their own rounding (up to ~2 e0 apart) and the rewritten weights are rounded once more. Measured
-# rewrite error / e0 for `rotate`: at most 2.83 (fp16 tiny bert/llama/qwen2/gpt2, 8 input draws
-# each), 1.67 (fp16 SmolLM2), <= 0.46 for bf16 and Cast-fed weights; a 1% error in one norm scale
-# still exceeds the bound twice over (tests/rewriter/test_onnx_realworld.py).
-NOISE_FACTOR = 4.0
 
 
 @dataclass
@@ -134,7 +129,7 @@ def _reference(src: Model) -> list:
 def optimize(model: Any, recipe: str | Recipe = "rotate", *, options: dict[str, Any] | None = None,
              verify: bool = True, example_inputs: Any = None, inputs: Any = None,
              verify_inputs: Any = None, tokenizer: str | None = None,
-             kv_cache: bool = True) -> OptimizeResult:
+             kv_cache: bool = True, dtype: str | None = None) -> OptimizeResult:
     """Apply ``recipe`` (a built-in name, a JSON path or a :class:`Recipe`) to ``model``.
 
     The original model is not modified. With ``verify`` the rewritten model is run on the
@@ -142,10 +137,13 @@ def optimize(model: Any, recipe: str | Recipe = "rotate", *, options: dict[str, 
     recipe's tolerance raises :class:`VerificationError`. ``inputs`` / ``verify_inputs`` /
     ``tokenizer`` are passed to :func:`rotaq.load` (user calibration and verification data);
     calibration never uses the verification inputs. The report names both sets
-    (``verify_inputs``, ``calibration_inputs``). ``kv_cache`` as in :func:`rotaq.load`.
+    (``verify_inputs``, ``calibration_inputs``). ``kv_cache`` and ``dtype`` (the output dtype,
+    fp32 / fp16 / bf16; default: the source's) as in :func:`rotaq.load`. An exact recipe on an
+    fp16/bf16 model is verified against the model's own measured rounding noise
+    (:func:`rotaq.dtypes.tolerance`); the report's ``dtype`` and ``tolerance_basis`` say so.
     """
     src = load(model, example_inputs, inputs=inputs, verify_inputs=verify_inputs,
-               tokenizer=tokenizer, kv_cache=kv_cache)
+               tokenizer=tokenizer, kv_cache=kv_cache, dtype=dtype)
     rec = recipe if isinstance(recipe, Recipe) else Recipe.load(recipe)
     if options:
         rec = rec.with_options(options)
@@ -180,7 +178,7 @@ def optimize(model: Any, recipe: str | Recipe = "rotate", *, options: dict[str, 
         "model": src.source.get("name", ""), "ir": src.ir, "recipe": rec.to_dict(),
         "passes": pass_reports, "seconds": round(time.perf_counter() - t0, 3),
         "exact": exact, "tolerance": rec.tolerance, "tolerance_used": tol,
-        "tolerance_basis": basis,
+        "tolerance_basis": basis, "dtype": _dtype_report(src, work),
         "verify": {"rewrite": None, "written": None, "passed": None}, "max_rel_error": None,
         "rel_rms_error": None,
         "verify_inputs": src.inputs_info.get("verify") or describe(src.sample_inputs, "given"),
@@ -211,18 +209,13 @@ def optimize(model: Any, recipe: str | Recipe = "rotate", *, options: dict[str, 
 
 def _tolerance(src: Model, tol: float | None) -> tuple[float | None, str, dict | None]:
     """(bound, why, noise): the recipe tolerance for an fp32 model; for an fp16/bf16 one
-    max(tolerance, NOISE_FACTOR x e0) with e0 its measured rounding noise."""
-    measure = getattr(src.graph, "rounding_noise", None)
-    if measure is not None and tol is not None:  # one batch the graph accepts is enough
-        from rotaq.inputs import chunks
+    max(tolerance, NOISE_FACTOR x e0) with e0 its measured rounding noise
+    (:func:`rotaq.dtypes.tolerance`)."""
+    return _dtype_tolerance(src.graph, src.sample_inputs, tol)
 
-        noise = measure(next(chunks(src.graph, src.sample_inputs)))
-    else:
-        noise = None
-    if noise is None:
-        return tol, "fp32 recipe tolerance", None
-    dt, e0 = noise["dtype"], noise["e0"]
-    how = f"{dt} rounding noise x {NOISE_FACTOR:g}, measured e0={e0:.3g} ({noise['method']})"
-    if NOISE_FACTOR * e0 <= tol:
-        return tol, f"recipe tolerance (>= {how})", noise
-    return NOISE_FACTOR * e0, how, noise
+
+def _dtype_report(src: Model, work: Model) -> dict[str, str]:
+    """The source dtype (before a ``dtype=`` conversion at load) and the output's."""
+    info = src.inputs_info.get("dtype") or {}
+    out = graph_dtype(src.graph)  # the rewrite writes every tensor in the dtype it replaces
+    return {"source": info.get("source", out), "output": out}

@@ -336,11 +336,13 @@ def _detect_kind(config: Any) -> str:
 
 
 def load_hf_model(
-    path_or_name: str, attn_implementation: str | None = "sdpa", tokenizer_required: bool = True
+    path_or_name: str, attn_implementation: str | None = "sdpa", tokenizer_required: bool = True,
+    dtype: str | None = None,
 ) -> tuple[Any, Any, str]:
     """Load a builtin name or a local HF model directory: ``(model, tokenizer, kind)``.
 
-    The model is float32, in eval mode, with every (sub)config's KV cache off; ``kind`` is
+    The model is in ``dtype`` (fp32 / fp16 / bf16; default: the dtype it is stored in,
+    :func:`rotaq.dtypes.hf_source_dtype`), in eval mode, with every (sub)config's KV cache off; ``kind`` is
     ``"causal-lm"``, ``"encoder"`` or ``"seq2seq"`` (encoder-decoder: T5, BART, Whisper, loaded
     with the class its config names, e.g. ``T5ForConditionalGeneration``). Without
     ``tokenizer_required`` a directory without a tokenizer gives ``tokenizer=None``.
@@ -359,7 +361,6 @@ def load_hf_model(
         if not (path / "config.json").is_file():
             raise LoadError(f"{path_or_name}: no config.json (not a Hugging Face model directory)")
     _set_offline()
-    import torch
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     try:
@@ -369,7 +370,10 @@ def load_hf_model(
     kind = _detect_kind(config)
     if kind == KIND_SEQ2SEQ and attn_implementation == "sdpa":
         attn_implementation = "eager"  # T5's SDPA path breaks torch.onnx.export; eager passes
-    kwargs: dict[str, Any] = {"dtype": torch.float32, "local_files_only": True}
+    from rotaq import dtypes
+
+    want = dtypes.output_dtype(dtypes.hf_source_dtype(path), dtype)
+    kwargs: dict[str, Any] = {"dtype": dtypes.torch_dtype(want), "local_files_only": True}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
     auto = AutoModelForCausalLM if kind == KIND_CAUSAL_LM else AutoModel

@@ -175,7 +175,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     _check_output(args.model, args.output)
     from rotaq.api import file_sizes
 
-    model = rotaq.load(args.model, kv_cache=not args.no_kv_cache)
+    model = rotaq.load(args.model, kv_cache=not args.no_kv_cache, dtype=args.dtype)
     files = file_sizes(model.save(args.output))
     _emit({"model": model.source.get("name", ""), "output": os.path.abspath(args.output),
            "files": files}, args.json,
@@ -233,6 +233,9 @@ def _print_optimize(d: dict[str, Any]) -> None:
     else:  # an exact recipe over its tolerance has already failed with exit code 3
         verdict = f"over the tolerance {tol:.3g} (not enforced: lossy recipe)"
     print(f"  max relative error: {', '.join(checks) or '-'}: {verdict}")
+    if d.get("dtype"):
+        print(f"  dtype {d['dtype']['output']} (source {d['dtype']['source']}); tolerance: "
+              f"{d.get('tolerance_basis') or 'none'}")
     if checks and d.get("verify_inputs"):
         rms = d.get("rel_rms_error")
         print(f"  relative RMS error: {'-' if rms is None else f'{rms:.3g}'}; verified on "
@@ -266,7 +269,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     # a lossy recipe written as ONNX runs on the ONNX form, so that it lowers to ORT's integer
     # kernels; on the torch side quantization is simulated (dequantized weights)
     ir = "onnx" if (folder or args.output.lower().endswith(".onnx")) and not exact else "fx"
-    model = rotaq.load(args.model, ir=ir, **input_options(args))
+    model = rotaq.load(args.model, ir=ir, dtype=args.dtype, **input_options(args))
     if folder:
         check_decoder(model, args.model, args.output)
     res = rotaq.optimize(model, recipe, verify=not args.no_verify)
@@ -298,6 +301,12 @@ def add_input_args(sp: argparse.ArgumentParser) -> None:
                          "metadata: verify on Wikipedia text, calibrate on Lee news text "
                          "(the passes' calib_text)")
     add_kv_arg(sp)
+
+
+def add_dtype_arg(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None,
+                    help="output dtype (default: the model's own); fp16/bf16 models are "
+                         "verified against their measured rounding noise")
 
 
 def add_kv_arg(sp: argparse.ArgumentParser) -> None:
@@ -361,6 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("model", help=model_help)
     sp.add_argument("-o", "--output", required=True, help="out.onnx or out.pt2")
     sp.add_argument("--json", action="store_true", help="print the written path as JSON")
+    add_dtype_arg(sp)
     add_kv_arg(sp)
     sp.set_defaults(func=cmd_export)
 
@@ -381,6 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--no-verify", action="store_true", help="skip before/after verification")
     sp.add_argument("--stats", action="store_true",
                     help="add per-linear outlier statistics before and after to the report")
+    add_dtype_arg(sp)
     stats_args(sp)
     add_input_args(sp)
     sp.set_defaults(func=cmd_optimize)

@@ -39,8 +39,9 @@ def input_specs(g: Any) -> dict[str, tuple[np.dtype, list[int | None]]]:
         return g.input_specs()
     if not hasattr(g, "gm"):  # e.g. a compiled TVM artefact: no specs to check against
         return {}
-    import torch
     from torch.fx.experimental.symbolic_shapes import is_concrete_int
+
+    from rotaq.dtypes import numpy_dtype
 
     specs = {}
     places = [n for n in g.gm.graph.nodes if n.op == "placeholder"]
@@ -54,8 +55,7 @@ def input_specs(g: Any) -> dict[str, tuple[np.dtype, list[int | None]]]:
             if val is None:
                 continue
         dims = [int(d) if is_concrete_int(d) else None for d in val.shape]
-        dtype = torch.empty((), dtype=val.dtype).numpy().dtype
-        specs[name] = (np.dtype(dtype), dims)
+        specs[name] = (numpy_dtype(val.dtype), dims)  # bf16: ml_dtypes.bfloat16
     return specs
 
 

@@ -21,7 +21,7 @@ CAPTURE_VERSION = "2"  # bump when capture changes, to invalidate cached exports
 
 def load(src: Any, example_inputs: Any = None, *, ir: str = "fx", seq_len: int = 32,
          inputs: Any = None, verify_inputs: Any = None, tokenizer: str | None = None,
-         kv_cache: bool = True) -> Model:
+         kv_cache: bool = True, dtype: str | None = None) -> Model:
     """Capture ``src`` as a Model.
 
     - ``torch.nn.Module`` (+ ``example_inputs``: dict of tensors, or a tuple for positional
@@ -43,12 +43,16 @@ def load(src: Any, example_inputs: Any = None, *, ir: str = "fx", seq_len: int =
     samples first) gives both, split last quarter / rest, or only calibration when
     ``verify_inputs`` is given too; ``tokenizer`` (a Hugging Face tokenizer directory) makes
     a model without rotaq metadata use real text.
+
+    ``dtype`` (``fp32`` / ``fp16`` / ``bf16``) is the dtype the model is captured and rewritten
+    in; default: the source's own (:mod:`rotaq.dtypes`). A torch source is converted before
+    capture (a copy); a captured fp16/bf16 graph (.onnx / .pt2) can only be widened to fp32.
     """
     if example_inputs is None and inputs is not None and _is_module(src):
         from rotaq.inputs import read
 
         example_inputs = {k: v[:2] for k, v in read(inputs)[0].items()}  # capture shapes only
-    model = _load(src, example_inputs, ir, seq_len, kv_cache)
+    model = _load_dtype(src, example_inputs, ir, seq_len, kv_cache, dtype)
     if inputs is None and verify_inputs is None and tokenizer is None:
         return model
     model = Model(model.graph, dict(model.sample_inputs), dict(model.source), model.calibration,
@@ -73,7 +77,48 @@ def _is_module(src: Any) -> bool:
     return isinstance(src, torch.nn.Module)
 
 
-def _load(src: Any, example_inputs: Any, ir: str, seq_len: int, kv: bool = True) -> Model:
+def _load_dtype(src: Any, example_inputs: Any, ir: str, seq_len: int, kv: bool,
+                dtype: str | None) -> Model:
+    """:func:`_load` in ``dtype``; ``inputs_info["dtype"]`` records the source and output
+    dtypes."""
+    from rotaq import assets, dtypes
+
+    want = dtypes.canonical(dtype)
+    source = None
+    if isinstance(src, Model) and "dtype" in src.inputs_info:  # already loaded: keep its record
+        source = src.inputs_info["dtype"]["source"]
+        if want is None or want == dtypes.graph_dtype(src.graph):
+            return src
+    if _is_module(src):
+        source = dtypes.module_dtype(src)
+        if want is not None:
+            src = dtypes.convert_module(src, want)
+    elif isinstance(src, (str, os.PathLike)) and (
+            os.path.isdir(src) or os.fspath(src) in assets.BUILTIN_MODELS):
+        path = src if os.path.isdir(src) else assets.builtin_model_dir(os.fspath(src))
+        source = dtypes.hf_source_dtype(path)
+        model = _load(src, example_inputs, ir, seq_len, kv, dtypes.output_dtype(source, want))
+        return _dtype_info(model, source)
+    model = _load(src, example_inputs, ir, seq_len, kv)
+    if source is None or isinstance(src, Model):
+        source = source or dtypes.graph_dtype(model.graph)
+        if want is not None and want != dtypes.graph_dtype(model.graph):
+            feeds = {k: np.asarray(v, np.float32) if dtypes.is_float(v) else v
+                     for k, v in model.sample_inputs.items()}  # widened: fp32 feeds
+            model = Model(dtypes.convert_graph(model.graph, want), feeds,
+                          dict(model.source), model.calibration, dict(model.inputs_info))
+    return _dtype_info(model, source)
+
+
+def _dtype_info(model: Model, source: str) -> Model:
+    from rotaq.dtypes import graph_dtype
+
+    model.inputs_info["dtype"] = {"source": source, "output": graph_dtype(model.graph)}
+    return model
+
+
+def _load(src: Any, example_inputs: Any, ir: str, seq_len: int, kv: bool = True,
+          dtype: str | None = None) -> Model:
     import torch
 
     if isinstance(src, Model):
@@ -94,14 +139,14 @@ def _load(src: Any, example_inputs: Any, ir: str, seq_len: int, kv: bool = True)
     from rotaq import assets
 
     if os.path.isdir(path):
-        return _from_hf(path, seq_len, ir, kv=kv)
+        return _from_hf(path, seq_len, ir, kv=kv, dtype=dtype)
     if path.lower().endswith(".gguf"):
         return _from_gguf(path, seq_len, ir, kv)
     if os.path.exists(path) or path.endswith((".onnx", ".pt2")):
         model = _from_file(path, seq_len)
         return _maybe_onnx(model, ir) if model.ir == "fx" else model
     if path in assets.BUILTIN_MODELS:
-        return _from_builtin(path, seq_len, ir, kv)
+        return _from_builtin(path, seq_len, ir, kv, dtype)
     raise LoadError(f"{path}: no such file, directory or built-in model "
                     f"(built-in: {', '.join(assets.BUILTIN_MODELS)})")
 
@@ -167,7 +212,9 @@ def _capture_with_cache(module: Any, inputs: dict[str, Any]) -> Any:
         log.warning("%s: capture with a KV cache failed (%s: %s); captured without a cache",
                     name, type(err).__name__, str(err).splitlines()[0] if str(err) else "")
         return None
-    if not err <= 1e-3:
+    from rotaq.dtypes import capture_bound, module_dtype
+
+    if not err <= capture_bound(module_dtype(module)):
         log.warning("%s: the KV-cache graph's prefill differs from the model by %.3g; captured "
                     "without a cache", name, err)
         return None
@@ -196,8 +243,8 @@ def _maybe_onnx(model: Model, ir: str, cache_path: str | None = None) -> Model:
                  dict(model.inputs_info))
 
 
-def _from_hf(path: str, seq_len: int, ir: str, name: str | None = None, kv: bool = True
-             ) -> Model:
+def _from_hf(path: str, seq_len: int, ir: str, name: str | None = None, kv: bool = True,
+             dtype: str | None = None) -> Model:
     """A local Hugging Face directory: sample inputs from its tokenizer, or synthesized from
     its config when it has none (:mod:`rotaq.hf_inputs`). Encoder-decoders (T5, BART,
     Whisper, ...) are captured as one graph of the whole model, encoder inputs plus
@@ -205,7 +252,7 @@ def _from_hf(path: str, seq_len: int, ir: str, name: str | None = None, kv: bool
     from rotaq import assets, hf_inputs
 
     with stage(f"loading the Hugging Face model in {path}"):
-        module, tok, kind = assets.load_hf_model(path, tokenizer_required=False)
+        module, tok, kind = assets.load_hf_model(path, tokenizer_required=False, dtype=dtype)
     feeds = hf_inputs.model_inputs(module, tok, kind, seq_len=seq_len)
     source = {"name": name or os.path.abspath(path), "kind": kind}
     if tok is not None and kind != assets.KIND_SEQ2SEQ and hf_inputs.main_input(module) == \
@@ -256,7 +303,8 @@ def _from_gguf(path: str, seq_len: int, ir: str, kv: bool = True) -> Model:
     return _maybe_onnx(model, ir, str(pt2.with_suffix(".onnx")) if ir == "onnx" else None)
 
 
-def _from_builtin(name: str, seq_len: int, ir: str, kv: bool = True) -> Model:
+def _from_builtin(name: str, seq_len: int, ir: str, kv: bool = True, dtype: str | None = None
+                  ) -> Model:
     """Built-ins are captured once; the ExportedProgram (and ONNX form) is cached."""
     import torch
 
@@ -265,7 +313,8 @@ def _from_builtin(name: str, seq_len: int, ir: str, kv: bool = True) -> Model:
 
     folder = assets.cache_dir() / "exported"
     folder.mkdir(parents=True, exist_ok=True)
-    tag = hashlib.sha1(f"{name}|{torch.__version__}|{CAPTURE_VERSION}|kv{kv:d}".encode()
+    dt = "" if dtype in (None, "float32") else f"|{dtype}"  # fp32 keeps its cached captures
+    tag = hashlib.sha1(f"{name}|{torch.__version__}|{CAPTURE_VERSION}|kv{kv:d}{dt}".encode()
                        ).hexdigest()[:10]
     pt2 = folder / f"{name}-{tag}.pt2"
     tok_dir = str(assets.builtin_model_dir(name))
@@ -284,7 +333,7 @@ def _from_builtin(name: str, seq_len: int, ir: str, kv: bool = True) -> Model:
             log.warning("cached export %s unreadable (%s); capturing again", pt2, err)
     if model is None:
         log.info("capturing %s with torch.export (cached at %s)", name, pt2)
-        module, _, _ = assets.load_hf_model(name)
+        module, _, _ = assets.load_hf_model(name, dtype=dtype)
         model = _from_module(module, feeds, source, "fx", {"verify": info}, kv=kv)
         model.save(str(pt2), tokenizer=False)
     onnx_cache = str(folder / f"{name}-{tag}.onnx") if ir == "onnx" else None

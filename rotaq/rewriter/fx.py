@@ -72,7 +72,15 @@ def _attr(gm: torch.nn.Module, target: str) -> Any:
 
 
 def _to_numpy(t: Any) -> np.ndarray:
-    return t.detach().cpu().numpy()
+    from rotaq.dtypes import tensor_to_numpy
+
+    return tensor_to_numpy(t)  # bf16 kept, as ml_dtypes.bfloat16
+
+
+def _from_numpy(a: Any) -> torch.Tensor:
+    from rotaq.dtypes import tensor_from_numpy
+
+    return tensor_from_numpy(a)  # ml_dtypes.bfloat16 included
 
 
 class FxGraph:
@@ -452,7 +460,7 @@ class FxGraph:
         from rotaq.rewriter.kv_capture import complete_feeds
 
         feeds = complete_feeds(self, feeds)  # a KV-cache graph fed tokens only: a full prefill
-        args, kwargs = self._split({k: torch.from_numpy(np.asarray(v)) for k, v in feeds.items()})
+        args, kwargs = self._split({k: _from_numpy(v) for k, v in feeds.items()})
         with torch.no_grad():
             out = self._compiled()(*args, **kwargs)
         return [_to_numpy(t) for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
@@ -468,7 +476,7 @@ class FxGraph:
                     seen[n.name] = _to_numpy(res)
                 return res
 
-        args = [torch.from_numpy(np.asarray(feeds[n])) for n in self.input_names]
+        args = [_from_numpy(feeds[n]) for n in self.input_names]
         with torch.no_grad():
             _Rec(self._compiled()).run(*args)
         return seen
