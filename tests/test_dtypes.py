@@ -53,7 +53,8 @@ def test_source_dtype_policy(dirs, tmp_path):
     assert dtypes.hf_source_dtype(dirs["fp16"]) == "float16"
     assert dtypes.hf_source_dtype(dirs["bf16"]) == "bfloat16"
     # without a dtype in config.json the safetensors headers decide
-    cfg = json.load(open(os.path.join(dirs["bf16"], "config.json")))
+    with open(os.path.join(dirs["bf16"], "config.json")) as f:
+        cfg = json.load(f)
     bare = tmp_path / "bare"
     bare.mkdir()
     for k in ("dtype", "torch_dtype"):
