@@ -288,3 +288,44 @@ def tolerance(graph: Any, feeds: dict[str, np.ndarray], tol: float | None
     if NOISE_FACTOR * e0 <= tol:
         return tol, f"recipe tolerance (>= {how})", noise
     return NOISE_FACTOR * e0, how, noise
+
+
+# ---------------------------------------------------------------------------- loading
+def load_in_dtype(load: Any, src: Any, dtype: Any) -> Any:
+    """``load(src, dtype)`` (a :class:`~rotaq.model.Model`) in the output dtype: a torch module
+    converted before capture (a copy), an HF directory / built-in loaded in it, a captured
+    graph widened after; ``inputs_info["dtype"]`` records the source and output dtypes."""
+    import torch
+
+    from rotaq import assets
+    from rotaq.model import Model
+
+    want = canonical(dtype)
+    source = None
+    if isinstance(src, Model) and "dtype" in src.inputs_info:  # already loaded: keep its record
+        source = src.inputs_info["dtype"]["source"]
+        if want is None or want == graph_dtype(src.graph):
+            return src
+    if isinstance(src, torch.nn.Module):
+        source = module_dtype(src)
+        if want is not None:
+            src = convert_module(src, want)
+    elif isinstance(src, (str, os.PathLike)) and (
+            os.path.isdir(src) or os.fspath(src) in assets.BUILTIN_MODELS):
+        path = src if os.path.isdir(src) else assets.builtin_model_dir(os.fspath(src))
+        source = hf_source_dtype(path)
+        return _record(load(src, output_dtype(source, want)), source)
+    model = load(src, None)
+    if source is None or isinstance(src, Model):
+        source = source or graph_dtype(model.graph)
+        if want is not None and want != graph_dtype(model.graph):
+            feeds = {k: np.asarray(v, np.float32) if is_float(v) else v
+                     for k, v in model.sample_inputs.items()}  # widened: fp32 feeds
+            model = Model(convert_graph(model.graph, want), feeds, dict(model.source),
+                          model.calibration, dict(model.inputs_info))
+    return _record(model, source)
+
+
+def _record(model: Any, source: str) -> Any:
+    model.inputs_info["dtype"] = {"source": source, "output": graph_dtype(model.graph)}
+    return model

@@ -52,7 +52,10 @@ def load(src: Any, example_inputs: Any = None, *, ir: str = "fx", seq_len: int =
         from rotaq.inputs import read
 
         example_inputs = {k: v[:2] for k, v in read(inputs)[0].items()}  # capture shapes only
-    model = _load_dtype(src, example_inputs, ir, seq_len, kv_cache, dtype)
+    from rotaq.dtypes import load_in_dtype
+
+    model = load_in_dtype(lambda s, d: _load(s, example_inputs, ir, seq_len, kv_cache, d), src,
+                          dtype)
     if inputs is None and verify_inputs is None and tokenizer is None:
         return model
     model = Model(model.graph, dict(model.sample_inputs), dict(model.source), model.calibration,
@@ -75,46 +78,6 @@ def _is_module(src: Any) -> bool:
     import torch
 
     return isinstance(src, torch.nn.Module)
-
-
-def _load_dtype(src: Any, example_inputs: Any, ir: str, seq_len: int, kv: bool,
-                dtype: str | None) -> Model:
-    """:func:`_load` in ``dtype``; ``inputs_info["dtype"]`` records the source and output
-    dtypes."""
-    from rotaq import assets, dtypes
-
-    want = dtypes.canonical(dtype)
-    source = None
-    if isinstance(src, Model) and "dtype" in src.inputs_info:  # already loaded: keep its record
-        source = src.inputs_info["dtype"]["source"]
-        if want is None or want == dtypes.graph_dtype(src.graph):
-            return src
-    if _is_module(src):
-        source = dtypes.module_dtype(src)
-        if want is not None:
-            src = dtypes.convert_module(src, want)
-    elif isinstance(src, (str, os.PathLike)) and (
-            os.path.isdir(src) or os.fspath(src) in assets.BUILTIN_MODELS):
-        path = src if os.path.isdir(src) else assets.builtin_model_dir(os.fspath(src))
-        source = dtypes.hf_source_dtype(path)
-        model = _load(src, example_inputs, ir, seq_len, kv, dtypes.output_dtype(source, want))
-        return _dtype_info(model, source)
-    model = _load(src, example_inputs, ir, seq_len, kv)
-    if source is None or isinstance(src, Model):
-        source = source or dtypes.graph_dtype(model.graph)
-        if want is not None and want != dtypes.graph_dtype(model.graph):
-            feeds = {k: np.asarray(v, np.float32) if dtypes.is_float(v) else v
-                     for k, v in model.sample_inputs.items()}  # widened: fp32 feeds
-            model = Model(dtypes.convert_graph(model.graph, want), feeds,
-                          dict(model.source), model.calibration, dict(model.inputs_info))
-    return _dtype_info(model, source)
-
-
-def _dtype_info(model: Model, source: str) -> Model:
-    from rotaq.dtypes import graph_dtype
-
-    model.inputs_info["dtype"] = {"source": source, "output": graph_dtype(model.graph)}
-    return model
 
 
 def _load(src: Any, example_inputs: Any, ir: str, seq_len: int, kv: bool = True,
