@@ -959,6 +959,10 @@ class OnnxGraph:
         self._sessions[(extra, only)] = sess
         return sess
 
+    def free_sessions(self) -> None:
+        """Drop the ORT sessions (their copy of the weights) until the next run."""
+        self._sessions = {}
+
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         """Run the model with ONNX Runtime (CPU) and return the graph outputs in order (fp32
         outputs for a graph that runs as its fp32 copy, see :meth:`runs_upcast`)."""
