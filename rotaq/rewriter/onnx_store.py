@@ -164,7 +164,7 @@ class SpillStore:
             self._count += 1
             path = os.path.join(self._folder(), f"{self._count}.bin")
         with open(path, "wb") as f:
-            f.write(arr.tobytes())
+            arr.tofile(f)  # no second copy in memory
         self.bytes += arr.nbytes
         return file_tensor(DataFile(path), 0, dtype, arr.shape, name)
 
