@@ -736,7 +736,8 @@ class OnnxGraph:
     def get_linear(self, key: str) -> tuple[np.ndarray, np.ndarray | None]:
         lin = self._linear(key)
         w = self._array(lin.weight)
-        w = (w.T if lin.layout == "io" else w) * lin.alpha
+        w = w.T if lin.layout == "io" else w
+        w = w * lin.alpha if lin.alpha != 1.0 else w  # no copy of the largest weight for 1.0
         if lin.bias is None:
             return w, None
         b = self._array(lin.bias).reshape(-1)
@@ -962,6 +963,7 @@ class OnnxGraph:
     def free_sessions(self) -> None:
         """Drop the ORT sessions (their copy of the weights) until the next run."""
         self._sessions = {}
+        onnx_store.trim()
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         """Run the model with ONNX Runtime (CPU) and return the graph outputs in order (fp32

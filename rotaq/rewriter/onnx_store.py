@@ -172,3 +172,16 @@ class SpillStore:
         if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
             self._dir = None
+
+
+def trim() -> None:
+    """Give freed memory back to the system (glibc keeps it otherwise), e.g. after an ORT
+    session holding the weights is dropped."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
