@@ -70,6 +70,17 @@ class _Weights:
         self.ops = {}
 
 
+def _right(q, w: np.ndarray, chunk: int = 4096) -> np.ndarray:
+    """``w @ Q`` computed in place a block of rows at a time (rows are independent), so a large
+    table (embedding, head) gets no temporaries of its own size."""
+    if w.shape[0] <= chunk:
+        return q.right(w)
+    w = np.ascontiguousarray(w)
+    for i in range(0, w.shape[0], chunk):
+        w[i:i + chunk] = q.right(w[i:i + chunk])
+    return w
+
+
 def _cache_note(model: Model, stats: dict) -> None:
     """On a KV-cache graph, say what the cache now stores (``kv_cache``): per-head rotated
     values (V/O rotation) and keys (online Q/K rotation, applied to the new keys before their
@@ -205,10 +216,10 @@ class Rotate:
         folded = len(gammas)
         # 2. rotate the stream
         for key in self._stream_embeddings(a):
-            g.set_embedding(key, q.right(g.get_embedding(key)))
+            g.set_embedding(key, _right(q, g.get_embedding(key)))
         for nk, readers in readers_of.items():
             for r in readers:
-                w.apply(r, lambda wr, br: (q.right(wr), br))
+                w.apply(r, lambda wr, br: (_right(q, wr), br))
         writers = [wk for b in res.blocks for wk in b.writers]
         for wk in writers:
             w.apply(wk, lambda ww, bw: (q.left_t(ww), None if bw is None else q.right(bw)))

@@ -222,3 +222,16 @@ def test_rotate_on_streamed_capture_is_exact(hf_dir, tmp_path, monkeypatch):
     # the source capture in the cache was not touched by the rewrite
     again = rotaq.load(path, ir="onnx")
     np.testing.assert_array_equal(again.run()[0], res.reference[0])
+
+
+def test_rotate_rows_in_blocks_equals_whole():
+    """rotate's in-place, block-of-rows ``w @ Q`` (large tables) equals the whole product."""
+    from rotaq.linalg.hadamard import random_rotation
+    from rotaq.passes.rotate import _right
+
+    q = random_rotation(48, 0)
+    w = np.random.default_rng(2).standard_normal((50, 48))
+    want = q.right(w.copy())
+    np.testing.assert_allclose(_right(q, w.copy(), chunk=7), want, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(_right(q, np.asfortranarray(w), chunk=7), want, rtol=0,
+                               atol=1e-12)
