@@ -160,6 +160,7 @@ def optimize(model: Any, recipe: str | Recipe = "rotate", *, options: dict[str, 
     if verify:
         with stage("running the original on the sample inputs"):
             reference = _reference(src)
+        _free_sessions(src)  # one model's session in memory at a time
     tol, basis, noise = _tolerance(src, rec.tolerance) if verify and exact else (
         rec.tolerance, "recipe tolerance", None)
     work = src.clone()
@@ -196,6 +197,7 @@ def optimize(model: Any, recipe: str | Recipe = "rotate", *, options: dict[str, 
         with stage(f"verifying the rewrite in {_RUNTIME_NAMES[runtime]}"):
             out = work.run()
             err, rms, detail = _errors(work, reference, out, compare)
+        _free_sessions(work)
         report["verify"]["rewrite"] = {"runtime": runtime, "max_rel_error": err, **detail}
         report["max_rel_error"] = err
         _judge(report)
@@ -205,6 +207,12 @@ def optimize(model: Any, recipe: str | Recipe = "rotate", *, options: dict[str, 
                                     f"{err:.3g} (max relative error) > tolerance {tol:.3g} "
                                     f"({basis})")
     return OptimizeResult(work, report, reference, exact)
+
+
+def _free_sessions(model: Model) -> None:
+    free = getattr(model.graph, "free_sessions", None)
+    if free is not None:
+        free()
 
 
 def _tolerance(src: Model, tol: float | None) -> tuple[float | None, str, dict | None]:

@@ -268,7 +268,12 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     exact = all(getattr(p, "exact", False) for p in recipe.build())
     # a lossy recipe written as ONNX runs on the ONNX form, so that it lowers to ORT's integer
     # kernels; on the torch side quantization is simulated (dequantized weights)
-    ir = "onnx" if (folder or args.output.lower().endswith(".onnx")) and not exact else "fx"
+    # an exact one too when the model takes the streaming ONNX capture (rotaq.loading_stream)
+    from rotaq.loading_stream import streams
+
+    onnx_out = folder or args.output.lower().endswith(".onnx")
+    streamed = streams(args.model, not getattr(args, "no_kv_cache", False))
+    ir = "onnx" if onnx_out and (not exact or streamed) else "fx"
     model = rotaq.load(args.model, ir=ir, dtype=args.dtype, **input_options(args))
     if folder:
         check_decoder(model, args.model, args.output)

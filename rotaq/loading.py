@@ -99,8 +99,10 @@ def _load(src: Any, example_inputs: Any, ir: str, seq_len: int, kv: bool = True,
         raise LoadError(f"cannot load a {type(src).__name__}: give a torch module, an "
                         "ExportedProgram, a .pt2/.onnx path, a model directory or a built-in name")
     path = os.fspath(src)
-    from rotaq import assets
+    from rotaq import assets, loading_stream
 
+    if ir == "onnx" and loading_stream.streams(path, kv):  # weights never all in memory
+        return loading_stream.load_stream(path, seq_len)
     if os.path.isdir(path):
         return _from_hf(path, seq_len, ir, kv=kv, dtype=dtype)
     if path.lower().endswith(".gguf"):

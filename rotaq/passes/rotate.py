@@ -50,23 +50,35 @@ log = logging.getLogger(__name__)
 
 
 class _Weights:
-    """float64 working copies of linear weights, written back once."""
+    """Edits of linear weights, each ``(w, b) -> (w, b)`` in float64, recorded per linear and
+    applied on :meth:`flush` one linear at a time: memory holds one weight's working copies,
+    never the model's (setters write fresh tensors, so the order of reads does not matter)."""
 
     def __init__(self, graph) -> None:
         self.graph = graph
-        self.cache: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
+        self.ops: dict[str, list] = {}
 
-    def get(self, key: str) -> tuple[np.ndarray, np.ndarray | None]:
-        if key not in self.cache:
-            self.cache[key] = self.graph.get_linear(key)
-        return self.cache[key]
-
-    def put(self, key: str, w: np.ndarray, b: np.ndarray | None) -> None:
-        self.cache[key] = (w, b)
+    def apply(self, key: str, fn) -> None:
+        self.ops.setdefault(key, []).append(fn)
 
     def flush(self) -> None:
-        for key, (w, b) in self.cache.items():
+        for key, fns in self.ops.items():
+            w, b = self.graph.get_linear(key)
+            for fn in fns:
+                w, b = fn(w, b)
             self.graph.set_linear(key, w, b)
+        self.ops = {}
+
+
+def _right(q, w: np.ndarray, chunk: int = 4096) -> np.ndarray:
+    """``w @ Q`` computed in place a block of rows at a time (rows are independent), so a large
+    table (embedding, head) gets no temporaries of its own size."""
+    if w.shape[0] <= chunk:
+        return q.right(w)
+    w = np.ascontiguousarray(w)
+    for i in range(0, w.shape[0], chunk):
+        w[i:i + chunk] = q.right(w[i:i + chunk])
+    return w
 
 
 def _cache_note(model: Model, stats: dict) -> None:
@@ -197,38 +209,35 @@ class Rotate:
                 gammas[nk] = gamma + n.scale_offset
         for nk, gamma in gammas.items():
             for r in readers_of[nk]:
-                wr, br = w.get(r)
-                w.put(r, wr * gamma[None, :], br)
+                w.apply(r, lambda wr, br, gamma=gamma: (np.multiply(wr, gamma[None, :], out=wr),
+                                                        br))
             node, idx = a.norms[nk].scale
             g.set_const(node, idx, np.ones_like(gamma) - a.norms[nk].scale_offset)
         folded = len(gammas)
         # 2. rotate the stream
         for key in self._stream_embeddings(a):
-            g.set_embedding(key, q.right(g.get_embedding(key)))
+            g.set_embedding(key, _right(q, g.get_embedding(key)))
         for nk, readers in readers_of.items():
             for r in readers:
-                wr, br = w.get(r)
-                w.put(r, q.right(wr), br)
+                w.apply(r, lambda wr, br: (_right(q, wr), br))
         writers = [wk for b in res.blocks for wk in b.writers]
         for wk in writers:
-            ww, bw = w.get(wk)
-            w.put(wk, q.left_t(ww), None if bw is None else q.right(bw))
+            w.apply(wk, lambda ww, bw: (q.left_t(ww), None if bw is None else q.right(bw)))
         # 3. per-head V/O rotation
         ov = 0
         if self.rotate_ov:
             for site in a.attention:
-                if _rotate_packed_ov(w, site):
+                if _rotate_packed_ov(w, site, a):
                     ov += 1
                     continue
                 if site.v_proj and site.o_proj and site.v_proj not in (site.q_proj, site.k_proj) \
                         and is_hadamard_size(site.head_dim):
                     h = normalized_hadamard(site.head_dim)
-                    wv, bv = w.get(site.v_proj)
-                    wo, bo = w.get(site.o_proj)
-                    hv = np.kron(np.eye(wv.shape[0] // site.head_dim), h)
-                    ho = np.kron(np.eye(wo.shape[1] // site.head_dim), h)
-                    w.put(site.v_proj, hv.T @ wv, None if bv is None else bv @ hv)
-                    w.put(site.o_proj, wo @ ho, bo)
+                    hv = np.kron(np.eye(a.linears[site.v_proj].out_features // site.head_dim), h)
+                    ho = np.kron(np.eye(a.linears[site.o_proj].in_features // site.head_dim), h)
+                    w.apply(site.v_proj, lambda wv, bv, hv=hv: (
+                        hv.T @ wv, None if bv is None else bv @ hv))
+                    w.apply(site.o_proj, lambda wo, bo, ho=ho: (wo @ ho, bo))
                     ov += 1
         # 4. online Hadamard before MLP writers (down projections)
         o_projs = {s.o_proj for s in a.attention}
@@ -243,8 +252,7 @@ class Rotate:
                                 lin.in_features, lin.name or wk)
                     continue
                 fa, fb = kronecker_split(lin.in_features)
-                ww, bw = w.get(wk)
-                w.put(wk, apply_kronecker(ww, fa, fb), bw)
+                w.apply(wk, lambda ww, bw, fa=fa, fb=fb: (apply_kronecker(ww, fa, fb), bw))
                 g.insert_transform(lin.input, [wk], Kronecker((fa, fb)))
                 online += 1
         w.flush()
@@ -303,8 +311,7 @@ class Rotate:
                 continue
             fa, fb = kronecker_split(n)
             for key in keys:
-                wk, bk = w.get(key)
-                w.put(key, apply_kronecker(wk, fa, fb), bk)
+                w.apply(key, lambda wk, bk, fa=fa, fb=fb: (apply_kronecker(wk, fa, fb), bk))
             g.insert_transform(value, keys, Kronecker((fa, fb)))
             done += len(keys)
             inserted += 1
@@ -314,7 +321,7 @@ class Rotate:
                 "skipped": skipped, "qk_rotated": qk}
 
 
-def _rotate_packed_ov(w: _Weights, site) -> bool:
+def _rotate_packed_ov(w: _Weights, site, a: Analysis) -> bool:
     """V/O rotation through ORT's GroupQueryAttention fed one packed q|k|v projection: the
     projection's rows are [q (heads x hd); k (kv x hd); v (kv x hd)], so the v rows take
     ``W_v <- (I_kv (x) H)^T W_v`` and the o projection ``W_o <- W_o (I_heads (x) H)``; each
@@ -323,21 +330,24 @@ def _rotate_packed_ov(w: _Weights, site) -> bool:
     if site.kind != "gqa" or not (site.q_proj and site.q_proj == site.k_proj == site.v_proj
                                   and site.o_proj) or not is_hadamard_size(hd):
         return False
-    wq, bq = w.get(site.v_proj)
     lo = (site.num_heads + site.num_kv_heads) * hd
     hi = lo + site.num_kv_heads * hd
-    if wq.shape[0] != hi:
+    if a.linears[site.v_proj].out_features != hi:
         return False
     h = normalized_hadamard(hd)
     hv = np.kron(np.eye(site.num_kv_heads), h)
-    wq = wq.copy()
-    wq[lo:hi] = hv.T @ wq[lo:hi]
-    if bq is not None:
-        bq = bq.copy()
-        bq[lo:hi] = bq[lo:hi] @ hv
-    wo, bo = w.get(site.o_proj)
-    w.put(site.v_proj, wq, bq)
-    w.put(site.o_proj, wo @ np.kron(np.eye(wo.shape[1] // hd), h), bo)
+
+    def packed(wq: np.ndarray, bq: np.ndarray | None) -> tuple:
+        wq = wq.copy()
+        wq[lo:hi] = hv.T @ wq[lo:hi]
+        if bq is not None:
+            bq = bq.copy()
+            bq[lo:hi] = bq[lo:hi] @ hv
+        return wq, bq
+
+    ho = np.kron(np.eye(a.linears[site.o_proj].in_features // hd), h)
+    w.apply(site.v_proj, packed)
+    w.apply(site.o_proj, lambda wo, bo: (wo @ ho, bo))
     return True
 
 

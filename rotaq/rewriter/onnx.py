@@ -11,8 +11,8 @@ Matching is structural (never by name):
   ``sdpa`` (opset-23 Attention) and the primitive vocabulary of :mod:`rotaq.rewriter.sites`.
 
 Every setter writes a fresh initializer in the original dtype, so a tensor read by another node
-(tied embeddings, initializers merged by the exporter) is never changed behind its back. The
-whole model is held in memory (external data included) so the source file is never needed again.
+(tied embeddings, initializers merged by the exporter) is never changed behind its back. External
+data stays on disk and large new tensors are spilled there (:mod:`rotaq.rewriter.onnx_store`).
 
 Real-world files: a graph without intermediate ``value_info`` gets onnx's shape inference (with
 data propagation, through onnx-ir so > 2 GB models work) on load, in memory. A float ``Cast`` of a
@@ -40,7 +40,7 @@ import onnx
 import onnx_ir as oir
 
 from rotaq.errors import LoadError, RewriteError
-from rotaq.rewriter import onnx_contrib
+from rotaq.rewriter import onnx_contrib, onnx_store
 from rotaq.rewriter.onnx_run import not_implemented, ort_session
 from rotaq.rewriter.sites import GNode, GraphView, Kronecker
 
@@ -183,11 +183,6 @@ def _dims(value: oir.Value, const: oir.TensorProtocol | None) -> tuple[int, ...]
     return tuple(d if isinstance(d, int) else -1 for d in value.shape)
 
 
-def _tensor(array: np.ndarray, dtype: oir.DataType, name: str) -> oir.Tensor:
-    arr = np.ascontiguousarray(np.asarray(array).astype(dtype.numpy()))
-    return oir.Tensor(arr, dtype=dtype, name=name)
-
-
 class OnnxGraph:
     """An ONNX model held in memory, seen through the IR-neutral :class:`GraphView`."""
 
@@ -198,6 +193,7 @@ class OnnxGraph:
         self.source = source
         self.metadata: dict[str, str] = dict(model.metadata_props)
         self._upcast = False  # True once ORT could not run the graph in its fp16/bf16 dtype
+        self._store = onnx_store.SpillStore()  # large new tensors go to disk
         self._prepare()
         self._infer_shapes()
         self._invalidate()
@@ -205,33 +201,14 @@ class OnnxGraph:
     # ------------------------------------------------------------------ construction
     @classmethod
     def load(cls, path: str | os.PathLike) -> OnnxGraph:
-        """Read ``path`` (and its external data) fully into memory; the file is never written."""
+        """Read ``path``; external data stays on disk, read one tensor at a time when needed
+        (:mod:`rotaq.rewriter.onnx_store`); the file is never written."""
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise LoadError(f"cannot load {path}: no such file")
-        try:
-            proto = onnx.load(path, load_external_data=False)
-        except OSError as err:
-            raise LoadError(
-                f"cannot load {path}: cannot read the file: {_first_line(err)}"
-            ) from err
-        except Exception as err:  # protobuf DecodeError, ...
-            raise LoadError(
-                f"cannot load {path}: not a valid ONNX model (truncated or corrupt): "
-                f"{_first_line(err)}"
-            ) from err
-        if not proto.HasField("graph") or not proto.graph.node:
-            raise LoadError(f"cannot load {path}: not a valid ONNX model (no graph)")
-        try:
-            onnx.external_data_helper.load_external_data_for_model(
-                proto, os.path.dirname(os.path.abspath(path))
-            )
-        except Exception as err:  # missing / short / unreadable side file
-            raise LoadError(
-                f"cannot load {path}: its external data is missing or unreadable: "
-                f"{_first_line(err)}"
-            ) from err
-        return cls.from_proto(proto, source=path)
+        model = onnx_store.load_lazy(path)
+        cls._validate(model, path)
+        return cls(model, source=path)
 
     @classmethod
     def from_proto(cls, model: onnx.ModelProto | oir.Model, source: str | None = None) -> OnnxGraph:
@@ -254,6 +231,8 @@ class OnnxGraph:
         if g.num_nodes() == 0:
             raise LoadError(f"cannot load {label}: the graph has no nodes")
         for v in g.initializers.values():
+            if onnx_store.is_on_disk(v.const_value):
+                continue  # sizes checked on load; read when used
             try:
                 v.const_value.numpy()
             except Exception as err:
@@ -679,7 +658,7 @@ class OnnxGraph:
     # ------------------------------------------------------------------ edits
     def _initializer(self, array: np.ndarray, dtype: oir.DataType, hint: str) -> oir.Value:
         name = self._fresh(hint)
-        t = _tensor(array, dtype, name)
+        t = self._store.tensor(array, dtype, name)
         v = oir.Value(
             name=name, shape=oir.Shape(list(t.shape)), type=oir.TensorType(dtype), const_value=t
         )
@@ -757,7 +736,8 @@ class OnnxGraph:
     def get_linear(self, key: str) -> tuple[np.ndarray, np.ndarray | None]:
         lin = self._linear(key)
         w = self._array(lin.weight)
-        w = (w.T if lin.layout == "io" else w) * lin.alpha
+        w = w.T if lin.layout == "io" else w
+        w = w * lin.alpha if lin.alpha != 1.0 else w  # no copy of the largest weight for 1.0
         if lin.bias is None:
             return w, None
         b = self._array(lin.bias).reshape(-1)
@@ -979,6 +959,11 @@ class OnnxGraph:
         self._sessions = {k: s for k, s in self._sessions.items() if k == ((), False)}
         self._sessions[(extra, only)] = sess
         return sess
+
+    def free_sessions(self) -> None:
+        """Drop the ORT sessions (their copy of the weights) until the next run."""
+        self._sessions = {}
+        onnx_store.trim()
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         """Run the model with ONNX Runtime (CPU) and return the graph outputs in order (fp32

@@ -15,6 +15,7 @@ from rotaq.errors import RotaqError
 logger = logging.getLogger(__name__)
 
 _IN_MEMORY_SESSION_BYTES = 1_800_000_000  # protobuf cannot serialize 2 GB
+_FILE_SESSION_BYTES = 100 * 2**20  # weights on disk or above this: a session from a file
 _ORT_DOMAINS = {"", "ai.onnx", "ai.onnx.ml", "com.microsoft", "com.microsoft.nchwc",
                 "ai.onnx.preview.training", "com.microsoft.experimental"}
 
@@ -27,8 +28,9 @@ def _unregistered(model: oir.Model) -> list[oir.Node]:
 
 
 def ort_session(model: oir.Model):
-    """An ORT CPU session for ``model`` (in memory below 1.8 GB of weights, else through a
-    temporary file). A node ORT cannot run raises :class:`RotaqError` naming it."""
+    """An ORT CPU session for ``model``: from its serialized proto when small, else through a temporary file with external data written tensor by tensor (no
+    proto of the whole model in memory beside ORT's own copy of the weights). A node ORT
+    cannot run raises :class:`RotaqError` naming it."""
     import onnxruntime as ort
 
     from rotaq.backends.ort import EXACT, session_options
@@ -37,7 +39,7 @@ def ort_session(model: oir.Model):
     providers = ["CPUExecutionProvider"]
     try:
         size = sum(v.const_value.nbytes for v in model.graph.initializers.values())
-        if size < _IN_MEMORY_SESSION_BYTES:
+        if size < min(_IN_MEMORY_SESSION_BYTES, _FILE_SESSION_BYTES):
             data = oir.serde.serialize_model(model).SerializeToString()
             return ort.InferenceSession(data, opts, providers=providers)
         with tempfile.TemporaryDirectory(prefix="rotaq-ort-", ignore_cleanup_errors=True) as tmp:

@@ -1,0 +1,187 @@
+"""Streaming storage for :class:`~rotaq.rewriter.onnx.OnnxGraph`: weights stay on disk.
+
+- :func:`load_lazy`: an ONNX file whose initializers read their external data one tensor at a
+  time when asked (``os.pread`` on a descriptor held open, so a file replaced later, e.g. by a
+  save over the source, is still read as it was). Nothing is read on load: missing, short or
+  out-of-folder data files are refused from their sizes and paths alone.
+- :class:`SpillStore`: tensors written by the graph's setters go to a temporary folder once
+  large (:data:`SPILL_BYTES`), so memory does not grow with the number of rewritten weights;
+  the folder is removed when the store is collected or the process exits, errors included.
+- :func:`file_tensor`: the lazy tensor both use; the graph's ``save`` (onnx-ir) streams such
+  tensors to the output one at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import weakref
+from typing import Any
+
+import numpy as np
+import onnx_ir as oir
+
+from rotaq.errors import LoadError
+
+log = logging.getLogger(__name__)
+SPILL_BYTES = 1 << 20  # a new tensor at least this large is written to the spill folder
+_PACKED = {oir.DataType.INT4, oir.DataType.UINT4, oir.DataType.FLOAT4E2M1}
+
+
+class DataFile:
+    """A read-only descriptor on one data file, closed when no tensor refers to it."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.fd = os.open(path, os.O_RDONLY)
+        self.size = os.fstat(self.fd).st_size
+        weakref.finalize(self, os.close, self.fd)
+
+    def read(self, offset: int, length: int) -> bytes:
+        data = os.pread(self.fd, length, offset)
+        if len(data) != length:
+            raise OSError(f"{self.path}: short read at offset {offset} ({len(data)} of {length}"
+                          " bytes)")
+        return data
+
+
+class FileTensor(oir.LazyTensor):  # pylint: disable=too-many-ancestors
+    """A lazy tensor read from a data file (see :func:`file_tensor`)."""
+
+    __slots__ = ("data",)
+
+
+def file_tensor(data: DataFile, offset: int, dtype: oir.DataType, shape: Any,
+                name: str | None) -> FileTensor:
+    """A tensor whose bytes are read from ``data`` at ``offset`` each time they are needed
+    (never cached: memory holds one tensor while it is used)."""
+    dims = tuple(int(d) for d in shape)
+    count = int(np.prod(dims, dtype=np.int64))
+    nbytes = (count * dtype.bitwidth + 7) // 8
+
+    def read() -> oir.Tensor:
+        raw = data.read(offset, nbytes)
+        arr = np.frombuffer(raw, dtype=np.dtype(dtype.numpy()).newbyteorder("<"))
+        return oir.Tensor(arr.reshape(dims), dtype=dtype, name=name)
+
+    t = FileTensor(read, dtype=dtype, shape=oir.Shape(dims), name=name)
+    t.data = data
+    return t
+
+
+def is_on_disk(t: Any) -> bool:
+    return isinstance(t, FileTensor)
+
+
+def _inside(path: str, folder: str) -> bool:
+    for resolve in (os.path.abspath, os.path.realpath):
+        base, p = resolve(folder), resolve(path)
+        if p != base and not p.startswith(base.rstrip(os.sep) + os.sep):
+            return False
+    return True
+
+
+def load_lazy(path: str) -> oir.Model:
+    """The model in ``path`` with its external data left on disk (see module doc); raises
+    :class:`LoadError` (one line naming ``path``) for an unreadable file or data."""
+    try:
+        model = oir.load(path)
+    except OSError as err:
+        raise LoadError(f"cannot load {path}: cannot read the file: {_line(err)}") from err
+    except Exception as err:  # protobuf DecodeError, ...
+        raise LoadError(f"cannot load {path}: not a valid ONNX model (truncated or corrupt): "
+                        f"{_line(err)}") from err
+    if model.graph.num_nodes() == 0:
+        raise LoadError(f"cannot load {path}: not a valid ONNX model (no graph)")
+    base = os.path.dirname(os.path.abspath(path))
+    files: dict[str, DataFile] = {}
+    for graph in model.graphs():
+        for v in graph.initializers.values():
+            t = v.const_value
+            if isinstance(t, oir.ExternalTensor):
+                v.const_value = _lazy(path, base, t, files)
+    return model
+
+
+def _lazy(path: str, base: str, t: oir.ExternalTensor, files: dict[str, DataFile]) -> Any:
+    where = f"cannot load {path}: its external data is missing or unreadable"
+    loc = os.path.join(base, os.fspath(t.location))
+    if not _inside(loc, base):
+        raise LoadError(f"{where}: tensor {t.name!r} points outside the model's folder "
+                        f"({t.location})")
+    if loc not in files:
+        try:
+            files[loc] = DataFile(loc)
+        except OSError as err:
+            raise LoadError(f"{where}: {_line(err)}") from err
+    data = files[loc]
+    offset = int(t.offset or 0)
+    need = (int(np.prod([int(d) for d in t.shape], dtype=np.int64)) * t.dtype.bitwidth + 7) // 8
+    length = need if t.length is None else int(t.length)
+    if length < need or offset + length > data.size:
+        raise LoadError(f"{where}: {os.path.basename(loc)} is short (truncated?): tensor "
+                        f"{t.name!r} needs bytes {offset}..{offset + length}, the file has "
+                        f"{data.size}")
+    if t.dtype in _PACKED:
+        return t  # 4-bit packed storage: onnx-ir's own external tensor unpacks it
+    return file_tensor(data, offset, t.dtype, t.shape, t.name)
+
+
+def _line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+class SpillStore:
+    """Where large new tensors are written (a temporary folder, removed with the store)."""
+
+    def __init__(self) -> None:
+        self._dir: str | None = None
+        self._count = 0
+        self._lock = threading.Lock()
+        self.bytes = 0
+
+    def _folder(self) -> str:
+        if self._dir is None:
+            self._dir = tempfile.mkdtemp(prefix="rotaq-spill-")
+            weakref.finalize(self, shutil.rmtree, self._dir, True)
+        return self._dir
+
+    @property
+    def folder(self) -> str | None:
+        return self._dir
+
+    def tensor(self, array: np.ndarray, dtype: oir.DataType, name: str) -> Any:
+        """``array`` stored as ``dtype``: in memory when small, else written to the spill
+        folder and read back lazily."""
+        arr = np.ascontiguousarray(np.asarray(array).astype(dtype.numpy()))
+        if arr.nbytes < SPILL_BYTES or dtype in _PACKED:
+            return oir.Tensor(arr, dtype=dtype, name=name)
+        with self._lock:
+            self._count += 1
+            path = os.path.join(self._folder(), f"{self._count}.bin")
+        with open(path, "wb") as f:
+            arr.tofile(f)  # no second copy in memory
+        self.bytes += arr.nbytes
+        return file_tensor(DataFile(path), 0, dtype, arr.shape, name)
+
+    def close(self) -> None:
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
+
+
+def trim() -> None:
+    """Give freed memory back to the system (glibc keeps it otherwise), e.g. after an ORT
+    session holding the weights is dropped."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
