@@ -295,7 +295,7 @@ class BlockRunner:
     def close(self) -> None:
         self.store.close()
 
-    def __enter__(self) -> BlockRunner:
+    def __enter__(self) -> BlockRunner:  # noqa: PYI034
         return self
 
     def __exit__(self, *exc: object) -> None:
