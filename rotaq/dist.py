@@ -106,6 +106,17 @@ def share(items: Sequence[T], solve: Callable[[T], R]) -> list[R]:
     return [merged[i] for i in range(len(items))]
 
 
+def gather_rows(a: np.ndarray) -> np.ndarray:
+    """The rows of ``a`` of every rank, concatenated in rank order (``a`` itself when alone)."""
+    if not active():
+        return a
+    import torch.distributed as td
+
+    parts: list[Any] = [None] * world()[1]
+    td.all_gather_object(parts, np.ascontiguousarray(a))
+    return np.concatenate(parts, axis=0)
+
+
 def broadcast(obj: Any, src: int = 0) -> Any:
     """``obj`` as rank ``src`` holds it, on every rank."""
     if not active():

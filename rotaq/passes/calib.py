@@ -1,9 +1,9 @@
 """Calibration statistics of linear inputs, shared by the passes that need them.
 
-``input_stats`` runs the model on calibration windows a few at a time and accumulates, for every
-distinct input value of the chosen linears, the Gram matrix ``G = X^T X`` (float64) and the mean
-absolute value per channel; activations are dropped after each batch, so memory stays at one
-batch of activations plus the Gram matrices.
+``input_stats`` runs the model block by block (:mod:`rotaq.rewriter.blocks`) over calibration
+windows a few at a time and accumulates, for every distinct input value of the chosen linears,
+the Gram matrix ``G = X^T X`` (float64) and the mean absolute value per channel; memory stays at
+one block's activations plus the Gram matrices.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from tqdm import tqdm
 
 from rotaq.inputs import chunks, rows_of
 from rotaq.model import Model
@@ -68,25 +67,53 @@ def counts(feeds: dict[str, np.ndarray] | None, positions: int) -> dict[str, int
 
 
 def input_stats(model: Model, values: list[str], feeds: dict[str, np.ndarray],
-                batch: int = 2, gram: bool = True, desc: str = "calibrate") -> dict[str, InputStats]:
-    """Gram matrix and mean |x| of each value over all tokens of ``feeds``."""
+                batch: int = 2, gram: bool = True, desc: str = "calibrate",
+                spill: bool | str = False) -> dict[str, InputStats]:
+    """Gram matrix and mean |x| of each value over all tokens of ``feeds``, in one block-wise
+    pass over the model (:mod:`rotaq.rewriter.blocks`); across processes each rank runs its
+    share of the rows and the sums are all-reduced."""
+    from rotaq import dist
+    from rotaq.rewriter.blocks import BlockRunner
+    from rotaq.rewriter.kv_capture import complete_feeds
+
     out: dict[str, InputStats] = {}
     wanted = sorted(set(values))
-    n = rows_of(feeds)
-    for part in tqdm(list(batches(feeds, batch, model)), desc=desc, unit="batch", leave=False,
-                     disable=n <= batch):
-        caught = model.graph.capture(part, wanted)
+    feeds = complete_feeds(model.graph, feeds)
+    sl = dist.shard(rows_of(feeds))
+    mine = {k: v[sl] for k, v in feeds.items()}
+    with BlockRunner(model.graph, mine, batch=batch, keep_outputs=False) as runner:
+        where: dict[int, list[str]] = {}
         for v in wanted:
-            x = np.asarray(caught[v], np.float64)
-            x = x.reshape(-1, x.shape[-1])
-            st = out.get(v)
-            if st is None:
-                dim = x.shape[1]
-                st = out[v] = InputStats(np.zeros((dim, dim) if gram else (0, 0)),
-                                         np.zeros(dim), 0)
-            if gram:
-                st.gram += x.T @ x
-            st.abs_sum += np.abs(x).sum(axis=0)
-            st.count += x.shape[0]
-        del caught
+            k = next((k for k in range(len(runner.segments)) if v in runner.exec.produced(k)
+                      or v in runner._inputs[k]), None)
+            if k is None:
+                raise ValueError(f"no segment computes {v!r}")
+            where.setdefault(k, []).append(v)
+
+        def hook(sr) -> bool:
+            for part in sr.each(where.get(sr.segment.index, [])):
+                for v, x in part.items():
+                    _accumulate(out, v, x, gram)
+            return False
+
+        runner.run(hook, until=max(where, default=0), desc=desc)
+    for v in wanted:
+        st = out.setdefault(v, InputStats(np.zeros((0, 0)), np.zeros(0), 0))
+        if dist.active():
+            st.gram = dist.allreduce_sum(st.gram)
+            st.abs_sum = dist.allreduce_sum(st.abs_sum)
+            st.count = dist.allreduce_int(st.count)
     return out
+
+
+def _accumulate(out: dict[str, InputStats], v: str, x: np.ndarray, gram: bool) -> None:
+    x = np.asarray(x, np.float64)
+    x = x.reshape(-1, x.shape[-1])
+    st = out.get(v)
+    if st is None:
+        dim = x.shape[1]
+        st = out[v] = InputStats(np.zeros((dim, dim) if gram else (0, 0)), np.zeros(dim), 0)
+    if gram:
+        st.gram += x.T @ x
+    st.abs_sum += np.abs(x).sum(axis=0)
+    st.count += x.shape[0]

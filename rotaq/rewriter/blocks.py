@@ -163,6 +163,7 @@ class SegmentRun:
         """``values`` (produced in this segment or read by it) for each chunk of the feeds, with
         the segment as it is now (rewrites made so far included)."""
         names = list(dict.fromkeys(values))
+        self.runner._refresh(self.segment.index)  # the hook may have rewritten the segment
         outs: list[dict[str, Any]] = []
         for c in range(self.chunks):
             got = self.runner._run(self.segment.index, c, names)
@@ -219,6 +220,11 @@ class BlockRunner:
         self._inputs = [self.exec.inputs(k) for k in range(len(self.segments))]
         self._graph_outputs = self.exec.output_values()
 
+    def _refresh(self, k: int) -> None:
+        """Re-read segment ``k`` from the graph (after an edit)."""
+        self.exec.changed(k)
+        self._inputs[k] = self.exec.inputs(k)
+
     # ---- liveness ---------------------------------------------------------------------
     def _needed_after(self, k: int) -> set[str]:
         out = set().union(*self._inputs[k + 1:]) if k + 1 < len(self._inputs) else set()
@@ -273,13 +279,15 @@ class BlockRunner:
                 sr = SegmentRun(self, seg)
                 changed = hook(sr) if hook is not None else False
                 if changed:
-                    self.exec.changed(k)
-                    self._inputs[k] = self.exec.inputs(k)
+                    self._refresh(k)
                     sr._last = None
+                if k == last and until is not None:
+                    break  # nothing reads this segment's outputs
                 results = sr._last
                 if results is None:
                     results = [self._run(k, c, []) for c in range(len(self.store.data))]
                 self._commit(k, results)
+                self.exec.release(k)
         finally:
             bar.close()
 

@@ -46,6 +46,9 @@ class FxSegments:
         self._nodes[k] = [n for n in nodes[first:last] if n.op not in _SKIP]
         self._info.pop(k, None)
 
+    def release(self, k: int) -> None:
+        pass
+
     def _analyze(self, k: int) -> tuple[list[str], set[str]]:
         if k not in self._info:
             mine = set(self._nodes[k])

@@ -19,6 +19,30 @@ import onnx_ir as oir
 log = logging.getLogger(__name__)
 
 
+def _scan(nodes: list[oir.Node]) -> tuple[list[str], list[oir.Value]]:
+    """(external input names, initializers read) of ``nodes`` (subgraphs included)."""
+    inner = [m for n in nodes for m in _subgraph_nodes(n)]
+    local: set[int] = set()
+    for n in [*nodes, *inner]:
+        local.update(id(o) for o in n.outputs)
+    for n in inner:
+        g = n.graph
+        if g is not None:
+            local.update(id(v) for v in g.inputs)
+            local.update(id(v) for v in g.initializers.values())
+    ext: dict[str, None] = {}
+    inits: dict[str, oir.Value] = {}
+    for n in [*nodes, *inner]:
+        for v in n.inputs:
+            if v is None or id(v) in local:
+                continue
+            if v.is_initializer() and not v.is_graph_input():
+                inits[v.name] = v
+            else:
+                ext[v.name] = None
+    return list(ext), list(inits.values())
+
+
 def _subgraph_nodes(n: oir.Node) -> list[oir.Node]:
     out = []
     for attr in n.attributes.values():
@@ -39,7 +63,7 @@ class OnnxSegments:
         self.graph = graph
         self.ends = ends
         self._nodes: list[list[oir.Node]] = []
-        self._sessions: dict[tuple[int, tuple[str, ...]], tuple[Any, Any]] = {}
+        self._sessions: dict[tuple[int, tuple[str, ...]], tuple[Any, Any, list[str]]] = {}
         self._upcast = bool(getattr(graph, "_upcast", False))
         self._split()
 
@@ -62,38 +86,32 @@ class OnnxSegments:
         last = at[self.ends[k]] + 1 if k < len(self.ends) else len(nodes)
         self._nodes[k] = nodes[first:last]
         self._info.pop(k, None)
+
+    def release(self, k: int) -> None:
+        """Drop the sessions of segment ``k`` (it will not run again)."""
         self._sessions = {key: s for key, s in self._sessions.items() if key[0] != k}
 
     def _analyze(self, k: int) -> tuple[list[str], dict[str, oir.Value], list[oir.Value]]:
         """(external inputs, values produced, initializers read) of segment ``k``."""
-        if k in self._info:
-            return self._info[k]
-        nodes = self._nodes[k]
-        inner = [m for n in nodes for m in _subgraph_nodes(n)]
-        produced: set[str] = set()
-        local: set[int] = set()
-        for n in [*nodes, *inner]:
-            for o in n.outputs:
-                produced.add(o.name)
-                local.add(id(o))
-        for n in inner:
-            g = n.graph
-            if g is not None:
-                local.update(id(v) for v in g.inputs)
-                local.update(id(v) for v in g.initializers.values())
-        ext: dict[str, None] = {}
-        inits: dict[str, oir.Value] = {}
-        for n in [*nodes, *inner]:
-            for v in n.inputs:
-                if v is None or id(v) in local:
-                    continue
-                if v.is_initializer() and not v.is_graph_input():
-                    inits[v.name] = v
-                else:
-                    ext[v.name] = None
-        top = {o.name: o for n in nodes for o in n.outputs}
-        self._info[k] = (list(ext), top, list(inits.values()))
+        if k not in self._info:
+            ext, inits = _scan(self._nodes[k])
+            top = {o.name: o for n in self._nodes[k] for o in n.outputs}
+            self._info[k] = (ext, top, inits)
         return self._info[k]
+
+    def _pruned(self, k: int, outputs: list[str]) -> tuple[list[oir.Node], list[str],
+                                                            list[oir.Value]]:
+        """The nodes of segment ``k`` that ``outputs`` need, their external inputs and
+        initializers."""
+        need = set(outputs)
+        kept = []
+        for n in reversed(self._nodes[k]):
+            if any(o.name in need for o in n.outputs):
+                kept.append(n)
+                need.update(_scan([n])[0])
+        kept.reverse()
+        ext, inits = _scan(kept)
+        return kept, ext, inits
 
     def inputs(self, k: int) -> set[str]:
         return set(self._analyze(k)[0])
@@ -113,7 +131,8 @@ class OnnxSegments:
                                else id(v) for v in n.inputs)) for n in self._nodes[k])
 
     def _model(self, k: int, env: dict[str, Any], outputs: list[str]) -> onnx.ModelProto:
-        ext, vals, inits = self._analyze(k)
+        vals = self._analyze(k)[1]
+        nodes, ext, inits = self._pruned(k, outputs)
         m = self.graph.model
         ins = []
         for name in ext:
@@ -132,7 +151,7 @@ class OnnxSegments:
             t = oir.serde.serialize_tensor(v.const_value)
             t.name = v.name
             tensors.append(t)
-        graph = onnx.helper.make_graph([oir.serde.serialize_node(n) for n in self._nodes[k]],
+        graph = onnx.helper.make_graph([oir.serde.serialize_node(n) for n in nodes],
                                        f"segment_{k}", ins, outs, tensors)
         opsets = [onnx.helper.make_opsetid(d, ver) for d, ver in m.opset_imports.items()]
         proto = onnx.helper.make_model(graph, opset_imports=opsets)
@@ -146,13 +165,14 @@ class OnnxSegments:
         fp = self._fingerprint(k)
         hit = self._sessions.get(key)
         if hit is not None and hit[0] == fp:
-            return hit[1]
+            return hit[1], hit[2]
         import onnxruntime as ort
 
         from rotaq.backends.ort import EXACT, session_options
         from rotaq.rewriter.onnx_run import not_implemented
 
         proto = self._model(k, env, outputs)
+        ins = [i.name for i in proto.graph.input]
         opts = session_options("all", EXACT)
         if self._upcast:
             proto = _upcast(proto)
@@ -166,8 +186,8 @@ class OnnxSegments:
             self._upcast = True
             sess = ort.InferenceSession(_upcast(proto).SerializeToString(), opts,
                                         providers=["CPUExecutionProvider"])
-        self._sessions[key] = (fp, sess)
-        return sess
+        self._sessions[key] = (fp, sess, ins)
+        return sess, ins
 
     def run(self, k: int, env: dict[str, Any], outputs: list[str]) -> dict[str, Any]:
         """``outputs`` of segment ``k`` with its external inputs taken from ``env``."""
@@ -178,8 +198,8 @@ class OnnxSegments:
         if self._upcast:
             feeds = {v: a.astype(np.float32) if a.dtype in (np.float16,) or
                      a.dtype.name == "bfloat16" else a for v, a in feeds.items()}
-        sess = self._session(k, feeds, outputs)
-        got = sess.run(outputs, feeds)
+        sess, ins = self._session(k, feeds, outputs)
+        got = sess.run(outputs, {v: feeds[v] for v in ins})
         return dict(zip(outputs, got))
 
 
