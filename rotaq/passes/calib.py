@@ -39,16 +39,6 @@ def feeds_for(model: Model, text: str, tokens: int, window: int) -> dict[str, np
     return calibration_feeds(model, text, tokens, window)
 
 
-def batches(feeds: dict[str, np.ndarray], batch: int, model: Model | None = None):
-    """``feeds`` in pieces of ``batch`` rows (fewer if the model's graph has a fixed batch)."""
-    if model is not None:
-        yield from chunks(model.graph, feeds, batch)
-        return
-    n = rows_of(feeds)
-    for i in range(0, n, batch):
-        yield {k: v[i:i + batch] for k, v in feeds.items()}
-
-
 def capture(model: Model, feeds: dict[str, np.ndarray], values: list[str],
             batch: int | None = None) -> dict[str, np.ndarray]:
     """``model.graph.capture`` over all rows of ``feeds``, in batches the graph accepts
@@ -67,36 +57,21 @@ def counts(feeds: dict[str, np.ndarray] | None, positions: int) -> dict[str, int
 
 
 def input_stats(model: Model, values: list[str], feeds: dict[str, np.ndarray],
-                batch: int = 2, gram: bool = True, desc: str = "calibrate",
-                spill: bool | str = False) -> dict[str, InputStats]:
+                batch: int = 2, gram: bool = True, desc: str = "calibrate"
+                ) -> dict[str, InputStats]:
     """Gram matrix and mean |x| of each value over all tokens of ``feeds``, in one block-wise
     pass over the model (:mod:`rotaq.rewriter.blocks`); across processes each rank runs its
     share of the rows and the sums are all-reduced."""
     from rotaq import dist
-    from rotaq.rewriter.blocks import BlockRunner
-    from rotaq.rewriter.kv_capture import complete_feeds
 
     out: dict[str, InputStats] = {}
     wanted = sorted(set(values))
-    feeds = complete_feeds(model.graph, feeds)
-    sl = dist.shard(rows_of(feeds))
-    mine = {k: v[sl] for k, v in feeds.items()}
-    with BlockRunner(model.graph, mine, batch=batch, keep_outputs=False) as runner:
-        where: dict[int, list[str]] = {}
-        for v in wanted:
-            k = next((k for k in range(len(runner.segments)) if v in runner.exec.produced(k)
-                      or v in runner._inputs[k]), None)
-            if k is None:
-                raise ValueError(f"no segment computes {v!r}")
-            where.setdefault(k, []).append(v)
+    mine = _my_rows(model, feeds)
 
-        def hook(sr) -> bool:
-            for part in sr.each(where.get(sr.segment.index, [])):
-                for v, x in part.items():
-                    _accumulate(out, v, x, gram)
-            return False
+    def add(v: str, x: np.ndarray) -> None:
+        _accumulate(out, v, x, gram)
 
-        runner.run(hook, until=max(where, default=0), desc=desc)
+    _blockwise(model, wanted, mine, batch, add, desc)
     for v in wanted:
         st = out.setdefault(v, InputStats(np.zeros((0, 0)), np.zeros(0), 0))
         if dist.active():
@@ -117,3 +92,53 @@ def _accumulate(out: dict[str, InputStats], v: str, x: np.ndarray, gram: bool) -
         st.gram += x.T @ x
     st.abs_sum += np.abs(x).sum(axis=0)
     st.count += x.shape[0]
+
+
+def _my_rows(model: Model, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """This rank's share of the rows of ``feeds`` (completed for a KV-cache graph)."""
+    from rotaq import dist
+    from rotaq.rewriter.kv_capture import complete_feeds
+
+    feeds = complete_feeds(model.graph, feeds)
+    sl = dist.shard(rows_of(feeds))
+    return {k: v[sl] for k, v in feeds.items()}
+
+
+def _blockwise(model: Model, values: list[str], feeds: dict[str, np.ndarray], batch: int,
+               take, desc: str) -> None:
+    """One block-wise pass over ``feeds``: ``take(value, array)`` for each chunk of rows and
+    each of ``values``, in the segment that computes it; stops after the last one needed."""
+    from rotaq.rewriter.blocks import BlockRunner
+
+    with BlockRunner(model.graph, feeds, batch=batch, keep_outputs=False) as runner:
+        where: dict[int, list[str]] = {}
+        for v in values:
+            k = next((k for k in range(len(runner.segments)) if v in runner.exec.produced(k)
+                      or v in runner._inputs[k]), None)
+            if k is None:
+                raise ValueError(f"no segment of the graph computes {v!r}")
+            where.setdefault(k, []).append(v)
+
+        def hook(sr) -> bool:
+            for part in sr.each(where.get(sr.segment.index, [])):
+                for v, x in part.items():
+                    take(v, x)
+            return False
+
+        runner.run(hook, until=max(where, default=0), desc=desc)
+
+
+def capture_rows(model: Model, values: list[str], feeds: dict[str, np.ndarray],
+                 batch: int = 2, desc: str = "calibrate") -> dict[str, np.ndarray]:
+    """Each value over all tokens of ``feeds`` as float32 ``[tokens, channels]``, in one
+    block-wise pass (across processes: every rank's rows, gathered in rank order)."""
+    from rotaq import dist
+
+    parts: dict[str, list[np.ndarray]] = {v: [] for v in values}
+
+    def take(v: str, x: np.ndarray) -> None:
+        x = np.asarray(x, np.float32)
+        parts[v].append(x.reshape(-1, x.shape[-1]))
+
+    _blockwise(model, sorted(set(values)), _my_rows(model, feeds), batch, take, desc)
+    return {v: dist.gather_rows(np.concatenate(p)) for v, p in parts.items()}

@@ -272,7 +272,7 @@ class BlockRunner:
         """Run every segment (or up to segment ``until``), calling ``hook`` on each first."""
         last = len(self.segments) - 1 if until is None else until
         bar = tqdm(self.segments[:last + 1], desc=desc, unit="block", leave=False,
-                   disable=len(self.segments) < 8)
+                   disable=len(self.segments) < 8 or not _main())
         try:
             for seg in bar:
                 k = seg.index
@@ -317,3 +317,9 @@ def run_blockwise(graph: Any, feeds: dict[str, np.ndarray], hook: Hook | None = 
     with BlockRunner(graph, feeds, batch=batch, spill=spill) as r:
         r.run(hook)
         return r.result()
+
+
+def _main() -> bool:
+    from rotaq import dist
+
+    return dist.is_main()

@@ -173,7 +173,9 @@ class OnnxSegments:
 
         proto = self._model(k, env, outputs)
         ins = [i.name for i in proto.graph.input]
-        opts = session_options("all", EXACT)
+        from rotaq import dist
+
+        opts = session_options("all", EXACT, threads=dist.threads())
         if self._upcast:
             proto = _upcast(proto)
         try:
