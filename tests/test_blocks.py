@@ -139,3 +139,23 @@ def test_runner_keeps_only_what_later_segments_read(llama):
         assert emb in stores[1] and emb not in stores[2]
         for k, st in enumerate(stores):
             assert st <= set().union(*r._inputs[k:])
+
+
+def test_external_data_segments(llama, tmp_path):
+    """Initializers left in an external file (memory-mapped) are read into each segment's
+    session: same outputs."""
+    import onnx_ir as oir
+
+    from rotaq.rewriter.onnx import OnnxGraph
+
+    path = str(tmp_path / "x.onnx")
+    oir.save(llama["onnx"].graph.model, path, external_data="x.onnx.data",
+             size_threshold_bytes=16)
+    lazy = oir.load(path)
+    assert any(isinstance(v.const_value, oir.ExternalTensor)
+               for v in lazy.graph.initializers.values())
+    feeds = _feeds(rows=2)
+    out = run_blockwise(OnnxGraph(lazy, source=path), feeds)
+    ref = llama["onnx"].graph.run(complete_feeds(llama["onnx"].graph, feeds))
+    for r, o in zip(ref, out):
+        np.testing.assert_allclose(o, r, rtol=0, atol=1e-5)

@@ -31,7 +31,8 @@ def _optimize(src, out, *extra):
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "rotaq", "optimize", str(src), "-o", str(out),
-                           *_ARGS, *extra], env=env, capture_output=True, text=True,
+                           *_ARGS, *extra], check=False, env=env, capture_output=True,
+                          text=True,
                           timeout=600)
 
 

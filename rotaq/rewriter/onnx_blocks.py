@@ -146,11 +146,7 @@ class OnnxSegments:
                 outs.append(onnx.helper.make_tensor_value_info(name, int(v.dtype), None))
             else:
                 outs.append(onnx.ValueInfoProto(name=name))
-        tensors = []
-        for v in inits:
-            t = oir.serde.serialize_tensor(v.const_value)
-            t.name = v.name
-            tensors.append(t)
+        tensors = [_tensor_proto(v) for v in inits]
         graph = onnx.helper.make_graph([oir.serde.serialize_node(n) for n in nodes],
                                        f"segment_{k}", ins, outs, tensors)
         opsets = [onnx.helper.make_opsetid(d, ver) for d, ver in m.opset_imports.items()]
@@ -203,6 +199,19 @@ class OnnxSegments:
         sess, ins = self._session(k, feeds, outputs)
         got = sess.run(outputs, {v: feeds[v] for v in ins})
         return dict(zip(outputs, got))
+
+
+def _tensor_proto(v: oir.Value) -> onnx.TensorProto:
+    """The initializer of ``v`` with its bytes inline (an external tensor is read here: the
+    segment's session is built from memory)."""
+    t = v.const_value
+    if isinstance(t, oir.ExternalTensor):
+        proto = onnx.TensorProto(name=v.name, data_type=t.dtype.value, dims=list(t.shape.numpy()))
+        proto.raw_data = t.tobytes()
+        return proto
+    proto = oir.serde.serialize_tensor(t)
+    proto.name = v.name
+    return proto
 
 
 def _upcast(proto: onnx.ModelProto) -> onnx.ModelProto:
