@@ -4,8 +4,9 @@
 
 - weights: int 2..8 (symmetric or asymmetric, per channel or per group, optional MSE clip
   search), fp8 e4m3, MXFP4, NVFP4, by round-to-nearest or GPTQ. GPTQ runs block by block
-  through the model as rewritten so far: the Hessian ``2 X^T X`` of each block's linears comes
-  from inputs captured after every earlier block was quantized;
+  through the model as rewritten so far, in one pass (:mod:`rotaq.passes.quantize_calib`): the
+  Hessian ``2 X^T X`` of each block's linears comes from inputs captured after every earlier
+  block was quantized;
 - activations: dynamic (per token) or static per tensor (min/max or percentile calibration);
 - KV cache (simulated): per-token fake quantization of K (after the online Q/K rotation, if the
   model has one) and of V.

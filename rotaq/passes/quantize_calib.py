@@ -23,7 +23,7 @@ from rotaq import dist
 from rotaq.inputs import rows_of
 from rotaq.model import Model
 from rotaq.rewriter.analysis import Analysis
-from rotaq.rewriter.blocks import BlockRunner, SegmentRun, segments
+from rotaq.rewriter.blocks import BlockRunner, SegmentRun
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +68,7 @@ def calibrate_blockwise(q: Any, model: Model, a: Analysis, keys: list[str],
     g = model.graph
     view = g.view()
     xin = {k: view.by_key[k].inputs[0] for k in keys}
-    segs = segments(g, a)
-    groups = plan(a, segs, keys)
+    groups: dict[int, list[list[str]]] = {}
     need_x = bool(q.a_bits and q.a_mode == "static")
     errors: dict[str, float] = {}
     seen = 0
@@ -110,8 +109,8 @@ def calibrate_blockwise(q: Any, model: Model, a: Analysis, keys: list[str],
             calibrate(group, sr)
         return True
 
-    last = max(groups) if groups else -1
     with BlockRunner(g, shard_rows(feeds), batch=CALIB_BATCH, spill=spill, keep_outputs=False,
                      analysis=a) as runner:
-        runner.run(hook, until=last, desc=f"quantize ({q.method})")
+        groups.update(plan(a, runner.segments, keys))
+        runner.run(hook, until=max(groups, default=-1), desc=f"quantize ({q.method})")
     return errors, seen
