@@ -255,6 +255,8 @@ def _inputs_label(d: dict[str, Any]) -> str:
 def cmd_optimize(args: argparse.Namespace) -> int:
     from rotaq import dist
 
+    if args.workers < 1:
+        raise RotaqError(f"--workers must be 1 or more, not {args.workers}")
     if args.workers > 1 and not dist.launched():
         return dist.launch(args.workers, _without_workers(getattr(args, "argv", None)))
     dist.init()
