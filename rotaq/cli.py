@@ -256,7 +256,36 @@ def _inputs_label(d: dict[str, Any]) -> str:
 
 
 def cmd_optimize(args: argparse.Namespace) -> int:
+    from rotaq import dist
+
+    if args.workers < 1:
+        raise RotaqError(f"--workers must be 1 or more, not {args.workers}")
+    if args.workers > 1 and not dist.launched():
+        return dist.launch(args.workers, _without_workers(getattr(args, "argv", None)))
+    dist.init()
+    try:
+        return _optimize(args)
+    finally:
+        dist.finish()
+
+
+def _without_workers(argv: list[str] | None) -> list[str]:
+    """The command line of this process without ``--workers N``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--workers":
+            skip = True
+        elif not a.startswith("--workers="):
+            out.append(a)
+    return out
+
+
+def _optimize(args: argparse.Namespace) -> int:
     import rotaq
+    from rotaq import dist
     from rotaq.eval import stats as st
     from rotaq.genai import check_decoder, is_folder_target
 
@@ -277,7 +306,10 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     model = rotaq.load(args.model, ir=ir, dtype=args.dtype, **input_options(args))
     if folder:
         check_decoder(model, args.model, args.output)
-    res = rotaq.optimize(model, recipe, verify=not args.no_verify)
+    # across processes every rank calibrates its share; only rank 0 verifies, writes, prints
+    res = rotaq.optimize(model, recipe, verify=not args.no_verify and dist.is_main())
+    if not dist.is_main():
+        return 0
     if args.stats:
         feeds = st.calibration_feeds(model, args.text, args.tokens, args.window)
         before, after = st.activation_stats(model, feeds), st.activation_stats(res.model, feeds)
@@ -397,6 +429,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--stats", action="store_true",
                     help="add per-linear outlier statistics before and after to the report")
     add_dtype_arg(sp)
+    sp.add_argument("--workers", type=int, default=1, metavar="N",
+                    help="calibrate across N processes (torch.distributed, gloo on CPU): "
+                         "launches torchrun --nproc-per-node N -m rotaq optimize ...")
     stats_args(sp)
     add_input_args(sp)
     sp.set_defaults(func=cmd_optimize)
@@ -419,6 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = argv
     from rotaq.cli_log import setup_logging
 
     setup_logging(args.verbose, args.debug)

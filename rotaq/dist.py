@@ -1,7 +1,7 @@
 """Calibration across processes (torch.distributed), and no-ops in a single process.
 
 Started by ``torchrun --nproc-per-node N -m rotaq optimize ...`` (or ``rotaq optimize
---workers N``, which launches the same): every rank runs the same command on the same model;
+--workers N``, which launches the same through :func:`launch`): every rank runs the same command on the same model;
 calibration samples are split across ranks (:func:`shard`), per-block statistics summed
 (:func:`allreduce_sum`), independent solves shared out round-robin (:func:`share`), and only
 rank 0 writes files and prints (:func:`is_main`). Backend: NCCL when CUDA is available, gloo
@@ -27,6 +27,33 @@ def _env_size() -> int:
         return int(os.environ.get("WORLD_SIZE", "1"))
     except ValueError:
         return 1
+
+
+def launched() -> bool:
+    """Whether this process was started by torchrun (or ``--workers``)."""
+    return "WORLD_SIZE" in os.environ and "RANK" in os.environ
+
+
+def launch(workers: int, argv: list[str]) -> int:
+    """Run ``python -m rotaq ARGV`` on ``workers`` processes through torch.distributed.run;
+    its exit code (the first failing rank's, else 0)."""
+    import subprocess
+    import sys
+
+    if workers < 1:
+        raise ValueError("workers must be >= 1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc-per-node={workers}", "-m", "rotaq", *argv]
+    logger.info("launching %d workers: %s", workers, " ".join(cmd))
+    return subprocess.call(cmd)
+
+
+def threads() -> int | None:
+    """Threads per process for ONNX Runtime when several ranks share the machine (None:
+    ORT's default)."""
+    if not active():
+        return None
+    return max(1, (os.cpu_count() or 1) // world()[1])
 
 
 def init() -> None:
@@ -104,6 +131,17 @@ def share(items: Sequence[T], solve: Callable[[T], R]) -> list[R]:
     for part in gathered:
         merged.update(part)
     return [merged[i] for i in range(len(items))]
+
+
+def gather_rows(a: np.ndarray) -> np.ndarray:
+    """The rows of ``a`` of every rank, concatenated in rank order (``a`` itself when alone)."""
+    if not active():
+        return a
+    import torch.distributed as td
+
+    parts: list[Any] = [None] * world()[1]
+    td.all_gather_object(parts, np.ascontiguousarray(a))
+    return np.concatenate(parts, axis=0)
 
 
 def broadcast(obj: Any, src: int = 0) -> Any:

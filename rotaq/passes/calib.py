@@ -1,9 +1,9 @@
 """Calibration statistics of linear inputs, shared by the passes that need them.
 
-``input_stats`` runs the model on calibration windows a few at a time and accumulates, for every
-distinct input value of the chosen linears, the Gram matrix ``G = X^T X`` (float64) and the mean
-absolute value per channel; activations are dropped after each batch, so memory stays at one
-batch of activations plus the Gram matrices.
+``input_stats`` runs the model block by block (:mod:`rotaq.rewriter.blocks`) over calibration
+windows a few at a time and accumulates, for every distinct input value of the chosen linears,
+the Gram matrix ``G = X^T X`` (float64) and the mean absolute value per channel; memory stays at
+one block's activations plus the Gram matrices.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from tqdm import tqdm
 
 from rotaq.inputs import chunks, rows_of
 from rotaq.model import Model
@@ -40,16 +39,6 @@ def feeds_for(model: Model, text: str, tokens: int, window: int) -> dict[str, np
     return calibration_feeds(model, text, tokens, window)
 
 
-def batches(feeds: dict[str, np.ndarray], batch: int, model: Model | None = None):
-    """``feeds`` in pieces of ``batch`` rows (fewer if the model's graph has a fixed batch)."""
-    if model is not None:
-        yield from chunks(model.graph, feeds, batch)
-        return
-    n = rows_of(feeds)
-    for i in range(0, n, batch):
-        yield {k: v[i:i + batch] for k, v in feeds.items()}
-
-
 def capture(model: Model, feeds: dict[str, np.ndarray], values: list[str],
             batch: int | None = None) -> dict[str, np.ndarray]:
     """``model.graph.capture`` over all rows of ``feeds``, in batches the graph accepts
@@ -68,25 +57,88 @@ def counts(feeds: dict[str, np.ndarray] | None, positions: int) -> dict[str, int
 
 
 def input_stats(model: Model, values: list[str], feeds: dict[str, np.ndarray],
-                batch: int = 2, gram: bool = True, desc: str = "calibrate") -> dict[str, InputStats]:
-    """Gram matrix and mean |x| of each value over all tokens of ``feeds``."""
+                batch: int = 2, gram: bool = True, desc: str = "calibrate"
+                ) -> dict[str, InputStats]:
+    """Gram matrix and mean |x| of each value over all tokens of ``feeds``, in one block-wise
+    pass over the model (:mod:`rotaq.rewriter.blocks`); across processes each rank runs its
+    share of the rows and the sums are all-reduced."""
+    from rotaq import dist
+
     out: dict[str, InputStats] = {}
     wanted = sorted(set(values))
-    n = rows_of(feeds)
-    for part in tqdm(list(batches(feeds, batch, model)), desc=desc, unit="batch", leave=False,
-                     disable=n <= batch):
-        caught = model.graph.capture(part, wanted)
-        for v in wanted:
-            x = np.asarray(caught[v], np.float64)
-            x = x.reshape(-1, x.shape[-1])
-            st = out.get(v)
-            if st is None:
-                dim = x.shape[1]
-                st = out[v] = InputStats(np.zeros((dim, dim) if gram else (0, 0)),
-                                         np.zeros(dim), 0)
-            if gram:
-                st.gram += x.T @ x
-            st.abs_sum += np.abs(x).sum(axis=0)
-            st.count += x.shape[0]
-        del caught
+    mine = _my_rows(model, feeds)
+
+    def add(v: str, x: np.ndarray) -> None:
+        _accumulate(out, v, x, gram)
+
+    _blockwise(model, wanted, mine, batch, add, desc)
+    for v in wanted:
+        st = out.setdefault(v, InputStats(np.zeros((0, 0)), np.zeros(0), 0))
+        if dist.active():
+            st.gram = dist.allreduce_sum(st.gram)
+            st.abs_sum = dist.allreduce_sum(st.abs_sum)
+            st.count = dist.allreduce_int(st.count)
     return out
+
+
+def _accumulate(out: dict[str, InputStats], v: str, x: np.ndarray, gram: bool) -> None:
+    x = np.asarray(x, np.float64)
+    x = x.reshape(-1, x.shape[-1])
+    st = out.get(v)
+    if st is None:
+        dim = x.shape[1]
+        st = out[v] = InputStats(np.zeros((dim, dim) if gram else (0, 0)), np.zeros(dim), 0)
+    if gram:
+        st.gram += x.T @ x
+    st.abs_sum += np.abs(x).sum(axis=0)
+    st.count += x.shape[0]
+
+
+def _my_rows(model: Model, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """This rank's share of the rows of ``feeds`` (completed for a KV-cache graph)."""
+    from rotaq import dist
+    from rotaq.rewriter.kv_capture import complete_feeds
+
+    feeds = complete_feeds(model.graph, feeds)
+    sl = dist.shard(rows_of(feeds))
+    return {k: v[sl] for k, v in feeds.items()}
+
+
+def _blockwise(model: Model, values: list[str], feeds: dict[str, np.ndarray], batch: int,
+               take, desc: str) -> None:
+    """One block-wise pass over ``feeds``: ``take(value, array)`` for each chunk of rows and
+    each of ``values``, in the segment that computes it; stops after the last one needed."""
+    from rotaq.rewriter.blocks import BlockRunner
+
+    with BlockRunner(model.graph, feeds, batch=batch, keep_outputs=False) as runner:
+        where: dict[int, list[str]] = {}
+        for v in values:
+            k = next((k for k in range(len(runner.segments)) if v in runner.exec.produced(k)
+                      or v in runner._inputs[k]), None)
+            if k is None:
+                raise ValueError(f"no segment of the graph computes {v!r}")
+            where.setdefault(k, []).append(v)
+
+        def hook(sr) -> bool:
+            for part in sr.each(where.get(sr.segment.index, [])):
+                for v, x in part.items():
+                    take(v, x)
+            return False
+
+        runner.run(hook, until=max(where, default=0), desc=desc)
+
+
+def capture_rows(model: Model, values: list[str], feeds: dict[str, np.ndarray],
+                 batch: int = 2, desc: str = "calibrate") -> dict[str, np.ndarray]:
+    """Each value over all tokens of ``feeds`` as float32 ``[tokens, channels]``, in one
+    block-wise pass (across processes: every rank's rows, gathered in rank order)."""
+    from rotaq import dist
+
+    parts: dict[str, list[np.ndarray]] = {v: [] for v in values}
+
+    def take(v: str, x: np.ndarray) -> None:
+        x = np.asarray(x, np.float32)
+        parts[v].append(x.reshape(-1, x.shape[-1]))
+
+    _blockwise(model, sorted(set(values)), _my_rows(model, feeds), batch, take, desc)
+    return {v: dist.gather_rows(np.concatenate(p)) for v, p in parts.items()}

@@ -28,7 +28,7 @@ from rotaq.linalg.kron import near_square_split
 from rotaq.linalg.threads import single_threaded
 from rotaq.model import Model
 from rotaq.passes.base import PassResult, register, select_linears
-from rotaq.passes.calib import batches, counts, feeds_for
+from rotaq.passes.calib import capture_rows, counts, feeds_for
 from rotaq.rewriter.sites import Kronecker
 
 log = logging.getLogger(__name__)
@@ -107,11 +107,5 @@ class KronTransform:
     @staticmethod
     def _capture(model: Model, values: list[str], feeds) -> dict[str, np.ndarray]:
         """Inputs of every group on the float model (transforms are exact, so one capture
-        serves every layer), as float32 [tokens, n]."""
-        parts: dict[str, list[np.ndarray]] = {v: [] for v in values}
-        for part in batches(feeds, 2, model):
-            caught = model.graph.capture(part, values)
-            for v in values:
-                x = np.asarray(caught[v], np.float32)
-                parts[v].append(x.reshape(-1, x.shape[-1]))
-        return {v: np.concatenate(p) for v, p in parts.items()}
+        serves every layer), as float32 [tokens, n], in one block-wise pass."""
+        return capture_rows(model, values, feeds, batch=2, desc="kron-transform calibration")

@@ -4,8 +4,9 @@
 
 - weights: int 2..8 (symmetric or asymmetric, per channel or per group, optional MSE clip
   search), fp8 e4m3, MXFP4, NVFP4, by round-to-nearest or GPTQ. GPTQ runs block by block
-  through the model as rewritten so far: the Hessian ``2 X^T X`` of each block's linears comes
-  from inputs captured after every earlier block was quantized;
+  through the model as rewritten so far, in one pass (:mod:`rotaq.passes.quantize_calib`): the
+  Hessian ``2 X^T X`` of each block's linears comes from inputs captured after every earlier
+  block was quantized;
 - activations: dynamic (per token) or static per tensor (min/max or percentile calibration);
 - KV cache (simulated): per-token fake quantization of K (after the online Q/K rotation, if the
   model has one) and of V.
@@ -28,7 +29,6 @@ from rotaq.errors import RewriteError
 from rotaq.linalg import lowrank
 from rotaq.linalg.formats import QuantizedWeight
 from rotaq.linalg.quant import (
-    HessianAccumulator,
     QFormat,
     calibrate_per_tensor,
     gptq,
@@ -38,7 +38,7 @@ from rotaq.linalg.quant import (
 from rotaq.linalg.threads import single_threaded
 from rotaq.model import Model
 from rotaq.passes.base import PassResult, register, select_linears
-from rotaq.passes.calib import capture, counts, feeds_for, input_stats, linear_inputs
+from rotaq.passes.calib import counts, feeds_for, input_stats, linear_inputs
 from rotaq.rewriter.analysis import Analysis
 from rotaq.rewriter.chain import lowrank_chain
 from rotaq.rewriter.sites import ActQuant
@@ -123,17 +123,15 @@ class Quantize:
             grams.update({k: st[v].gram for k, v in ins.items()})
             seen = max((s.count for s in st.values()), default=0)
         errors: dict[str, float] = {}
-        groups = self._blocks(a, keys)
-        bar = tqdm(total=len(keys), desc=f"quantize ({self.method})", unit="linear",
-                   disable=len(keys) < 8, leave=False)
-        for group in groups:
-            caught = self._capture(model, a, group, feeds) if needs_calib else {}
-            for x in caught.values():
-                seen = max(seen, int(np.prod(np.shape(x)[:-1])))
-            for key in group:
-                errors[key] = self._quantize_one(model, a, key, caught, grams=grams)
-                bar.update(1)
-        bar.close()
+        if needs_calib:
+            from rotaq.passes.quantize_calib import calibrate_blockwise
+
+            errors, got = calibrate_blockwise(self, model, a, keys, feeds, grams)
+            seen = max(seen, got)
+        else:
+            for key in tqdm(keys, desc=f"quantize ({self.method})", unit="linear",
+                            disable=len(keys) < 8, leave=False):
+                errors[key] = self._quantize_one(model, a, key, {}, grams=grams)
         head = [k for k in a.residual.head if k not in errors] if self.head_bits else []
         for key in head:
             errors[key] = self._quantize_one(model, a, key, {}, self._head_fmt())
@@ -179,11 +177,6 @@ class Quantize:
         return groups
 
     # ---- calibration ---------------------------------------------------------------------
-    def _capture(self, model: Model, a: Analysis, group: list[str], feeds) -> dict:
-        view = model.graph.view()
-        values = sorted({view.by_key[k].inputs[0] for k in group})
-        return capture(model, feeds, values)
-
     def _act(self, x: np.ndarray | None) -> ActQuant | None:
         if not self.a_bits:
             return None
@@ -201,11 +194,21 @@ class Quantize:
 
     def _quantize_one(self, model: Model, a: Analysis, key: str, caught: dict,
                       fmt: QFormat | None = None, grams: dict | None = None) -> float:
+        """Quantize linear ``key`` (inputs from ``caught``, as captured, when calibrated)."""
         g = model.graph
-        w, _ = g.get_linear(key)
-        x = None
-        if caught:
-            x = caught[g.view().by_key[key].inputs[0]]
+        x = caught[g.view().by_key[key].inputs[0]] if caught else None
+        xtx, count = None, 0
+        if x is not None:
+            xs = np.asarray(x, np.float64).reshape(-1, np.shape(x)[-1])
+            xtx, count = xs.T @ xs, xs.shape[0]
+        sol = self._solve(g.get_linear(key)[0], xtx, count, x, fmt, (grams or {}).get(key))
+        return self._apply(g, key, sol)
+
+    def _solve(self, w: np.ndarray, xtx: np.ndarray | None, count: int, x: np.ndarray | None,
+               fmt: QFormat | None = None, gram: np.ndarray | None = None) -> tuple:
+        """(quantized weight, low-rank correction | None, activation quantizer | None, relative
+        weight error) of weight ``w`` given its inputs' ``X^T X`` over ``count`` tokens (GPTQ's
+        Hessian is ``2 X^T X / count``) and, for static activations, the inputs ``x``."""
         head = fmt is not None
         fmt = fmt or self.fmt()
         n_in = w.shape[1]
@@ -216,9 +219,8 @@ class Quantize:
         pad = (-n_in) % group if group > 0 else 0
         h = None
         if self.method == "gptq" and not head:
-            acc = HessianAccumulator(n_in)
-            acc.add(np.asarray(x, np.float64).reshape(-1, n_in))
-            h = np.pad(acc.value, ((0, pad), (0, pad))) if pad else acc.value
+            h = (2.0 / max(count, 1)) * np.asarray(xtx, np.float64)
+            h = np.pad(h, ((0, pad), (0, pad))) if pad else h
 
         def quant(target: np.ndarray) -> QuantizedWeight:
             tp = np.pad(target, ((0, 0), (0, pad))) if pad else target
@@ -229,18 +231,24 @@ class Quantize:
         correction = None
         with single_threaded():
             if self.lowrank_rank and not head:
-                qw, correction = self._lowrank(w, x, quant, (grams or {}).get(key))
+                qw, correction = self._lowrank(w, xtx if gram is None else gram, quant)
             else:
                 qw = quant(w)
         act = self._act(x) if not head or self.a_mode == "dynamic" else None
         approx = qw.dequantize()[:, :n_in]
         if correction is not None:
-            g.add_branch(key, lowrank_chain(*correction))
             approx = approx + correction[0] @ correction[1]
-        g.quantize_linear(key, qw, act, self.lowering)
-        return quant_error(w, approx)
+        return qw, correction, act, quant_error(w, approx)
 
-    def _lowrank(self, w: np.ndarray, x: np.ndarray | None, quant, gram: np.ndarray | None
+    def _apply(self, g, key: str, sol: tuple) -> float:
+        """Write a solution of :meth:`_solve` into the graph; returns its weight error."""
+        qw, correction, act, err = sol
+        if correction is not None:
+            g.add_branch(key, lowrank_chain(*correction))
+        g.quantize_linear(key, qw, act, self.lowering)
+        return err
+
+    def _lowrank(self, w: np.ndarray, gram: np.ndarray | None, quant
                  ) -> tuple[QuantizedWeight, tuple[np.ndarray, np.ndarray] | None]:
         """W ~ Q + a b: LQ-LoRA (Q = quant(W - ab), alternated) or EoRA (ab fits W - Q(W) in the
         space whitened by the inputs' Gram matrix)."""
@@ -252,8 +260,7 @@ class Quantize:
             return quant(w - fa @ fb), (fa, fb)
         qw = quant(w)
         if gram is None:
-            xs = np.asarray(x, np.float64).reshape(-1, n_in)
-            gram = xs.T @ xs
+            raise RewriteError("quantize: eora needs calibration inputs")
         fa, fb = lowrank.eora(w - qw.dequantize()[:, :n_in], gram, rank)
         return qw, (fa, fb)
 
