@@ -301,7 +301,7 @@ def _optimize(args: argparse.Namespace) -> int:
     from rotaq.loading_stream import streams
 
     onnx_out = folder or args.output.lower().endswith(".onnx")
-    streamed = streams(args.model, not getattr(args, "no_kv_cache", False))
+    streamed = streams(args.model, not getattr(args, "no_kv_cache", False), args.dtype)
     ir = "onnx" if onnx_out and (not exact or streamed) else "fx"
     model = rotaq.load(args.model, ir=ir, dtype=args.dtype, **input_options(args))
     if folder:

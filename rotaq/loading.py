@@ -101,7 +101,7 @@ def _load(src: Any, example_inputs: Any, ir: str, seq_len: int, kv: bool = True,
     path = os.fspath(src)
     from rotaq import assets, loading_stream
 
-    if ir == "onnx" and loading_stream.streams(path, kv):  # weights never all in memory
+    if ir == "onnx" and loading_stream.streams(path, kv, dtype):  # weights never all in memory
         return loading_stream.load_stream(path, seq_len)
     if os.path.isdir(path):
         return _from_hf(path, seq_len, ir, kv=kv, dtype=dtype)

@@ -41,12 +41,18 @@ def hf_dir_of(src: Any) -> str | None:
     return path if os.path.isdir(path) else None
 
 
-def streams(src: Any, kv: bool = True) -> bool:
-    """Whether :func:`rotaq.load` with ``ir="onnx"`` takes the streaming route for ``src``."""
+def streams(src: Any, kv: bool = True, dtype: str | None = None) -> bool:
+    """Whether :func:`rotaq.load` with ``ir="onnx"`` takes the streaming route for ``src``:
+    a supported decoder, with its KV cache, written in fp32 (the output dtype ``dtype`` or,
+    when None, the source's own; an fp16/bf16 output takes the torch route, see README)."""
     if not kv or os.environ.get("ROTAQ_NO_STREAM"):
         return False
     path = hf_dir_of(src)
     if path is None:
+        return False
+    from rotaq.dtypes import hf_source_dtype, output_dtype
+
+    if output_dtype(hf_source_dtype(path), dtype) != "float32":
         return False
     from rotaq.rewriter.stream_export import is_supported
 

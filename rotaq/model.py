@@ -43,7 +43,6 @@ class Model:
 
     def run(self, feeds: dict[str, np.ndarray] | None = None) -> list[np.ndarray]:
         """Outputs on ``feeds`` (default: the sample inputs), batched to the graph's size."""
-        from rotaq.inputs import run
         from rotaq.rewriter.kv_capture import is_cache_graph, prefill_decode
 
         feeds = self.sample_inputs if feeds is None else feeds
@@ -52,7 +51,7 @@ class Model:
 
             feeds = complete_feeds(self.graph, feeds)  # tokens only: a full prefill  # a prefill, then decode steps fed the returned presents
             return prefill_decode(_Batched(self.graph), feeds)
-        return run(self.graph, feeds)
+        return _run(self.graph, feeds)
 
     def token_feeds(self, ids: np.ndarray) -> dict[str, np.ndarray]:
         """Feeds for token windows ``ids`` [batch, seq]: ids plus an all-ones attention mask and
@@ -120,9 +119,33 @@ class _Batched:
         self.input_names = graph.input_names
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        from rotaq.inputs import run
+        return _run(self.graph, feeds)
 
-        return run(self.graph, feeds)
+
+def blockwise_bytes() -> int:
+    """ONNX models whose weights exceed this many bytes (``ROTAQ_BLOCKWISE_GIB``, default 2)
+    run block by block (:func:`rotaq.rewriter.blocks.run_blockwise`): one block's weights in
+    an ORT session at a time, instead of one session holding the whole model."""
+    return int(float(os.environ.get("ROTAQ_BLOCKWISE_GIB", "2")) * 2**30)
+
+
+def weight_bytes(graph: Any) -> int:
+    """Bytes of an ONNX graph's initializers (from their shapes: nothing is read); 0 for FX."""
+    if getattr(graph, "ir", None) != "onnx":
+        return 0
+    return sum(v.const_value.nbytes for v in graph.model.graph.initializers.values()
+               if v.const_value is not None)
+
+
+def _run(graph: Any, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    from rotaq.inputs import run
+
+    if weight_bytes(graph) > blockwise_bytes():
+        from rotaq.rewriter.blocks import run_blockwise
+
+        log.info("running block by block (weights %.1f GiB)", weight_bytes(graph) / 2**30)
+        return run_blockwise(graph, feeds)
+    return run(graph, feeds)
 
 
 def copy_tokenizer(src: str, dest: str) -> None:

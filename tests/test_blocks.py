@@ -159,3 +159,22 @@ def test_external_data_segments(llama, tmp_path):
     ref = llama["onnx"].graph.run(complete_feeds(llama["onnx"].graph, feeds))
     for r, o in zip(ref, out):
         np.testing.assert_allclose(o, r, rtol=0, atol=1e-5)
+
+
+def test_big_models_verified_block_by_block(llama, monkeypatch):
+    """Past ROTAQ_BLOCKWISE_GIB of weights, Model.run (what verification and the reference
+    run use) goes block by block: same outputs as one session, and rotate still verifies."""
+    import rotaq.rewriter.blocks as blocks
+
+    model = llama["onnx"]
+    whole = model.run()
+    calls = []
+    real = blocks.run_blockwise
+    monkeypatch.setattr(blocks, "run_blockwise", lambda g, f, **k: calls.append(1) or real(g, f))
+    monkeypatch.setenv("ROTAQ_BLOCKWISE_GIB", "0")
+    split = model.run()
+    assert calls and len(split) == len(whole)
+    for a, b in zip(whole, split):
+        np.testing.assert_allclose(b, a, rtol=0, atol=1e-5)
+    res = rotaq.optimize(model, "rotate")
+    assert res.report["verify"]["passed"] and res.report["max_rel_error"] < 1e-4
