@@ -152,8 +152,8 @@ def _write_shard(path: Path, cfg: SyntheticLlama,
         fh.write(struct.pack("<Q", len(raw)))
         fh.write(raw)
         for name, shape in tensors:
-            for chunk in _chunks(cfg, name, shape):
-                fh.write(chunk.contiguous().view(torch.uint8).numpy().data)
+            fh.writelines(c.contiguous().view(torch.uint8).numpy().data
+                          for c in _chunks(cfg, name, shape))
     return offset
 
 
@@ -218,7 +218,7 @@ class _Weights:
             wmap = json.loads(index.read_text())["weight_map"]
         else:
             with safe_open(str(path / "model.safetensors"), "pt") as f:
-                wmap = {k: "model.safetensors" for k in f.keys()}
+                wmap = {k: "model.safetensors" for k in f.keys()}  # noqa: SIM118
         self._where = wmap
         self._files = {f: safe_open(str(path / f), "pt") for f in set(wmap.values())}
 

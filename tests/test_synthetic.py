@@ -11,8 +11,8 @@ from safetensors import safe_open
 
 from rotaq import synthetic as S
 
-TINY = dict(hidden=64, intermediate=128, layers=3, heads=4, kv_heads=2, vocab=512, std=0.1,
-            norm_noise=0.2)
+TINY = {"hidden": 64, "intermediate": 128, "layers": 3, "heads": 4, "kv_heads": 2, "vocab": 512,
+        "std": 0.1, "norm_noise": 0.2}
 
 
 def _ids(vocab: int, batch: int = 2, seq: int = 13) -> torch.Tensor:
@@ -45,7 +45,7 @@ def test_writer_shards_index_and_dtype(tmp_path):
     seen = 0
     for f in files:
         with safe_open(str(path / f), "pt") as fh:
-            for k in fh.keys():
+            for k in fh.keys():  # noqa: SIM118
                 t = fh.get_tensor(k)
                 assert t.dtype == torch.bfloat16
                 assert tuple(t.shape) == dict(cfg.tensors())[k]
