@@ -36,6 +36,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 GiB = 2**30
 PPL_REF = 27.14  # README, quant table: w4a16-rotated on SmolLM2-135M (wiki, 8192 tokens, ORT)
 CHECK_TOKENS = 32
+MAX_RSS = [14 * GiB]  # --max-rss-gib
 
 
 MODELS = {"1.6b": {}, "tiny": {"hidden": 256, "intermediate": 512, "layers": 2,
@@ -85,6 +86,36 @@ def _time_v(text: str) -> dict[str, float]:
             "cpu_s": round(float(field("User time")) + float(field("System time")), 1)}
 
 
+def _guarded(cmd: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    """Run ``cmd``, killing its process tree when its total RSS passes ``MAX_RSS`` (the
+    machine is shared: a stage that would exhaust its memory is stopped and reported)."""
+    import psutil
+
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=err, text=True,
+                                start_new_session=True)
+        killed = None
+        while proc.poll() is None:
+            try:
+                tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(True)]
+                rss = sum(p.memory_info().rss for p in tree)
+            except psutil.Error:
+                rss = 0
+            if rss > MAX_RSS[0]:
+                killed = rss
+                for child in tree[1:]:  # /usr/bin/time itself stays, to report the figures
+                    child.kill()
+                proc.wait()
+                break
+            time.sleep(0.5)
+        out.seek(0)
+        err.seek(0)
+        stderr = err.read()
+        if killed:
+            stderr += f"\nkilled by the benchmark: RSS {killed / GiB:.1f} GiB > {MAX_RSS[0] / GiB:.0f} GiB"
+        return subprocess.CompletedProcess(cmd, proc.returncode, out.read(), stderr)
+
+
 def _last_json(text: str) -> dict:
     start = text.rfind("\n{")
     for cand in ([text[start + 1:]] if start >= 0 else []) + [text]:
@@ -114,8 +145,7 @@ def run_stage(name: str, cmd: list[str], env: dict[str, str], targets: dict) -> 
     load0 = _load()
     print(f"== {name}: {' '.join(cmd)}", flush=True)
     t0 = time.time()
-    done = subprocess.run(["/usr/bin/time", "-v", "-o", str(tfile), *cmd], env=env,
-                          check=False, capture_output=True, text=True)
+    done = _guarded(["/usr/bin/time", "-v", "-o", str(tfile), *cmd], env)
     row = {"stage": name, "cmd": " ".join(cmd).replace(sys.executable, "python"),
            "rc": done.returncode, "load_before": load0, "load_after": _load(),
            "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(t0)),
@@ -343,7 +373,10 @@ def main() -> None:
     ap.add_argument("--rewrite", action="store_true",
                     help="write the synthetic model again (default: reused when present)")
     ap.add_argument("--stage", choices=("write", "check"), help=argparse.SUPPRESS)
+    ap.add_argument("--max-rss-gib", type=float, default=14.0,
+                    help="kill a stage whose processes pass this RSS (default 14)")
     args = ap.parse_args()
+    MAX_RSS[0] = int(args.max_rss_gib * GiB)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     if args.stage == "write":
