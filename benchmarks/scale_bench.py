@@ -152,7 +152,8 @@ def run_stage(name: str, cmd: list[str], env: dict[str, str], targets: dict) -> 
            **_time_v(tfile.read_text()), **_summary(_last_json(done.stdout))}
     tfile.unlink()
     if done.returncode != 0:
-        row["error"] = (done.stderr.strip().splitlines() or ["?"])[-1][:300]
+        tail = [ln for ln in done.stderr.strip().splitlines() if ln.strip()][-3:] or ["?"]
+        row["error"] = " / ".join(ln.strip()[-200:] for ln in tail)
     row["targets"] = targets
     row["pass"] = _judge(row, targets)
     print(f"   wall {row['wall_s']} s, peak RSS {row['peak_rss'] / GiB:.2f} GiB, "

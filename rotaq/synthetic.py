@@ -208,31 +208,36 @@ def write_llama(path: str | os.PathLike, cfg: SyntheticLlama | None = None,
 
 
 class _Weights:
-    """Tensors of a safetensors directory by name, read one at a time (memory-mapped)."""
+    """Tensors of a safetensors directory by name, each read from a file opened for it alone
+    (a memory map held open would keep every page read so far resident)."""
 
     def __init__(self, path: Path) -> None:
         from safetensors import safe_open
 
+        self._open = safe_open
+        self._path = path
         index = path / "model.safetensors.index.json"
         if index.is_file():
-            wmap = json.loads(index.read_text())["weight_map"]
+            self._where = json.loads(index.read_text())["weight_map"]
         else:
             with safe_open(str(path / "model.safetensors"), "pt") as f:
-                wmap = {k: "model.safetensors" for k in f.keys()}  # noqa: SIM118
-        self._where = wmap
-        self._files = {f: safe_open(str(path / f), "pt") for f in set(wmap.values())}
+                self._where = {k: "model.safetensors" for k in f.keys()}  # noqa: SIM118
 
     def __contains__(self, name: str) -> bool:
         return name in self._where
 
+    def _read(self, name: str, fn: Any) -> Any:
+        with self._open(str(self._path / self._where[name]), "pt") as f:
+            return fn(f)
+
     def get(self, name: str) -> torch.Tensor:
-        return self._files[self._where[name]].get_tensor(name).float()
+        return self._read(name, lambda f: f.get_tensor(name).float())
 
     def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
-        return self._files[self._where[name]].get_slice(name)[start:stop].float()
+        return self._read(name, lambda f: f.get_slice(name)[start:stop].float())
 
     def shape(self, name: str) -> list[int]:
-        return self._files[self._where[name]].get_slice(name).get_shape()
+        return self._read(name, lambda f: f.get_slice(name).get_shape())
 
 
 @torch.no_grad()
