@@ -220,6 +220,8 @@ def synthetic_stages(work: Path, skip: set[str], dtype_opt: bool, rewrite: bool)
     if "syn-write" not in skip or not src.is_dir():
         rows.append(run_stage("syn-write", [sys.executable, __file__, "--stage", "write"]
                               + (["--rewrite"] if rewrite else []), env, {"rss_gib": 1.0}))
+    # fp32 output: the bf16 source is captured by the streaming route (an fp16/bf16 output
+    # takes the torch route, which holds the model)
     fp32 = ["--dtype", "fp32"] if dtype_opt else []
     if "syn-rotate" not in skip:
         rows.append(run_stage("syn-rotate", _cli("optimize", str(src), "--recipe", "rotate",
@@ -227,13 +229,13 @@ def synthetic_stages(work: Path, skip: set[str], dtype_opt: bool, rewrite: bool)
                                                  "--json"), env, {"rss_gib": 3}))
     if "syn-rtn" not in skip:
         rows.append(run_stage("syn-rtn", _cli("optimize", str(src), "--recipe", "w4a16-rotated",
-                                              "--set", "method=rtn", "-o",
+                                              "--set", "method=rtn", *fp32, "-o",
                                               str(work / "syn-rtn.onnx"), "--json"),
                               env, {"rss_gib": 3}))
     if "syn-gptq" not in skip:
         rows.append(run_stage("syn-gptq", _cli("optimize", str(src), "--recipe", "w4a16-rotated",
                                                "--set", "calib_tokens=128", "--set",
-                                               "calib_window=128", "-o",
+                                               "calib_window=128", *fp32, "-o",
                                                str(work / "syn-gptq.onnx"), "--json"),
                               env, {"rss_gib": 4}))
     if "syn-check" not in skip:
