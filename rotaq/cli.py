@@ -459,6 +459,9 @@ def main(argv: list[str] | None = None) -> int:
 
     setup_logging(args.verbose, args.debug)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from rotaq.rewriter.onnx_store import return_large_frees
+
+    return_large_frees()  # freed weights go back to the system (peak RSS with one block)
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     from rotaq.rewriter.export_onnx import sigterm_raises
 

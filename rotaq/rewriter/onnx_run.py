@@ -35,7 +35,9 @@ def ort_session(model: oir.Model):
 
     from rotaq.backends.ort import EXACT, session_options
 
-    opts = session_options("all", EXACT)
+    # no pre-packed second copy of the MatMul weights: these sessions verify and calibrate
+    # (short runs), and the copy would double the weights' memory
+    opts = session_options("all", {**EXACT, "session.disable_prepacking": "1"})
     providers = ["CPUExecutionProvider"]
     try:
         size = sum(v.const_value.nbytes for v in model.graph.initializers.values())
