@@ -63,6 +63,6 @@ def test_rotate_peak_rss_bounded_by_model_size(tmp_path):
     extra = rot["peak"] - base["peak"]
     msg = (f"model {size / 1e6:.0f} MB fp32; peak RSS: baseline (imports) "
            f"{base['peak'] / 1e6:.0f} MB, rotate {rot['peak'] / 1e6:.0f} MB, rotate - baseline "
-           f"{extra / 1e6:.0f} MB = {extra / size:.2f}x the model (limit {FACTOR:.0f}x)")
+           f"{extra / 1e6:.0f} MB = {extra / size:.2f}x the model (limit {FACTOR:.1f}x)")
     print(msg)
     assert extra <= FACTOR * size, msg
