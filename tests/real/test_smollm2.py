@@ -40,18 +40,19 @@ def test_inspect_onnx(smollm2_onnx):
 
 
 def test_rotate_onnx_cli(tmp_path, capsys, loaded_by_cli):
-    """The CLI rotates the torch capture (exact recipe) and writes ONNX, verified in ORT."""
+    """The CLI rotates the streamed ONNX capture (exact recipe; README, Large models) and
+    writes ONNX, verified in ORT."""
     out = tmp_path / "rot.onnx"
     assert main(["optimize", "smollm2-135m", "--recipe", "rotate", "-o", str(out), "--json"]) == 0
     rep = json.loads(capsys.readouterr().out)
     v = rep["verify"]
-    assert (v["rewrite"]["runtime"], v["written"]["runtime"]) == ("torch", "ort")
+    assert (v["rewrite"]["runtime"], v["written"]["runtime"]) == ("ort", "ort")
     assert v["rewrite"]["max_rel_error"] <= 1e-4 and v["written"]["max_rel_error"] <= 1e-4
     assert rep["max_rel_error"] <= 1e-4
     st = rep["passes"][0]["stats"]
     assert st["norms_folded"] == 61 and st["online_hadamards"] == 30 and st["ov_heads_rotated"] == 30
     assert out.exists()
-    assert loaded_by_cli == [("smollm2-135m", "fx")]  # the session's capture, as the CLI asked
+    assert loaded_by_cli == [("smollm2-135m", "onnx")]  # the session's capture, as asked
 
 
 def test_rotate_pt2_and_onnx_ir(tmp_path, rotated, smollm2_onnx):
