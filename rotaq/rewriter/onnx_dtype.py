@@ -98,7 +98,7 @@ def low_precision(graph: Any) -> tuple[oir.DataType | None, bool]:
     compute: set[oir.DataType] = set()
     view = graph.view()
     for n in view.nodes:
-        if n.op != "linear":
+        if n.op != "linear" or n.params.get("quantized"):  # pre-quantized: no float weight
             continue
         lin = graph._linear(n.key)
         x = lin.node.inputs[0]
