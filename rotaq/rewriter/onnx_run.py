@@ -35,9 +35,12 @@ def ort_session(model: oir.Model):
 
     from rotaq.backends.ort import EXACT, session_options
 
-    # no pre-packed second copy of the MatMul weights: these sessions verify and calibrate
-    # (short runs), and the copy would double the weights' memory
-    opts = session_options("all", {**EXACT, "session.disable_prepacking": "1"})
+    # no pre-packed second copy of float MatMul weights: these sessions verify and calibrate
+    # (short runs), and the copy would double the weights' memory. Graphs with quantized or
+    # contrib kernels keep it: ORT's int8 / MatMulNBits kernels compute differently unpacked
+    # (accuracy_level 4 needs the packed path), and verification must run what users run.
+    config = dict(EXACT) if _packed_kernels(model) else {**EXACT, "session.disable_prepacking": "1"}
+    opts = session_options("all", config)
     providers = ["CPUExecutionProvider"]
     try:
         size = sum(v.const_value.nbytes for v in model.graph.initializers.values())
@@ -60,6 +63,15 @@ def ort_session(model: oir.Model):
                 "rewritten layers)"
             ) from err
         raise
+
+
+_INT_OPS = {"MatMulInteger", "ConvInteger", "QLinearMatMul", "QLinearConv", "DequantizeLinear",
+            "QuantizeLinear", "DynamicQuantizeLinear"}
+
+
+def _packed_kernels(model: oir.Model) -> bool:
+    """Whether ``model`` holds a quantized or contrib-domain op (kernels that pre-pack)."""
+    return any(n.domain not in ("", "ai.onnx") or n.op_type in _INT_OPS for n in model.graph)
 
 
 def _reach(start: Sequence[oir.Node], step: Any) -> set[int]:
