@@ -39,9 +39,10 @@ def test_inspect_onnx(smollm2_onnx):
     _check_inspect(rotaq.inspect(smollm2_onnx))
 
 
-def test_rotate_onnx_cli(tmp_path, capsys, loaded_by_cli):
+def test_rotate_onnx_cli(tmp_path, capsys, smollm2_onnx, loaded_by_cli):
     """The CLI rotates the streamed ONNX capture (exact recipe; README, Large models) and
-    writes ONNX, verified in ORT."""
+    writes ONNX, verified in ORT. ``smollm2_onnx`` comes first: the capture exists before the
+    CLI's load is redirected to it."""
     out = tmp_path / "rot.onnx"
     assert main(["optimize", "smollm2-135m", "--recipe", "rotate", "-o", str(out), "--json"]) == 0
     rep = json.loads(capsys.readouterr().out)
