@@ -108,6 +108,7 @@ def test_verbose_shows_rotaq_log_and_progress_only(files, tmp_path, capsys):
 
 def test_summary_names_every_file_with_time_and_verdict(files, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr("rotaq.rewriter.onnx._EXTERNAL_DATA_BYTES", 0)  # force a .data file
+    monkeypatch.setenv("ROTAQ_CACHE", str(tmp_path / "cache"))  # a fresh streaming capture
     out = tmp_path / "rot.onnx"
     assert main(["-v", "optimize", str(files / "hf"), "-o", str(out)]) == 0
     cap = capsys.readouterr()
@@ -118,7 +119,7 @@ def test_summary_names_every_file_with_time_and_verdict(files, tmp_path, capsys,
     assert re.fullmatch(rf"wrote {out} \(\d+ KiB\), {out}\.data \(\d+ KiB\), "
                         rf"{out}\.tokenizer/ \(\d+ KiB\) in \d+\.\d s", wrote[0]), wrote
     assert (tmp_path / "rot.onnx.data").stat().st_size > 100_000
-    assert re.search(r"\[rotaq\] exporting to ONNX \(torch\.onnx\.export, dynamo\): rot\.onnx: "
+    assert re.search(r"\[rotaq\] exporting to ONNX \(weights read lazily from safetensors\): "
                      r"\d+\.\d s", cap.err)
     assert "torchvision" not in cap.err and "FutureWarning" not in cap.err
 
