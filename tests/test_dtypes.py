@@ -148,12 +148,17 @@ def onnx_files(dirs, tmp_path_factory) -> dict[str, str]:
     return out
 
 
-def test_fp16_onnx_rotated(onnx_files, tmp_path, capsys):
-    src, out = onnx_files["fp16"], str(tmp_path / "out.onnx")
-    assert _initializer_types(src).keys() == {F16}
+def _rotate_file(src: str, stored: int, tmp_path, capsys) -> tuple[dict, str]:
+    """``rotaq optimize SRC --recipe rotate`` on a file whose weights are all ``stored``."""
+    out = str(tmp_path / "out.onnx")
+    assert _initializer_types(src).keys() == {stored}
     capsys.readouterr()
     assert main(["optimize", src, "--recipe", "rotate", "-o", out, "--json"]) == 0
-    rep = json.loads(capsys.readouterr().out)
+    return json.loads(capsys.readouterr().out), out
+
+
+def test_fp16_onnx_rotated(onnx_files, tmp_path, capsys):
+    rep, out = _rotate_file(onnx_files["fp16"], F16, tmp_path, capsys)
     assert rep["dtype"] == {"source": "float16", "output": "float16"}
     assert rep["tolerance_basis"].startswith("float16 rounding noise x 4, measured e0=")
     e0 = rep["rounding_noise"]["e0"]
@@ -166,11 +171,7 @@ def test_fp16_onnx_rotated(onnx_files, tmp_path, capsys):
 
 
 def test_bf16_onnx_rewritten_as_bf16(onnx_files, tmp_path, capsys):
-    src, out = onnx_files["bf16"], str(tmp_path / "out.onnx")
-    assert _initializer_types(src).keys() == {BF16}
-    capsys.readouterr()
-    assert main(["optimize", src, "--recipe", "rotate", "-o", out, "--json"]) == 0
-    rep = json.loads(capsys.readouterr().out)
+    rep, out = _rotate_file(onnx_files["bf16"], BF16, tmp_path, capsys)
     assert rep["dtype"] == {"source": "bfloat16", "output": "bfloat16"}
     assert rep["rounding_noise"]["dtype"] == "bfloat16"
     # ORT has no bf16 kernels here: e0 is emulated (an fp32 copy rounding every op output to
