@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import transformers as T
 
@@ -56,3 +58,21 @@ def build(family: str, **over) -> tuple[torch.nn.Module, dict[str, torch.Tensor]
         raise ValueError(family)
     m.config.use_cache = False
     return _randomize_norms(m), _ids()
+
+
+@functools.lru_cache(maxsize=None)
+def _loaded(family: str, ir: str, over: tuple):
+    import rotaq
+
+    m, inputs = build(family, **dict(over))
+    return rotaq.load(m, inputs, ir=ir)
+
+
+def loaded(family: str, ir: str = "fx", **over):
+    """``rotaq.load(build(family, **over), ir=ir)``, captured once per test session.
+
+    ``rotaq.optimize`` works on a copy, so tests that only optimize, run or analyse the result
+    share one capture (an ONNX capture of a tiny model costs ~10-25 s of torch.export +
+    torch.onnx.export on 2 cores). A test that edits a model's graph must ``clone()`` it first.
+    """
+    return _loaded(family, ir, tuple(sorted(over.items())))

@@ -6,14 +6,13 @@ import pytest
 
 import rotaq
 from rotaq.errors import RotaqError
-from tests.tiny import build
+from tests.tiny import loaded
 
 TOL = 1e-5
 
 
 def _opt(ir, recipe, family="llama", calibrate_on_sample=False, **options):
-    m, inputs = build(family)
-    model = rotaq.load(m, inputs, ir=ir)
+    model = loaded(family, ir)
     if calibrate_on_sample:  # in-sample on purpose (the report flags the shared rows)
         model = rotaq.load(model, inputs=model.sample_inputs, verify_inputs=model.sample_inputs)
     res = rotaq.optimize(model, recipe, options=options)
@@ -70,13 +69,13 @@ def test_energy_and_no_saving():
 
 
 def test_bad_options():
-    m, inputs = build("llama")
+    model = loaded("llama")
     with pytest.raises(RotaqError, match="method must be"):
-        rotaq.optimize(rotaq.load(m, inputs), "lowrank", options={"method": "qr"})
+        rotaq.optimize(model, "lowrank", options={"method": "qr"})
     with pytest.raises(RotaqError, match="ratio must be"):
-        rotaq.optimize(rotaq.load(m, inputs), "lowrank", options={"ratio": 1.5})
+        rotaq.optimize(model, "lowrank", options={"ratio": 1.5})
     with pytest.raises(RotaqError, match="no linear matches"):
-        rotaq.optimize(rotaq.load(m, inputs), "structured", options={"include": "nothing"})
+        rotaq.optimize(model, "structured", options={"include": "nothing"})
 
 
 @pytest.mark.parametrize("ir", ["fx", "onnx"])
@@ -104,8 +103,7 @@ def test_kron_w4a4_recipe_onnx():
     quantized output closer (relative RMS) than Hadamard-only."""
     from rotaq.inputs import synthetic
 
-    m, inputs = build("llama")
-    src = rotaq.load(m, inputs, ir="onnx")
+    src = loaded("llama", "onnx")
     src = rotaq.load(src, verify_inputs=synthetic(src.graph, seed=2, rows=8, seq_len=32))
     opts = {"kron-transform.iters": 30}
     kron = rotaq.optimize(src, "kron-w4a4", options=opts)
@@ -133,9 +131,9 @@ def test_lowrank_plus_quantized(ir, mode):
 
 
 def test_pass_name_as_recipe():
-    m, inputs = build("llama")
+    model = loaded("llama")
     with pytest.raises(RotaqError, match="a pass name"):
-        rotaq.optimize(rotaq.load(m, inputs), "no-such-recipe")
-    res = rotaq.optimize(rotaq.load(m, inputs), "structured", options={"kind": "kron"})
+        rotaq.optimize(model, "no-such-recipe")
+    res = rotaq.optimize(model, "structured", options={"kind": "kron"})
     assert res.report["tolerance"] is None and res.report["recipe"]["name"] == "structured"
     assert np.isfinite(res.report["max_rel_error"])

@@ -7,13 +7,12 @@ import rotaq
 from rotaq.errors import RewriteError
 from rotaq.linalg.quant import QFormat, fake_quantize
 from rotaq.model import max_rel_error
-from tests.tiny import build
+from tests.tiny import build, loaded
 
 
 @pytest.fixture(scope="module")
 def llama():
-    m, inputs = build("llama")
-    model = rotaq.load(m, inputs)
+    model = loaded("llama").clone()  # its calibration set is replaced below
     rng = np.random.default_rng(0)
     model.calibration = {"input_ids": rng.integers(0, 256, (4, 32))}  # calibration set
     heldout = {"input_ids": rng.integers(0, 256, (2, 32))}
@@ -113,9 +112,7 @@ def test_head_bits(llama):
 def test_w4a4_rotated_recipe_onnx():
     """The full w4a4-rotated recipe on the ONNX IR: rotation + Q/K rotation, GPTQ int4 weights,
     int4 per-token activations and KV cache as QDQ / fake quant, runs in ORT."""
-    m, inputs = build("llama")
-    model = rotaq.load(m, inputs, ir="onnx")
-    res = rotaq.optimize(model, "w4a4-rotated")
+    res = rotaq.optimize(loaded("llama", "onnx"), "w4a4-rotated")
     rot, quant = (p["stats"] for p in res.report["passes"])
     assert rot["qk_rotated"] == 2
     assert quant["linears"] == 14 and quant["kv_quantized"] == 2 and quant["method"] == "gptq"

@@ -11,21 +11,19 @@ import rotaq
 from rotaq.errors import RewriteError
 from rotaq.linalg.hadamard import random_hadamard
 from rotaq.model import max_rel_error
-from tests.tiny import _randomize_norms, build
+from tests.tiny import _randomize_norms, build, loaded
 
 TOL = 1e-5
 
 
-def _rotate(m, inputs, **options):
-    res = rotaq.optimize(rotaq.load(m, inputs), "rotate", options=options)
-    return res
+def _rotate(family, **options):
+    return rotaq.optimize(loaded(family), "rotate", options=options)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "gemma"])
 @pytest.mark.parametrize("qk", [False, True])
 def test_residual_rotation_exact(family, qk):
-    m, inputs = build(family)
-    res = _rotate(m, inputs, rotate_qk=qk)
+    res = _rotate(family, rotate_qk=qk)
     st_ = res.report["passes"][0]["stats"]
     assert st_["mode"] == "residual"
     assert st_["norms_folded"] == 5 and st_["writers"] == 4 and st_["ov_heads_rotated"] == 2
@@ -34,7 +32,7 @@ def test_residual_rotation_exact(family, qk):
     # the weights really changed: the embedding is rotated, the norms hold ones
     a = res.model.analysis()
     e_new = res.model.graph.get_embedding(a.residual.embedding)
-    e_old = rotaq.load(m, inputs).graph.get_embedding(a.residual.embedding)
+    e_old = loaded(family).graph.get_embedding(a.residual.embedding)
     assert np.abs(e_new - e_old).max() > 1e-3
     assert np.allclose(e_new, e_old @ random_hadamard(64, 0), atol=1e-5)
     # online transforms are not linears
@@ -44,8 +42,7 @@ def test_residual_rotation_exact(family, qk):
 @pytest.mark.parametrize("family", ["llama", "qwen2", "bert"])
 def test_rotation_exact_onnx(family):
     """Same pass, ONNX IR: runs in ONNX Runtime, exact, online transforms as Kronecker."""
-    m, inputs = build(family)
-    res = rotaq.optimize(rotaq.load(m, inputs, ir="onnx"), "rotate",
+    res = rotaq.optimize(loaded(family, "onnx"), "rotate",
                          options={"rotate_qk": family != "bert"})
     assert res.model.ir == "onnx"
     assert res.report["max_rel_error"] < TOL
@@ -63,8 +60,7 @@ def test_rotation_exact_onnx(family):
 def test_rotation_negative_control():
     """Rotating only the embedding (no compensating folds) must break the model: the
     verification can fail."""
-    m, inputs = build("llama")
-    model = rotaq.load(m, inputs)
+    model = loaded("llama")
     ref = model.run()
     work = model.clone()
     key = work.analysis().residual.embedding
@@ -74,8 +70,7 @@ def test_rotation_negative_control():
 
 @pytest.mark.parametrize("family", ["bert", "bert-eager", "gpt2"])
 def test_online_rotation_exact(family):
-    m, inputs = build(family)
-    res = _rotate(m, inputs, rotate_qk=True)
+    res = _rotate(family, rotate_qk=True)
     st_ = res.report["passes"][0]["stats"]
     assert st_["mode"] == "online"
     assert st_["qk_rotated"] == 2
@@ -86,15 +81,13 @@ def test_online_rotation_exact(family):
 
 
 def test_layernorm_residual_refused():
-    m, inputs = build("gpt2")
     with pytest.raises(RewriteError, match="LayerNorm 'transformer.h.0.ln_1'"):
-        _rotate(m, inputs, mode="residual")
+        _rotate("gpt2", mode="residual")
 
 
 def test_post_norm_residual_refused():
-    m, inputs = build("bert")
     with pytest.raises(RewriteError, match="pre-norm residual stream; the model is post-norm"):
-        _rotate(m, inputs, mode="residual")
+        _rotate("bert", mode="residual")
 
 
 def test_original_untouched_and_pt2_roundtrip(tmp_path):
@@ -128,5 +121,6 @@ def test_rotation_exact_property(hidden, heads, kv, inter, layers, seed):
     m = _randomize_norms(T.LlamaForCausalLM(cfg), seed)
     m.config.use_cache = False
     ids = {"input_ids": torch.randint(0, 128, (1, 6))}
-    res = _rotate(m, ids, seed=seed, rotate_qk=bool(seed % 3 == 0))
+    res = rotaq.optimize(rotaq.load(m, ids), "rotate",
+                         options={"seed": seed, "rotate_qk": bool(seed % 3 == 0)})
     assert res.report["max_rel_error"] < TOL
