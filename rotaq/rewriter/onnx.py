@@ -612,6 +612,17 @@ class OnnxGraph:
 
     # ------------------------------------------------------------------ lookups
     def _value(self, name: str) -> oir.Value:
+        if self._view is None and getattr(self, "_kinds", None):
+            # after an edit: a cheap scan of the graph's values, not a re-lift (a rotation
+            # inserts one transform per block: a lift each would cost O(blocks x graph))
+            if not self._values:
+                g = self.model.graph
+                self._values = {v.name: v for v in g.inputs}
+                self._values.update({v.name: v for v in g.initializers.values()})
+                self._values.update({o.name: o for n in g for o in n.outputs if o.name})
+            v = self._values.get(name)
+            if v is not None:
+                return v
         self.view()
         v = self._values.get(name)
         if v is None:
