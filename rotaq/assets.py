@@ -25,7 +25,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from rotaq.errors import LoadError, MissingDependencyError
+from rotaq.files import atomic_dir, atomic_file
 
 logger = logging.getLogger(__name__)
 
@@ -236,8 +236,10 @@ def _convert_gguf(gguf_path: Path, target: Path, source: dict[str, Any]) -> None
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     logger.info("converting %s to fp32 safetensors in %s (once, ~20 s)", gguf_path.name, target)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+    if target.exists():
+        logger.warning("replacing incomplete or stale cache %s", target)
+    with atomic_dir(target, prefix=f".{target.name}.tmp-") as tmp_dir:
+        tmp = Path(tmp_dir)
         try:
             model = AutoModelForCausalLM.from_pretrained(
                 str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
@@ -269,14 +271,6 @@ def _convert_gguf(gguf_path: Path, target: Path, source: dict[str, Any]) -> None
         del model, state, tensors
         marker = dict(source, format=_CACHE_FORMAT, dtype="float32")
         (tmp / CACHE_MARKER).write_text(json.dumps(marker, indent=1))
-        _make_readable(tmp)
-        if target.exists():
-            logger.warning("replacing incomplete or stale cache %s", target)
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     logger.info("cached %s", target)
 
 
@@ -300,21 +294,6 @@ def gguf_model_dir(gguf_file: str | os.PathLike) -> Path:
         if not _gguf_cache_ok(target, source):
             _convert_gguf(path, target, source)
     return target
-
-
-def _umask() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return umask
-
-
-def _make_readable(directory: Path) -> None:
-    """Give a temp-built directory the usual umask permissions (mkdtemp makes it 0700)."""
-    umask = _umask()
-    directory.chmod(0o777 & ~umask)
-    for f in directory.iterdir():
-        if f.is_file():
-            f.chmod(0o666 & ~umask)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -485,15 +464,8 @@ def _wiki_text() -> str:
         if cached.is_file():
             return cached.read_text(encoding="utf-8")
         out = "\n\n".join(_wiki_articles(dump))
-        fd, tmp = tempfile.mkstemp(prefix=f".{cached.name}.tmp-", dir=cached.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                fh.write(out)
-            os.chmod(tmp, 0o666 & ~_umask())
-            os.replace(tmp, cached)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        with atomic_file(cached) as tmp:
+            Path(tmp).write_text(out, encoding="utf-8")
     return out
 
 
@@ -634,23 +606,18 @@ def builder_model_dir(name: str = "smollm2-135m", precision: str = "fp32",
     with _file_lock(folder / f".{tag}.lock"):
         if _read_marker(target) == source:
             return target
-        tmp = Path(tempfile.mkdtemp(prefix=f".{tag}-", dir=folder))
-        try:
+        with tempfile.TemporaryDirectory(prefix=f".{tag}-", dir=folder) as work, \
+                atomic_dir(target, prefix=f".{tag}-out-") as out:
+            tmp = Path(work)
             cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(src),
-                   "-o", str(tmp / "out"), "-p", precision, "-e", "cpu", "-c", str(tmp / "hf")]
+                   "-o", out, "-p", precision, "-e", "cpu", "-c", str(tmp / "hf")]
             if accuracy_level is not None:
                 cmd += ["--extra_options", f"accuracy_level={int(accuracy_level)}"]
             env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
             logger.info("building %s with onnxruntime-genai's model builder", tag)
             done = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True)
-            if done.returncode != 0 or not (tmp / "out" / "model.onnx").is_file():
+            if done.returncode != 0 or not (Path(out) / "model.onnx").is_file():
                 tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
                 raise LoadError(f"onnxruntime-genai's model builder failed on {src}: {tail[0]}")
-            (tmp / "out" / CACHE_MARKER).write_text(json.dumps(source, indent=1))
-            _make_readable(tmp / "out")
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(tmp / "out", target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            (Path(out) / CACHE_MARKER).write_text(json.dumps(source, indent=1))
     return target

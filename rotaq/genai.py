@@ -15,12 +15,11 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from typing import Any
 
 from rotaq.decoder_io import CacheSpec, cache_spec, cache_spec_of_model
 from rotaq.errors import MissingDependencyError, RotaqError
-from rotaq.files import set_normal_permissions
+from rotaq.files import atomic_dir
 from rotaq.model import TOKENIZER_SUFFIX
 
 log = logging.getLogger(__name__)
@@ -230,10 +229,7 @@ def write_genai_folder(model_or_onnx_path: Any, out_dir: str, tokenizer_dir: str
     except Exception as err:
         raise RotaqError(f"cannot load a tokenizer from {tokenizer_dir}: "
                          f"{type(err).__name__}") from err
-    parent = os.path.dirname(out_dir)
-    tmp = tempfile.mkdtemp(prefix=".rotaq-genai-", dir=parent)
-    old = None
-    try:
+    with atomic_dir(out_dir, prefix=".rotaq-genai-") as tmp:
         model_path = os.path.join(tmp, MODEL_FILE)
         if save is None:
             spec = _write_model(model_or_onnx_path, model_path)
@@ -257,16 +253,6 @@ def write_genai_folder(model_or_onnx_path: Any, out_dir: str, tokenizer_dir: str
         gen = os.path.join(tokenizer_dir, "generation_config.json")
         if os.path.isfile(gen):
             shutil.copyfile(gen, os.path.join(tmp, "generation_config.json"))
-        set_normal_permissions(tmp)
-        if os.path.isdir(out_dir):  # empty or an earlier generation folder
-            old = tempfile.mkdtemp(prefix=".rotaq-genai-old-", dir=parent)
-            os.rmdir(old)
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
     log.info("wrote generation folder %s", out_dir)
     return sorted(os.path.join(out_dir, f) for f in os.listdir(out_dir))
 

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from rotaq.errors import RotaqError
-from rotaq.files import set_normal_permissions
+from rotaq.files import atomic_dir
 from rotaq.rewriter.analysis import Analysis, analyze
 
 log = logging.getLogger(__name__)
@@ -151,24 +151,14 @@ def _run(graph: Any, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
 def copy_tokenizer(src: str, dest: str) -> None:
     """Save the tokenizer of directory ``src`` as a tokenizer directory ``dest`` (atomically:
     written to a temporary folder beside it, then renamed into place)."""
-    import tempfile
 
     from transformers import AutoTokenizer
 
     if os.path.abspath(src) == os.path.abspath(dest):
         return
     tok = AutoTokenizer.from_pretrained(src)
-    parent = os.path.dirname(os.path.abspath(dest))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".rotaq-tok-", dir=parent)
-    try:
+    with atomic_dir(dest, prefix=".rotaq-tok-") as tmp:
         tok.save_pretrained(tmp)
-        set_normal_permissions(tmp)
-        if os.path.isdir(dest):
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def resolve_source(source: dict[str, str], base_dir: str) -> dict[str, str]:

@@ -190,8 +190,9 @@ def plot_channels(before: dict[str, Any], after: dict[str, Any] | None, path: st
     fig.suptitle(full_title)
     fig.tight_layout()
     drawn = {"title": full_title, "ylim": [tuple(ax.get_ylim()) for ax in axes[:, 0]]}
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
+    from rotaq.files import atomic_file
+
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
     return drawn

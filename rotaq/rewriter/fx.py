@@ -11,7 +11,6 @@ import copy
 import json
 import logging
 import os
-import tempfile
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -21,7 +20,7 @@ import torch
 from torch.utils._pytree import tree_flatten
 
 from rotaq.errors import LoadError, RewriteError
-from rotaq.files import set_normal_permissions
+from rotaq.files import atomic_file
 from rotaq.rewriter.kv_capture import contract_name, fx_name, is_past
 from rotaq.rewriter.kv_capture import dynamic_shapes as kv_dynamic_shapes
 from rotaq.rewriter.sites import GNode, GraphView, Kronecker
@@ -526,7 +525,8 @@ class FxGraph:
         if ext == ".pt2":
             ep = self.export()
             extra = {"rotaq.json": json.dumps(self.metadata)}
-            _atomic(path, lambda tmp: torch.export.save(ep, tmp, extra_files=extra))
+            with atomic_file(path) as tmp:
+                torch.export.save(ep, tmp, extra_files=extra)
         elif ext == ".onnx":
             from rotaq.rewriter.export_onnx import export_onnx
 
@@ -535,18 +535,6 @@ class FxGraph:
             raise RewriteError(f"{path}: output must end in .pt2 or .onnx")
 
 
-def _atomic(path: str, write) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".rotaq-", suffix=os.path.splitext(path)[1])
-    os.close(fd)
-    try:
-        write(tmp)
-        set_normal_permissions(tmp)  # mkstemp made it 0600
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _dynamic_from_fake(ep: torch.export.ExportedProgram, inputs: dict[str, Any]) -> Any:
