@@ -13,6 +13,7 @@ import pytest
 import rotaq
 from rotaq.cli import main
 from rotaq.linalg.quant import QFormat, quantize_rtn
+from tests import graphs
 from tests.graphs import assert_ops, check_pass, one_block, one_linear, ops, rel_error
 
 IRS = ["onnx", "fx"]
@@ -107,7 +108,7 @@ def test_explain_unplaced_linear(ir):
     d = rotaq.inspect(one_block(ir, mid=True), explain=True)
     assert d["num_linears"] == plain["num_linears"] + 1 == 9
     assert d["residual"] == plain["residual"]
-    assert _unmatched(plain, "linear") == []
+    assert plain["unmatched"] == []  # everything in the plain block is matched
     [u] = _unmatched(d, "linear")
     assert u["name"].endswith("mid")
     assert "not a reader or writer of a residual block: input is not the output of a norm " \
@@ -125,6 +126,22 @@ def test_explain_computed_weight(ir):
     assert "not a linear: its weight operand is computed (mul node" in u["reason"]
     [r] = _unmatched(d, "residual")
     assert r["reason"].startswith("no residual stream: 0 embeddings, 0 adds")
+
+
+def test_explain_softmax_and_mean():
+    """A softmax no P V matmul reads, and a mean that is not a mean square: not attention, not
+    an RMSNorm, each with its reason."""
+    b = graphs._Onnx()
+    x = graphs._input("x", [graphs.BATCH, graphs.SEQ, 64], graphs.ir.DataType.FLOAT)
+    probs = b.op("Softmax", [b.linear(x, np.eye(64, dtype=np.float32), "lin")], "sm", axis=-1)
+    mean = b.op("ReduceMean", [x, b.const("axes", np.array([-1]))], "avg", keepdims=1)
+    centered = b.op("Sub", [x, mean], "centered")
+    m = graphs.Model(b.model([x], [probs, centered]), {}, {"name": "softmax-mean"})
+    d = rotaq.inspect(m, explain=True)
+    assert [u["reason"] for u in _unmatched(d, "attention")] == [
+        "softmax sm: its output is read by 0 matmuls, expected one (P V)"]
+    assert [u["reason"] for u in _unmatched(d, "norm")] == [
+        "avg (mean): averages graph input x, not x^2 or x*x (no RMSNorm)"]
 
 
 def test_inspect_explain_cli(tmp_path, capsys):

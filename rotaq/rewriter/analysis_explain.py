@@ -60,6 +60,10 @@ def _matmuls(a: Analysis) -> list[Reason]:
     a part of a matched attention."""
     view = a.view
     used = {k for s in a.attention for k in (s.key, s.q_consumer, s.k_consumer, s.v_consumer)}
+    for s in a.attention:  # P V (v_consumer may name the KV cache's Concat instead)
+        if s.kind == "explicit":
+            probs = closure(view, view.by_key[s.key].outputs[0])
+            used.update(c.key for c in consumers_of(view, probs) if c.op == "matmul")
     out = []
     for n in view.nodes:
         target = str(n.params.get("target", ""))
@@ -178,8 +182,12 @@ def _residual(a: Analysis) -> list[Reason]:
         if b.norm:
             continue
         direct = [r for r in b.readers if _reads_without_norm(a, view.by_key[r])]
-        who = f"linear {direct[0]} reads {describe(view, a.linears[direct[0]].input)}" \
-            if direct else "no norm reads the stream before it"
+        if direct:
+            who = f"linear {direct[0]} reads {describe(view, a.linears[direct[0]].input)}"
+        elif res.post_norms:
+            who = f"post-norm: norm {res.post_norms[0]} normalizes the stream after the add"
+        else:
+            who = "no norm reads the stream before it"
         out.append(Reason(b.add, "residual", f"block {i} (add {b.add}): reads the stream "
                                              f"without a norm ({who}), so it is not pre-norm"))
     return out
