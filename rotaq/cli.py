@@ -79,6 +79,10 @@ def _print_inspect(d: dict[str, Any]) -> None:
             if b["norm_after_sublayer"] else ""
         print(f"  block {i}: reads through {before}{after}; writers "
               f"{', '.join(b['writers'])}{' (parallel)' if b['parallel'] else ''}")
+    if "unmatched" in d:
+        print(f"not matched ({len(d['unmatched'])}):")
+        for u in d["unmatched"]:
+            print(f"  {u['kind']:9s} {u['reason']}")
     if "stats" in d:
         _print_stats(d)
 
@@ -120,7 +124,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if args.plot:  # checked before the statistics run
         _check_plot_path(args.plot)
     model = rotaq.load(args.model, ir="onnx" if args.onnx else "fx", **input_options(args))
-    data = rotaq.inspect(model)
+    data = rotaq.inspect(model, explain=args.explain)
     if args.stats or args.plot:
         names = {k: s.name or s.key for k, s in model.analysis().linears.items()}
         layer = _pick_layer(names, args.layer) if args.layer else None
@@ -391,6 +395,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("model", help=model_help)
     sp.add_argument("--json", action="store_true", help="print JSON")
     sp.add_argument("--onnx", action="store_true", help="inspect the ONNX form of a torch model")
+    sp.add_argument("--explain", action="store_true",
+                    help="also say why each candidate linear, matmul, norm or attention was not "
+                         "matched")
     sp.add_argument("--stats", action="store_true",
                     help="per-linear input max/RMS ratio and kurtosis on calibration text")
     sp.add_argument("--recipe", default=None,

@@ -7,8 +7,9 @@ from typing import Any
 from rotaq.loading import load
 
 
-def inspect(model: Any) -> dict[str, Any]:
-    """Linears, attention sites (heads, KV heads, head size), norms, residual stream."""
+def inspect(model: Any, explain: bool = False) -> dict[str, Any]:
+    """Linears, attention sites (heads, KV heads, head size), norms, residual stream; with
+    ``explain``, ``unmatched``: why each candidate that was not matched was not."""
     m = load(model)
     a = m.analysis()
     res = a.residual
@@ -19,7 +20,7 @@ def inspect(model: Any) -> dict[str, Any]:
             return None
         return view.by_key[key].scope or key
 
-    return {
+    out = {
         "model": m.source.get("name", ""),
         "ir": m.ir,
         "pre_norm": res.pre_norm,
@@ -54,6 +55,12 @@ def inspect(model: Any) -> dict[str, Any]:
             "writers": sum(len(b.writers) for b in res.blocks),
         },
     }
+    if explain:
+        from rotaq.rewriter.analysis_explain import explain as why
+
+        out["unmatched"] = [{"key": r.key, "name": name(r.key) if r.key in view.by_key else r.key,
+                             "kind": r.kind, "reason": r.reason} for r in why(a)]
+    return out
 
 
 def _block(b: Any, name: Any) -> dict[str, Any]:

@@ -166,7 +166,10 @@ class Rotate:
         if reason:
             stats["mode_reason"] = reason
         _cache_note(model, stats)
-        return PassResult(model, True, stats)
+        # residual mode always edits (it raises when it cannot); online mode may find no linear
+        # of a Hadamard size and nothing to rotate: then the graph is untouched
+        modified = mode == "residual" or bool(stats["linears_rotated"] or stats["qk_rotated"])
+        return PassResult(model, modified, stats)
 
     # ---- residual-stream rotation ---------------------------------------------------------
     def _residual(self, model: Model, a: Analysis) -> dict:
