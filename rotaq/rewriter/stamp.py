@@ -125,8 +125,10 @@ class _Plan:
         self.pos2 = {n: q for q, n in enumerate(t2)}
         if len(t1) != len(t2):
             raise CannotStamp(f"blocks {k - 2} and {k - 1} have {len(t1)} and {len(t2)} nodes")
+        for n1, n2 in zip(t1, t2):
+            self._same_node(n1, n2)
         self.roles = [[self._role(a, b, n2) for a, b in zip(n1.inputs, n2.inputs)]
-                      for n1, n2 in zip(t1, t2) if self._same_node(n1, n2)]
+                      for n1, n2 in zip(t1, t2)]
         self.chain = {(r[1], r[2]) for rs in self.roles for r in rs if r[0] == "chain"}
         self.presents, self.exits = self._outputs()
         for what, got in (("pasts", {r[1] for rs in self.roles for r in rs if r[0] == "past"}),
@@ -134,13 +136,12 @@ class _Plan:
             if got != {"key", "value"}:
                 raise CannotStamp(f"block {k - 1} has {what} {sorted(got)}, not key and value")
 
-    def _same_node(self, n1: oir.Node, n2: oir.Node) -> bool:
+    def _same_node(self, n1: oir.Node, n2: oir.Node) -> None:
         sig = [(n.domain, n.op_type, n.overload, len(n.inputs), len(n.outputs), sorted(
             (k, _attr_key(a)) for k, a in n.attributes.items())) for n in (n1, n2)]
         if sig[0] != sig[1]:
             raise CannotStamp(f"blocks {self.k - 2} and {self.k - 1} differ at {n1.name} "
                               f"({n1.op_type}) / {n2.name} ({n2.op_type})")
-        return True
 
     def shift(self, name: str, i: int, frm: int | None = None) -> str | None:
         """``name`` with ``P.{frm}`` (default K-1) renamed ``P.{i}``; None when absent."""
