@@ -23,7 +23,7 @@ from rotaq.inputs import describe
 from rotaq.model import Model
 
 log = logging.getLogger(__name__)
-STREAM_VERSION = "1"  # bump when the streaming capture changes
+STREAM_VERSION = "2"  # bump when the streaming capture changes (2: stamped blocks)
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 

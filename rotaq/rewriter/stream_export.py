@@ -17,6 +17,7 @@ The graph's dtype is the compute dtype asked (default fp32, what rotaq's other c
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -117,13 +118,27 @@ def _weight(files: dict[str, str], key: str, dtype: oir.DataType, shape: tuple, 
     return oir.LazyTensor(read, dtype=dtype, shape=oir.Shape(shape), name=name)
 
 
-def _attach(model: oir.Model, module: Any, files: dict[str, str]) -> None:
-    """Parameters read lazily from safetensors (see module doc); buffers from the module."""
+def _key_shapes(files: dict[str, str]) -> dict[str, tuple[int, ...]]:
+    """safetensors key -> shape, read from the files' headers."""
+    from safetensors import safe_open
+
+    out: dict[str, tuple[int, ...]] = {}
+    for path in sorted(set(files.values())):
+        with safe_open(path, framework="pt") as f:
+            for k in f.keys():  # noqa: SIM118 - safe_open has no __iter__
+                out[k] = tuple(int(d) for d in f.get_slice(k).get_shape())
+    return out
+
+
+def _attach(model: oir.Model, module: Any, files: dict[str, str]) -> dict[str, tuple[str, bool]]:
+    """Parameters read lazily from safetensors (see module doc); buffers from the module.
+    Returns initializer name -> (safetensors key, read transposed)."""
     params = dict(module.named_parameters(remove_duplicate=False))
     names: dict[int, list[str]] = {}
     for n, p in params.items():
         names.setdefault(id(p), []).append(n)
     buffers = dict(module.named_buffers(remove_duplicate=False))
+    sources: dict[str, tuple[str, bool]] = {}
     g = model.graph
     for name, v in list(g.initializers.items()):
         if name in buffers:
@@ -149,52 +164,106 @@ def _attach(model: oir.Model, module: Any, files: dict[str, str]) -> None:
             out.replace_all_uses_with(new)
             g.remove(node, safe=True)
             g.initializers.pop(name)
+            sources[f"{name}.T"] = (key, True)
         else:
             v.const_value = _weight(files, key, dt, shape, name, transpose=False)
+            sources[name] = (key, False)
+    return sources
 
 
-def export(path: str, out: str, metadata: dict[str, str] | None = None, dtype: Any = None
-           ) -> None:
-    """Capture the HF directory ``path`` as a KV-cache ONNX graph written to ``out``
-    (atomically; external data beside it), weights streamed from its safetensors files.
-    Raises :class:`Unsupported` for a model this route does not take."""
+def _capture(cfg: Any, files: dict[str, str], dtype: Any
+             ) -> tuple[oir.Model, dict[str, tuple[str, bool]]]:
+    """The decoder of config ``cfg`` captured as a cache graph (contract names), its weights
+    lazy; with the initializers' (safetensors key, transposed)."""
     import torch
 
     from rotaq.rewriter import kv_capture
-    from rotaq.rewriter.export_onnx import _contract_names, sigterm_raises
+    from rotaq.rewriter.export_onnx import _contract_names
+
+    dims = _dims(cfg)
+    with stage(f"building {cfg.model_type} from its config (no weights, {dims[0]} layers)"):
+        module = _empty_model(cfg, dtype)
+    wrapped = kv_capture.wrapper(module, dims[0])
+    ex = kv_capture.example_inputs(*dims, min(int(cfg.vocab_size), 1000), dtype)
+    with stage("capturing with torch.export (weights not materialized)"), torch.no_grad():
+        ep = torch.export.export(wrapped, (), {kv_capture.fx_name(k): v for k, v in ex.items()},
+                                 dynamic_shapes=kv_capture.dynamic_shapes(list(ex)),
+                                 strict=False)
+    with stage("exporting to ONNX (weights read lazily from safetensors)"):
+        reg = logging.getLogger("torch.onnx._internal.exporter._registration")
+        level = reg.level
+        reg.setLevel(logging.ERROR)
+        try:
+            prog = torch.onnx.export(ep, (), dynamo=True, optimize=False, verbose=False)
+        except Exception as err:  # the exporter raises many types
+            raise Unsupported(f"ONNX export failed: {type(err).__name__}: {err}") from err
+        finally:
+            reg.setLevel(level)
+        model = prog.model
+        sources = _attach(model, module, files)
+        del prog, ep, wrapped, module
+        import onnxscript.optimizer
+
+        model = onnxscript.optimizer.optimize(model)
+        _contract_names(model.graph)
+    return model, sources
+
+
+def _few_layers(cfg: Any, n: int) -> Any:
+    small = copy.deepcopy(cfg)
+    small.num_hidden_layers = n
+    if getattr(small, "layer_types", None):
+        small.layer_types = list(small.layer_types)[:n]
+    return small
+
+
+def _stamped(path: str, cfg: Any, files: dict[str, str], dtype: Any) -> oir.Model | None:
+    """The first :data:`stamp.CAPTURED` layers captured and stamped to all of them, or None
+    (logged) when the blocks cannot be stamped."""
+    from rotaq.rewriter import stamp
+
+    n = _dims(cfg)[0]
+    model, sources = _capture(_few_layers(cfg, stamp.CAPTURED), files, dtype)
+
+    def weight(key: str, tr: bool, dt: oir.DataType, shape: tuple, name: str) -> oir.LazyTensor:
+        return _weight(files, key, dt, shape, name, transpose=tr)
+
+    try:
+        with stage(f"stamping block {stamp.CAPTURED - 1} for layers {stamp.CAPTURED}..{n - 1}"):
+            added = stamp.stamp(model, n, sources, _key_shapes(files), weight)
+    except stamp.CannotStamp as err:
+        log.warning("%s: its decoder blocks cannot be stamped (%s); exporting all %d layers",
+                    path, err, n)
+        return None
+    log.info("%s: %d layers captured, %d nodes stamped for the other %d", path,
+             stamp.CAPTURED, added, n - stamp.CAPTURED)
+    return model
+
+
+def export(path: str, out: str, metadata: dict[str, str] | None = None, dtype: Any = None,
+           stamp: bool = True) -> None:
+    """Capture the HF directory ``path`` as a KV-cache ONNX graph written to ``out``
+    (atomically; external data beside it), weights streamed from its safetensors files.
+    With ``stamp`` (and more layers than it captures) the first layers are captured and
+    stamped (:mod:`rotaq.rewriter.stamp`), else all are. Raises :class:`Unsupported` for a
+    model this route does not take."""
+    import torch
+
+    from rotaq.rewriter import kv_capture
+    from rotaq.rewriter import stamp as stamping
+    from rotaq.rewriter.export_onnx import sigterm_raises
     from rotaq.rewriter.onnx import OnnxGraph
 
     dtype = dtype or torch.float32
     cfg = check(path)
     files = _weights_index(path)
     dims = _dims(cfg)
-    with stage(f"building {cfg.model_type} from its config (no weights)"):
-        module = _empty_model(cfg, dtype)
-    wrapped = kv_capture.wrapper(module, dims[0])
-    ex = kv_capture.example_inputs(*dims, min(int(cfg.vocab_size), 1000), dtype)
     with sigterm_raises():
-        with stage("capturing with torch.export (weights not materialized)"), torch.no_grad():
-            ep = torch.export.export(wrapped, (), {kv_capture.fx_name(k): v
-                                                   for k, v in ex.items()},
-                                     dynamic_shapes=kv_capture.dynamic_shapes(list(ex)),
-                                     strict=False)
-        with stage("exporting to ONNX (weights read lazily from safetensors)"):
-            reg = logging.getLogger("torch.onnx._internal.exporter._registration")
-            level = reg.level
-            reg.setLevel(logging.ERROR)
-            try:
-                prog = torch.onnx.export(ep, (), dynamo=True, optimize=False, verbose=False)
-            except Exception as err:  # the exporter raises many types
-                raise Unsupported(f"ONNX export failed: {type(err).__name__}: {err}") from err
-            finally:
-                reg.setLevel(level)
-            model = prog.model
-            _attach(model, module, files)
-            del prog, ep, wrapped, module
-            import onnxscript.optimizer
-
-            model = onnxscript.optimizer.optimize(model)
-            _contract_names(model.graph)
+        model = None
+        if stamp and dims[0] > stamping.CAPTURED:
+            model = _stamped(path, cfg, files, dtype)
+        if model is None:
+            model, _ = _capture(cfg, files, dtype)
         g = OnnxGraph(model)
         g.metadata.update(kv_capture.metadata(*dims))
         g.metadata.update(metadata or {})

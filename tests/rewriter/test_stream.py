@@ -171,7 +171,8 @@ def test_rss_grows_far_less_than_the_model(tmp_path):
 # ------------------------------------------------------------------ streaming capture
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
 def hf_dir(request, tmp_path_factory):
-    m, _ = build(request.param)
+    """4 layers: 3 captured, the 4th stamped (rotaq.rewriter.stamp)."""
+    m, _ = build(request.param, num_hidden_layers=4)
     d = tmp_path_factory.mktemp(request.param)
     m.save_pretrained(str(d))
     return str(d), m
@@ -209,12 +210,14 @@ def test_streamed_capture_matches_hf_and_contract(hf_dir, tmp_path, monkeypatch)
 
 
 def test_rotate_on_streamed_capture_is_exact(hf_dir, tmp_path, monkeypatch):
-    path, _ = hf_dir
+    path, module = hf_dir
     monkeypatch.setenv("ROTAQ_CACHE", str(tmp_path / "cache"))
     res = rotaq.optimize(rotaq.load(path, ir="onnx"), "rotate")
     assert res.report["ir"] == "onnx"
     rot = res.report["passes"][0]["stats"]
-    assert rot["norms_folded"] == 5  # 2 per layer + the final norm
+    n = module.config.num_hidden_layers
+    assert rot["norms_folded"] == 2 * n + 1  # 2 per layer + the final norm
+    assert rot["ov_heads_rotated"] == n and rot["online_hadamards"] == n
     assert res.report["max_rel_error"] <= 1e-4 and res.report["verify"]["passed"]
     out = str(tmp_path / "o" / "rot.onnx")
     rep = res.save(out)
