@@ -10,13 +10,12 @@ from rotaq.passes.quantize import Quantize
 from rotaq.passes.quantize_calib import CALIB_BATCH
 from rotaq.rewriter.blocks import BlockRunner, run_blockwise, segments
 from rotaq.rewriter.kv_capture import complete_feeds
-from tests.tiny import build
+from tests.tiny import loaded
 
 
 @pytest.fixture(scope="module")
 def llama():
-    m, inputs = build("llama")
-    return {ir: rotaq.load(m, inputs, ir=ir) for ir in ("onnx", "fx")}
+    return {ir: loaded("llama", ir) for ir in ("onnx", "fx")}
 
 
 def _feeds(rows=3, seq=12, seed=0):

@@ -7,18 +7,15 @@ import pytest
 
 import rotaq
 from rotaq.cli import main
-from tests.tiny import build
+from tests.tiny import loaded
 
 
 @pytest.fixture(scope="module")
 def tiny_files(tmp_path_factory):
     d = tmp_path_factory.mktemp("tiny")
-    m, inputs = build("llama")
-    model = rotaq.load(m, inputs)
-    model.save(str(d / "llama.pt2"))
-    rotaq.load(m, inputs, ir="onnx").save(str(d / "llama.onnx"))
-    b, binputs = build("bert")
-    rotaq.load(b, binputs, ir="onnx").save(str(d / "bert.onnx"))
+    loaded("llama").save(str(d / "llama.pt2"))
+    loaded("llama", "onnx").save(str(d / "llama.onnx"))
+    loaded("bert", "onnx").save(str(d / "bert.onnx"))
     return d
 
 

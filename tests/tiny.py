@@ -61,18 +61,18 @@ def build(family: str, **over) -> tuple[torch.nn.Module, dict[str, torch.Tensor]
 
 
 @functools.lru_cache(maxsize=None)
-def _loaded(family: str, ir: str, over: tuple):
+def _loaded(family: str, ir: str, kv_cache: bool, over: tuple):
     import rotaq
 
     m, inputs = build(family, **dict(over))
-    return rotaq.load(m, inputs, ir=ir)
+    return rotaq.load(m, inputs, ir=ir, kv_cache=kv_cache)
 
 
-def loaded(family: str, ir: str = "fx", **over):
+def loaded(family: str, ir: str = "fx", kv_cache: bool = True, **over):
     """``rotaq.load(build(family, **over), ir=ir)``, captured once per test session.
 
     ``rotaq.optimize`` works on a copy, so tests that only optimize, run or analyse the result
     share one capture (an ONNX capture of a tiny model costs ~10-25 s of torch.export +
     torch.onnx.export on 2 cores). A test that edits a model's graph must ``clone()`` it first.
     """
-    return _loaded(family, ir, tuple(sorted(over.items())))
+    return _loaded(family, ir, kv_cache, tuple(sorted(over.items())))

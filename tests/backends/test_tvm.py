@@ -10,7 +10,7 @@ import pytest
 import rotaq
 from rotaq.backends.tvm_import import repack_nbits, tile
 from rotaq.errors import MissingDependencyError, RotaqError
-from tests.tiny import build
+from tests.tiny import loaded
 
 tvm = pytest.importorskip("tvm", reason="the TVM extra is not installed (pip install rotaq[tvm])")
 from rotaq.backends import tvm as tb
@@ -24,9 +24,8 @@ RECIPES = ["rotate", "w8a8", "w4a16", "lowrank-20"]
 def tiny_onnx():
     out = {}
     for fam in ("llama", "bert"):
-        m, inputs = build(fam)
         # the prefill graph (no KV cache): TVM artefacts are bucketed by token count
-        out[fam] = rotaq.load(m, inputs, ir="onnx", kv_cache=False)
+        out[fam] = loaded(fam, "onnx", kv_cache=False)
     return out
 
 

@@ -10,7 +10,7 @@ import pytest
 
 import rotaq
 from rotaq.cli import main
-from tests.tiny import build
+from tests.tiny import loaded
 
 tvm = pytest.importorskip("tvm", reason="the TVM extra is not installed (pip install rotaq[tvm])")
 from rotaq.backends import tvm as tb
@@ -19,10 +19,9 @@ from rotaq.backends import tvm as tb
 @pytest.fixture(scope="module")
 def w4_llama(tmp_path_factory):
     d = tmp_path_factory.mktemp("cuda")
-    m, inputs = build("llama")
     path = str(d / "w4.onnx")
     # TVM artefacts serve graphs without a KV cache (decode on TVM: issue 14)
-    rotaq.optimize(rotaq.load(m, inputs, ir="onnx", kv_cache=False), "w4a16-rotated", verify=False).model.save(
+    rotaq.optimize(loaded("llama", "onnx", kv_cache=False), "w4a16-rotated", verify=False).model.save(
         path)
     return path
 
@@ -52,9 +51,8 @@ def test_cli_compile_bench_eval(w4_llama, tmp_path, capsys):
     meta = json.loads(capsys.readouterr().out)
     assert meta["backend"] == "tvm" and meta["tokens"] == [1, 4]
     # --recipe rewrites first (here: an int4 RTN recipe on the plain tiny model)
-    m, inputs = build("llama")
     plain = str(tmp_path / "plain.onnx")
-    rotaq.load(m, inputs, ir="onnx", kv_cache=False).save(plain)
+    loaded("llama", "onnx", kv_cache=False).save(plain)
     assert main(["compile", plain, "--recipe", "w4a16", "--backend", "tvm", "--tokens", "4",
                  "-o", str(tmp_path / "rec"), "--json"]) == 0
     stats = json.loads(capsys.readouterr().out)["buckets"]["4"]["stats"]

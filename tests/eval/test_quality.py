@@ -15,21 +15,20 @@ from rotaq.errors import RotaqError
 from rotaq.eval import quality as q
 from tests.eval.test_latency import VOCAB, tiny_lm_onnx
 from tests.tiny import VOCAB as LLAMA_VOCAB
-from tests.tiny import build
+from tests.tiny import build, loaded
 
 WINDOWS = np.random.default_rng(1).integers(0, LLAMA_VOCAB, (3, 24))
 
 
 @pytest.fixture(scope="module")
 def tiny_llama():
-    module, inputs = build("llama")
-    return module, rotaq.load(module, inputs)
+    module, _ = build("llama")  # the same seeded weights as the shared capture
+    return module, loaded("llama")
 
 
 @pytest.fixture(scope="module")
 def tiny_bert():
-    module, inputs = build("bert")
-    return rotaq.load(module, inputs)
+    return loaded("bert")
 
 
 # ---- perplexity -----------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import rotaq
 from rotaq.errors import RewriteError
 from rotaq.model import max_rel_error
 from rotaq.rewriter.chain import Step, kron_chain, lowrank_chain, monarch_chain
-from tests.tiny import build
+from tests.tiny import build, loaded
 
 RNG = np.random.default_rng(0)
 
@@ -71,8 +71,8 @@ def test_chain_emission_exact(ir, how):
     Kronecker sum at full rank, a Monarch at full block rank): outputs unchanged."""
     m, inputs = build("llama")
     # the prefill graph (no KV cache): the torch check below calls the module as HF does
-    ref = rotaq.load(m, inputs, kv_cache=False)
-    model = rotaq.load(m, inputs, ir="onnx" if ir == "onnx" else "fx", kv_cache=False)
+    ref = loaded("llama", kv_cache=False)
+    model = loaded("llama", "onnx" if ir == "onnx" else "fx", kv_cache=False).clone()
     want = ref.run()
     g = model.graph
     a = model.analysis()

@@ -3,7 +3,7 @@
 import pytest
 
 import rotaq
-from tests.tiny import build
+from tests.tiny import loaded
 
 # family: (linears, biased linears, attention kind, heads, kv heads, head_dim, norms, norm kind,
 #          pre_norm, residual blocks, head linears)
@@ -22,14 +22,12 @@ EXPECTED = {
 
 @pytest.mark.parametrize("family", list(EXPECTED))
 def test_counts_fx(family):
-    m, inputs = build(family)
-    _check(rotaq.inspect(rotaq.load(m, inputs)), family)
+    _check(rotaq.inspect(loaded(family)), family)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2", "bert"])
 def test_counts_onnx(family):
-    m, inputs = build(family)
-    _check(rotaq.inspect(rotaq.load(m, inputs, ir="onnx")), family, onnx=True)
+    _check(rotaq.inspect(loaded(family, "onnx")), family, onnx=True)
 
 
 def _check(d, family, onnx=False):
