@@ -123,10 +123,11 @@ class _Batched:
 
 
 def blockwise_bytes() -> int:
-    """ONNX models whose weights exceed this many bytes (``ROTAQ_BLOCKWISE_GIB``, default 2)
-    run block by block (:func:`rotaq.rewriter.blocks.run_blockwise`): one block's weights in
-    an ORT session at a time, instead of one session holding the whole model."""
-    return int(float(os.environ.get("ROTAQ_BLOCKWISE_GIB", "2")) * 2**30)
+    """ONNX models whose weights exceed this many bytes (``ROTAQ_BLOCKWISE_GIB``, default
+    0.125) run block by block (:func:`rotaq.rewriter.blocks.run_blockwise`): one block's
+    weights in an ORT session at a time (mapped from disk when stored there), instead of one
+    session holding a copy of the whole model."""
+    return int(float(os.environ.get("ROTAQ_BLOCKWISE_GIB", "0.125")) * 2**30)
 
 
 def weight_bytes(graph: Any) -> int:

@@ -12,7 +12,6 @@ import logging
 import time
 
 import numpy as np
-import scipy.linalg
 
 from rotaq.linalg.formats import (
     QFormat,
@@ -74,17 +73,22 @@ class HessianAccumulator:
 
 
 def _inverse_cholesky_upper(h: np.ndarray, damp: float) -> np.ndarray:
-    """Upper ``U`` with ``(H + d mean(diag H) I)^-1 = U^T U``; d grows x10 until H is PD."""
+    """Upper ``U`` with ``(H + d mean(diag H) I)^-1 = U^T U``; d grows x10 until H is PD.
+
+    Computed in ``h``'s own memory (``h``, C-ordered, is overwritten): LAPACK potrf, potri,
+    potrf on one triangle in place, so an [in, in] Hessian costs one array, not the five
+    (identity, damped copy, factor, inverse, factor) of a plain cho_solve; the other triangle
+    keeps H for a retry with a larger d."""
     n = h.shape[0]
-    mean_diag = float(np.mean(np.diag(h)))
-    eye = np.eye(n)
+    diag = np.diag(h).copy()
+    mean_diag = float(np.mean(diag))
+    idx = np.diag_indices(n)
     d = damp
     for attempt in range(_DAMP_RETRIES + 1):
-        try:
-            chol = scipy.linalg.cho_factor(h + d * mean_diag * eye, lower=True)
-            hinv = scipy.linalg.cho_solve(chol, eye)
-            u = scipy.linalg.cholesky(hinv, lower=False)
-        except np.linalg.LinAlgError:
+        if attempt:
+            _rows(h, lambda i, blk, src: np.copyto(blk, src, where=_upper_mask(blk, i, 1)))
+        h[idx] = diag + d * mean_diag
+        if not _inverse_upper_inplace(h):
             nxt = d * 10.0 if d > 0 else 0.01
             if attempt < _DAMP_RETRIES:
                 logger.warning(
@@ -94,14 +98,41 @@ def _inverse_cholesky_upper(h: np.ndarray, damp: float) -> np.ndarray:
                 )
             d = nxt
             continue
-        if not np.all(np.isfinite(u)):
+        _rows(h, lambda i, blk, src: np.copyto(blk, 0.0, where=~_upper_mask(blk, i, 0)))
+        if not np.all(np.isfinite(h)):
             raise np.linalg.LinAlgError("GPTQ: non-finite inverse Cholesky factor")
-        return u
+        return h
     raise np.linalg.LinAlgError(
         f"GPTQ: Hessian not positive definite even with damp={d / 10:g} ({_DAMP_RETRIES} retries)"
     )
 
 
+def _upper_mask(blk: np.ndarray, i: int, k: int) -> np.ndarray:
+    """Where column - row >= k in rows ``i..`` of the full matrix (``blk`` = those rows)."""
+    return np.arange(blk.shape[1])[None, :] - np.arange(i, i + blk.shape[0])[:, None] >= k
+
+
+def _rows(a: np.ndarray, fn, step: int = 256) -> None:
+    """``fn(i, a[i:i+step], a[:, i:i+step].T)`` over row blocks (no full-size temporaries)."""
+    for i in range(0, a.shape[0], step):
+        fn(i, a[i:i + step], a[:, i:i + step].T)
+
+
+def _inverse_upper_inplace(a: np.ndarray) -> bool:
+    """The upper triangle of ``a`` (C order; its upper triangle and diagonal hold a symmetric
+    PD matrix M) <- upper ``U`` with ``M^-1 = U^T U``, in place; the strict lower triangle is
+    left as it was. False when M is not positive definite."""
+    from scipy.linalg import lapack
+
+    f = a.T  # the same memory in Fortran order: its lower triangle is a's upper one
+    c, info = lapack.dpotrf(f, lower=1, overwrite_a=1, clean=0)  # M = L L^T
+    if info != 0:
+        return False
+    c, info = lapack.dpotri(c, lower=1, overwrite_c=1)  # lower triangle of M^-1
+    if info != 0:
+        return False
+    c, info = lapack.dpotrf(c, lower=1, overwrite_a=1, clean=0)  # M^-1 = L2 L2^T, U = L2^T
+    return info == 0 and np.shares_memory(c, a)
 def gptq(
     w: np.ndarray,
     hessian: np.ndarray,
@@ -151,7 +182,10 @@ def gptq(
 
     perm = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(n)
     wk = wk[:, perm]
-    u = _inverse_cholesky_upper(h[np.ix_(perm, perm)], damp)
+    if act_order:
+        h = h[np.ix_(perm, perm)]  # the copy is freed by the reassignment
+    u = _inverse_cholesky_upper(h, damp)  # in h's memory
+    del h
 
     codes = np.empty((out, n), dtype=np.int32 if fmt.kind == "int" else np.float64)
     loss = 0.0

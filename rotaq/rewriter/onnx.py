@@ -752,9 +752,15 @@ class OnnxGraph:
 
     def get_linear(self, key: str) -> tuple[np.ndarray, np.ndarray | None]:
         lin = self._linear(key)
-        w = self._array(lin.weight)
-        w = w.T if lin.layout == "io" else w
-        w = w * lin.alpha if lin.alpha != 1.0 else w  # no copy of the largest weight for 1.0
+        t = self._const(lin.weight)
+        if t is not None and len(t.shape) == 2 and t.dtype.is_floating_point():
+            # one float64 copy, read in chunks from disk (no full-size temporaries)
+            w = onnx_store.as_float64(t, transpose=lin.layout == "io")
+        else:
+            w = self._array(lin.weight)
+            w = w.T if lin.layout == "io" else w
+        if lin.alpha != 1.0:
+            w = w * lin.alpha
         if lin.bias is None:
             return w, None
         b = self._array(lin.bias).reshape(-1)
@@ -839,7 +845,11 @@ class OnnxGraph:
         z.name = name
 
     def get_embedding(self, key: str) -> np.ndarray:
-        return self._array(self._embedding(key).inputs[0])
+        v = self._embedding(key).inputs[0]
+        t = self._const(v)
+        if t is not None and len(t.shape) == 2 and t.dtype.is_floating_point():
+            return onnx_store.as_float64(t)  # one float64 copy, read in chunks
+        return self._array(v)
 
     def _embedding(self, key: str) -> oir.Node:
         g = self.view().by_key.get(key)

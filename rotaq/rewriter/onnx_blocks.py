@@ -10,11 +10,14 @@ outputs) and rebuilt when the segment's nodes or weights changed.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import numpy as np
 import onnx
 import onnx_ir as oir
+
+from rotaq.rewriter import onnx_store
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +59,47 @@ def _subgraph_nodes(n: oir.Node) -> list[oir.Node]:
     return out
 
 
+def _weights_to_readers(segs: list[list[oir.Node]]) -> list[list[oir.Node]]:
+    """``segs`` with each node that reads only initializers (e.g. the ``Transpose`` of a tied
+    embedding for the head) moved to the segment of its first reader: its output (a
+    weight-sized value) is then made inside the session that uses it, not computed ahead and
+    carried through every segment in between."""
+    where = {id(o): k for k, seg in enumerate(segs) for n in seg for o in n.outputs}
+    moved: dict[int, list[oir.Node]] = {}
+    for k in range(len(segs) - 1, -1, -1):
+        keep = []
+        for n in reversed(segs[k]):
+            target = _first_reader(n, where) if _reads_weights_only(n) else None
+            if target is not None and target > k:
+                moved.setdefault(target, []).insert(0, n)
+                for o in n.outputs:
+                    where[id(o)] = target
+            else:
+                keep.insert(0, n)
+        segs[k] = keep
+    return [moved.get(k, []) + seg for k, seg in enumerate(segs)]
+
+
+def _reads_weights_only(n: oir.Node) -> bool:
+    ins = [v for v in n.inputs if v is not None]
+    return bool(ins) and not _subgraph_nodes(n) and all(
+        v.is_initializer() and not v.is_graph_input() for v in ins)
+
+
+def _first_reader(n: oir.Node, where: dict[int, int]) -> int | None:
+    """The first segment reading an output of ``n``; None when a graph output is one."""
+    first = None
+    for o in n.outputs:
+        if o.is_graph_output():
+            return None
+        for use in o.uses():
+            k = next((where[id(u)] for u in use.node.outputs if id(u) in where), None)
+            if k is None:
+                return None
+            first = k if first is None else min(first, k)
+    return first
+
+
 class OnnxSegments:
     """Segments of an ``OnnxGraph`` cut after the producers of ``ends`` (+ a tail)."""
 
@@ -74,18 +118,17 @@ class OnnxSegments:
         cuts = [at[v] + 1 for v in self.ends]
         starts = [0, *cuts]
         stops = [*cuts, len(nodes)]
-        self._nodes = [nodes[a:b] for a, b in zip(starts, stops)]
+        self._nodes = _weights_to_readers([nodes[a:b] for a, b in zip(starts, stops)])
         self._info: dict[int, tuple[list[str], dict[str, oir.Value], list[oir.Value]]] = {}
 
     def changed(self, k: int) -> None:
         """Re-read segment ``k`` from the graph (its nodes were edited)."""
-        nodes = list(self.graph.model.graph)
-        wanted = {self.ends[j]: j for j in (k - 1, k) if 0 <= j < len(self.ends)}
-        at = {o.name: i for i, n in enumerate(nodes) for o in n.outputs if o.name in wanted}
-        first = at[self.ends[k - 1]] + 1 if k > 0 else 0
-        last = at[self.ends[k]] + 1 if k < len(self.ends) else len(nodes)
-        self._nodes[k] = nodes[first:last]
-        self._info.pop(k, None)
+        old = self._nodes
+        self._split()
+        self._info = {}
+        for j, nodes in enumerate(self._nodes):  # a segment whose nodes moved runs anew
+            if j >= len(old) or [id(n) for n in nodes] != [id(n) for n in old[j]]:
+                self.release(j)
 
     def release(self, k: int) -> None:
         """Drop the sessions of segment ``k`` (it will not run again)."""
@@ -130,7 +173,10 @@ class OnnxSegments:
         return tuple((id(n), *(id(v.const_value) if v is not None and v.is_initializer()
                                else id(v) for v in n.inputs)) for n in self._nodes[k])
 
-    def _model(self, k: int, env: dict[str, Any], outputs: list[str]) -> onnx.ModelProto:
+    def _model(self, k: int, env: dict[str, Any], outputs: list[str],
+               supplied: dict[str, np.ndarray] | None = None) -> onnx.ModelProto:
+        """The sub-model of segment ``k``; with ``supplied``, its large initializers are
+        placeholders and their arrays are put in ``supplied`` (handed to ORT as they are)."""
         vals = self._analyze(k)[1]
         nodes, ext, inits = self._pruned(k, outputs)
         m = self.graph.model
@@ -146,7 +192,7 @@ class OnnxSegments:
                 outs.append(onnx.helper.make_tensor_value_info(name, int(v.dtype), None))
             else:
                 outs.append(onnx.ValueInfoProto(name=name))
-        tensors = [_tensor_proto(v) for v in inits]
+        tensors = [_tensor_proto(v, supplied) for v in inits]
         graph = onnx.helper.make_graph([oir.serde.serialize_node(n) for n in nodes],
                                        f"segment_{k}", ins, outs, tensors)
         opsets = [onnx.helper.make_opsetid(d, ver) for d, ver in m.opset_imports.items()]
@@ -164,14 +210,24 @@ class OnnxSegments:
             return hit[1], hit[2]
         import onnxruntime as ort
 
-        from rotaq.backends.ort import EXACT, session_options
-        from rotaq.rewriter.onnx_run import not_implemented
-
-        proto = self._model(k, env, outputs)
-        ins = [i.name for i in proto.graph.input]
         from rotaq import dist
+        from rotaq.backends.ort import EXACT, session_options
+        from rotaq.rewriter.onnx_run import not_implemented, packed_kernels
 
-        opts = session_options("all", EXACT, threads=dist.threads())
+        self._sessions.pop(key, None)  # the old session's weights go before the new ones come
+        supplied: dict[str, np.ndarray] | None = None if self._upcast else {}
+        proto = self._model(k, env, outputs, supplied)
+        ins = [i.name for i in proto.graph.input]
+        # as in onnx_run.ort_session: no pre-packed second copy of float MatMul weights
+        config = dict(EXACT) if packed_kernels(self.graph.model) else {
+            **EXACT, "session.disable_prepacking": "1"}
+        # tensors on disk are referenced by their descriptor under the root (_tensor_proto)
+        config[_FOLDER_KEY] = os.sep
+        opts = session_options("all", config, threads=dist.threads())
+        keep: list[Any] = []
+        if supplied:  # ORT copies these once (no serialized copy beside)
+            keep = [ort.OrtValue.ortvalue_from_numpy(a) for a in supplied.values()]
+            opts.add_external_initializers(list(supplied), keep)
         if self._upcast:
             proto = _upcast(proto)
         try:
@@ -182,9 +238,12 @@ class OnnxSegments:
                 raise
             log.info("segment %d: no ORT kernel in the graph's dtype; running an fp32 copy", k)
             self._upcast = True
-            sess = ort.InferenceSession(_upcast(proto).SerializeToString(), opts,
+            supplied, keep = None, []
+            proto = _upcast(self._model(k, env, outputs))
+            opts = session_options("all", config, threads=dist.threads())
+            sess = ort.InferenceSession(proto.SerializeToString(), opts,
                                         providers=["CPUExecutionProvider"])
-        self._sessions[key] = (fp, sess, ins)
+        self._sessions[key] = (fp, sess, ins, (supplied, keep))  # arrays live with the session
         return sess, ins
 
     def run(self, k: int, env: dict[str, Any], outputs: list[str]) -> dict[str, Any]:
@@ -201,10 +260,37 @@ class OnnxSegments:
         return dict(zip(outputs, got))
 
 
-def _tensor_proto(v: oir.Value) -> onnx.TensorProto:
+_FOLDER_KEY = "session.model_external_initializers_file_folder_path"
+_SUPPLIED_BYTES = 1 << 20  # initializers this large are handed to ORT as arrays
+_SUPPLIED_TYPES = {oir.DataType.FLOAT, oir.DataType.FLOAT16, oir.DataType.DOUBLE,
+                   oir.DataType.INT64, oir.DataType.INT32, oir.DataType.INT8, oir.DataType.UINT8}
+
+
+def _tensor_proto(v: oir.Value, supplied: dict[str, np.ndarray] | None = None
+                  ) -> onnx.TensorProto:
     """The initializer of ``v`` with its bytes inline (an external tensor is read here: the
-    segment's session is built from memory)."""
+    segment's session is built from memory). With ``supplied`` (a dict), a large one is not
+    copied into the proto: a tensor on disk (:mod:`rotaq.rewriter.onnx_store`) is referenced
+    in its file (ORT maps it: nothing is read ahead), one in memory is put in
+    ``supplied[name]`` for ``add_external_initializers`` (ORT's copy is the only one made)."""
     t = v.const_value
+    if supplied is not None and t.dtype in _SUPPLIED_TYPES and t.nbytes >= _SUPPLIED_BYTES:
+        # the descriptor rotaq holds (the same file even if its path was replaced since)
+        fd = f"proc/self/fd/{t.data.fd}" if onnx_store.is_on_disk(t) else ""
+        on_disk = bool(fd) and os.path.exists(os.sep + fd)
+        arr = None if on_disk else np.ascontiguousarray(t.numpy())
+        where = (fd, t.offset) if on_disk else ("rotaq-supplied", 0)
+        proto = onnx.TensorProto(name=v.name, data_type=t.dtype.value,
+                                 dims=[int(d) for d in t.shape])
+        proto.data_location = onnx.TensorProto.EXTERNAL
+        for key, val in (("location", where[0]), ("offset", str(where[1])),
+                         ("length", str(t.nbytes))):
+            entry = proto.external_data.add()
+            entry.key, entry.value = key, val
+        if arr is not None:
+            supplied[v.name] = arr
+        return proto
+        return proto
     if isinstance(t, oir.ExternalTensor):
         proto = onnx.TensorProto(name=v.name, data_type=t.dtype.value, dims=list(t.shape.numpy()))
         proto.raw_data = t.tobytes()

@@ -39,7 +39,7 @@ def ort_session(model: oir.Model):
     # (short runs), and the copy would double the weights' memory. Graphs with quantized or
     # contrib kernels keep it: ORT's int8 / MatMulNBits kernels compute differently unpacked
     # (accuracy_level 4 needs the packed path), and verification must run what users run.
-    config = dict(EXACT) if _packed_kernels(model) else {**EXACT, "session.disable_prepacking": "1"}
+    config = dict(EXACT) if packed_kernels(model) else {**EXACT, "session.disable_prepacking": "1"}
     opts = session_options("all", config)
     providers = ["CPUExecutionProvider"]
     try:
@@ -69,7 +69,7 @@ _INT_OPS = {"MatMulInteger", "ConvInteger", "QLinearMatMul", "QLinearConv", "Deq
             "QuantizeLinear", "DynamicQuantizeLinear"}
 
 
-def _packed_kernels(model: oir.Model) -> bool:
+def packed_kernels(model: oir.Model) -> bool:
     """Whether ``model`` holds a quantized or contrib-domain op (kernels that pre-pack)."""
     return any(n.domain not in ("", "ai.onnx") or n.op_type in _INT_OPS for n in model.graph)
 

@@ -28,6 +28,7 @@ from rotaq.errors import LoadError
 
 log = logging.getLogger(__name__)
 SPILL_BYTES = 1 << 20  # a new tensor at least this large is written to the spill folder
+CHUNK_BYTES = 8 << 20  # large tensors are converted and copied this many bytes at a time
 _PACKED = {oir.DataType.INT4, oir.DataType.UINT4, oir.DataType.FLOAT4E2M1}
 
 
@@ -40,18 +41,24 @@ class DataFile:
         self.size = os.fstat(self.fd).st_size
         weakref.finalize(self, os.close, self.fd)
 
-    def read(self, offset: int, length: int) -> bytes:
-        data = os.pread(self.fd, length, offset)
-        if len(data) != length:
-            raise OSError(f"{self.path}: short read at offset {offset} ({len(data)} of {length}"
-                          " bytes)")
-        return data
+    def read(self, offset: int, length: int) -> np.ndarray:
+        """``length`` bytes at ``offset`` in a fresh writable uint8 array (ORT takes a writable
+        array without copying it)."""
+        buf = np.empty(length, np.uint8)
+        view, done = memoryview(buf), 0
+        while done < length:  # one read returns at most ~2 GiB
+            n = os.preadv(self.fd, [view[done:]], offset + done)
+            if n <= 0:
+                raise OSError(f"{self.path}: short read at offset {offset} ({done} of {length}"
+                              " bytes)")
+            done += n
+        return buf
 
 
 class FileTensor(oir.LazyTensor):  # pylint: disable=too-many-ancestors
     """A lazy tensor read from a data file (see :func:`file_tensor`)."""
 
-    __slots__ = ("data",)
+    __slots__ = ("data", "offset")
 
 
 def file_tensor(data: DataFile, offset: int, dtype: oir.DataType, shape: Any,
@@ -63,13 +70,35 @@ def file_tensor(data: DataFile, offset: int, dtype: oir.DataType, shape: Any,
     nbytes = (count * dtype.bitwidth + 7) // 8
 
     def read() -> oir.Tensor:
-        raw = data.read(offset, nbytes)
-        arr = np.frombuffer(raw, dtype=np.dtype(dtype.numpy()).newbyteorder("<"))
+        arr = data.read(offset, nbytes).view(np.dtype(dtype.numpy()).newbyteorder("<"))
         return oir.Tensor(arr.reshape(dims), dtype=dtype, name=name)
 
     t = FileTensor(read, dtype=dtype, shape=oir.Shape(dims), name=name)
     t.data = data
+    t.offset = offset
     return t
+
+
+def as_float64(t: Any, transpose: bool = False) -> np.ndarray:
+    """A C-contiguous float64 copy of the 2-D float tensor ``t`` (transposed with
+    ``transpose``), the only array of the tensor's size made: a tensor on disk is read
+    :data:`CHUNK_BYTES` of rows at a time, one in memory is converted in one step."""
+    if not isinstance(t, FileTensor) or len(t.shape) != 2 or t.dtype in _PACKED:
+        arr = t.numpy()
+        return np.ascontiguousarray(arr.T if transpose else arr, dtype=np.float64)
+    rows, cols = (int(d) for d in t.shape)
+    item = np.dtype(t.dtype.numpy()).newbyteorder("<")
+    out = np.empty((cols, rows) if transpose else (rows, cols), np.float64)
+    step = max(1, CHUNK_BYTES // max(1, cols * item.itemsize))
+    for i in range(0, rows, step):
+        n = min(step, rows - i)
+        raw = t.data.read(t.offset + i * cols * item.itemsize, n * cols * item.itemsize)
+        block = raw.view(item).reshape(n, cols)
+        if transpose:
+            out[:, i:i + n] = block.T
+        else:
+            out[i:i + n] = block
+    return out
 
 
 def is_on_disk(t: Any) -> bool:
@@ -157,16 +186,21 @@ class SpillStore:
     def tensor(self, array: np.ndarray, dtype: oir.DataType, name: str) -> Any:
         """``array`` stored as ``dtype``: in memory when small, else written to the spill
         folder and read back lazily."""
-        arr = np.ascontiguousarray(np.asarray(array).astype(dtype.numpy()))
-        if arr.nbytes < SPILL_BYTES or dtype in _PACKED:
+        array = np.asarray(array)
+        np_type = np.dtype(dtype.numpy())
+        if array.size * np_type.itemsize < SPILL_BYTES or dtype in _PACKED or array.ndim == 0:
+            arr = np.ascontiguousarray(array.astype(np_type))
             return oir.Tensor(arr, dtype=dtype, name=name)
         with self._lock:
             self._count += 1
             path = os.path.join(self._folder(), f"{self._count}.bin")
-        with open(path, "wb") as f:
-            arr.tofile(f)  # no second copy in memory
-        self.bytes += arr.nbytes
-        return file_tensor(DataFile(path), 0, dtype, arr.shape, name)
+        rows = array.reshape(array.shape[0], -1) if array.ndim > 1 else array.reshape(1, -1)
+        step = max(1, CHUNK_BYTES // max(1, rows.shape[1] * np_type.itemsize))
+        with open(path, "wb") as f:  # converted a block of rows at a time: no full-size copy
+            for i in range(0, rows.shape[0], step):
+                np.ascontiguousarray(rows[i:i + step].astype(np_type)).tofile(f)
+        self.bytes += array.size * np_type.itemsize
+        return file_tensor(DataFile(path), 0, dtype, array.shape, name)
 
     def close(self) -> None:
         if self._dir is not None:
