@@ -168,14 +168,36 @@ def _scope(node: oir.Node) -> str:
     return _scope_of(raw) if raw else ""
 
 
+def fresh_name(taken: set[str], hint: str) -> str:
+    """``hint``, or ``hint_1``, ``hint_2``, ... : the first not in ``taken`` (then added to it)."""
+    name, k = hint, 0
+    while name in taken:
+        k += 1
+        name = f"{hint}_{k}"
+    taken.add(name)
+    return name
+
+
+def node_scopes(node: oir.Node) -> tuple[str, ...]:
+    """The exporter's ``name_scopes`` of ``node`` as a tuple (empty when absent or unreadable)."""
+    raw = node.metadata_props.get(_SCOPE_KEY)
+    return _parse_scopes(raw) if raw else ()
+
+
+@functools.lru_cache(maxsize=1 << 17)
+def _parse_scopes(raw: str) -> tuple[str, ...]:
+    # parsed once per string: the view is lifted again after each edit, and parsing every
+    # node's scope each time cost seconds on a 30-layer decoder
+    try:
+        return tuple(str(p) for p in ast.literal_eval(raw))
+    except (ValueError, SyntaxError):
+        return ()
+
+
 @functools.lru_cache(maxsize=1 << 17)
 def _scope_of(raw: str) -> str:
-    """:func:`_scope` of one metadata string, parsed once (the view is lifted again after each
-    edit; parsing every node's scope each time cost seconds on a 30-layer decoder)."""
-    try:
-        parts = [str(p) for p in ast.literal_eval(raw)]
-    except (ValueError, SyntaxError):
-        return ""
+    """:func:`_scope` of one metadata string."""
+    parts = _parse_scopes(raw)
     mods = [p for p in parts[:-1] if p]  # drop the root '' and the node's own name
     if not mods:
         return ""
@@ -305,12 +327,7 @@ class OnnxGraph:
                     before - missing())
 
     def _fresh(self, hint: str) -> str:
-        name, k = hint, 0
-        while name in self._taken:
-            k += 1
-            name = f"{hint}_{k}"
-        self._taken.add(name)
-        return name
+        return fresh_name(self._taken, hint)
 
     def _invalidate(self) -> None:
         # op kinds of untouched nodes survive an edit: set_const checks them without a re-lift

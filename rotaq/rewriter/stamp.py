@@ -23,7 +23,6 @@ Whatever does not fit raises :class:`CannotStamp` (the caller exports every laye
 
 from __future__ import annotations
 
-import ast
 import re
 from collections.abc import Callable
 from typing import Any
@@ -31,8 +30,9 @@ from typing import Any
 import numpy as np
 import onnx_ir as oir
 
+from rotaq.rewriter.onnx import fresh_name, node_scopes
+
 CAPTURED = 3  # layers captured: block 0 (shared values), blocks 1 and 2 (compared templates)
-_SCOPE_KEY = "pkg.torch.onnx.name_scopes"
 _PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 _PRESENT = re.compile(r"^present\.(\d+)\.(key|value)$")
 _SMALL = 4096  # constants up to this many elements may be compared by value
@@ -47,19 +47,9 @@ class CannotStamp(Exception):
     """The captured layers do not repeat in a way stamping can reproduce."""
 
 
-def _scopes(node: oir.Node) -> list[str]:
-    raw = node.metadata_props.get(_SCOPE_KEY)
-    if not raw:
-        return []
-    try:
-        return [str(p) for p in ast.literal_eval(raw)]
-    except (ValueError, SyntaxError):
-        return []
-
-
 def _block_of(node: oir.Node) -> tuple[str, int] | None:
     """(module list, index) of the outermost numbered module scope of ``node``."""
-    for s in _scopes(node):
+    for s in node_scopes(node):
         m = re.match(r"^(.+)\.(\d+)$", s)
         if m:
             return m.group(1), int(m.group(2))
@@ -225,13 +215,7 @@ class _Names:
         self.taken |= {v.name for v in graph.inputs} | set(graph.initializers)
 
     def __call__(self, name: str | None, i: int) -> str:
-        base = f"{name or 'v'}_l{i}"
-        out, c = base, 0
-        while out in self.taken:
-            c += 1
-            out = f"{base}_{c}"
-        self.taken.add(out)
-        return out
+        return fresh_name(self.taken, f"{name or 'v'}_l{i}")
 
 
 def stamp(model: oir.Model, num_layers: int, sources: dict[str, tuple[str, bool]],
