@@ -290,7 +290,6 @@ def _tensor_proto(v: oir.Value, supplied: dict[str, np.ndarray] | None = None
         if arr is not None:
             supplied[v.name] = arr
         return proto
-        return proto
     if isinstance(t, oir.ExternalTensor):
         proto = onnx.TensorProto(name=v.name, data_type=t.dtype.value, dims=list(t.shape.numpy()))
         proto.raw_data = t.tobytes()
