@@ -9,7 +9,7 @@ from importlib import resources
 from typing import Any
 
 from rotaq.errors import RotaqError
-from rotaq.passes.base import make_pass, pass_names
+from rotaq.passes.base import make_pass, pass_names, pass_options
 
 
 @dataclass
@@ -57,7 +57,7 @@ class Recipe:
     def for_pass(cls, name: str) -> Recipe:
         """A one-pass recipe (``--recipe lowrank --set ratio=0.3``): verified against 1e-4 if
         the pass is exact, unbounded otherwise."""
-        exact = getattr(make_pass(name, {}), "exact", False)
+        exact = make_pass(name, {}).exact
         return cls(name, [{"pass": name}], 1e-4 if exact else None,
                    f"the {name} pass with its default options")
 
@@ -86,25 +86,18 @@ class Recipe:
     def with_options(self, options: dict[str, Any]) -> Recipe:
         """Override pass options: ``{"seed": 1}`` sets it on every pass that has it,
         ``{"rotate.seed": 1}`` on the named pass only."""
-        import dataclasses
-
-        from rotaq.passes.base import _REGISTRY, _load_builtin_passes
-
-        _load_builtin_passes()
+        known = set(pass_names())
+        opts = {p["pass"]: pass_options(p["pass"]) for p in self.passes if p["pass"] in known}
         passes = [dict(p) for p in self.passes]
         for key, value in options.items():
             target, _, opt = key.rpartition(".")
             hit = False
             for p in passes:
-                cls = _REGISTRY.get(p["pass"])
-                names = {f.name for f in dataclasses.fields(cls)} if cls else set()
-                if (not target or target == p["pass"]) and opt in names:
+                if (not target or target == p["pass"]) and opt in opts.get(p["pass"], ()):
                     p[opt] = value
                     hit = True
             if not hit:
-                valid = "; ".join(
-                    f"{p['pass']}: " + ", ".join(sorted(f.name for f in dataclasses.fields(
-                        _REGISTRY[p["pass"]]))) for p in passes if p["pass"] in _REGISTRY)
+                valid = "; ".join(f"{name}: {', '.join(sorted(o))}" for name, o in opts.items())
                 raise RotaqError(f"option '{key}' matches no pass of recipe '{self.name}' "
                                  f"(options: {valid})")
         return Recipe(self.name, passes, self.tolerance, self.description, dict(self.extra))

@@ -27,16 +27,16 @@ from rotaq.linalg.flatquant import calibrate_kron
 from rotaq.linalg.kron import near_square_split
 from rotaq.linalg.threads import single_threaded
 from rotaq.model import Model
-from rotaq.passes.base import PassResult, register, select_linears
+from rotaq.passes.base import Pass, PassResult, select_linears
 from rotaq.passes.calib import capture_rows, counts, feeds_for
+from rotaq.passes.options import Calibrated, Selected
 from rotaq.rewriter.sites import Kronecker
 
 log = logging.getLogger(__name__)
 
 
-@register
 @dataclass(frozen=True)
-class KronTransform:
+class KronTransform(Pass, Selected, Calibrated):
     """Calibrated P1 (x) P2 (+ per-channel scale) transforms before quantized linears."""
 
     name: ClassVar[str] = "kron-transform"
@@ -49,20 +49,19 @@ class KronTransform:
     smooth: bool = True  # learn the per-channel scale d too
     iters: int = 50
     lr: float = 1e-2
-    include: str = ""
-    exclude: str = ""
-    calib_text: str = "lee"
-    calib_tokens: int = 256
-    calib_window: int = 256
+    calib_tokens: int = 256  # fewer than the default: the fit is per group, on a few windows
     seed: int = 0
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         if self.w_bits not in (0, 2, 3, 4, 8) or self.a_bits not in (0, 2, 3, 4, 8):
             raise RewriteError("kron-transform: w_bits / a_bits must be 0 (off), 2, 3, 4 or 8")
         if self.iters < 0 or self.lr <= 0:
             raise RewriteError("kron-transform: iters must be >= 0 and lr > 0")
 
-    def __call__(self, model: Model) -> PassResult:
+    def requires(self) -> tuple[str, ...]:
+        return ("linears", "before:quantize")
+
+    def call(self, model: Model) -> PassResult:
         a = model.analysis()
         keys = select_linears(a, self.include, self.exclude)
         if not keys:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import numpy as np
 from tqdm import tqdm
@@ -29,25 +29,23 @@ from rotaq.errors import RewriteError
 from rotaq.linalg import lowrank as lr
 from rotaq.linalg.threads import single_threaded
 from rotaq.model import Model
-from rotaq.passes.base import PassResult, register, select_linears
+from rotaq.passes.base import Pass, PassResult, select_linears
 from rotaq.passes.calib import counts, feeds_for, input_stats, linear_inputs
+from rotaq.passes.options import Calibrated, Selected
 from rotaq.rewriter.chain import lowrank_chain
 
 log = logging.getLogger(__name__)
 
-METHODS = ("svd", "asvd", "whiten")
-RANK_BY = ("ratio", "energy", "budget")
 
 
-@register
 @dataclass(frozen=True)
-class LowRank:
+class LowRank(Pass, Selected, Calibrated):
     """Replace linears by two thinner ones (truncated, activation-aware or whitened SVD)."""
 
     name: ClassVar[str] = "lowrank"
     exact: ClassVar[bool] = False
-    method: str = "whiten"  # svd | asvd | whiten
-    rank_by: str = "budget"  # ratio | energy | budget
+    method: Literal["svd", "asvd", "whiten"] = "whiten"
+    rank_by: Literal["ratio", "energy", "budget"] = "budget"
     ratio: float = 0.2  # fraction of the selected linears' parameters to remove
     energy: float = 0.99  # rank_by=energy: spectrum energy kept
     rank: int = 0  # >0: this rank for every layer (overrides rank_by)
@@ -55,17 +53,8 @@ class LowRank:
     step: int = 8  # budget ranks are multiples of this
     alpha: float = 0.5  # asvd exponent
     force: bool = False  # replace even where the rank saves nothing (checks, experiments)
-    include: str = ""
-    exclude: str = ""
-    calib_text: str = "lee"
-    calib_tokens: int = 2048
-    calib_window: int = 256
 
-    def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise RewriteError(f"lowrank: method must be one of {METHODS}, not '{self.method}'")
-        if self.rank_by not in RANK_BY:
-            raise RewriteError(f"lowrank: rank_by must be one of {RANK_BY}, not '{self.rank_by}'")
+    def validate(self) -> None:
         if not 0.0 < self.ratio < 1.0:
             raise RewriteError(f"lowrank: ratio must be in (0, 1), got {self.ratio}")
         if not 0.0 < self.energy <= 1.0:
@@ -73,7 +62,10 @@ class LowRank:
         if self.rank < 0 or self.step < 1:
             raise RewriteError("lowrank: rank must be >= 0 and step >= 1")
 
-    def __call__(self, model: Model) -> PassResult:
+    def requires(self) -> tuple[str, ...]:
+        return ("linears", "before:quantize")
+
+    def call(self, model: Model) -> PassResult:
         a = model.analysis()
         keys = select_linears(a, self.include, self.exclude)
         if not keys:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import numpy as np
 from tqdm import tqdm
@@ -37,8 +37,9 @@ from rotaq.linalg.quant import (
 )
 from rotaq.linalg.threads import single_threaded
 from rotaq.model import Model
-from rotaq.passes.base import PassResult, register, select_linears
+from rotaq.passes.base import Pass, PassResult, select_linears
 from rotaq.passes.calib import counts, feeds_for, input_stats, linear_inputs
+from rotaq.passes.options import Calibrated, Selected
 from rotaq.rewriter.analysis import Analysis
 from rotaq.rewriter.chain import lowrank_chain
 from rotaq.rewriter.sites import ActQuant
@@ -46,52 +47,44 @@ from rotaq.rewriter.sites import ActQuant
 log = logging.getLogger(__name__)
 
 
-@register
 @dataclass(frozen=True)
-class Quantize:
+class Quantize(Pass, Selected, Calibrated):
     """Quantize the linears' weights (and optionally activations and the KV cache)."""
 
     name: ClassVar[str] = "quantize"
     exact: ClassVar[bool] = False
     w_bits: int = 8
-    w_format: str = "int"  # int | fp8_e4m3 | mxfp4 | nvfp4
+    w_format: Literal["int", "fp8_e4m3", "mxfp4", "nvfp4"] = "int"
     w_group: int = -1  # -1: per output channel
     w_symmetric: bool = True
-    w_clip: str = "none"  # none | mse
-    method: str = "rtn"  # rtn | gptq
+    w_clip: Literal["none", "mse"] = "none"
+    method: Literal["rtn", "gptq"] = "rtn"
     gptq_damp: float = 0.01
     gptq_act_order: bool = True
     a_bits: int = 0  # 0: weight-only
-    a_mode: str = "dynamic"  # dynamic (per token) | static (per tensor, calibrated)
-    a_calib: str = "minmax"  # minmax | percentile (static only)
+    a_mode: Literal["dynamic", "static"] = "dynamic"  # per token | per tensor, calibrated
+    a_calib: Literal["minmax", "percentile"] = "minmax"  # static only
     a_percentile: float = 99.99
     a_clip: float = 1.0
     kv_bits: int = 0
     quantize_head: bool = False  # the head in the main format
     head_bits: int = 0  # >0: the head in its own int format (8: per channel; 4: w_group), RTN
-    include: str = ""  # regex on linear names (module paths); empty: all
-    exclude: str = ""
-    lowering: str = "auto"  # auto | qdq | matmulnbits | dequant (ONNX only)
+    lowering: Literal["auto", "qdq", "matmulnbits", "dequant"] = "auto"  # ONNX only
     lowrank_rank: int = 0  # >0: a float rank-r correction branch per quantized linear
-    lowrank_mode: str = "eora"  # eora (fit Q's error in the activation space) | lq (LQ-LoRA)
+    # eora (fit Q's error in the activation space) | lq (LQ-LoRA)
+    lowrank_mode: Literal["eora", "lq"] = "eora"
     lowrank_iters: int = 5  # lq: alternations of Q = quant(W - L), L = svd_r(W - Q)
-    calib_text: str = "lee"
-    calib_tokens: int = 2048
-    calib_window: int = 256
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         self.fmt()  # validates the weight format
-        if self.method not in ("rtn", "gptq"):
-            raise RewriteError(f"quantize: method must be rtn or gptq, not '{self.method}'")
-        if self.a_mode not in ("dynamic", "static"):
-            raise RewriteError(f"quantize: a_mode must be dynamic or static, not '{self.a_mode}'")
         if any(b not in (0, 2, 3, 4, 8) for b in (self.a_bits, self.kv_bits, self.head_bits)):
             raise RewriteError("quantize: a_bits / kv_bits / head_bits must be 0 (off), 2, 3, 4 "
                                "or 8")
-        if self.lowrank_mode not in ("eora", "lq") or self.lowrank_rank < 0:
-            raise RewriteError("quantize: lowrank_mode must be eora or lq, lowrank_rank >= 0")
-        if self.lowering not in ("auto", "qdq", "matmulnbits", "dequant"):
-            raise RewriteError(f"quantize: unknown lowering '{self.lowering}'")
+        if self.lowrank_rank < 0:
+            raise RewriteError("quantize: lowrank_rank must be >= 0")
+
+    def requires(self) -> tuple[str, ...]:
+        return ("linears",)
 
     def fmt(self) -> QFormat:
         try:
@@ -100,7 +93,7 @@ class Quantize:
         except ValueError as err:
             raise RewriteError(f"quantize: {err}") from err
 
-    def __call__(self, model: Model) -> PassResult:
+    def call(self, model: Model) -> PassResult:
         a = model.analysis()
         if a.experts:
             e = next(iter(a.experts.values()))
@@ -108,8 +101,8 @@ class Quantize:
                                "experts in one grouped weight) cannot be quantized yet; the "
                                "recipe would leave them in float")
         keys = self._select(a)
-        if not keys:
-            raise RewriteError("quantize: no linear matches the include/exclude filters")
+        if not keys and not (self.head_bits or self.kv_bits):
+            raise RewriteError(self._nothing_selected(a))
         needs_calib = self.method == "gptq" or (self.a_bits and self.a_mode == "static")
         eora = self.lowrank_rank > 0 and self.lowrank_mode == "eora"
         feeds = None
@@ -136,7 +129,7 @@ class Quantize:
         for key in head:
             errors[key] = self._quantize_one(model, a, key, {}, self._head_fmt())
         kv = self._kv_cache(model) if self.kv_bits else 0
-        lin_err = np.array(list(errors.values()))
+        lin_err = np.array(list(errors.values()) or [0.0])
         stats = {"linears": len(keys) + len(head), "format": self._describe(),
                  "method": self.method, "head_quantized": len(head),
                  "weight_rel_error_mean": float(lin_err.mean()),
@@ -158,6 +151,15 @@ class Quantize:
     # ---- selection and blocks ------------------------------------------------------------
     def _select(self, a: Analysis) -> list[str]:
         return select_linears(a, self.include, self.exclude, self.quantize_head)
+
+    def _nothing_selected(self, a: Analysis) -> str:
+        if self.include or self.exclude:
+            return (f"quantize: no linear matches include={self.include!r} "
+                    f"exclude={self.exclude!r}")
+        heads = [a.linears[k].name or k for k in a.residual.head if k in a.linears]
+        return (f"quantize: the model's only linear{'s are' if len(heads) > 1 else ' is'} its "
+                f"head ({', '.join(heads)}), which stays in float by default; set "
+                "quantize_head=true (main format) or head_bits=8 (its own format)")
 
     def _blocks(self, a: Analysis, keys: list[str]) -> list[list[str]]:
         """Linears grouped by residual block (readers, then writers), in graph order; GPTQ

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import numpy as np
 
@@ -36,7 +36,7 @@ from rotaq.linalg.hadamard import (
     random_rotation,
 )
 from rotaq.model import Model
-from rotaq.passes.base import PassResult, register
+from rotaq.passes.base import Pass, PassResult
 from rotaq.rewriter.analysis import (
     Analysis,
     closure,
@@ -130,25 +130,23 @@ def _online_reason(a: Analysis) -> str:
     return f"the model is {kind}"
 
 
-@register
 @dataclass(frozen=True)
-class Rotate:
+class Rotate(Pass):
     """Fold Hadamard rotations into the weights; emit the online ones as Kronecker subgraphs."""
 
     name: ClassVar[str] = "rotate"
     exact: ClassVar[bool] = True
-    mode: str = "auto"  # auto | residual | online
+    mode: Literal["auto", "residual", "online"] = "auto"
     seed: int = 0
     online_down: bool = True
     rotate_ov: bool = True
     rotate_qk: bool = False
     online_head: bool = False  # online mode: also rotate the head's input
 
-    def __post_init__(self) -> None:
-        if self.mode not in ("auto", "residual", "online"):
-            raise RewriteError(f"rotate: mode must be auto, residual or online, not '{self.mode}'")
+    def requires(self) -> tuple[str, ...]:
+        return ("before:quantize",)  # no linear at all: nothing to do, modified=False
 
-    def __call__(self, model: Model) -> PassResult:
+    def call(self, model: Model) -> PassResult:
         a = model.analysis()
         mode = self.mode
         reason = ""
@@ -166,10 +164,9 @@ class Rotate:
         if reason:
             stats["mode_reason"] = reason
         _cache_note(model, stats)
-        # residual mode always edits (it raises when it cannot); online mode may find no linear
-        # of a Hadamard size and nothing to rotate: then the graph is untouched
-        modified = mode == "residual" or bool(stats["linears_rotated"] or stats["qk_rotated"])
-        return PassResult(model, modified, stats)
+        # online mode may find no linear of a Hadamard size: the base class then reports
+        # modified=False (the graph was not edited)
+        return PassResult(model, True, stats)
 
     # ---- residual-stream rotation ---------------------------------------------------------
     def _residual(self, model: Model, a: Analysis) -> dict:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import numpy as np
 from tqdm import tqdm
@@ -25,35 +25,34 @@ from rotaq.errors import RewriteError
 from rotaq.linalg import kron as kr
 from rotaq.linalg.threads import single_threaded
 from rotaq.model import Model
-from rotaq.passes.base import PassResult, register, select_linears
+from rotaq.passes.base import Pass, PassResult, select_linears
+from rotaq.passes.options import Selected
 from rotaq.rewriter.chain import kron_chain, monarch_chain
 
 log = logging.getLogger(__name__)
 
 
-@register
 @dataclass(frozen=True)
-class Structured:
+class Structured(Pass, Selected):
     """Approximate linears by Kronecker sums or Monarch matrices."""
 
     name: ClassVar[str] = "structured"
     exact: ClassVar[bool] = False
-    kind: str = "monarch"  # kron | monarch
+    kind: Literal["kron", "monarch"] = "monarch"
     keep: float = 0.5  # parameter fraction kept per layer
     rank: int = 0  # >0: fixed rank (Kronecker terms / Monarch block rank), capped at full
     unset_options: ClassVar[dict[str, str]] = {"rank": "the rank then comes from keep"}
-    include: str = ""
-    exclude: str = ""
 
-    def __post_init__(self) -> None:
-        if self.kind not in ("kron", "monarch"):
-            raise RewriteError(f"structured: kind must be kron or monarch, not '{self.kind}'")
+    def validate(self) -> None:
         if not 0.0 < self.keep <= 1.0:
             raise RewriteError(f"structured: keep must be in (0, 1], got {self.keep}")
         if self.rank < 0:
             raise RewriteError("structured: rank must be >= 0")
 
-    def __call__(self, model: Model) -> PassResult:
+    def requires(self) -> tuple[str, ...]:
+        return ("linears", "before:quantize")
+
+    def call(self, model: Model) -> PassResult:
         a = model.analysis()
         keys = select_linears(a, self.include, self.exclude)
         if not keys:

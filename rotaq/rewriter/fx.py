@@ -23,7 +23,7 @@ from rotaq.errors import LoadError, RewriteError
 from rotaq.files import atomic_file
 from rotaq.rewriter.kv_capture import contract_name, fx_name, is_past
 from rotaq.rewriter.kv_capture import dynamic_shapes as kv_dynamic_shapes
-from rotaq.rewriter.sites import GNode, GraphView, Kronecker
+from rotaq.rewriter.sites import GNode, GraphView, Kronecker, counts_edits
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -82,6 +82,7 @@ def _from_numpy(a: Any) -> torch.Tensor:
     return tensor_from_numpy(a)  # ml_dtypes.bfloat16 included
 
 
+@counts_edits
 class FxGraph:
     """GraphAdapter over an unlifted torch.export GraphModule."""
 

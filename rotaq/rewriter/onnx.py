@@ -43,7 +43,7 @@ import onnx_ir as oir
 from rotaq.errors import LoadError, RewriteError
 from rotaq.rewriter import onnx_contrib, onnx_store
 from rotaq.rewriter.onnx_run import not_implemented, ort_session
-from rotaq.rewriter.sites import GNode, GraphView, Kronecker
+from rotaq.rewriter.sites import GNode, GraphView, Kronecker, counts_edits
 
 logger = logging.getLogger(__name__)
 
@@ -211,6 +211,7 @@ def _dims(value: oir.Value, const: oir.TensorProtocol | None) -> tuple[int, ...]
     return tuple(d if isinstance(d, int) else -1 for d in value.shape)
 
 
+@counts_edits
 class OnnxGraph:
     """An ONNX model held in memory, seen through the IR-neutral :class:`GraphView`."""
 

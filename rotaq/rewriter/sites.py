@@ -28,6 +28,7 @@ Normalized op vocabulary (``GNode.op``):
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -264,3 +265,25 @@ class GraphAdapter(Protocol):
     def clone(self) -> GraphAdapter: ...
 
     def save(self, path: str) -> None: ...
+
+
+# the GraphAdapter methods that change the graph (counted by :func:`counts_edits`)
+MUTATORS = ("set_const", "set_linear", "set_embedding", "insert_transform", "insert_chain",
+            "quantize_linear", "insert_fake_quant", "replace_linear", "add_branch")
+
+
+def counts_edits(cls: type) -> type:
+    """Class decorator for an adapter: every call of a :data:`MUTATORS` method adds one to
+    ``self.edits``, which the pass base class compares before and after a pass to report
+    ``modified`` honestly."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def counted(self, *args, **kwargs):
+            self.edits = getattr(self, "edits", 0) + 1
+            return fn(self, *args, **kwargs)
+        return counted
+
+    for name in MUTATORS:
+        if name in vars(cls):
+            setattr(cls, name, wrap(vars(cls)[name]))
+    return cls

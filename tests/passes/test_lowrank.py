@@ -70,7 +70,7 @@ def test_energy_and_no_saving():
 
 def test_bad_options():
     model = loaded("llama")
-    with pytest.raises(RotaqError, match="method must be"):
+    with pytest.raises(RotaqError, match="method expects one of svd, asvd, whiten"):
         rotaq.optimize(model, "lowrank", options={"method": "qr"})
     with pytest.raises(RotaqError, match="ratio must be"):
         rotaq.optimize(model, "lowrank", options={"ratio": 1.5})

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import rotaq
-from rotaq.errors import RewriteError
+from rotaq.errors import RewriteError, RotaqError
 from rotaq.linalg.quant import QFormat, fake_quantize
 from rotaq.model import max_rel_error
 from tests.tiny import build, loaded
@@ -92,10 +92,12 @@ def test_static_activations_kv_and_filters(llama):
 
 
 def test_bad_options():
-    with pytest.raises(RewriteError):
+    with pytest.raises(RotaqError, match="w_format expects one of int, fp8_e4m3, mxfp4, nvfp4"):
         rotaq.Recipe("q", [{"pass": "quantize", "w_format": "int5x"}], None).build()
-    with pytest.raises(RewriteError):
+    with pytest.raises(RotaqError, match="method expects one of rtn, gptq, got 'awq'"):
         rotaq.Recipe("q", [{"pass": "quantize", "method": "awq"}], None).build()
+    with pytest.raises(RewriteError, match="a_bits / kv_bits / head_bits"):
+        rotaq.Recipe("q", [{"pass": "quantize", "a_bits": 5}], None).build()
 
 
 def test_head_bits(llama):
