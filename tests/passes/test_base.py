@@ -153,4 +153,5 @@ def test_pass_history_is_saved_with_the_model(tmp_path):
     assert back.source["passes"] == "rotate"
     q = rotaq.optimize(back, "w4a16", verify=False)
     assert q.model.source["passes"] == "rotate,quantize"
-    np.testing.assert_allclose(back.run()[0], res.model.run()[0], rtol=1e-5, atol=1e-6)
+    feeds = res.model.sample_inputs
+    np.testing.assert_allclose(back.run(feeds)[0], res.model.run(feeds)[0], rtol=1e-5, atol=1e-6)
