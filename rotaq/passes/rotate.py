@@ -25,60 +25,14 @@ import logging
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
-import numpy as np
-
 from rotaq.errors import RewriteError
-from rotaq.linalg.hadamard import (
-    apply_kronecker,
-    is_hadamard_size,
-    kronecker_split,
-    normalized_hadamard,
-    random_rotation,
-)
+from rotaq.linalg.hadamard import random_rotation
 from rotaq.model import Model
+from rotaq.passes import folds
 from rotaq.passes.base import Pass, PassResult
-from rotaq.rewriter.analysis import (
-    Analysis,
-    closure,
-    const_root,
-    consumers_of,
-    first_linears,
-)
-from rotaq.rewriter.sites import Kronecker
+from rotaq.rewriter.analysis import Analysis
 
 log = logging.getLogger(__name__)
-
-
-class _Weights:
-    """Edits of linear weights, each ``(w, b) -> (w, b)`` in float64, recorded per linear and
-    applied on :meth:`flush` one linear at a time: memory holds one weight's working copies,
-    never the model's (setters write fresh tensors, so the order of reads does not matter)."""
-
-    def __init__(self, graph) -> None:
-        self.graph = graph
-        self.ops: dict[str, list] = {}
-
-    def apply(self, key: str, fn) -> None:
-        self.ops.setdefault(key, []).append(fn)
-
-    def flush(self) -> None:
-        for key, fns in self.ops.items():
-            w, b = self.graph.get_linear(key)
-            for fn in fns:
-                w, b = fn(w, b)
-            self.graph.set_linear(key, w, b)
-        self.ops = {}
-
-
-def _right(q, w: np.ndarray, chunk: int = 4096) -> np.ndarray:
-    """``w @ Q`` computed in place a block of rows at a time (rows are independent), so a large
-    table (embedding, head) gets no temporaries of its own size."""
-    if w.shape[0] <= chunk:
-        return q.right(w)
-    w = np.ascontiguousarray(w)
-    for i in range(0, w.shape[0], chunk):
-        w[i:i + chunk] = q.right(w[i:i + chunk])
-    return w
 
 
 def _cache_note(model: Model, stats: dict) -> None:
@@ -173,7 +127,7 @@ class Rotate(Pass):
         g = model.graph
         res = a.residual
         if self.rotate_qk:
-            _refuse_fused_rope(a)
+            folds.refuse_fused_rope(a)
         if a.experts:
             e = next(iter(a.experts.values()))
             raise RewriteError(f"rotate: mode=residual cannot fold a rotation into MoE experts "
@@ -191,177 +145,48 @@ class Rotate(Pass):
                     f"rotate: LayerNorm '{n.name or n.key}' subtracts the mean, which does not "
                     "commute with a rotation of the residual stream; use mode=online")
         d = a.embeddings[res.embedding].dim
-        q = random_rotation(d, self.seed)
-        w = _Weights(g)
-        readers_of = {nk: first_linears(g.view(), a.norms[nk].output)
-                      for b in res.blocks for nk in b.norms}
-        if res.final_norm:
-            readers_of[res.final_norm] = res.head
-        # 1. fold norm scales into the readers (all read from one view, then written)
-        view = g.view()
-        gammas = {}
-        for nk, readers in readers_of.items():
-            self._check_only_linears(a, nk, readers)
-            n = a.norms[nk]
-            if n.scale is not None:
-                node, idx = n.scale
-                gamma = g.get_const(const_root(view, view.by_key[node].inputs[idx])).reshape(-1)
-                gammas[nk] = gamma + n.scale_offset
-        for nk, gamma in gammas.items():
-            for r in readers_of[nk]:
-                w.apply(r, lambda wr, br, gamma=gamma: (np.multiply(wr, gamma[None, :], out=wr),
-                                                        br))
-            node, idx = a.norms[nk].scale
-            g.set_const(node, idx, np.ones_like(gamma) - a.norms[nk].scale_offset)
-        folded = len(gammas)
-        # 2. rotate the stream
-        for key in self._stream_embeddings(a):
-            g.set_embedding(key, _right(q, g.get_embedding(key)))
-        for nk, readers in readers_of.items():
-            for r in readers:
-                w.apply(r, lambda wr, br: (_right(q, wr), br))
-        writers = [wk for b in res.blocks for wk in b.writers]
-        for wk in writers:
-            w.apply(wk, lambda ww, bw: (q.left_t(ww), None if bw is None else q.right(bw)))
-        # 3. per-head V/O rotation
-        ov = 0
-        if self.rotate_ov:
-            for site in a.attention:
-                if _rotate_packed_ov(w, site, a):
-                    ov += 1
-                    continue
-                if site.v_proj and site.o_proj and site.v_proj not in (site.q_proj, site.k_proj) \
-                        and is_hadamard_size(site.head_dim):
-                    h = normalized_hadamard(site.head_dim)
-                    hv = np.kron(np.eye(a.linears[site.v_proj].out_features // site.head_dim), h)
-                    ho = np.kron(np.eye(a.linears[site.o_proj].in_features // site.head_dim), h)
-                    w.apply(site.v_proj, lambda wv, bv, hv=hv: (
-                        hv.T @ wv, None if bv is None else bv @ hv))
-                    w.apply(site.o_proj, lambda wo, bo, ho=ho: (wo @ ho, bo))
-                    ov += 1
-        # 4. online Hadamard before MLP writers (down projections)
+        edits = folds.WeightEdits(g)
+        readers = folds.norm_readers(g, a)
+        folded = folds.fold_norms(g, a, readers, edits)
+        writers = folds.rotate_residual(g, a, random_rotation(d, self.seed), readers, edits)
+        ov = folds.rotate_ov(a, edits) if self.rotate_ov else 0
         o_projs = {s.o_proj for s in a.attention}
         online = 0
-        if self.online_down:
-            for wk in writers:
-                if wk in o_projs:
-                    continue
-                lin = a.linears[wk]
-                if not is_hadamard_size(lin.in_features):
-                    log.warning("no Hadamard of size %d: no online rotation before %s",
-                                lin.in_features, lin.name or wk)
-                    continue
-                fa, fb = kronecker_split(lin.in_features)
-                w.apply(wk, lambda ww, bw, fa=fa, fb=fb: (apply_kronecker(ww, fa, fb), bw))
-                g.insert_transform(lin.input, [wk], Kronecker((fa, fb)))
+        for wk in (w for w in writers if w not in o_projs) if self.online_down else ():
+            if folds.online_before(g, a, edits, [wk]):
                 online += 1
-        w.flush()
-        # 5. optional online Q/K rotation (after RoPE)
-        qk = self._online_qk(g, a) if self.rotate_qk else 0
+            else:
+                lin = a.linears[wk]
+                log.warning("no Hadamard of size %d: no online rotation before %s",
+                            lin.in_features, lin.name or wk)
+        edits.flush()
+        qk = folds.online_qk(g, a) if self.rotate_qk else 0
         return {"dim": d, "norms_folded": folded, "writers": len(writers),
-                "readers": sum(len(r) for r in readers_of.values()), "ov_heads_rotated": ov,
+                "readers": sum(len(r) for r in readers.values()), "ov_heads_rotated": ov,
                 "online_hadamards": online, "qk_rotated": qk}
-
-    def _stream_embeddings(self, a: Analysis) -> list[str]:
-        """Embeddings whose outputs are summed into the stream start (token + position)."""
-        first = a.residual.embedding
-        keys = [first]
-        for key, e in a.embeddings.items():
-            if key != first and e.dim == a.embeddings[first].dim:
-                keys.append(key)
-        return keys
-
-    def _check_only_linears(self, a: Analysis, nk: str, readers: list[str]) -> None:
-        n = a.norms[nk]
-        others = [c for c in consumers_of(a.view, closure(a.view, n.output)) if c.op != "linear"]
-        if others:
-            raise RewriteError(f"rotate: the output of norm '{n.name or nk}' is read by a "
-                               f"'{others[0].op}' op, not only by linears; cannot fold it")
-
-    def _online_qk(self, g, a: Analysis) -> int:
-        count = 0
-        for site in a.attention:
-            if not site.q_value or not site.k_value or not is_hadamard_size(site.head_dim):
-                log.warning("attention %s: no per-head Q/K rotation point found", site.name)
-                continue
-            h = normalized_hadamard(site.head_dim)
-            g.insert_transform(site.q_value, [site.q_consumer], Kronecker((h,)))
-            g.insert_transform(site.k_value, [site.k_consumer], Kronecker((h,)))
-            count += 1
-        return count
 
     # ---- per-linear online rotation ---------------------------------------------------------
     def _online(self, model: Model, a: Analysis) -> dict:
         g = model.graph
         if self.rotate_qk:
-            _refuse_fused_rope(a)
+            folds.refuse_fused_rope(a)
         head = set(a.residual.head)
         groups: dict[str, list[str]] = {}
         for key, lin in a.linears.items():
             if key in head and not self.online_head:
                 continue
             groups.setdefault(lin.input, []).append(key)
-        w = _Weights(g)
+        edits = folds.WeightEdits(g)
         done = skipped = inserted = 0
-        for value, keys in groups.items():
-            n = a.linears[keys[0]].in_features
-            if not is_hadamard_size(n):
-                log.warning("no Hadamard of size %d: %s left unrotated", n, keys)
+        for keys in groups.values():
+            if not folds.online_before(g, a, edits, keys):
+                log.warning("no Hadamard of size %d: %s left unrotated",
+                            a.linears[keys[0]].in_features, keys)
                 skipped += len(keys)
                 continue
-            fa, fb = kronecker_split(n)
-            for key in keys:
-                w.apply(key, lambda wk, bk, fa=fa, fb=fb: (apply_kronecker(wk, fa, fb), bk))
-            g.insert_transform(value, keys, Kronecker((fa, fb)))
             done += len(keys)
             inserted += 1
-        w.flush()
-        qk = self._online_qk(g, a) if self.rotate_qk else 0
+        edits.flush()
+        qk = folds.online_qk(g, a) if self.rotate_qk else 0
         return {"linears_rotated": done, "online_hadamards": inserted,
                 "skipped": skipped, "qk_rotated": qk}
-
-
-def _rotate_packed_ov(w: _Weights, site, a: Analysis) -> bool:
-    """V/O rotation through ORT's GroupQueryAttention fed one packed q|k|v projection: the
-    projection's rows are [q (heads x hd); k (kv x hd); v (kv x hd)], so the v rows take
-    ``W_v <- (I_kv (x) H)^T W_v`` and the o projection ``W_o <- W_o (I_heads (x) H)``; each
-    query head reads one KV group's V, so its output is rotated by the same H."""
-    hd = site.head_dim
-    if site.kind != "gqa" or not (site.q_proj and site.q_proj == site.k_proj == site.v_proj
-                                  and site.o_proj) or not is_hadamard_size(hd):
-        return False
-    lo = (site.num_heads + site.num_kv_heads) * hd
-    hi = lo + site.num_kv_heads * hd
-    if a.linears[site.v_proj].out_features != hi:
-        return False
-    h = normalized_hadamard(hd)
-    hv = np.kron(np.eye(site.num_kv_heads), h)
-
-    def packed(wq: np.ndarray, bq: np.ndarray | None) -> tuple:
-        wq = wq.copy()
-        wq[lo:hi] = hv.T @ wq[lo:hi]
-        if bq is not None:
-            bq = bq.copy()
-            bq[lo:hi] = bq[lo:hi] @ hv
-        return wq, bq
-
-    ho = np.kron(np.eye(a.linears[site.o_proj].in_features // hd), h)
-    w.apply(site.v_proj, packed)
-    w.apply(site.o_proj, lambda wo, bo: (wo @ ho, bo))
-    return True
-
-
-def _refuse_fused_rope(a: Analysis) -> None:
-    """rotate_qk needs q and k per head after RoPE; GroupQueryAttention keeps that inside."""
-    for site in a.attention:
-        if site.kind != "gqa":
-            continue
-        n = a.view.by_key[site.key]
-        why = ("applies RoPE inside the op (do_rotary=1), so no point after RoPE is exposed"
-               if n.params.get("do_rotary") else
-               "takes q and k as [batch, seq, heads x head_dim] inputs, where rotaq does not "
-               "insert the per-head rotation")
-        raise RewriteError(f"rotate: rotate_qk cannot rotate Q/K of GroupQueryAttention node "
-                           f"'{site.key}': it {why}; a rotation that commutes with RoPE for "
-                           "every position is itself a RoPE-style 2x2-block rotation, which does "
-                           "not spread outliers; use rotate_qk=false")

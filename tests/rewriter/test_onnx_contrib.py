@@ -7,7 +7,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from rotaq.errors import RewriteError
-from rotaq.passes.rotate import _refuse_fused_rope
+from rotaq.passes.folds import refuse_fused_rope as _refuse_fused_rope
 from rotaq.rewriter.analysis import analyze
 from rotaq.rewriter.onnx import OnnxGraph
 

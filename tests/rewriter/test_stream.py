@@ -230,7 +230,7 @@ def test_rotate_on_streamed_capture_is_exact(hf_dir, tmp_path, monkeypatch):
 def test_rotate_rows_in_blocks_equals_whole():
     """rotate's in-place, block-of-rows ``w @ Q`` (large tables) equals the whole product."""
     from rotaq.linalg.hadamard import random_rotation
-    from rotaq.passes.rotate import _right
+    from rotaq.passes.folds import right_rows as _right
 
     q = random_rotation(48, 0)
     w = np.random.default_rng(2).standard_normal((50, 48))
