@@ -102,7 +102,7 @@ def _load(src: Any, example_inputs: Any, ir: str, seq_len: int, kv: bool = True,
     from rotaq import assets, loading_stream
 
     if ir == "onnx" and loading_stream.streams(path, kv, dtype):  # weights never all in memory
-        return loading_stream.load_stream(path, seq_len)
+        return loading_stream.load_stream(path, seq_len, dtype)
     if os.path.isdir(path):
         return _from_hf(path, seq_len, ir, kv=kv, dtype=dtype)
     if path.lower().endswith(".gguf"):

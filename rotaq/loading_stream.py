@@ -43,26 +43,22 @@ def hf_dir_of(src: Any) -> str | None:
 
 def streams(src: Any, kv: bool = True, dtype: str | None = None) -> bool:
     """Whether :func:`rotaq.load` with ``ir="onnx"`` takes the streaming route for ``src``:
-    a supported decoder, with its KV cache, written in fp32 (the output dtype ``dtype`` or,
-    when None, the source's own; an fp16/bf16 output takes the torch route, see README)."""
+    a supported decoder with its KV cache, captured in the output dtype ``dtype`` (fp32, fp16
+    or bf16; None: the source's own)."""
     if not kv or os.environ.get("ROTAQ_NO_STREAM"):
         return False
     path = hf_dir_of(src)
     if path is None:
-        return False
-    from rotaq.dtypes import hf_source_dtype, output_dtype
-
-    if output_dtype(hf_source_dtype(path), dtype) != "float32":
         return False
     from rotaq.rewriter.stream_export import is_supported
 
     return is_supported(path)
 
 
-def _tag(path: str) -> str:
+def _tag(path: str, dtype: str = "float32") -> str:
     import torch
 
-    stamp = []
+    stamp = [] if dtype == "float32" else [dtype]  # fp32 keeps its cached captures
     for f in sorted(os.listdir(path)):
         if f.endswith((".safetensors", ".json")):
             st = os.stat(os.path.join(path, f))
@@ -71,14 +67,18 @@ def _tag(path: str) -> str:
     return hashlib.sha1(key.encode()).hexdigest()[:10]
 
 
-def load_stream(src: str, seq_len: int) -> Model:
-    """The streaming capture of built-in or directory ``src`` as a Model (ONNX form)."""
+def load_stream(src: str, seq_len: int, dtype: str | None = None) -> Model:
+    """The streaming capture of built-in or directory ``src`` as a Model (ONNX form), its
+    graph and weights in ``dtype`` (default: the source's own)."""
     from rotaq import assets
+    from rotaq.dtypes import hf_source_dtype, output_dtype, torch_dtype
     from rotaq.rewriter import stream_export
     from rotaq.rewriter.onnx import OnnxGraph
 
     path = hf_dir_of(src)
     assert path is not None
+    dt = output_dtype(hf_source_dtype(path), dtype)
+    tdt = torch_dtype(dt)
     builtin = os.fspath(src) in assets.BUILTIN_MODELS
     name = os.fspath(src) if builtin else os.path.abspath(path)
     label = os.fspath(src) if builtin else os.path.basename(os.path.normpath(path))
@@ -90,7 +90,7 @@ def load_stream(src: str, seq_len: int) -> Model:
     try:
         folder = assets.cache_dir() / "exported"
         folder.mkdir(parents=True, exist_ok=True)
-        cached = str(folder / f"{label}-stream-{_tag(path)}.onnx")
+        cached = str(folder / f"{label}-stream-{_tag(path, dt)}.onnx")
     except OSError as err:
         log.warning("rotaq cache not writable (%s): capturing into a temporary folder", err)
         cached = None
@@ -102,7 +102,7 @@ def load_stream(src: str, seq_len: int) -> Model:
     if graph is None:
         if cached:
             try:
-                stream_export.export(path, cached, meta)
+                stream_export.export(path, cached, meta, dtype=tdt)
                 graph = OnnxGraph.load(cached)
             except OSError as err:
                 log.warning("cannot write the cache %s (%s): using a temporary folder", cached,
@@ -110,7 +110,7 @@ def load_stream(src: str, seq_len: int) -> Model:
         if graph is None:
             tmp = tempfile.mkdtemp(prefix="rotaq-stream-")
             out = os.path.join(tmp, "model.onnx")
-            stream_export.export(path, out, meta)
+            stream_export.export(path, out, meta, dtype=tdt)
             graph = OnnxGraph.load(out)  # data files stay open: the folder may go
             import shutil
 

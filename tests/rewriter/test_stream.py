@@ -238,3 +238,36 @@ def test_rotate_rows_in_blocks_equals_whole():
     np.testing.assert_allclose(_right(q, w.copy(), chunk=7), want, rtol=0, atol=1e-12)
     np.testing.assert_allclose(_right(q, np.asfortranarray(w), chunk=7), want, rtol=0,
                                atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_streamed_capture_in_half_precision(dtype, tmp_path, monkeypatch, caplog):
+    """A bf16 folder streamed into an fp16 / bf16 graph (stamped, weights in that dtype): same
+    outputs as the torch route's capture within the dtype's own rounding noise, and an exact
+    rotation verified against the dtype-aware bound."""
+    import logging
+
+    from rotaq.dtypes import graph_dtype
+
+    m, _ = build("llama", num_hidden_layers=4)
+    path = str(tmp_path / "bf16")
+    m.to(torch.bfloat16).save_pretrained(path)
+    monkeypatch.setenv("ROTAQ_CACHE", str(tmp_path / "cache"))
+    with caplog.at_level(logging.INFO, logger="rotaq.rewriter.stream_export"):
+        model = rotaq.load(path, ir="onnx", dtype=dtype)
+    assert "nodes stamped for the other 1" in caplog.text
+    want = {"fp16": "float16", "bf16": "bfloat16"}[dtype]
+    assert graph_dtype(model.graph) == want
+    assert model.inputs_info["dtype"] == {"source": "bfloat16", "output": want}
+    monkeypatch.setenv("ROTAQ_NO_STREAM", "1")
+    torch_route = rotaq.load(path, ir="onnx", dtype=dtype)
+    monkeypatch.delenv("ROTAQ_NO_STREAM")
+    feeds = model.sample_inputs
+    a, b = model.run(feeds)[0], torch_route.run(feeds)[0]
+    rel = float(np.abs(a.astype(np.float64) - b).max() / np.abs(b.astype(np.float64)).max())
+    assert rel <= {"fp16": 1e-3, "bf16": 2e-2}[dtype], rel
+    res = rotaq.optimize(model, "rotate")
+    rep = res.report
+    assert rep["verify"]["passed"] and rep["dtype"]["output"] == want
+    assert "rounding noise" in rep["tolerance_basis"]
+    assert rep["max_rel_error"] <= rep["tolerance_used"] and rep["tolerance_used"] > 1e-4
