@@ -220,13 +220,17 @@ def synthetic_stages(work: Path, skip: set[str], dtype_opt: bool, rewrite: bool)
     if "syn-write" not in skip or not src.is_dir():
         rows.append(run_stage("syn-write", [sys.executable, __file__, "--stage", "write"]
                               + (["--rewrite"] if rewrite else []), env, {"rss_gib": 1.0}))
-    # fp32 output: the bf16 source is captured by the streaming route (an fp16/bf16 output
-    # takes the torch route, which holds the model)
+    # fp32 and bf16 outputs: both streamed (captured and stamped in the output dtype)
     fp32 = ["--dtype", "fp32"] if dtype_opt else []
     if "syn-rotate" not in skip:
         rows.append(run_stage("syn-rotate", _cli("optimize", str(src), "--recipe", "rotate",
                                                  *fp32, "-o", str(work / "syn-rotate.onnx"),
                                                  "--json"), env, {"rss_gib": 3}))
+    if "syn-rotate-bf16" not in skip and dtype_opt:  # the source's own dtype, streamed too
+        rows.append(run_stage("syn-rotate-bf16", _cli("optimize", str(src), "--recipe",
+                                                      "rotate", "--dtype", "bf16", "-o",
+                                                      str(work / "syn-rotate-bf16.onnx"),
+                                                      "--json"), env, {"rss_gib": 3}))
     if "syn-rtn" not in skip:
         rows.append(run_stage("syn-rtn", _cli("optimize", str(src), "--recipe", "w4a16-rotated",
                                               "--set", "method=rtn", *fp32, "-o",
@@ -334,7 +338,7 @@ def write_results(rows: list[dict], note: str) -> None:
     for r in rows:
         r.update({"git": f"{meta['branch']}@{meta['commit']}", "note": note})
     order = ["smol-rotate", "smol-gptq", "smol-ppl", "smol-gptq-w1", "smol-gptq-w2",
-             "syn-write", "syn-rotate", "syn-rtn", "syn-gptq", "syn-check"]
+             "syn-write", "syn-rotate", "syn-rotate-bf16", "syn-rtn", "syn-gptq", "syn-check"]
     all_rows = [r for r in old["rows"] if r["stage"] not in fresh] + rows
     all_rows.sort(key=lambda r: order.index(r["stage"]) if r["stage"] in order else 99)
     jpath.write_text(json.dumps({"cpu": meta["cpu"], "rows": all_rows}, indent=1))
