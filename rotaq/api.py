@@ -148,7 +148,7 @@ def optimize(model: Any, recipe: str | Recipe = "rotate", *, options: dict[str, 
     if options:
         rec = rec.with_options(options)
     passes = rec.build()
-    exact = all(getattr(p, "exact", False) for p in passes)
+    exact = all(p.exact for p in passes)
     if not verify and hasattr(src.graph, "check_unverified"):
         src.graph.check_unverified()
     needs = any(getattr(p, "needs_linears", True) for p in passes)  # all built-in passes do
