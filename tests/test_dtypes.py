@@ -193,3 +193,18 @@ def test_narrowing_a_captured_graph_is_one_clear_line(onnx_files, tmp_path, caps
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "cannot be converted to bfloat16" in err
     assert "Traceback" not in err and not os.path.exists(out)
+
+
+@pytest.mark.parametrize("kind", ["fp16", "bf16"])
+def test_rounding_noise_block_by_block(onnx_files, kind, monkeypatch):
+    """Above ROTAQ_BLOCKWISE_GIB the rounding noise e0 is measured one block at a time (each
+    segment converted to fp32 / rounded only while it runs): the same e0 and method as the
+    whole-graph measurement."""
+    model = rotaq.load(onnx_files[kind])
+    feeds = model.sample_inputs
+    whole = dtypes.rounding_noise(model.graph, feeds)
+    monkeypatch.setenv("ROTAQ_BLOCKWISE_GIB", "0")
+    blocks = dtypes.rounding_noise(rotaq.load(onnx_files[kind]).graph, feeds)
+    assert blocks["method"] == whole["method"] == {"fp16": "native", "bf16": "emulated"}[kind]
+    assert blocks["e0"] == pytest.approx(whole["e0"], rel=0.05)
+    assert 1e-4 < blocks["e0"] < 0.05

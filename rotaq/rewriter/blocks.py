@@ -200,13 +200,18 @@ class BlockRunner:
 
     def __init__(self, graph: Any, feeds: dict[str, np.ndarray], *, batch: int | None = None,
                  spill: bool | str = False, keep_outputs: bool = True,
-                 analysis: Analysis | None = None) -> None:
+                 analysis: Analysis | None = None, precision: str | None = None) -> None:
+        """``precision`` (ONNX): ``"fp32"`` runs every segment as its fp32 copy, ``"round:T"``
+        as its fp32 copy with every op output rounded to T (float16 / bfloat16): an fp16/bf16
+        graph's reference and emulated runs, one block's weights converted at a time."""
         from rotaq.inputs import chunks
         from rotaq.rewriter.kv_capture import complete_feeds
 
         self.graph = graph
         self.segments = segments(graph, analysis)
         self.exec = executor(graph, [s.end for s in self.segments[:-1]])
+        if precision is not None:
+            self.exec.precision = precision
         feeds = complete_feeds(graph, feeds)
         parts = list(chunks(graph, feeds, batch))
         self.store = _Store(len(parts), spill)
@@ -311,10 +316,12 @@ class BlockRunner:
 
 
 def run_blockwise(graph: Any, feeds: dict[str, np.ndarray], hook: Hook | None = None, *,
-                  batch: int | None = None, spill: bool | str = False) -> list[np.ndarray]:
+                  batch: int | None = None, spill: bool | str = False,
+                  precision: str | None = None) -> list[np.ndarray]:
     """The graph outputs on ``feeds`` (as ``graph.run`` gives them, within float tolerance),
-    computed segment by segment; ``hook(SegmentRun)`` is called before each segment runs."""
-    with BlockRunner(graph, feeds, batch=batch, spill=spill) as r:
+    computed segment by segment; ``hook(SegmentRun)`` is called before each segment runs;
+    ``precision``: see :class:`BlockRunner`."""
+    with BlockRunner(graph, feeds, batch=batch, spill=spill, precision=precision) as r:
         r.run(hook)
         return r.result()
 

@@ -109,6 +109,7 @@ class OnnxSegments:
         self._nodes: list[list[oir.Node]] = []
         self._sessions: dict[tuple[int, tuple[str, ...]], tuple[Any, Any, list[str]]] = {}
         self._upcast = bool(getattr(graph, "_upcast", False))
+        self.precision: str | None = None  # "fp32" | "round:float16" | "round:bfloat16"
         self._split()
 
     # ---- structure ----------------------------------------------------------------------
@@ -229,7 +230,7 @@ class OnnxSegments:
             keep = [ort.OrtValue.ortvalue_from_numpy(a) for a in supplied.values()]
             opts.add_external_initializers(list(supplied), keep)
         if self._upcast:
-            proto = _upcast(proto)
+            proto = _upcast(proto, self.precision)
         try:
             sess = ort.InferenceSession(proto.SerializeToString(), opts,
                                         providers=["CPUExecutionProvider"])
@@ -252,6 +253,8 @@ class OnnxSegments:
             return {}
         ext = self._analyze(k)[0]
         feeds = {v: np.asarray(env[v]) for v in ext}
+        if self.precision or any(a.dtype.name == "bfloat16" for a in feeds.values()):
+            self._upcast = True  # ORT takes no bfloat16 arrays as inputs
         if self._upcast:
             feeds = {v: a.astype(np.float32) if a.dtype in (np.float16,) or
                      a.dtype.name == "bfloat16" else a for v, a in feeds.items()}
@@ -299,7 +302,18 @@ def _tensor_proto(v: oir.Value, supplied: dict[str, np.ndarray] | None = None
     return proto
 
 
-def _upcast(proto: onnx.ModelProto) -> onnx.ModelProto:
-    from rotaq.rewriter.onnx_dtype import convert_float
+def _upcast(proto: onnx.ModelProto, precision: str | None = None) -> onnx.ModelProto:
+    """The segment's fp32 copy; ``precision="round:T"``: every op output rounded to T."""
+    from rotaq.rewriter.onnx_dtype import LOW, convert_float, round_through
 
-    return oir.serde.serialize_model(convert_float(oir.serde.deserialize_model(proto)))
+    rounding = bool(precision and precision.startswith("round:"))
+    if rounding:  # the segment has no value types of its own: round_through needs them
+        try:
+            proto = onnx.shape_inference.infer_shapes(proto)
+        except Exception as err:  # noqa: BLE001  (ops unknown to onnx: fewer values rounded)
+            log.warning("segment shape inference failed (%s); rounding fewer values", err)
+    model = convert_float(oir.serde.deserialize_model(proto))
+    if rounding:
+        low = {name: dt for dt, name in LOW.items()}[precision.split(":", 1)[1]]
+        model = round_through(model, low)
+    return oir.serde.serialize_model(model)
