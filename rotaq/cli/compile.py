@@ -17,6 +17,7 @@ import tempfile
 import time
 from typing import Any
 
+from rotaq.cli.common import emit, options, size
 from rotaq.errors import RotaqError
 
 ORT_SETTINGS = {"graph_optimization_level": "ORT_ENABLE_ALL", "intra_op_num_threads": 2,
@@ -24,13 +25,13 @@ ORT_SETTINGS = {"graph_optimization_level": "ORT_ENABLE_ALL", "intra_op_num_thre
                 "config": {"session.qdq_matmulnbits_accuracy_level": "0"}}
 
 
-def _model_for(src: str, recipe: str | None, options: dict[str, Any]) -> Any:
+def _model_for(src: str, recipe: str | None, opts: dict[str, Any]) -> Any:
     """The model to compile: ``src`` (ONNX form), rewritten by ``recipe`` when given."""
     import rotaq
 
     model = rotaq.load(src, ir="onnx")
     if recipe:
-        rec = rotaq.Recipe.load(recipe).with_options(options)
+        rec = rotaq.Recipe.load(recipe).with_options(opts)
         model = rotaq.optimize(model, rec, verify=False).model
     return model
 
@@ -89,14 +90,13 @@ def load_artifact(folder: str) -> Any:
 
 def cmd_compile(args: argparse.Namespace) -> int:
     from rotaq.api import file_sizes
-    from rotaq.cli import _emit, _options
 
     t0 = time.perf_counter()
     if args.backend == "tvm":
         from rotaq.backends.tvm import require_tvm
 
         require_tvm()  # fail before any rewrite work
-    model = _model_for(args.model, args.recipe, _options(args.set))
+    model = _model_for(args.model, args.recipe, options(args.set))
     if args.backend == "ort":
         meta = compile_ort(model, args.output)
     else:
@@ -109,7 +109,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     meta["files"] = file_sizes([os.path.join(args.output, f)
                                 for f in sorted(os.listdir(args.output))])
     meta["total_seconds"] = round(time.perf_counter() - t0, 1)
-    _emit(meta, args.json, _print_compile)
+    emit(meta, args.json, _print_compile)
     return 0
 
 
@@ -125,11 +125,9 @@ def _pad_axes(specs: list[str] | None) -> dict[str, int | None]:
 
 
 def _print_compile(d: dict[str, Any]) -> None:
-    from rotaq.cli import _size
-
     target = d["target_kind"] + (f" (CPU {d['mcpu']})" if d.get("mcpu") else "")
     tokens = f", token counts {','.join(map(str, d['tokens']))}" if d.get("tokens") else ""
-    files = ", ".join(f"{os.path.basename(f['path'])} ({_size(f['bytes'])})" for f in d["files"])
+    files = ", ".join(f"{os.path.basename(f['path'])} ({size(f['bytes'])})" for f in d["files"])
     print(f"wrote {d['output']}/ ({d['backend']}, {target}{tokens}) in {d['total_seconds']} s: "
           f"{files}")
 
