@@ -247,7 +247,7 @@ class CacheRunner:
 
     def __init__(self, path: str, threads: int | None = None, optimization: str = "all",
                  session: Any = None) -> None:
-        from rotaq.backends.ort import ort_session
+        from rotaq.runtime import ort_session
 
         self.path = path
         self.spec = cache_spec(path)

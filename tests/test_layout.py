@@ -142,3 +142,23 @@ def test_cli_modules_do_not_import_the_cli_package():
     outside = {m for m, deps in graph.items() if not m.startswith("rotaq.cli") and
                any(d.startswith("rotaq.cli") for d in deps)}
     assert outside == {"rotaq.__main__"}
+
+
+def test_rewriter_does_not_import_backends_or_cli():
+    """Layers: the rewriter is below the backends and the command (imports anywhere, also inside
+    functions); ORT sessions come from the neutral rotaq.runtime."""
+    graph = _graph(module_level=False)
+    rewriter = {m: deps for m, deps in graph.items() if m.startswith("rotaq.rewriter.")}
+    assert len(rewriter) > 20
+    bad = {m: sorted(d for d in deps if d.startswith(("rotaq.backends", "rotaq.cli")))
+           for m, deps in rewriter.items()}
+    assert {m: d for m, d in bad.items() if d} == {}
+    assert "rotaq.runtime" in graph["rotaq.rewriter.onnx_run"]
+    assert not any(d.startswith("rotaq.") for d in graph["rotaq.runtime"])
+
+
+def test_one_place_builds_ort_sessions():
+    """``InferenceSession(`` is called in rotaq/runtime.py only."""
+    calls = {str(p.relative_to(ROOT)) for p in ROOT.rglob("*.py")
+             if "InferenceSession(" in p.read_text()}
+    assert calls == {"runtime.py"}

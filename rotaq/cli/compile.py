@@ -40,9 +40,9 @@ def compile_ort(model: Any, out_dir: str) -> dict[str, Any]:
     """Write ORT's optimized form of ``model`` and its session settings to ``out_dir``."""
     import onnxruntime as ort
 
-    from rotaq.backends.ort import session_options
     from rotaq.backends.tvm import FORMAT, replace_dir
     from rotaq.model import portable_source
+    from rotaq.runtime import ort_session
 
     parent = os.path.dirname(os.path.abspath(out_dir)) or "."
     os.makedirs(parent, exist_ok=True)
@@ -50,12 +50,11 @@ def compile_ort(model: Any, out_dir: str) -> dict[str, Any]:
     try:
         src = os.path.join(work, "source.onnx")
         model.save(src, tokenizer=False)
-        opts = session_options("all", {
+        ort_session(src, "all", {
             **ORT_SETTINGS["config"],
             "session.optimized_model_external_initializers_file_name": "model.onnx.data",
-            "session.optimized_model_external_initializers_min_size_in_bytes": "1024"})
-        opts.optimized_model_filepath = os.path.join(work, "model.onnx")
-        ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
+            "session.optimized_model_external_initializers_min_size_in_bytes": "1024"},
+            optimized_path=os.path.join(work, "model.onnx"))
         for f in os.listdir(work):
             if f.startswith("source.onnx"):
                 os.unlink(os.path.join(work, f))
