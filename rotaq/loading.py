@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from rotaq import tags
 from rotaq.errors import LoadError
 from rotaq.inputs import describe
 from rotaq.model import Model, resolve_source
@@ -143,7 +144,7 @@ def _from_module(module: Any, example_inputs: Any, source: dict, ir: str,
         with stage(f"capturing {type(module).__name__} with torch.export"):
             g = FxGraph.from_module(module, inputs)
     feeds = _np(inputs)  # the caller's example inputs verify (all their rows)
-    if g.metadata.get("rotaq.kv_cache") == "1":
+    if g.metadata.get(tags.KV_CACHE) == "1":
         from rotaq.rewriter import kv_capture
 
         feeds = kv_capture.complete_feeds(g, feeds)
@@ -253,8 +254,7 @@ def _from_gguf(path: str, seq_len: int, ir: str, kv: bool = True) -> Model:
     if pt2.exists():
         try:
             g = FxGraph.load(str(pt2))
-            source = {k[len("rotaq."):]: v for k, v in g.metadata.items()
-                      if k.startswith("rotaq.")}
+            source = tags.source_fields(g.metadata)
             source["name"] = name
             feeds, info = _sample_for(g, source, seq_len)
             model = Model(g, feeds, source, inputs_info={"verify": info})
@@ -309,7 +309,7 @@ def _from_file(path: str, seq_len: int) -> Model:
     ext = os.path.splitext(path)[1].lower()
     with stage(f"loading {path}"):
         g = _read_graph(path, ext)
-    source = {k[len("rotaq."):]: v for k, v in g.metadata.items() if k.startswith("rotaq.")}
+    source = tags.source_fields(g.metadata)
     source = resolve_source(source, os.path.dirname(os.path.abspath(path)))
     source.setdefault("name", os.path.abspath(path))
     feeds, info = _sample_for(g, source, seq_len)
