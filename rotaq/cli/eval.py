@@ -26,7 +26,7 @@ def load_for_backend(src: str, backend: str | None) -> Any:
     """``src`` loaded for ``backend``: ``ort`` gives the ONNX form (a built-in's cached export),
     ``torch`` the FX form; default ``ort`` for .onnx files and ``torch`` otherwise."""
     import rotaq
-    from rotaq.cli.compile import check_artifact_backend, load_artifact
+    from rotaq.backends.artifact import check_artifact_backend, load_artifact
 
     if check_artifact_backend(src, backend):  # a `rotaq compile` folder (tvm or ort)
         return load_artifact(src)
@@ -152,7 +152,7 @@ def _print_bench(d: dict[str, Any]) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from rotaq.cli.compile import check_artifact_backend
+    from rotaq.backends.artifact import check_artifact_backend
     from rotaq.eval.latency import bench
 
     _genai_folder(args)
