@@ -20,6 +20,7 @@ ROLE_CHAIN = "chain"  #: a node of an emitted chain (fake-quant, low-rank branch
 EMITTED_ROLES = (ROLE_TRANSFORM, ROLE_QUANT, ROLE_CHAIN)
 QUANT = "rotaq.quant"  #: a human-readable description of the quantizer
 QUANT_LINEAR = "rotaq.quant.linear"  #: the key of the quantized linear a node belongs to
+QUANT_ACT = "rotaq.quant.act"  #: "<value>|<act>" on the last node of a shareable act quantizer
 CHAIN = "rotaq.chain"  #: what an emitted chain does ("<kind> of <linear key>")
 ROUND = "rotaq.round"  #: a Cast pair that rounds to a low dtype (emulated fp16/bf16 runs)
 

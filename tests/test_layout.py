@@ -173,7 +173,8 @@ def test_tag_strings_only_in_tags_module():
     """The node tags and model metadata keys are spelled once, in rotaq/tags.py."""
     from rotaq import tags
 
-    names = {tags.ROLE, tags.ROLE_TRANSFORM, tags.QUANT, tags.QUANT_LINEAR, tags.CHAIN,
+    names = {tags.ROLE, tags.ROLE_TRANSFORM, tags.QUANT, tags.QUANT_LINEAR, tags.QUANT_ACT,
+             tags.CHAIN,
              tags.ROUND, tags.KV_CACHE, tags.NUM_LAYERS, tags.KV_HEADS, tags.HEAD_DIM,
              tags.TOKENIZER, tags.FX_METADATA}
     found = {}
