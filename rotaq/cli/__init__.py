@@ -57,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the ``rotaq`` command on ``argv`` (default: ``sys.argv[1:]``); the exit code."""
     args = build_parser().parse_args(argv)
     args.argv = argv
     from rotaq.cli.log import setup_logging
