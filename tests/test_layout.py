@@ -166,7 +166,7 @@ def test_one_place_builds_ort_sessions():
 
 # private copies of the tags, switched to rotaq.tags when the helper editing them lands
 TAG_COPIES_ALLOWED = {"rewriter/onnx.py", "rewriter/onnx_quant.py", "rewriter/onnx_chain.py",
-                      "rewriter/onnx_contrib.py", "rewriter/onnx_dtype.py", "rewriter/fx.py"}
+                      "rewriter/fx.py"}
 
 
 def test_tag_strings_only_in_tags_module():
