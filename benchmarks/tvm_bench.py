@@ -29,6 +29,7 @@ import numpy as np
 import rotaq
 from rotaq import assets
 from rotaq.backends import tvm as tb
+from rotaq.backends.artifact import is_artifact
 from rotaq.backends.ort import ort_session
 from rotaq.eval.latency import time_alternating, time_calls
 
@@ -101,7 +102,7 @@ def cached_artifact(onnx_path: str, tokens: list[int]) -> str:
     key = hashlib.sha1(f"{os.path.abspath(onnx_path)}|{st.st_size}|{st.st_mtime}|{tokens}|"
                        f"{_code_hash()}".encode()).hexdigest()[:12]
     folder = os.path.join(assets.cache_dir(), "tvm", key)
-    if not tb.is_artifact(folder):
+    if not is_artifact(folder):
         log.info("compiling %s -> %s", onnx_path, folder)
         tb.compile_tvm(onnx_path, folder, tokens=tokens)
     return folder

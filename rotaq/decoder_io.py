@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from rotaq import tags
 from rotaq.errors import RotaqError
 
 log = logging.getLogger(__name__)
@@ -209,9 +210,9 @@ def _spec(inputs: list[tuple[str, Any, tuple]], meta: dict[str, str], folder: st
                          "(no past_key_values.{i}.key/value); generation needs a decoder "
                          "exported with its cache")
     layers = sorted({int(_PAST_RE.match(n).group(1)) for n in pasts})
-    geo = {"num_layers": _int(meta.get("rotaq.num_layers")),
-           "kv_heads": _int(meta.get("rotaq.kv_heads")),
-           "head_dim": _int(meta.get("rotaq.head_dim"))}
+    geo = {"num_layers": _int(meta.get(tags.NUM_LAYERS)),
+           "kv_heads": _int(meta.get(tags.KV_HEADS)),
+           "head_dim": _int(meta.get(tags.HEAD_DIM))}
     for k, v in _genai_geometry(folder).items():
         geo[k] = geo[k] or v
     dtype, dims = pasts[PAST_KEY.format(0)] if PAST_KEY.format(0) in pasts else \
@@ -247,7 +248,7 @@ class CacheRunner:
 
     def __init__(self, path: str, threads: int | None = None, optimization: str = "all",
                  session: Any = None) -> None:
-        from rotaq.backends.ort import ort_session
+        from rotaq.runtime import ort_session
 
         self.path = path
         self.spec = cache_spec(path)

@@ -17,6 +17,7 @@ import os
 import shutil
 from typing import Any
 
+from rotaq import tags
 from rotaq.decoder_io import CacheSpec, cache_spec, cache_spec_of_model
 from rotaq.errors import MissingDependencyError, RotaqError
 from rotaq.files import atomic_dir
@@ -202,9 +203,8 @@ def _set_metadata(path: str, spec: CacheSpec) -> None:
 
     proto = onnx.load(path, load_external_data=False)
     meta = {p.key: p.value for p in proto.metadata_props}
-    meta.update({"rotaq.kv_cache": "1", "rotaq.num_layers": str(spec.num_layers),
-                 "rotaq.kv_heads": str(spec.kv_heads), "rotaq.head_dim": str(spec.head_dim),
-                 "rotaq.tokenizer": "."})
+    meta.update(tags.cache_metadata(spec.num_layers, spec.kv_heads, spec.head_dim))
+    meta[tags.TOKENIZER] = "."
     del proto.metadata_props[:]
     for k, v in meta.items():
         proto.metadata_props.add(key=k, value=v)

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from rotaq import tags
 from rotaq.decoder_io import CacheRunner
 from rotaq.errors import RotaqError
 
@@ -126,7 +127,7 @@ def _onnx_tokenizer(path: str) -> str | None:
         meta = {p.key: p.value for p in onnx.load(path, load_external_data=False).metadata_props}
     except Exception:  # noqa: BLE001 - the session load reports a broken file
         meta = {}
-    tok = meta.get("rotaq.tokenizer")
+    tok = meta.get(tags.TOKENIZER)
     if tok:
         tok = tok if os.path.isabs(tok) else os.path.join(os.path.dirname(os.path.abspath(path)),
                                                           tok)

@@ -10,8 +10,10 @@ from typing import Any
 
 import numpy as np
 
+from rotaq import tags
 from rotaq.errors import LoadError
 from rotaq.inputs import describe
+from rotaq.loading_inputs import as_numpy, cache_feeds, sample_for, text_sample, use_tokenizer
 from rotaq.model import Model, resolve_source
 from rotaq.progress import stage
 
@@ -61,7 +63,7 @@ def load(src: Any, example_inputs: Any = None, *, ir: str = "fx", seq_len: int =
     model = Model(model.graph, dict(model.sample_inputs), dict(model.source), model.calibration,
                   dict(model.inputs_info))
     if tokenizer is not None:
-        _use_tokenizer(model, tokenizer, seq_len)
+        use_tokenizer(model, tokenizer, seq_len)
     if inputs is not None or verify_inputs is not None:
         from rotaq.inputs import user_inputs
 
@@ -92,7 +94,7 @@ def _load(src: Any, example_inputs: Any, ir: str, seq_len: int, kv: bool = True,
         from rotaq.rewriter.fx import FxGraph
 
         g = FxGraph.from_exported(src)
-        feeds = _np(g.example_inputs)
+        feeds = as_numpy(g.example_inputs)
         return _maybe_onnx(Model(g, feeds, {"name": "ExportedProgram"},
                                  inputs_info={"verify": describe(feeds, "example_inputs")}), ir)
     if not isinstance(src, (str, os.PathLike)):
@@ -116,11 +118,6 @@ def _load(src: Any, example_inputs: Any, ir: str, seq_len: int, kv: bool = True,
                     f"(built-in: {', '.join(assets.BUILTIN_MODELS)})")
 
 
-def _np(inputs: dict[str, Any]) -> dict[str, np.ndarray]:
-    return {k: v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v)
-            for k, v in inputs.items()}
-
-
 def _from_module(module: Any, example_inputs: Any, source: dict, ir: str,
                  info: dict | None = None, kv: bool = True) -> Model:
     import torch
@@ -142,8 +139,8 @@ def _from_module(module: Any, example_inputs: Any, source: dict, ir: str,
     if g is None:
         with stage(f"capturing {type(module).__name__} with torch.export"):
             g = FxGraph.from_module(module, inputs)
-    feeds = _np(inputs)  # the caller's example inputs verify (all their rows)
-    if g.metadata.get("rotaq.kv_cache") == "1":
+    feeds = as_numpy(inputs)  # the caller's example inputs verify (all their rows)
+    if g.metadata.get(tags.KV_CACHE) == "1":
         from rotaq.rewriter import kv_capture
 
         feeds = kv_capture.complete_feeds(g, feeds)
@@ -223,7 +220,7 @@ def _from_hf(path: str, seq_len: int, ir: str, name: str | None = None, kv: bool
     if tok is not None and kind != assets.KIND_SEQ2SEQ and hf_inputs.main_input(module) == \
             "input_ids":  # a saved file's sample inputs can be rebuilt from the tokenizer
         source["tokenizer"] = os.path.abspath(path)
-        feeds, info = _text_sample(tok, kind, seq_len)  # verification text, not calibration's
+        feeds, info = text_sample(tok, kind, seq_len)  # verification text, not calibration's
     elif tok is not None and "input_ids" in feeds:  # seq2seq: calibration is synthetic
         info = describe(feeds, "text", text="lee")
     else:
@@ -253,10 +250,9 @@ def _from_gguf(path: str, seq_len: int, ir: str, kv: bool = True) -> Model:
     if pt2.exists():
         try:
             g = FxGraph.load(str(pt2))
-            source = {k[len("rotaq."):]: v for k, v in g.metadata.items()
-                      if k.startswith("rotaq.")}
+            source = tags.source_fields(g.metadata)
             source["name"] = name
-            feeds, info = _sample_for(g, source, seq_len)
+            feeds, info = sample_for(g, source, seq_len)
             model = Model(g, feeds, source, inputs_info={"verify": info})
             return _maybe_onnx(model, ir, str(pt2.with_suffix(".onnx")) if ir == "onnx"
                                else None)
@@ -288,12 +284,12 @@ def _from_builtin(name: str, seq_len: int, ir: str, kv: bool = True, dtype: str 
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tok_dir)
-    feeds, info = _text_sample(tok, kind, seq_len)
+    feeds, info = text_sample(tok, kind, seq_len)
     model = None
     if pt2.exists():
         try:
             g = FxGraph.load(str(pt2))
-            model = Model(g, _cache_feeds(g, feeds), source, inputs_info={"verify": info})
+            model = Model(g, cache_feeds(g, feeds), source, inputs_info={"verify": info})
         except LoadError as err:
             log.warning("cached export %s unreadable (%s); capturing again", pt2, err)
     if model is None:
@@ -309,10 +305,10 @@ def _from_file(path: str, seq_len: int) -> Model:
     ext = os.path.splitext(path)[1].lower()
     with stage(f"loading {path}"):
         g = _read_graph(path, ext)
-    source = {k[len("rotaq."):]: v for k, v in g.metadata.items() if k.startswith("rotaq.")}
+    source = tags.source_fields(g.metadata)
     source = resolve_source(source, os.path.dirname(os.path.abspath(path)))
     source.setdefault("name", os.path.abspath(path))
-    feeds, info = _sample_for(g, source, seq_len)
+    feeds, info = sample_for(g, source, seq_len)
     return Model(g, feeds, source, inputs_info={"verify": info})
 
 
@@ -328,101 +324,3 @@ def _read_graph(path: str, ext: str) -> Any:
     else:
         raise LoadError(f"{path}: unknown model file type '{ext}' (expected .onnx or .pt2)")
     return g
-
-
-def _sample_for(g: Any, source: dict, seq_len: int) -> tuple[dict[str, np.ndarray], dict]:
-    """Verification inputs: Wikipedia text when the tokenizer is known, else the graph's own
-    example inputs (.pt2) or synthetic ones drawn with the verification seed."""
-    from rotaq.inputs import VERIFY_SEED
-
-    tok_dir = source.get("tokenizer")
-    if tok_dir and os.path.isdir(tok_dir):
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(tok_dir)
-        feeds, info = _text_sample(tok, source.get("kind", "causal-lm"), seq_len)
-        names = set(g.input_names)
-        feeds = {k: v for k, v in _cache_feeds(g, feeds).items() if k in names}
-        info["shapes"] = {k: list(v.shape) for k, v in feeds.items()}
-        return feeds, info
-    from rotaq.rewriter.kv_capture import is_cache_graph
-
-    if getattr(g, "ir", "") == "fx":  # one row, dynamic first dim
-        dyn = g.dynamic_batch_inputs()
-        feeds = {k: v[:1] if k in dyn else v for k, v in _np(g.example_inputs).items()}
-        if is_cache_graph(g):  # the captured tokens as a prefill (the pasts were random)
-            feeds = _cache_feeds(g, {"input_ids": feeds["input_ids"]})
-        return feeds, describe(feeds, "example_inputs")
-    return _synthetic(g, seq_len, VERIFY_SEED)
-
-
-def _cache_feeds(g: Any, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Token feeds made full-prefill feeds of a cache graph (empty pasts, mask, positions)."""
-    from rotaq.rewriter.kv_capture import complete_feeds
-
-    return complete_feeds(g, feeds)
-
-
-def _synthetic(g: Any, seq_len: int, seed: int) -> tuple[dict[str, np.ndarray], dict]:
-    from rotaq.inputs import VERIFY_ROWS, batch_capacity, synthetic
-
-    # a graph with a fixed batch size verifies on one batch of it (tools run it as is)
-    rows = VERIFY_ROWS if batch_capacity(g) is None else 1
-    feeds = synthetic(g, seed, rows=rows, seq_len=seq_len)
-    return feeds, describe(feeds, "synthetic", seed=seed)
-
-
-def _text_sample(tok: Any, kind: str, seq_len: int) -> tuple[dict[str, np.ndarray], dict]:
-    """The first ``seq_len`` tokens of the verification text (never the calibration text)."""
-    from rotaq import assets
-    from rotaq.inputs import VERIFY_TEXT
-
-    feeds = assets.sample_inputs(tok, kind, seq_len=seq_len, corpus=VERIFY_TEXT)
-    special = 2 if kind == assets.KIND_ENCODER and feeds["input_ids"][0, 0] == getattr(
-        tok, "cls_token_id", None) else 0
-    tokens = int(feeds["input_ids"].size) - special * len(feeds["input_ids"])
-    return feeds, describe(feeds, "text", text=VERIFY_TEXT, tokens=tokens)
-
-
-def _use_tokenizer(model: Model, tok_dir: str, seq_len: int) -> None:
-    """Real-text sample inputs from a Hugging Face tokenizer directory (``--tokenizer``)."""
-    from rotaq.inputs import input_specs, token_vocab
-
-    if not os.path.isdir(tok_dir):
-        raise LoadError(f"--tokenizer {tok_dir}: not a directory (give a Hugging Face tokenizer "
-                        "folder, with tokenizer.json or tokenizer_config.json)")
-    specs = input_specs(model.graph)
-    if "input_ids" not in specs:
-        raise LoadError(f"--tokenizer: the model has no input_ids input (its inputs: "
-                        f"{', '.join(specs)}); give its inputs with --inputs FILE.npz")
-    from transformers import AutoTokenizer
-
-    try:
-        tok = AutoTokenizer.from_pretrained(tok_dir)
-    except Exception as err:  # transformers raises OSError, ValueError, ...
-        raise LoadError(f"--tokenizer {tok_dir}: not a loadable tokenizer: "
-                        f"{str(err).splitlines()[0] if str(err) else type(err).__name__}"
-                        ) from err
-    kind = model.source.get("kind")
-    if kind not in ("causal-lm", "encoder"):
-        wrapped = getattr(tok, "cls_token_id", None) is not None and "attention_mask" in specs
-        kind = "encoder" if wrapped else "causal-lm"
-    fixed = specs["input_ids"][1][1:2]
-    if fixed and isinstance(fixed[0], int):
-        seq_len = fixed[0]
-    feeds, info = _text_sample(tok, kind, seq_len)
-    ids = feeds["input_ids"]
-    rows = token_vocab(model.graph)
-    if rows is not None and int(ids.max()) >= rows:
-        raise LoadError(f"--tokenizer {tok_dir}: token id {int(ids.max())} is outside the "
-                        f"model's embedding ({rows} rows): not this model's tokenizer")
-    feeds = model.token_feeds(ids)
-    feeds = {k: v for k, v in feeds.items() if k in specs}
-    missing = [k for k in specs if k not in feeds]
-    if missing:
-        raise LoadError(f"--tokenizer: cannot build input '{missing[0]}' from text; give the "
-                        "inputs with --inputs FILE.npz")
-    model.source.update(tokenizer=os.path.abspath(tok_dir), kind=kind)
-    info["shapes"] = {k: list(v.shape) for k, v in feeds.items()}
-    model.sample_inputs = feeds
-    model.inputs_info["verify"] = info

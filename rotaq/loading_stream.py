@@ -121,10 +121,10 @@ def load_stream(src: str, seq_len: int, dtype: str | None = None) -> Model:
 
 
 def _sample(g: Any, source: dict, seq_len: int) -> tuple[dict[str, np.ndarray], dict]:
-    from rotaq.loading import _sample_for
+    from rotaq.loading_inputs import sample_for
 
     if source.get("tokenizer"):
-        return _sample_for(g, source, seq_len)
+        return sample_for(g, source, seq_len)
     from rotaq.inputs import VERIFY_ROWS, VERIFY_SEED, token_vocab
     from rotaq.rewriter.kv_capture import complete_feeds
 

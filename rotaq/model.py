@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from rotaq import tags
 from rotaq.errors import RotaqError
 from rotaq.files import atomic_dir
 from rotaq.rewriter.analysis import Analysis, analyze
@@ -91,7 +92,7 @@ class Model:
                 log.warning("could not copy the tokenizer %s beside the output (%s: %s); the "
                             "output records its absolute path", tok_dir, type(err).__name__, err)
             else:
-                meta["rotaq.tokenizer"] = os.path.basename(dest)
+                meta[tags.TOKENIZER] = os.path.basename(dest)
                 written.append(dest)
         self.graph.metadata.update(meta)
         try:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from rotaq import assets
+from rotaq import assets, assets_text
 from rotaq.errors import LoadError, MissingDependencyError
 
 SMOL_PARAMS = 134_515_008  # SmolLM2-135M with tied embeddings
@@ -192,16 +192,16 @@ def test_text_corpora():
     assert wiki.startswith("Anarchism is a political philosophy")
     assert lee[:500] not in wiki and wiki[:500] not in lee
     assert "'''" not in wiki and "#REDIRECT" not in wiki
-    assert (assets.cache_dir() / assets._WIKI_CACHE_NAME).is_file()
+    assert (assets.cache_dir() / assets_text._WIKI_CACHE_NAME).is_file()
 
 
 def test_wiki_extraction_into_empty_cache(tmp_path, monkeypatch):
     real = assets.text("wiki")
     monkeypatch.setenv("ROTAQ_CACHE", str(tmp_path))
-    monkeypatch.setattr(assets, "_TEXT_MEMO", {})
+    monkeypatch.setattr(assets_text, "_TEXT_MEMO", {})
     assert assets.text("wiki") == real
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == [
-        assets._WIKI_CACHE_NAME
+        assets_text._WIKI_CACHE_NAME
     ]
     assert real.count("\n\n") > 1000  # articles and paragraphs separated by blank lines
 
@@ -223,7 +223,7 @@ def test_chunked_tokenization_matches_whole(smol, minilm):
             s = assets.text(corpus)[:12_000]
             whole = tok(s, add_special_tokens=False, verbose=False)["input_ids"]
             pieces: list[int] = []
-            chunks = list(assets._text_chunks(s))
+            chunks = list(assets_text._text_chunks(s))
             assert len(chunks) > 10 and "".join(chunks) == s
             for c in chunks:
                 pieces.extend(tok(c, add_special_tokens=False)["input_ids"])

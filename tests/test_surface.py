@@ -184,7 +184,7 @@ def test_pt2_stores_each_weight_once(tmp_path):
 
 # ---- bench, inspect, help -------------------------------------------------------------------
 def test_bench_lists_every_kernel_in_mib(files, capsys):
-    from rotaq.cli_eval import _print_bench
+    from rotaq.cli.eval import _print_bench
 
     assert main(["bench", str(files / "llama.onnx"), "--tokens", "1", "--repeats", "2",
                  "--warmup", "0", "--json"]) == 0

@@ -1,8 +1,10 @@
-"""ONNX Runtime backend: sessions with rotaq's settings, and which kernels ORT really runs.
+"""ONNX Runtime backend: sessions with rotaq's settings, which kernels ORT really runs, and the
+``rotaq compile --backend ort`` artefact.
 
 The rewritten graphs are standard ONNX plus the com.microsoft ops that ship with ORT, so this
-module only builds sessions: a CPU session for running and verifying a graph in memory, a timed
-session for benchmarks (threads set), and a kernel report (op types of ORT's optimized graph).
+module adds to the session factory (:mod:`rotaq.runtime`, re-exported here) a kernel report (the
+op types of ORT's optimized graph) and :func:`compile_ort`: ORT's optimized graph saved with the
+session settings to run it with, in the artefact layout of :mod:`rotaq.backends.artifact`.
 """
 
 from __future__ import annotations
@@ -13,77 +15,16 @@ import tempfile
 from typing import Any
 
 import onnx
-import onnx_ir as oir
 
+from rotaq.backends import artifact
+from rotaq.runtime import EXACT, ort_session, session_options
+
+__all__ = ["EXACT", "ORT_SETTINGS", "compile_ort", "ort_kernel_report", "ort_session",
+           "session_options"]
 _DEFAULT_DOMAINS = ("", "ai.onnx")
-_LEVELS = {
-    "disable": "ORT_DISABLE_ALL",
-    "basic": "ORT_ENABLE_BASIC",
-    "extended": "ORT_ENABLE_EXTENDED",
-    "layout": "ORT_ENABLE_LAYOUT",
-    "all": "ORT_ENABLE_ALL",
-}
-# ORT fuses a weight-only DequantizeLinear -> MatMul into MatMulNBits with accuracy_level 4
-# (int8 activations) by default; rotaq's own runs compute what the graph says.
-EXACT = {"session.qdq_matmulnbits_accuracy_level": "0"}
-
-
-def session_options(level: str = "all", config: dict[str, str] | None = None,
-                    threads: int | None = None):
-    """``onnxruntime.SessionOptions`` at ``level`` (disable/basic/extended/layout/all) with
-    session config entries (e.g. ``{"session.qdq_matmulnbits_accuracy_level": "0"}``: ORT fuses a
-    weight-only ``DequantizeLinear -> MatMul`` into MatMulNBits with accuracy_level 4 by default,
-    i.e. int8 activations)."""
-    import onnxruntime as ort
-
-    if level not in _LEVELS:
-        raise ValueError(f"level must be one of {tuple(_LEVELS)}, got {level!r}")
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _LEVELS[level])
-    if threads:
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    for k, val in (config or {}).items():
-        opts.add_session_config_entry(k, str(val))
-    return opts
-
-
-def _model_source(model: Any) -> tuple[str | bytes, Any]:
-    """(path or serialized bytes, a TemporaryDirectory to keep alive or None)."""
-    if isinstance(model, (str, os.PathLike)):
-        return os.fspath(model), None
-    if isinstance(model, (bytes, bytearray)):
-        return bytes(model), None
-    if hasattr(model, "model") and isinstance(model.model, oir.Model):  # OnnxGraph
-        model = model.model
-    if isinstance(model, oir.Model):
-        size = sum(v.const_value.nbytes for v in model.graph.initializers.values()
-                   if v.const_value is not None)
-        if size < 1_800_000_000:
-            return oir.serde.serialize_model(model).SerializeToString(), None
-        tmp = tempfile.TemporaryDirectory(prefix="rotaq-ort-", ignore_cleanup_errors=True)
-        p = os.path.join(tmp.name, "model.onnx")
-        oir.save(model, p, external_data="model.onnx.data")
-        return p, tmp
-    if isinstance(model, onnx.ModelProto):
-        return model.SerializeToString(), None
-    raise TypeError(f"cannot run a {type(model).__name__} with ONNX Runtime")
-
-
-def ort_session(model: Any, level: str = "all", config: dict[str, str] | None = None,
-                threads: int | None = None):
-    """A CPU InferenceSession of ``model`` (path, bytes, ModelProto, onnx_ir.Model, OnnxGraph)."""
-    import onnxruntime as ort
-
-    src, tmp = _model_source(model)
-    try:
-        return ort.InferenceSession(src, session_options(level, config, threads),
-                                    providers=["CPUExecutionProvider"])
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
+# the settings recorded in an ORT artefact (what `rotaq bench` / users run it with)
+ORT_SETTINGS = {"graph_optimization_level": "ORT_ENABLE_ALL", "intra_op_num_threads": 2,
+                "execution_mode": "ORT_SEQUENTIAL", "config": dict(EXACT)}
 
 
 def _count(graph: onnx.GraphProto, counts: collections.Counter) -> None:
@@ -103,24 +44,41 @@ def ort_kernel_report(path_or_bytes: Any, level: str = "all",
     """Op-type counts of the graph ORT (CPU) runs after its optimizations at ``level``: non-default
     domains are prefixed (``com.microsoft.MatMulNBits``). Large initializers of the optimized
     model go to a side file (never loaded back)."""
-    import onnxruntime as ort
-
-    src, tmp = _model_source(path_or_bytes)
-    try:
-        with tempfile.TemporaryDirectory(prefix="rotaq-opt-", ignore_cleanup_errors=True) as d:
-            out = os.path.join(d, "optimized.onnx")
-            cfg = {
-                "session.optimized_model_external_initializers_file_name": "optimized.onnx.data",
-                "session.optimized_model_external_initializers_min_size_in_bytes": "1024",
-                **(config or {}),
-            }
-            opts = session_options(level, cfg)
-            opts.optimized_model_filepath = out
-            ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
-            proto = onnx.load(out, load_external_data=False)
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
+    with tempfile.TemporaryDirectory(prefix="rotaq-opt-", ignore_cleanup_errors=True) as d:
+        out = os.path.join(d, "optimized.onnx")
+        cfg = {
+            "session.optimized_model_external_initializers_file_name": "optimized.onnx.data",
+            "session.optimized_model_external_initializers_min_size_in_bytes": "1024",
+            **(config or {}),
+        }
+        ort_session(path_or_bytes, level, cfg, optimized_path=out)
+        proto = onnx.load(out, load_external_data=False)
     counts: collections.Counter = collections.Counter()
     _count(proto.graph, counts)
     return dict(sorted(counts.items()))
+
+
+def compile_ort(model: Any, out_dir: str) -> dict[str, Any]:
+    """Write ORT's optimized form of ``model`` (a Model) and its session settings to
+    ``out_dir`` as an artefact folder (atomically); returns the metadata."""
+    import onnxruntime as ort
+
+    from rotaq.model import portable_source
+
+    with artifact.work_dir(out_dir, ".rotaq-ort-") as work:
+        src = os.path.join(work, "source.onnx")
+        model.save(src, tokenizer=False)
+        ort_session(src, "all", {
+            **ORT_SETTINGS["config"],
+            "session.optimized_model_external_initializers_file_name": "model.onnx.data",
+            "session.optimized_model_external_initializers_min_size_in_bytes": "1024"},
+            optimized_path=os.path.join(work, "model.onnx"))
+        for f in os.listdir(work):
+            if f.startswith("source.onnx"):
+                os.unlink(os.path.join(work, f))
+        meta = {**artifact.header("ort", "cpu", "cpu"), "ort_version": ort.__version__,
+                "model_file": "model.onnx", "session": ORT_SETTINGS,
+                "source": portable_source(model.source, work)}
+        artifact.write_metadata(work, meta)
+        artifact.replace_dir(work, out_dir)
+        return meta

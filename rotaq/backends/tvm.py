@@ -27,24 +27,21 @@ positions; every other input must have the shape it was compiled for.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
-import shutil
 import sys
-import tempfile
 import time
 from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
+from rotaq.backends.artifact import header, read_metadata, replace_dir, work_dir, write_metadata
 from rotaq.errors import MissingDependencyError, RotaqError
 from rotaq.progress import stage
 
 log = logging.getLogger(__name__)
 
-FORMAT = "rotaq-artifact"
 TVM_PINS = "apache-tvm==0.27.0.post1 apache-tvm-ffi==0.1.14.post0"
 DEFAULT_TOKENS = (1, 16, 512)
 __all__ = ["DEFAULT_TOKENS", "TvmGraph", "compile_tvm", "load", "require_tvm"]
@@ -190,10 +187,7 @@ def compile_tvm(model: Any, out_dir: str, target: str | dict = "llvm",
     tokens = sorted({int(t) for t in tokens})
     if not tokens or tokens[0] < 1:
         raise RotaqError(f"token counts must be positive, got {tokens}")
-    parent = os.path.dirname(os.path.abspath(out_dir)) or "."
-    os.makedirs(parent, exist_ok=True)
-    work = tempfile.mkdtemp(prefix=".rotaq-tvm-", dir=parent)
-    try:
+    with work_dir(out_dir, ".rotaq-tvm-") as work:
         import onnx
 
         from rotaq.backends.tvm_import import pad_axes as find_axes
@@ -238,8 +232,7 @@ def compile_tvm(model: Any, out_dir: str, target: str | dict = "llvm",
         source = portable_source(source, work)
 
         meta = {
-            "format": FORMAT, "version": 1, "backend": "tvm", "target": str(tgt),
-            "target_kind": tgt.kind.name, "tvm_version": tvm.__version__,
+            **header("tvm", str(tgt), tgt.kind.name), "tvm_version": tvm.__version__,
             "mcpu": str(tgt.attrs.get("mcpu", "")) or None,
             "inputs": [i.name for i in proto.graph.input],
             "outputs": [o.name for o in proto.graph.output],
@@ -250,33 +243,13 @@ def compile_tvm(model: Any, out_dir: str, target: str | dict = "llvm",
                                      for nd in proto.graph.node), "buckets": buckets, "source": source,
             "compile_seconds": round(time.perf_counter() - t0, 2),
         }
-        with open(os.path.join(work, "metadata.json"), "w") as f:
-            json.dump(meta, f, indent=2)
+        write_metadata(work, meta)
         for leftover in ("model.onnx", "model.onnx.data"):
             p = os.path.join(work, leftover)
             if os.path.exists(p):
                 os.unlink(p)
         replace_dir(work, out_dir)
         return meta
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
-
-
-def replace_dir(tmp: str, out_dir: str) -> None:
-    """Move the finished ``tmp`` folder to ``out_dir`` (an existing artefact is replaced)."""
-    from rotaq.files import set_normal_permissions
-
-    set_normal_permissions(tmp)  # mkdtemp made it 0700
-    if os.path.isdir(out_dir):
-        if not os.path.exists(os.path.join(out_dir, "metadata.json")) and os.listdir(out_dir):
-            raise RotaqError(f"{out_dir} exists and is not a rotaq artefact: refusing to replace")
-        old = out_dir.rstrip("/") + ".old-rotaq"
-        os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out_dir)
 
 
 def cuda_source(ex: Any) -> str:
@@ -414,21 +387,6 @@ class TvmGraph:
                 arr = arr[:, :n]
             out.append(arr)
         return out
-
-
-def is_artifact(path: str) -> bool:
-    return os.path.isdir(path) and os.path.isfile(os.path.join(path, "metadata.json"))
-
-
-def read_metadata(folder: str) -> dict[str, Any]:
-    try:
-        with open(os.path.join(folder, "metadata.json")) as f:
-            meta = json.load(f)
-    except (OSError, ValueError) as err:
-        raise RotaqError(f"{folder}: not a rotaq artefact ({err})") from err
-    if meta.get("format") != FORMAT:
-        raise RotaqError(f"{folder}: metadata.json is not a rotaq artefact")
-    return meta
 
 
 def load(folder: str) -> Any:

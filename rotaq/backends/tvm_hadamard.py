@@ -16,7 +16,8 @@ from typing import Any
 
 import numpy as np
 
-_ROLE, _TRANSFORM = "rotaq.role", "online_transform"
+from rotaq import tags
+
 KRON_OP = "RotaqKron"
 
 
@@ -51,7 +52,7 @@ def lower_kron(proto: Any) -> int:
         readers[o.name] = readers.get(o.name, 0) + 1
 
     def tagged(nd: Any) -> bool:
-        return any(p.key == _ROLE and p.value == _TRANSFORM for p in nd.metadata_props)
+        return tags.is_transform({p.key: p.value for p in nd.metadata_props})
 
     drop, count = set(), 0
     for last in nodes:

@@ -297,7 +297,7 @@ def _artifact_model(src: Any) -> str | None:
 def _bench_artifact(src: Any, backend: str, tokens: Sequence[int], repeats: int, warmup: int,
                     threads: int, progress: bool) -> dict[str, Any]:
     """A ``rotaq compile`` folder: ort -> its optimized ONNX; tvm -> the compiled buckets."""
-    from rotaq.backends.tvm import read_metadata
+    from rotaq.backends.artifact import read_metadata
 
     folder = _artifact_model(src)
     if folder is None:

@@ -11,6 +11,7 @@ import threading
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
+from rotaq import tags
 from rotaq.errors import RotaqError
 from rotaq.progress import stage
 
@@ -68,7 +69,7 @@ def export_onnx(ep: torch.export.ExportedProgram, path: str, metadata: dict[str,
         finally:
             reg.setLevel(level)
         g = OnnxGraph.load(f)
-        if metadata.get("rotaq.kv_cache") == "1":
+        if metadata.get(tags.KV_CACHE) == "1":
             _contract_names(g.model.graph)
         g.metadata.update(metadata)
         g.save(path)

@@ -22,11 +22,13 @@ from typing import Any
 
 import numpy as np
 
+from rotaq import tags
+
 log = logging.getLogger(__name__)
 _PAST = re.compile(r"^past_key_values[._](\d+)[._](key|value)$")
 _PRESENT = re.compile(r"^present[._](\d+)[._](key|value)$")
 TOKEN_INPUTS = ("input_ids", "attention_mask")
-META_FLAG = "rotaq.kv_cache"
+META_FLAG = tags.KV_CACHE
 
 
 def contract_name(name: str) -> str:
@@ -54,8 +56,7 @@ def is_cache_graph(g: Any) -> bool:
 
 
 def metadata(num_layers: int, kv_heads: int, head_dim: int) -> dict[str, str]:
-    return {META_FLAG: "1", "rotaq.num_layers": str(num_layers), "rotaq.kv_heads": str(kv_heads),
-            "rotaq.head_dim": str(head_dim)}
+    return tags.cache_metadata(num_layers, kv_heads, head_dim)
 
 
 def token_feeds(g: Any, ids: np.ndarray, attention_mask: np.ndarray | None = None

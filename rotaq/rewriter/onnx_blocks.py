@@ -209,42 +209,30 @@ class OnnxSegments:
         hit = self._sessions.get(key)
         if hit is not None and hit[0] == fp:
             return hit[1], hit[2]
-        import onnxruntime as ort
-
-        from rotaq import dist
-        from rotaq.backends.ort import EXACT, session_options
+        from rotaq import dist, runtime
         from rotaq.rewriter.onnx_run import not_implemented, packed_kernels
 
         self._sessions.pop(key, None)  # the old session's weights go before the new ones come
         supplied: dict[str, np.ndarray] | None = None if self._upcast else {}
         proto = self._model(k, env, outputs, supplied)
         ins = [i.name for i in proto.graph.input]
-        # as in onnx_run.ort_session: no pre-packed second copy of float MatMul weights
-        config = dict(EXACT) if packed_kernels(self.graph.model) else {
-            **EXACT, "session.disable_prepacking": "1"}
-        # tensors on disk are referenced by their descriptor under the root (_tensor_proto)
-        config[_FOLDER_KEY] = os.sep
-        opts = session_options("all", config, threads=dist.threads())
-        keep: list[Any] = []
-        if supplied:  # ORT copies these once (no serialized copy beside)
-            keep = [ort.OrtValue.ortvalue_from_numpy(a) for a in supplied.values()]
-            opts.add_external_initializers(list(supplied), keep)
+        # as in onnx_run.ort_session: no pre-packed second copy of float MatMul weights;
+        # tensors on disk are referenced by their descriptor under the root (_tensor_proto);
+        # supplied arrays: ORT copies them once (no serialized copy beside)
+        opts = {"exact": True, "prepack": packed_kernels(self.graph.model),
+                "config": {_FOLDER_KEY: os.sep}, "threads": dist.threads()}
         if self._upcast:
             proto = _upcast(proto, self.precision)
         try:
-            sess = ort.InferenceSession(proto.SerializeToString(), opts,
-                                        providers=["CPUExecutionProvider"])
+            sess = runtime.ort_session(proto.SerializeToString(), arrays=supplied, **opts)
         except Exception as err:
             if self._upcast or not not_implemented(err):
                 raise
             log.info("segment %d: no ORT kernel in the graph's dtype; running an fp32 copy", k)
             self._upcast = True
-            supplied, keep = None, []
             proto = _upcast(self._model(k, env, outputs))
-            opts = session_options("all", config, threads=dist.threads())
-            sess = ort.InferenceSession(proto.SerializeToString(), opts,
-                                        providers=["CPUExecutionProvider"])
-        self._sessions[key] = (fp, sess, ins, (supplied, keep))  # arrays live with the session
+            sess = runtime.ort_session(proto.SerializeToString(), **opts)
+        self._sessions[key] = (fp, sess, ins)  # supplied arrays live with the session
         return sess, ins
 
     def run(self, k: int, env: dict[str, Any], outputs: list[str]) -> dict[str, Any]:

@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnx_ir as oir
 
+from rotaq import tags
 from rotaq.errors import RewriteError
 from rotaq.rewriter.sites import GNode
 
@@ -107,7 +108,7 @@ def _untranspose_table(g: OnnxGraph, n: oir.Node) -> None:
 # ---- lifting ------------------------------------------------------------------------------------
 def lift(g: OnnxGraph, n: oir.Node, scope: str) -> list[GNode] | None:
     """View nodes for a contrib op rotaq understands, else None (the caller lifts it)."""
-    if not _is_ms(n) or n.metadata_props.get("rotaq.role"):  # rotaq's own nodes: not here
+    if not _is_ms(n) or n.metadata_props.get(tags.ROLE):  # rotaq's own nodes: not here
         return None
     ins = [v.name if v is not None else "" for v in n.inputs]
     outs = [o.name or "" for o in n.outputs]

@@ -18,11 +18,13 @@ from typing import Any
 import numpy as np
 import onnx_ir as oir
 
+from rotaq import tags
+
 logger = logging.getLogger(__name__)
 
 LOW = {oir.DataType.FLOAT16: "float16", oir.DataType.BFLOAT16: "bfloat16"}
 _F32 = oir.DataType.FLOAT
-_ROUND_ROLE = "rotaq.round"
+_ROUND_ROLE = tags.ROUND
 # fewer mantissa bits first: the coarser dtype decides the noise when both appear
 _COARSE_FIRST = (oir.DataType.BFLOAT16, oir.DataType.FLOAT16)
 

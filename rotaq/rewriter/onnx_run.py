@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from collections.abc import Sequence
 from typing import Any
 
 import onnx_ir as oir
 
+from rotaq import runtime
 from rotaq.errors import RotaqError
 
 logger = logging.getLogger(__name__)
 
-_IN_MEMORY_SESSION_BYTES = 1_800_000_000  # protobuf cannot serialize 2 GB
 _FILE_SESSION_BYTES = 100 * 2**20  # weights on disk or above this: a session from a file
 _ORT_DOMAINS = {"", "ai.onnx", "ai.onnx.ml", "com.microsoft", "com.microsoft.nchwc",
                 "ai.onnx.preview.training", "com.microsoft.experimental"}
@@ -28,29 +26,17 @@ def _unregistered(model: oir.Model) -> list[oir.Node]:
 
 
 def ort_session(model: oir.Model):
-    """An ORT CPU session for ``model``: from its serialized proto when small, else through a temporary file with external data written tensor by tensor (no
-    proto of the whole model in memory beside ORT's own copy of the weights). A node ORT
-    cannot run raises :class:`RotaqError` naming it."""
-    import onnxruntime as ort
-
-    from rotaq.backends.ort import EXACT, session_options
-
+    """An ORT CPU session for ``model`` (:func:`rotaq.runtime.ort_session`, exact): from its
+    serialized proto when small, else through a temporary file with external data written
+    tensor by tensor (no proto of the whole model in memory beside ORT's own copy of the
+    weights). A node ORT cannot run raises :class:`RotaqError` naming it."""
     # no pre-packed second copy of float MatMul weights: these sessions verify and calibrate
     # (short runs), and the copy would double the weights' memory. Graphs with quantized or
     # contrib kernels keep it: ORT's int8 / MatMulNBits kernels compute differently unpacked
     # (accuracy_level 4 needs the packed path), and verification must run what users run.
-    config = dict(EXACT) if packed_kernels(model) else {**EXACT, "session.disable_prepacking": "1"}
-    opts = session_options("all", config)
-    providers = ["CPUExecutionProvider"]
     try:
-        size = sum(v.const_value.nbytes for v in model.graph.initializers.values())
-        if size < min(_IN_MEMORY_SESSION_BYTES, _FILE_SESSION_BYTES):
-            data = oir.serde.serialize_model(model).SerializeToString()
-            return ort.InferenceSession(data, opts, providers=providers)
-        with tempfile.TemporaryDirectory(prefix="rotaq-ort-", ignore_cleanup_errors=True) as tmp:
-            p = os.path.join(tmp, "model.onnx")
-            oir.save(model, p, external_data="model.onnx.data")
-            return ort.InferenceSession(p, opts, providers=providers)
+        return runtime.ort_session(model, exact=True, prepack=packed_kernels(model),
+                                   file_above=_FILE_SESSION_BYTES)
     except Exception as err:
         text = str(err)
         unknown = _unregistered(model)

@@ -201,7 +201,7 @@ def test_cli_without_tvm(monkeypatch, tmp_path, capsys):
 
 
 def test_import_rotaq_does_not_import_tvm():
-    code = ("import sys, rotaq, rotaq.cli, rotaq.backends.tvm, rotaq.cli_compile; "
+    code = ("import sys, rotaq, rotaq.cli, rotaq.backends.tvm, rotaq.cli.compile; "
             "assert 'tvm' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
 

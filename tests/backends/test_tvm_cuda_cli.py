@@ -70,7 +70,7 @@ def test_cli_compile_bench_eval(w4_llama, tmp_path, capsys):
     assert main(["bench", str(ort_dir), "--tokens", "4", "--repeats", "2", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["backend"] == "ort"
     # both artefacts compute the same logits
-    from rotaq.cli_compile import load_artifact
+    from rotaq.backends.artifact import load_artifact
 
     ids = np.arange(4, dtype=np.int64)[None]
     a = load_artifact(str(out)).graph.run({"input_ids": ids})[0]

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import rotaq
-from rotaq.cli_eval import add_commands
+from rotaq.cli.eval import add_commands
 from rotaq.errors import RotaqError
 from rotaq.eval import quality as q
 from tests.eval.test_latency import VOCAB, tiny_lm_onnx

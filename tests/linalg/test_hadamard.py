@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 
 from rotaq.linalg import hadamard as hm
+from rotaq.linalg.galois import GF, irreducible_poly
 from rotaq.linalg.hadamard import (
     apply_kronecker,
     covered_sizes,
     fwht,
     hadamard,
     hadamard_factors,
-    irreducible_poly,
     is_hadamard_size,
     kronecker_split,
     normalized_hadamard,
@@ -99,7 +99,7 @@ def test_unreachable_orders_raise(n):
 
 @pytest.mark.parametrize("q", [3, 7, 9, 25, 27, 49, 81, 125, 343])
 def test_gf_is_a_field_and_chi_is_quadratic_character(q):
-    field = hm._GF(q)
+    field = GF(q)
     x = np.arange(q)
     table = field.mul(x[:, None], x[None, :])
     assert np.array_equal(table, table.T)

@@ -8,6 +8,7 @@ import os
 import sys
 from typing import Any
 
+from rotaq.cli.common import emit
 from rotaq.errors import RotaqError
 from rotaq.progress import stage
 
@@ -15,12 +16,6 @@ _MODEL_HELP = ("a built-in name (smollm2-135m, minilm-l6), a .onnx or .pt2 file,
                "Face model directory, a folder written by rotaq compile, or a generation "
                "folder (genai_config.json)")
 _DEFAULT_TOKENS = {"ppl": 8192, "agreement": 2048}
-
-
-def _emit(data: dict[str, Any], as_json: bool, human) -> None:
-    from rotaq.cli import _emit as emit  # late: rotaq.cli imports this module
-
-    emit(data, as_json, human)
 
 
 def _is_onnx(src: str) -> bool:
@@ -31,7 +26,7 @@ def load_for_backend(src: str, backend: str | None) -> Any:
     """``src`` loaded for ``backend``: ``ort`` gives the ONNX form (a built-in's cached export),
     ``torch`` the FX form; default ``ort`` for .onnx files and ``torch`` otherwise."""
     import rotaq
-    from rotaq.cli_compile import check_artifact_backend, load_artifact
+    from rotaq.backends.artifact import check_artifact_backend, load_artifact
 
     if check_artifact_backend(src, backend):  # a `rotaq compile` folder (tvm or ort)
         return load_artifact(src)
@@ -96,7 +91,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     with stage(what):
         res = _evaluate(model, args, progress)
     res = {"task": args.task, **res}
-    _emit(res, args.json, _print_eval)
+    emit(res, args.json, _print_eval)
     return 0
 
 
@@ -157,7 +152,7 @@ def _print_bench(d: dict[str, Any]) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from rotaq.cli_compile import check_artifact_backend
+    from rotaq.backends.artifact import check_artifact_backend
     from rotaq.eval.latency import bench
 
     _genai_folder(args)
@@ -172,7 +167,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     res = bench(args.model, backend=backend, tokens=tokens, repeats=args.repeats,
                 warmup=args.warmup, threads=args.threads,
                 progress=sys.stderr.isatty(), contexts=contexts)
-    _emit(res, args.json, _print_bench)
+    emit(res, args.json, _print_bench)
     return 0
 
 

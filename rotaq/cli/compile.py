@@ -1,4 +1,5 @@
-"""``rotaq compile``: a deployable artefact folder for the TVM or ONNX Runtime backend.
+"""``rotaq compile``: a deployable artefact folder for the TVM or ONNX Runtime backend (the
+folder's format: :mod:`rotaq.backends.artifact`).
 
 ``--backend tvm``: compiled libraries + params + metadata (:mod:`rotaq.backends.tvm`).
 ``--backend ort``: ORT's optimized ONNX (graph optimizations applied and saved) plus the session
@@ -9,95 +10,38 @@ interface: ``rotaq eval DIR`` / ``rotaq bench DIR`` read the backend from the me
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 from typing import Any
 
+from rotaq.cli.common import emit, options, size
 from rotaq.errors import RotaqError
 
-ORT_SETTINGS = {"graph_optimization_level": "ORT_ENABLE_ALL", "intra_op_num_threads": 2,
-                "execution_mode": "ORT_SEQUENTIAL",
-                "config": {"session.qdq_matmulnbits_accuracy_level": "0"}}
 
-
-def _model_for(src: str, recipe: str | None, options: dict[str, Any]) -> Any:
+def _model_for(src: str, recipe: str | None, opts: dict[str, Any]) -> Any:
     """The model to compile: ``src`` (ONNX form), rewritten by ``recipe`` when given."""
     import rotaq
 
     model = rotaq.load(src, ir="onnx")
     if recipe:
-        rec = rotaq.Recipe.load(recipe).with_options(options)
+        rec = rotaq.Recipe.load(recipe).with_options(opts)
         model = rotaq.optimize(model, rec, verify=False).model
-    return model
-
-
-def compile_ort(model: Any, out_dir: str) -> dict[str, Any]:
-    """Write ORT's optimized form of ``model`` and its session settings to ``out_dir``."""
-    import onnxruntime as ort
-
-    from rotaq.backends.ort import session_options
-    from rotaq.backends.tvm import FORMAT, replace_dir
-    from rotaq.model import portable_source
-
-    parent = os.path.dirname(os.path.abspath(out_dir)) or "."
-    os.makedirs(parent, exist_ok=True)
-    work = tempfile.mkdtemp(prefix=".rotaq-ort-", dir=parent)
-    try:
-        src = os.path.join(work, "source.onnx")
-        model.save(src, tokenizer=False)
-        opts = session_options("all", {
-            **ORT_SETTINGS["config"],
-            "session.optimized_model_external_initializers_file_name": "model.onnx.data",
-            "session.optimized_model_external_initializers_min_size_in_bytes": "1024"})
-        opts.optimized_model_filepath = os.path.join(work, "model.onnx")
-        ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
-        for f in os.listdir(work):
-            if f.startswith("source.onnx"):
-                os.unlink(os.path.join(work, f))
-        meta = {"format": FORMAT, "version": 1, "backend": "ort", "target": "cpu",
-                "target_kind": "cpu", "ort_version": ort.__version__, "model_file": "model.onnx",
-                "session": ORT_SETTINGS, "source": portable_source(model.source, work)}
-        with open(os.path.join(work, "metadata.json"), "w") as f:
-            json.dump(meta, f, indent=2)
-        replace_dir(work, out_dir)
-        return meta
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
-
-
-def load_artifact(folder: str) -> Any:
-    """A compiled artefact (either backend) as a Model."""
-    from rotaq.backends.tvm import read_metadata
-
-    meta = read_metadata(folder)
-    if meta["backend"] == "tvm":
-        from rotaq.backends import tvm as tb
-
-        return tb.load(folder)
-    import rotaq
-    from rotaq.model import resolve_source
-
-    model = rotaq.load(os.path.join(folder, meta["model_file"]))
-    model.source.update(resolve_source(meta.get("source") or {}, os.path.abspath(folder)))
     return model
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
     from rotaq.api import file_sizes
-    from rotaq.cli import _emit, _options
 
     t0 = time.perf_counter()
     if args.backend == "tvm":
         from rotaq.backends.tvm import require_tvm
 
         require_tvm()  # fail before any rewrite work
-    model = _model_for(args.model, args.recipe, _options(args.set))
+    model = _model_for(args.model, args.recipe, options(args.set))
     if args.backend == "ort":
+        from rotaq.backends.ort import compile_ort
+
         meta = compile_ort(model, args.output)
     else:
         from rotaq.backends.tvm import compile_tvm
@@ -109,7 +53,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     meta["files"] = file_sizes([os.path.join(args.output, f)
                                 for f in sorted(os.listdir(args.output))])
     meta["total_seconds"] = round(time.perf_counter() - t0, 1)
-    _emit(meta, args.json, _print_compile)
+    emit(meta, args.json, _print_compile)
     return 0
 
 
@@ -125,11 +69,9 @@ def _pad_axes(specs: list[str] | None) -> dict[str, int | None]:
 
 
 def _print_compile(d: dict[str, Any]) -> None:
-    from rotaq.cli import _size
-
     target = d["target_kind"] + (f" (CPU {d['mcpu']})" if d.get("mcpu") else "")
     tokens = f", token counts {','.join(map(str, d['tokens']))}" if d.get("tokens") else ""
-    files = ", ".join(f"{os.path.basename(f['path'])} ({_size(f['bytes'])})" for f in d["files"])
+    files = ", ".join(f"{os.path.basename(f['path'])} ({size(f['bytes'])})" for f in d["files"])
     print(f"wrote {d['output']}/ ({d['backend']}, {target}{tokens}) in {d['total_seconds']} s: "
           f"{files}")
 
@@ -159,14 +101,3 @@ def add_command(sub: Any, model_help: str) -> None:
     sp.add_argument("--json", action="store_true", help="print the metadata as JSON")
     sp.set_defaults(func=cmd_compile)
 
-
-def check_artifact_backend(path: str, backend: str | None) -> str | None:
-    """For an artefact folder: its backend (``--backend`` must agree); else None."""
-    from rotaq.backends.tvm import is_artifact, read_metadata
-
-    if not is_artifact(path):
-        return None
-    have = read_metadata(path)["backend"]
-    if backend and backend != have:
-        raise RotaqError(f"{path} is a {have} artefact: use --backend {have}")
-    return have
