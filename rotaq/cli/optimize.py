@@ -132,7 +132,7 @@ def _optimize(args: argparse.Namespace) -> int:
     if not folder:
         _check_output(args.model, args.output)
     recipe = rotaq.Recipe.load(args.recipe).with_options(options(args.set))
-    exact = all(getattr(p, "exact", False) for p in recipe.build())
+    exact = all(p.exact for p in recipe.build())
     # a lossy recipe written as ONNX runs on the ONNX form, so that it lowers to ORT's integer
     # kernels; on the torch side quantization is simulated (dequantized weights)
     # an exact one too when the model takes the streaming ONNX capture (rotaq.loading_stream)
