@@ -213,6 +213,8 @@ class OnnxSegments:
         from rotaq.rewriter.onnx_run import not_implemented, packed_kernels
 
         self._sessions.pop(key, None)  # the old session's weights go before the new ones come
+        if self._upcast:  # an fp32 copy's session owns its converted weights: keep one block's
+            self._sessions = {kk: s for kk, s in self._sessions.items() if kk[0] == k}
         supplied: dict[str, np.ndarray] | None = None if self._upcast else {}
         proto = self._model(k, env, outputs, supplied)
         ins = [i.name for i in proto.graph.input]
