@@ -4,8 +4,8 @@ A :class:`Chain` maps a linear's input ``x [..., n]`` to ``y [..., m]`` through 
 steps on constants. Adapters emit it (ONNX: Reshape / Transpose / MatMul / ReduceSum / Add; FX:
 the matching aten ops) and :meth:`Chain.apply` is the numpy reference both are tested against.
 
-When every step is a 2-D ``matmul`` or an ``add`` the chain runs on ``x`` as it is (the low-rank
-case: ``x b^T a^T``). Otherwise the adapter first flattens the leading axes, ``x -> X [T, n]``,
+When every step works on the last axis (a 2-D ``matmul``, ``add``, ``mul``, ``gather``) the chain
+runs on ``x`` as it is (the low-rank case: ``x b^T a^T``). Otherwise the adapter first flattens the leading axes, ``x -> X [T, n]``,
 runs the steps on the full 2-D-or-more shape (token axis included, so a transpose can move it
 and a batched MatMul runs one GEMM per block), and finally restores ``[..., m]``.
 
@@ -16,7 +16,9 @@ Steps (``op``, ``const``, ``arg``):
 - ``reshape``: to ``arg`` (one ``-1`` allowed, for the token axis);
 - ``transpose``: axes permuted by ``arg``;
 - ``sum``: sum over axis ``arg[0]`` (dropped);
-- ``add``: ``x + C`` (a bias on the last axis).
+- ``add``: ``x + C`` (a bias on the last axis);
+- ``mul``: ``x * C`` (``C`` broadcast on the last axis: a per-channel scale, a 0/1 mask);
+- ``gather``: ``x[..., arg]`` (columns of the last axis; out dim ``len(arg)``).
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-STEP_OPS = ("matmul", "lmatmul", "reshape", "transpose", "sum", "add")
+STEP_OPS = ("matmul", "lmatmul", "reshape", "transpose", "sum", "add", "mul", "gather")
+_CONST_OPS = ("matmul", "lmatmul", "add", "mul")
+_FLAT_OPS = ("lmatmul", "reshape", "transpose", "sum")  # steps on absolute / non-last axes
 
 
 @dataclass(frozen=True)
@@ -37,9 +41,15 @@ class Step:
     def __post_init__(self) -> None:
         if self.op not in STEP_OPS:
             raise ValueError(f"chain step must be one of {STEP_OPS}, not {self.op!r}")
-        needs_const = self.op in ("matmul", "lmatmul", "add")
+        needs_const = self.op in _CONST_OPS
         if needs_const != (self.const is not None):
-            raise ValueError(f"chain step {self.op!r}: constant {'missing' if needs_const else 'unexpected'}")
+            raise ValueError(f"chain step {self.op!r}: constant "
+                             f"{'missing' if needs_const else 'unexpected'}")
+        if self.op == "gather" and (not self.arg or min(self.arg) < 0):
+            raise ValueError("chain step 'gather': arg must be a non-empty tuple of indices >= 0")
+        if self.op == "mul" and self.const.ndim > 1:
+            raise ValueError(f"chain step 'mul': constant must be a scalar or 1-D, "
+                             f"not {self.const.shape}")
 
 
 @dataclass(frozen=True)
@@ -55,8 +65,8 @@ class Chain:
     @property
     def flat(self) -> bool:
         """True if the steps need ``x`` flattened to ``[T, n]`` first."""
-        return not all((s.op == "matmul" and s.const.ndim == 2) or s.op == "add"
-                       for s in self.steps)
+        return any(s.op in _FLAT_OPS or (s.op == "matmul" and s.const.ndim != 2)
+                   for s in self.steps)
 
     @property
     def params(self) -> int:
@@ -80,20 +90,24 @@ class Chain:
                 y = y.transpose(s.arg)
             elif s.op == "sum":
                 y = y.sum(axis=s.arg[0])
+            elif s.op == "mul":
+                y = y * s.const
+            elif s.op == "gather":
+                y = y[..., list(s.arg)]
             else:
                 y = y + s.const
         return y.reshape(*lead, self.out_features)
 
     def dense(self) -> np.ndarray:
         """The equivalent weight ``W [out, in]`` (without the bias)."""
-        eye = np.eye(self.in_features)
-        bias = self.bias()
-        y = self.apply(eye)
-        return (y - (bias if bias is not None else 0.0)).T
+        y = self.apply(np.eye(self.in_features))
+        return (y - self.apply(np.zeros((1, self.in_features)))).T
 
     def bias(self) -> np.ndarray | None:
-        adds = [s.const for s in self.steps if s.op == "add"]
-        return adds[-1] if adds else None
+        """``chain(0)`` if the chain adds a constant, else None."""
+        if not any(s.op == "add" for s in self.steps):
+            return None
+        return self.apply(np.zeros((1, self.in_features)))[0]
 
 
 def _bias(bias: np.ndarray | None) -> tuple[Step, ...]:

@@ -454,6 +454,11 @@ class FxGraph:
 
         return fx_chain.add_branch(self, key, chain)
 
+    def insert_chain(self, value: str, consumers: Sequence[str], chain: Any) -> str:
+        from rotaq.rewriter import fx_chain
+
+        return fx_chain.insert_chain(self, value, consumers, chain)
+
     # ---- running and saving -------------------------------------------------------------
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         from rotaq.rewriter.kv_capture import complete_feeds

@@ -363,6 +363,11 @@ class OnnxGraph:
 
         return onnx_chain.add_branch(self, key, chain)
 
+    def insert_chain(self, value: str, consumers: Sequence[str], chain: Any) -> str:
+        from rotaq.rewriter import onnx_chain
+
+        return onnx_chain.insert_chain(self, value, consumers, chain)
+
     def insert_fake_quant(self, value: str, consumers: Sequence[str], act: Any) -> str:
         from rotaq.rewriter import onnx_quant
 

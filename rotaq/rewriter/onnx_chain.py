@@ -1,11 +1,13 @@
 """Chains on the ONNX side: a linear replaced by (or extended with) a :class:`Chain` of standard
-ops (Reshape, Transpose, MatMul, ReduceSum, Add), all of which stock ONNX Runtime runs.
+ops (Reshape, Transpose, MatMul, ReduceSum, Add, Mul, Gather), all of which stock ONNX Runtime
+runs; or a chain inserted on any value for some of its consumers (:func:`insert_chain`).
 
 Emitted nodes carry ``rotaq.role = chain``: the view lifts them as op ``chain``, never as linears.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -46,6 +48,13 @@ def _emit(g: Any, em: _Emitter, x: oir.Value, chain: Chain, dt: oir.DataType) ->
         elif s.op == "add":
             out = em.value("bias_add", dt)
             em.node("Add", [y, em.const(s.const, dt, "bias")], [out])
+        elif s.op == "mul":
+            out = em.value("scaled", dt)
+            em.node("Mul", [y, em.const(s.const, dt, "scale")], [out])
+        elif s.op == "gather":
+            out = em.value("gathered", dt)
+            em.node("Gather", [y, em.const(np.array(s.arg), _I64, "index")], [out],
+                    [oir.AttrInt64("axis", -1)])
         elif s.op == "reshape":
             out = _reshape(em, y, s.arg, dt)
         elif s.op == "transpose":
@@ -120,3 +129,32 @@ def add_branch(g: Any, key: str, chain: Chain) -> str:
     total.name = name
     g._invalidate()
     return name
+
+
+def insert_chain(g: Any, value: str, consumers: Sequence[str], chain: Chain,
+                 meta: dict[str, str] | None = None) -> str:
+    """``x -> chain(x)`` on ``value`` for ``consumers`` only; returns the new value's name.
+    ``meta`` replaces the nodes' default tags (``rotaq.role = chain``)."""
+    v = g._value(value)
+    users = [g._node(k) for k in consumers]
+    if not users:
+        raise RewriteError("insert_chain: no consumers given")
+    for user in users:
+        if not any(x is v for x in user.inputs):
+            raise RewriteError(f"insert_chain: node {user.name!r} does not read {value!r}")
+    if v.dtype is None or not v.dtype.is_floating_point():
+        raise RewriteError(f"insert_chain: {value!r} is not a float tensor")
+    last = v.shape[-1] if v.shape is not None and len(v.shape) else None
+    if isinstance(last, int) and last != chain.in_features:
+        raise RewriteError(f"insert_chain: {value!r} has last dim {last}, "
+                           f"the chain takes {chain.in_features}")
+    em = _Emitter(g, meta or {ROLE_KEY: ROLE, "rotaq.chain": f"{chain.kind} on {value}"}, value)
+    out = _emit(g, em, v, chain, v.dtype)
+    if v.shape is not None:
+        out.shape = oir.Shape([*list(v.shape.dims)[:-1], chain.out_features])
+    for user in users:
+        for i in [i for i, x in enumerate(user.inputs) if x is v]:
+            user.replace_input_with(i, out)
+    _insert_after_value(g, v, em.nodes)
+    g._invalidate()
+    return out.name
