@@ -60,6 +60,10 @@ def _emit(g: FxGraph, x: torch.fx.Node, chain: Chain, before: torch.fx.Node,
             idx = g._new_attr(np.asarray(s.arg, np.int64), _INDEX, before)
             created.append(idx)
             y = call(aten.index_select.default, y, -1, idx)
+        elif s.op == "split":
+            y = call(aten.unflatten.int, y, -1, list(s.arg))
+        elif s.op == "merge":
+            y = call(aten.flatten.using_ints, y, -s.arg[0], -1)
         elif s.op == "reshape":
             y = call(aten.reshape.default, y, list(s.arg))
         elif s.op == "transpose":

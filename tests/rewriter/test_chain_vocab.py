@@ -9,7 +9,8 @@ import pytest
 
 import rotaq
 from rotaq.errors import RewriteError
-from rotaq.rewriter.chain import Chain, Step
+from rotaq.rewriter.chain import Chain, Step, transform_chain
+from rotaq.rewriter.sites import Kronecker
 from tests.graphs import assert_ops, one_linear, ops
 
 RNG = np.random.default_rng(3)
@@ -149,3 +150,59 @@ def test_insert_chain_errors(ir):
     with pytest.raises(RewriteError, match="does not read"):
         model.graph.insert_chain(value, [key], ok)  # the linear now reads ``out``
     assert model.graph.view().by_key[key].inputs[0] == out
+
+
+def test_split_merge_apply():
+    x = RNG.normal(size=(2, 3, 12))
+    a, b = RNG.normal(size=(3, 3)), RNG.normal(size=(4, 4))
+    c = Chain((Step("split", arg=(3, 4)), Step("matmul", b), Step("lmatmul", a.T),
+               Step("merge", arg=(2,))), 12, 12)
+    assert not c.flat
+    np.testing.assert_allclose(c.apply(x), x @ np.kron(a, b), atol=1e-12)
+    with pytest.raises(ValueError, match="two or more sizes"):
+        Step("split", arg=(4,))
+    with pytest.raises(ValueError, match=r"\(k,\)"):
+        Step("merge", arg=(1,))
+
+
+@pytest.mark.parametrize("sizes", [(64,), (4, 16), (2, 4, 8)])
+def test_transform_chain_apply(sizes):
+    fs = tuple(RNG.normal(size=(s, s)) for s in sizes)
+    sc = RNG.normal(size=64)
+    x = RNG.normal(size=(2, 5, 64))
+    k = Kronecker(fs, sc)
+    np.testing.assert_allclose(transform_chain(fs, sc).apply(x), x @ k.dense(), atol=1e-10)
+    with pytest.raises(RewriteError, match="square"):
+        transform_chain((np.ones((2, 3)),))
+    with pytest.raises(RewriteError, match="scale has 3 entries"):
+        transform_chain(fs, np.ones(3))
+
+
+_TRANSFORM = {  # insert_transform(Kronecker((A, B, C), scale)) before the linear
+    "onnx": ["Mul", "Reshape", "MatMul", "MatMul", "Reshape", "MatMul", "Add"],
+    "fx": ["aten.mul.Tensor", "aten.unflatten.int", "aten.matmul", "aten.matmul",
+           "aten.flatten.using_ints", "aten.linear"],
+}
+
+
+@pytest.mark.parametrize("ir", ["onnx", "fx"])
+def test_insert_transform_is_the_chain(ir):
+    """The online transform with three factors (the tail grouped) and a scale, on both IRs:
+    the emitted value is ``x @ Kronecker.dense()``, the structure the TVM lowering matches."""
+    model = one_linear(ir)
+    key, value, x, w, b = _site(model)
+    fs = tuple(RNG.normal(size=(s, s)) for s in (2, 4, 8))
+    k = Kronecker(fs, RNG.normal(size=64))
+    new = model.graph.insert_transform(value, [key], k)
+    assert_ops(model, _TRANSFORM[ir])
+    got = model.graph.capture(model.sample_inputs, [new])[new]
+    np.testing.assert_allclose(got, x @ k.dense(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(model.run()[0], x @ k.dense() @ w.T + b, rtol=1e-4, atol=1e-3)
+    view = model.graph.view()
+    assert sum(n.op == "online" for n in view.nodes) == 5
+    if ir == "onnx":  # tagged for the TVM lowering; Reshape targets copy the leading dims
+        g = model.graph.model.graph
+        nodes = [n for n in g if n.metadata_props.get("rotaq.role") == "online_transform"]
+        shapes = [n.inputs[1].const_value.numpy().tolist() for n in nodes
+                  if n.op_type == "Reshape"]
+        assert shapes == [[0, 0, 2, 32], [0, 0, 64]]
