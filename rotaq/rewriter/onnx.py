@@ -896,10 +896,11 @@ class OnnxGraph:
         MatMul F1 -> MatMul F0^T (left) -> Reshape [.., a*b], tagged ``online_transform``)."""
         from rotaq.rewriter import onnx_chain
         from rotaq.rewriter.chain import transform_chain
+        from rotaq.rewriter.onnx_emit import _Emitter
 
         chain = transform_chain(transform.factors, transform.scale)
-        return onnx_chain.insert_chain(self, value, consumers, chain, {_ROLE: _TRANSFORM_ROLE},
-                                       "rotaq_{hint}_{base}")
+        em = _Emitter(self, {_ROLE: _TRANSFORM_ROLE}, value, "rotaq_{hint}_{base}")
+        return onnx_chain.insert_chain(self, value, consumers, chain, em)
 
     # ------------------------------------------------------------------ execution
     def _session(self, extra: tuple[str, ...] = (), only: bool = False):
