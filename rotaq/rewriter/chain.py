@@ -36,7 +36,9 @@ A chain of width-preserving steps may take ``in_features = out_features = -1`` (
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -240,3 +242,15 @@ def transform_chain(factors: tuple[np.ndarray, ...], scale: np.ndarray | None = 
         steps += (Step("split", arg=(a, b)), Step("matmul", fs[1]),
                   Step("lmatmul", np.ascontiguousarray(fs[0].T)), Step("merge", arg=(2,)))
     return Chain(steps, n, n, "online")
+
+
+class ChainAdapter:
+    """Adapter methods written once, for both IRs, on top of the adapter's own
+    ``insert_chain(value, consumers, chain, role)``."""
+
+    def insert_transform(self, value: str, consumers: Sequence[str], transform: Any) -> str:
+        """``x -> (x * scale) @ kron(F0, F1, ..)`` (a :class:`~rotaq.rewriter.sites.Kronecker`) on
+        the last axis for ``consumers`` only (:func:`transform_chain`, tagged as an online
+        transform); returns the new value's name."""
+        chain = transform_chain(transform.factors, transform.scale)
+        return self.insert_chain(value, consumers, chain, role="online")  # type: ignore[attr-defined]

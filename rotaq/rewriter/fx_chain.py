@@ -155,7 +155,10 @@ def add_branch(g: FxGraph, key: str, chain: Chain) -> str:
 def insert_chain(g: FxGraph, value: str, consumers: Sequence[str], chain: Chain,
                  role: str = ROLE) -> str:
     """``x -> chain(x)`` on ``value`` for ``consumers`` only; returns the new node's name.
-    ``role`` tags the nodes (``meta["rotaq"]``)."""
+    ``role`` tags the nodes (``meta["rotaq"]``): ``"chain"``, ``"online"`` (an online transform)
+    or ``"quant"``."""
+    if role not in ("chain", "online", "quant"):
+        raise RewriteError(f"insert_chain: role must be chain, online or quant, not {role!r}")
     src = g._node(value)
     users = [g._node(c) for c in consumers]
     if not users:
@@ -182,3 +185,4 @@ def insert_chain(g: FxGraph, value: str, consumers: Sequence[str], chain: Chain,
         u.replace_input_with(src, out)
     g._touch()
     return out.name
+

@@ -30,6 +30,8 @@ from rotaq.rewriter.onnx_emit import (
 )
 
 ROLE = "chain"
+TRANSFORM_ROLE = "online_transform"  # what backends/tvm_hadamard.py matches
+ROLES = ("chain", "online", "quant")  # insert_chain's roles (the view's op for the nodes)
 _I64 = oir.DataType.INT64
 
 
@@ -236,17 +238,25 @@ def add_branch(g: Any, key: str, chain: Chain) -> str:
 
 
 def insert_chain(g: Any, value: str, consumers: Sequence[str], chain: Chain,
-                 em: _Emitter | None = None) -> str:
+                 role: str = "chain") -> str:
     """``x -> chain(x)`` on ``value`` for ``consumers`` only; returns the new value's name.
-    ``em`` (tags, names) defaults to ``rotaq.role = chain`` nodes named after ``value``."""
+    ``role`` tags the nodes: ``"chain"`` (``rotaq.role = chain``), ``"online"`` (an online
+    transform: ``rotaq.role = online_transform``, what backends/tvm_hadamard.py lowers) or
+    ``"quant"`` (a simulated quantizer)."""
+    if role not in ROLES:
+        raise RewriteError(f"insert_chain: role must be one of {ROLES}, not {role!r}")
     v, users = consumers_of(g, value, consumers, "insert_chain")
     last = v.shape[-1] if v.shape is not None and len(v.shape) else None
     if isinstance(last, int) and chain.in_features >= 0 and last != chain.in_features:
         raise RewriteError(f"insert_chain: {value!r} has last dim {last}, "
                            f"the chain takes {chain.in_features}")
-    em = em or _Emitter(g, {ROLE_KEY: ROLE, "rotaq.chain": f"{chain.kind} on {value}"}, value)
+    if role == "online":
+        em = _Emitter(g, {ROLE_KEY: TRANSFORM_ROLE}, value, "rotaq_{hint}_{base}")
+    else:
+        em = _Emitter(g, {ROLE_KEY: role, "rotaq.chain": f"{chain.kind} on {value}"}, value)
     out = emit_chain(g, em, v, chain, v.dtype)
     if v.shape is not None:
         width = last if chain.out_features < 0 else chain.out_features
         out.shape = oir.Shape([*list(v.shape.dims)[:-1], width])
     return rewire(g, v, users, out, em)
+
