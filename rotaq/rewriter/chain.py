@@ -94,6 +94,11 @@ class Chain:
                    for s in self.steps) or (bool(self.steps) and self.steps[0].op == "lmatmul")
 
     @property
+    def needs_rank(self) -> bool:
+        """True if emitting the steps needs the input's rank (flattening, split, merge)."""
+        return self.flat or any(s.op in ("split", "merge") for s in self.steps)
+
+    @property
     def params(self) -> int:
         return int(sum(s.const.size for s in self.steps if s.const is not None))
 

@@ -64,8 +64,7 @@ def _track(dims: list | None, s: Step) -> list | None:
 
 def emit_chain(g: Any, em: _Emitter, x: oir.Value, chain: Chain, dt: oir.DataType) -> oir.Value:
     """``em``'s nodes computing ``chain(x)`` in ``dt``; returns the output value."""
-    needs_rank = chain.flat or any(s.op in ("split", "merge") for s in chain.steps)
-    if x.shape is None and needs_rank:
+    if x.shape is None and chain.needs_rank:
         raise RewriteError(f"chain on {x.name!r}: the input's rank is unknown")
     opset = default_opset(g)
     y = x
@@ -245,7 +244,7 @@ def insert_chain(g: Any, value: str, consumers: Sequence[str], chain: Chain,
     ``"quant"`` (a simulated quantizer)."""
     if role not in ROLES:
         raise RewriteError(f"insert_chain: role must be one of {ROLES}, not {role!r}")
-    v, users = consumers_of(g, value, consumers, "insert_chain")
+    v, users = consumers_of(g, value, consumers, "insert_chain", chain.needs_rank)
     last = v.shape[-1] if v.shape is not None and len(v.shape) else None
     if isinstance(last, int) and chain.in_features >= 0 and last != chain.in_features:
         raise RewriteError(f"insert_chain: {value!r} has last dim {last}, "

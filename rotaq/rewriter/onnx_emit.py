@@ -154,9 +154,10 @@ def _replace(g: Any, lin: Any, act_em: _Emitter, em: _Emitter, out: oir.Value) -
     return name
 
 
-def consumers_of(g: Any, value: str, consumers: Sequence[str], what: str
+def consumers_of(g: Any, value: str, consumers: Sequence[str], what: str, rank: bool = False
                  ) -> tuple[oir.Value, list[oir.Node]]:
-    """The float value ``value`` and the nodes ``consumers`` that read it, or a clear error."""
+    """The float value ``value`` (of known rank with ``rank``) and the nodes ``consumers`` that
+    read it, or a clear error."""
     v = g._value(value)
     users = [g._node(k) for k in consumers]
     if not users:
@@ -164,6 +165,8 @@ def consumers_of(g: Any, value: str, consumers: Sequence[str], what: str
     for user in users:
         if not any(x is v for x in user.inputs):
             raise RewriteError(f"{what}: node {user.name!r} does not read {value!r}")
+    if rank and v.shape is None:
+        raise RewriteError(f"{what}: rank of {value!r} is unknown")
     if v.dtype is None or not v.dtype.is_floating_point():
         raise RewriteError(f"{what}: {value!r} is not a float tensor")
     return v, users
