@@ -21,9 +21,11 @@ from torch.utils._pytree import tree_flatten
 
 from rotaq.errors import LoadError, RewriteError
 from rotaq.files import atomic_file
+from rotaq.rewriter import fx_chain, fx_quant
+from rotaq.rewriter.chain import ChainAdapter
 from rotaq.rewriter.kv_capture import contract_name, fx_name, is_past
 from rotaq.rewriter.kv_capture import dynamic_shapes as kv_dynamic_shapes
-from rotaq.rewriter.sites import GNode, GraphView, Kronecker, counts_edits
+from rotaq.rewriter.sites import GNode, GraphView, counts_edits
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -83,7 +85,7 @@ def _from_numpy(a: Any) -> torch.Tensor:
 
 
 @counts_edits
-class FxGraph:
+class FxGraph(ChainAdapter):
     """GraphAdapter over an unlifted torch.export GraphModule."""
 
     ir = "fx"
@@ -388,38 +390,6 @@ class FxGraph:
         n.args = (new,) + tuple(n.args[1:])
         self._touch()
 
-    def insert_transform(self, value: str, consumers: Sequence[str], transform: Kronecker) -> str:
-        """x -> x @ kron(F0, F1) on the last axis, for ``consumers`` only."""
-        src = self._node(value)
-        users = [self._node(c) for c in consumers]
-        first = min(users, key=lambda u: list(self.gm.graph.nodes).index(u))
-        like = torch.zeros((), dtype=src.meta["val"].dtype) if "val" in src.meta else torch.zeros(())
-        g = self.gm.graph
-        factors = transform.factors
-        consts = [self._new_attr(f.T if i == 0 and len(factors) == 2 else f, like, first)
-                  for i, f in enumerate(factors)]
-        created = []
-        x_in = src
-        if transform.scale is not None:
-            sc = self._new_attr(np.asarray(transform.scale, np.float64).reshape(-1), like, first)
-            with g.inserting_before(first):
-                x_in = g.call_function(aten.mul.Tensor, (src, sc))
-            created += [sc, x_in]
-        with g.inserting_before(first):
-            if len(factors) == 1:
-                out = g.call_function(aten.matmul.default, (x_in, consts[0]))
-                created += [out]
-            elif len(factors) == 2:
-                a, b = factors[0].shape[0], factors[1].shape[0]
-                x2 = g.call_function(aten.unflatten.int, (x_in, -1, [a, b]))
-                xb = g.call_function(aten.matmul.default, (x2, consts[1]))
-                axb = g.call_function(aten.matmul.default, (consts[0], xb))
-                out = g.call_function(aten.flatten.using_ints, (axb, -2, -1))
-                created += [x2, xb, axb, out]
-            else:
-                raise RewriteError("online transforms take one or two Kronecker factors")
-        return self._wire(src, out, users, created, "online")
-
     def _wire(self, src: torch.fx.Node, out: torch.fx.Node, users: list[torch.fx.Node],
               created: list[torch.fx.Node], role: str) -> str:
         """Tag nodes rotaq emitted (the view lifts them as op ``role``, never as linears) and
@@ -435,25 +405,12 @@ class FxGraph:
         self._touch()
         return out.name
 
-    def quantize_linear(self, key: str, qweight: Any, act: Any, lowering: str = "auto") -> str:
-        from rotaq.rewriter import fx_quant
-
-        return fx_quant.quantize_linear(self, key, qweight, act, lowering)
-
-    def insert_fake_quant(self, value: str, consumers: Sequence[str], act: Any) -> str:
-        from rotaq.rewriter import fx_quant
-
-        return fx_quant.insert_fake_quant(self, value, consumers, act)
-
-    def replace_linear(self, key: str, chain: Any) -> str:
-        from rotaq.rewriter import fx_chain
-
-        return fx_chain.replace_linear(self, key, chain)
-
-    def add_branch(self, key: str, chain: Any) -> str:
-        from rotaq.rewriter import fx_chain
-
-        return fx_chain.add_branch(self, key, chain)
+    # emission: one chain emitter (fx_chain); quantized linears are simulated (fx_quant)
+    quantize_linear = fx_quant.quantize_linear
+    insert_fake_quant = fx_quant.insert_fake_quant
+    replace_linear = fx_chain.replace_linear
+    add_branch = fx_chain.add_branch
+    insert_chain = fx_chain.insert_chain
 
     # ---- running and saving -------------------------------------------------------------
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:

@@ -258,6 +258,9 @@ class GraphAdapter(Protocol):
 
     def add_branch(self, key: str, chain: Any) -> str: ...
 
+    def insert_chain(self, value: str, consumers: Sequence[str], chain: Any,
+                     role: str = "chain") -> str: ...
+
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]: ...
 
     def capture(self, feeds: dict[str, np.ndarray], values: Sequence[str]) -> dict[str, np.ndarray]: ...
@@ -283,7 +286,8 @@ def counts_edits(cls: type) -> type:
             return fn(self, *args, **kwargs)
         return counted
 
-    for name in MUTATORS:
-        if name in vars(cls):
-            setattr(cls, name, wrap(vars(cls)[name]))
+    for name in MUTATORS:  # defined on the class or inherited (ChainAdapter.insert_transform)
+        fn = getattr(cls, name, None)
+        if fn is not None:
+            setattr(cls, name, wrap(fn))
     return cls
