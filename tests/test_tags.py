@@ -45,8 +45,12 @@ def test_onnx_quant_tags_name_their_linear():
 
 def test_fx_rotate_tags_transforms():
     res = rotaq.optimize(one_block("fx"), "rotate", verify=False)
-    roles = Counter(n.meta.get(tags.FX_META) for n in res.model.graph.gm.graph.nodes)
+    nodes = res.model.graph.gm.graph.nodes
+    roles = Counter(n.meta.get(tags.FX_META) for n in nodes if n.op == "call_function")
+    # one online transform (before down_proj): unflatten, matmul, matmul, flatten; its two
+    # constant factors (get_attr) carry the tag too
     assert roles[tags.FX_ONLINE] == 4 and set(roles) == {None, tags.FX_ONLINE}
+    assert sum(n.meta.get(tags.FX_META) == tags.FX_ONLINE for n in nodes) == 6
 
 
 def test_metadata_helpers():

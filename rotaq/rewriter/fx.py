@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch.utils._pytree import tree_flatten
 
+from rotaq import tags
 from rotaq.errors import LoadError, RewriteError
 from rotaq.files import atomic_file
 from rotaq.rewriter import fx_chain, fx_quant
@@ -147,7 +148,7 @@ class FxGraph(ChainAdapter):
 
     @classmethod
     def load(cls, path: str) -> FxGraph:
-        extra = {"rotaq.json": ""}
+        extra = {tags.FX_METADATA: ""}
         try:  # registers the pytree types of Hugging Face model outputs, needed to deserialize
             import transformers.modeling_outputs  # noqa: F401
         except ImportError:
@@ -159,7 +160,7 @@ class FxGraph(ChainAdapter):
         ep = load_exported(path, extra)  # refuses archives that would run code
         fx = cls.from_exported(ep)
         try:
-            fx.metadata = dict(json.loads(extra["rotaq.json"] or "{}"))
+            fx.metadata = dict(json.loads(extra[tags.FX_METADATA] or "{}"))
         except ValueError:
             fx.metadata = {}
         return fx
@@ -273,9 +274,9 @@ class FxGraph(ChainAdapter):
 
     def _lift_node(self, n: torch.fx.Node, attr_users: dict[str, int]) -> GNode:
         scope = _scope(n)
-        if n.meta.get("rotaq") in ("online", "quant", "chain"):  # emitted by rotaq: never a linear
+        if n.meta.get(tags.FX_META) in tags.FX_EMITTED:  # emitted by rotaq: never a linear
             ins = [a.name for a in n.all_input_nodes]
-            return GNode(n.name, n.meta["rotaq"], ins, [n.name], {}, scope)
+            return GNode(n.name, n.meta[tags.FX_META], ins, [n.name], {}, scope)
         lin = self._linear_parts(n) if n.op == "call_function" else None
         if lin is not None:
             x, w, w_out_in, b = lin
@@ -396,7 +397,7 @@ class FxGraph(ChainAdapter):
         make ``users`` read ``out`` instead of ``src``."""
         first = users[0]
         for node in created:
-            node.meta["rotaq"] = role
+            node.meta[tags.FX_META] = role
             node.meta["nn_module_stack"] = first.meta.get("nn_module_stack", {})
         if "val" in src.meta:
             out.meta["val"] = src.meta["val"]
@@ -482,7 +483,7 @@ class FxGraph(ChainAdapter):
         ext = os.path.splitext(path)[1].lower()
         if ext == ".pt2":
             ep = self.export()
-            extra = {"rotaq.json": json.dumps(self.metadata)}
+            extra = {tags.FX_METADATA: json.dumps(self.metadata)}
             with atomic_file(path) as tmp:
                 torch.export.save(ep, tmp, extra_files=extra)
         elif ext == ".onnx":

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from rotaq import tags
 from rotaq.errors import RewriteError
 from rotaq.rewriter.chain import TINY, Chain, Step
 
@@ -21,7 +22,7 @@ if TYPE_CHECKING:
     from rotaq.rewriter.fx import FxGraph
 
 aten = torch.ops.aten
-ROLE = "chain"
+ROLE = tags.FX_CHAIN
 _INDEX = torch.zeros((), dtype=torch.int64)  # dtype of gather indices
 
 
@@ -76,7 +77,7 @@ def _emit(g: FxGraph, x: torch.fx.Node, chain: Chain, before: torch.fx.Node,
     if chain.flat:
         y = call(aten.reshape.default, y, [*lead, chain.out_features])
     for node in created:
-        node.meta["rotaq"] = ROLE
+        node.meta[tags.FX_META] = ROLE
         node.meta["nn_module_stack"] = before.meta.get("nn_module_stack", {})
     return y, created
 
@@ -177,7 +178,7 @@ def insert_chain(g: FxGraph, value: str, consumers: Sequence[str], chain: Chain,
     first = min(users, key=lambda u: order[u])
     out, created = _emit(g, src, chain, first, torch.zeros((), dtype=val.dtype))
     for node in created:
-        node.meta["rotaq"] = role
+        node.meta[tags.FX_META] = role
         node.meta["nn_module_stack"] = first.meta.get("nn_module_stack", {})
     width = val.shape[-1] if chain.out_features < 0 else chain.out_features
     out.meta["val"] = val.new_empty((*val.shape[:-1], width))

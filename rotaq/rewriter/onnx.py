@@ -40,6 +40,7 @@ import numpy as np
 import onnx
 import onnx_ir as oir
 
+from rotaq import tags
 from rotaq.errors import LoadError, RewriteError
 from rotaq.rewriter import onnx_chain, onnx_contrib, onnx_quant, onnx_store
 from rotaq.rewriter.chain import ChainAdapter
@@ -71,7 +72,7 @@ _PRIMITIVES = {
     "Expand": "expand",
 }
 _EXTERNAL_DATA_BYTES = 100 * 2**20  # save weights to a side file above this size
-_ROLE = "rotaq.role"
+_ROLE = tags.ROLE
 _TRANSFORM_ROLE = onnx_chain.TRANSFORM_ROLE
 _SCOPE_KEY = "pkg.torch.onnx.name_scopes"
 
@@ -483,7 +484,7 @@ class OnnxGraph(ChainAdapter):
         linears: dict[str, _Linear] = {}
         absorbed: set[int] = set()
         for n in nodes:
-            if n.metadata_props.get(_ROLE) in (_TRANSFORM_ROLE, "quant", "chain"):
+            if tags.is_emitted(n.metadata_props):
                 continue  # online transforms, quantized linears and chains we emitted
             lin = self._match_linear(n)
             if lin is not None:
@@ -532,7 +533,7 @@ class OnnxGraph(ChainAdapter):
             }
             return GNode(n.name, "linear", [ins[0]], [out], params, scope)
         t = n.op_type
-        if n.metadata_props.get(_ROLE) in ("quant", "chain"):  # quantized linears, chains we emitted
+        if n.metadata_props.get(_ROLE) in (tags.ROLE_QUANT, tags.ROLE_CHAIN):  # quantized linears, chains we emitted
             role = n.metadata_props[_ROLE]
             return GNode(n.name, role, ins, outs, {"target": t, "domain": n.domain}, scope)
         if not _is_default(n) and (t, n.domain) != (

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as oir
 
+from rotaq import tags
 from rotaq.errors import RewriteError
 from rotaq.rewriter.chain import TINY, Chain, Step
 from rotaq.rewriter.onnx_emit import (
@@ -29,8 +30,8 @@ from rotaq.rewriter.onnx_emit import (
     rewire,
 )
 
-ROLE = "chain"
-TRANSFORM_ROLE = "online_transform"  # what backends/tvm_hadamard.py matches
+ROLE = tags.ROLE_CHAIN
+TRANSFORM_ROLE = tags.ROLE_TRANSFORM  # what backends/tvm_hadamard.py matches
 ROLES = ("chain", "online", "quant")  # insert_chain's roles (the view's op for the nodes)
 _I64 = oir.DataType.INT64
 
@@ -207,7 +208,7 @@ def _dtype(g: Any, lin: Any) -> oir.DataType:
 def replace_linear(g: Any, key: str, chain: Chain) -> str:
     """``Linear(x) -> chain(x)`` (the chain carries the bias); the output keeps its name."""
     lin = _check(g, key, chain)
-    em = _Emitter(g, {ROLE_KEY: ROLE, "rotaq.chain": f"{chain.kind} of {key}"}, key)
+    em = _Emitter(g, {ROLE_KEY: ROLE, tags.CHAIN: f"{chain.kind} of {key}"}, key)
     y = emit_chain(g, em, lin.node.inputs[0], chain, _dtype(g, lin))
     return _replace(g, lin, _Emitter(g, {}, key), em, y)
 
@@ -216,7 +217,7 @@ def add_branch(g: Any, key: str, chain: Chain) -> str:
     """``Linear(x) -> Linear(x) + chain(x)``; the sum takes the linear's output name."""
     lin = _check(g, key, chain)
     dt = _dtype(g, lin)
-    em = _Emitter(g, {ROLE_KEY: ROLE, "rotaq.chain": f"{chain.kind} branch of {key}"}, key)
+    em = _Emitter(g, {ROLE_KEY: ROLE, tags.CHAIN: f"{chain.kind} branch of {key}"}, key)
     branch = emit_chain(g, em, lin.node.inputs[0], chain, dt)
     final = (lin.bias_add or lin.node).outputs[0]
     name = final.name
@@ -252,7 +253,7 @@ def insert_chain(g: Any, value: str, consumers: Sequence[str], chain: Chain,
     if role == "online":
         em = _Emitter(g, {ROLE_KEY: TRANSFORM_ROLE}, value, "rotaq_{hint}_{base}")
     else:
-        em = _Emitter(g, {ROLE_KEY: role, "rotaq.chain": f"{chain.kind} on {value}"}, value)
+        em = _Emitter(g, {ROLE_KEY: role, tags.CHAIN: f"{chain.kind} on {value}"}, value)
     out = emit_chain(g, em, v, chain, v.dtype)
     if v.shape is not None:
         width = last if chain.out_features < 0 else chain.out_features

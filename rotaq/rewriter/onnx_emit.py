@@ -12,11 +12,12 @@ from typing import Any
 import numpy as np
 import onnx_ir as oir
 
+from rotaq import tags
 from rotaq.errors import RewriteError
 
 logger = logging.getLogger(__name__)
 
-ROLE_KEY = "rotaq.role"
+ROLE_KEY = tags.ROLE
 _DEFAULT_DOMAINS = ("", "ai.onnx")
 # Reduce ops whose ``axes`` moved from attribute to input in opset 18 (ReduceSum moved in 13)
 _REDUCE_18 = {

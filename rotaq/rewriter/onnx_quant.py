@@ -52,6 +52,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as oir
 
+from rotaq import tags
 from rotaq.errors import RewriteError
 from rotaq.linalg.formats import QuantizedWeight
 from rotaq.rewriter.onnx_chain import emit_chain
@@ -72,10 +73,10 @@ from rotaq.rewriter.sites import ActQuant
 
 logger = logging.getLogger(__name__)
 
-QUANT_ROLE = "quant"
-QUANT_KEY = "rotaq.quant"  # human-readable description of the quantizer
-LINEAR_KEY = "rotaq.quant.linear"  # the quantized linear a node belongs to
-ACT_KEY = "rotaq.quant.act"  # "<value>|<act>" on the last node of a shareable act quantizer
+QUANT_ROLE = tags.ROLE_QUANT
+QUANT_KEY = tags.QUANT  # human-readable description of the quantizer
+LINEAR_KEY = tags.QUANT_LINEAR  # the quantized linear a node belongs to
+ACT_KEY = tags.QUANT_ACT  # "<value>|<act>" on the last node of a shareable act quantizer
 _SCOPE_KEY = "pkg.torch.onnx.name_scopes"
 LOWERINGS = ("auto", "qdq", "matmulnbits", "dequant")
 NBITS_BITS = (2, 4, 8)  # what ORT's MatMulNBits kernel accepts (1.32)
