@@ -108,6 +108,7 @@ def _coerce(f: dataclasses.Field, value: Any, pass_name: str) -> Any:
 
 def _load_builtin_passes() -> None:
     from rotaq.passes import (  # noqa: F401  (they register themselves)
+        int8_outliers,
         kron_transform,
         lowrank,
         quantize,
