@@ -4,19 +4,23 @@ A :class:`Chain` maps a linear's input ``x [..., n]`` to ``y [..., m]`` through 
 steps on constants. Adapters emit it (ONNX: Reshape / Transpose / MatMul / ReduceSum / Add; FX:
 the matching aten ops) and :meth:`Chain.apply` is the numpy reference both are tested against.
 
-When every step is a 2-D ``matmul`` or an ``add`` the chain runs on ``x`` as it is (the low-rank
-case: ``x b^T a^T``). Otherwise the adapter first flattens the leading axes, ``x -> X [T, n]``,
+When every step works on trailing axes (a 2-D ``matmul``, ``add``, ``mul``, ``gather``, ``split``,
+``merge``; a 2-D ``lmatmul`` after a ``split``) the chain runs on ``x`` as it is (the low-rank case: ``x b^T a^T``). Otherwise the adapter first flattens the leading axes, ``x -> X [T, n]``,
 runs the steps on the full 2-D-or-more shape (token axis included, so a transpose can move it
 and a batched MatMul runs one GEMM per block), and finally restores ``[..., m]``.
 
 Steps (``op``, ``const``, ``arg``):
 
 - ``matmul``: ``x @ C`` (numpy broadcasting over leading axes of ``C``);
-- ``lmatmul``: ``C @ x``;
+- ``lmatmul``: ``C @ x`` (on a 2-D const: the second-to-last axis);
 - ``reshape``: to ``arg`` (one ``-1`` allowed, for the token axis);
 - ``transpose``: axes permuted by ``arg``;
 - ``sum``: sum over axis ``arg[0]`` (dropped);
-- ``add``: ``x + C`` (a bias on the last axis).
+- ``add``: ``x + C`` (a bias on the last axis);
+- ``mul``: ``x * C`` (``C`` broadcast on the last axis: a per-channel scale, a 0/1 mask);
+- ``gather``: ``x[..., arg]`` (columns of the last axis; out dim ``len(arg)``);
+- ``split``: the last axis into the sizes ``arg`` (``[..., a*b] -> [..., a, b]``);
+- ``merge``: the last ``arg[0]`` axes into one (``[..., a, b] -> [..., a*b]``).
 """
 
 from __future__ import annotations
@@ -25,7 +29,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-STEP_OPS = ("matmul", "lmatmul", "reshape", "transpose", "sum", "add")
+from rotaq.errors import RewriteError
+
+STEP_OPS = ("matmul", "lmatmul", "reshape", "transpose", "sum", "add", "mul", "gather", "split",
+            "merge")
+_CONST_OPS = ("matmul", "lmatmul", "add", "mul")
+_FLAT_OPS = ("reshape", "transpose", "sum")  # steps on absolute axes
 
 
 @dataclass(frozen=True)
@@ -37,9 +46,19 @@ class Step:
     def __post_init__(self) -> None:
         if self.op not in STEP_OPS:
             raise ValueError(f"chain step must be one of {STEP_OPS}, not {self.op!r}")
-        needs_const = self.op in ("matmul", "lmatmul", "add")
+        needs_const = self.op in _CONST_OPS
         if needs_const != (self.const is not None):
-            raise ValueError(f"chain step {self.op!r}: constant {'missing' if needs_const else 'unexpected'}")
+            raise ValueError(f"chain step {self.op!r}: constant "
+                             f"{'missing' if needs_const else 'unexpected'}")
+        if self.op == "gather" and (not self.arg or min(self.arg) < 0):
+            raise ValueError("chain step 'gather': arg must be a non-empty tuple of indices >= 0")
+        if self.op == "split" and (len(self.arg) < 2 or min(self.arg) < 1):
+            raise ValueError("chain step 'split': arg must be two or more sizes >= 1")
+        if self.op == "merge" and (len(self.arg) != 1 or self.arg[0] < 2):
+            raise ValueError("chain step 'merge': arg must be (k,), k >= 2 trailing axes")
+        if self.op == "mul" and self.const.ndim > 1:
+            raise ValueError(f"chain step 'mul': constant must be a scalar or 1-D, "
+                             f"not {self.const.shape}")
 
 
 @dataclass(frozen=True)
@@ -55,8 +74,8 @@ class Chain:
     @property
     def flat(self) -> bool:
         """True if the steps need ``x`` flattened to ``[T, n]`` first."""
-        return not all((s.op == "matmul" and s.const.ndim == 2) or s.op == "add"
-                       for s in self.steps)
+        return any(s.op in _FLAT_OPS or (s.op in ("matmul", "lmatmul") and s.const.ndim != 2)
+                   for s in self.steps) or (bool(self.steps) and self.steps[0].op == "lmatmul")
 
     @property
     def params(self) -> int:
@@ -80,20 +99,28 @@ class Chain:
                 y = y.transpose(s.arg)
             elif s.op == "sum":
                 y = y.sum(axis=s.arg[0])
+            elif s.op == "mul":
+                y = y * s.const
+            elif s.op == "gather":
+                y = y[..., list(s.arg)]
+            elif s.op == "split":
+                y = y.reshape(*y.shape[:-1], *s.arg)
+            elif s.op == "merge":
+                y = y.reshape(*y.shape[:-s.arg[0]], -1)
             else:
                 y = y + s.const
         return y.reshape(*lead, self.out_features)
 
     def dense(self) -> np.ndarray:
         """The equivalent weight ``W [out, in]`` (without the bias)."""
-        eye = np.eye(self.in_features)
-        bias = self.bias()
-        y = self.apply(eye)
-        return (y - (bias if bias is not None else 0.0)).T
+        y = self.apply(np.eye(self.in_features))
+        return (y - self.apply(np.zeros((1, self.in_features)))).T
 
     def bias(self) -> np.ndarray | None:
-        adds = [s.const for s in self.steps if s.op == "add"]
-        return adds[-1] if adds else None
+        """``chain(0)`` if the chain adds a constant, else None."""
+        if not any(s.op == "add" for s in self.steps):
+            return None
+        return self.apply(np.zeros((1, self.in_features)))[0]
 
 
 def _bias(bias: np.ndarray | None) -> tuple[Step, ...]:
@@ -154,3 +181,32 @@ def monarch_chain(L: np.ndarray, R: np.ndarray, bias: np.ndarray | None = None) 
         Step("transpose", arg=(1, 2, 0)), Step("reshape", arg=(-1, m)),
     )
     return Chain(steps + _bias(bias), n, m, "monarch")
+
+
+def transform_chain(factors: tuple[np.ndarray, ...], scale: np.ndarray | None = None) -> Chain:
+    """The online transform ``x -> (x * scale) @ (F_0 (x) F_1 (x) ...)`` on the last axis
+    (:class:`~rotaq.rewriter.sites.Kronecker`). One factor: one matmul; more: the tail grouped
+    into ``F_1``, then ``[.., a*b] -> [.., a, b] -> @ F_1 -> F_0^T @ . -> [.., a*b]`` (row-major
+    ``x[i*b+j] = X[i, j]`` and ``x (A (x) B) = vec(A^T X B)``), never the dense product."""
+    fs = [np.asarray(f, dtype=np.float64) for f in factors]
+    if not fs or any(f.ndim != 2 or f.shape[0] != f.shape[1] for f in fs):
+        raise RewriteError("insert_transform: factors must be square matrices")
+    if len(fs) > 2:
+        tail = np.ones((1, 1))
+        for f in fs[1:]:
+            tail = np.kron(tail, f)
+        fs = [fs[0], tail]
+    n = int(np.prod([f.shape[0] for f in fs]))
+    steps: tuple[Step, ...] = ()
+    if scale is not None:
+        sc = np.asarray(scale, np.float64).reshape(-1)
+        if sc.shape != (n,):
+            raise RewriteError(f"insert_transform: scale has {sc.size} entries, not {n}")
+        steps = (Step("mul", sc),)
+    if len(fs) == 1:
+        steps += (Step("matmul", fs[0]),)
+    else:
+        a, b = fs[0].shape[0], fs[1].shape[0]
+        steps += (Step("split", arg=(a, b)), Step("matmul", fs[1]),
+                  Step("lmatmul", np.ascontiguousarray(fs[0].T)), Step("merge", arg=(2,)))
+    return Chain(steps, n, n, "online")

@@ -388,36 +388,12 @@ class FxGraph:
         self._touch()
 
     def insert_transform(self, value: str, consumers: Sequence[str], transform: Kronecker) -> str:
-        """x -> x @ kron(F0, F1) on the last axis, for ``consumers`` only."""
-        src = self._node(value)
-        users = [self._node(c) for c in consumers]
-        first = min(users, key=lambda u: list(self.gm.graph.nodes).index(u))
-        like = torch.zeros((), dtype=src.meta["val"].dtype) if "val" in src.meta else torch.zeros(())
-        g = self.gm.graph
-        factors = transform.factors
-        consts = [self._new_attr(f.T if i == 0 and len(factors) == 2 else f, like, first)
-                  for i, f in enumerate(factors)]
-        created = []
-        x_in = src
-        if transform.scale is not None:
-            sc = self._new_attr(np.asarray(transform.scale, np.float64).reshape(-1), like, first)
-            with g.inserting_before(first):
-                x_in = g.call_function(aten.mul.Tensor, (src, sc))
-            created += [sc, x_in]
-        with g.inserting_before(first):
-            if len(factors) == 1:
-                out = g.call_function(aten.matmul.default, (x_in, consts[0]))
-                created += [out]
-            elif len(factors) == 2:
-                a, b = factors[0].shape[0], factors[1].shape[0]
-                x2 = g.call_function(aten.unflatten.int, (x_in, -1, [a, b]))
-                xb = g.call_function(aten.matmul.default, (x2, consts[1]))
-                axb = g.call_function(aten.matmul.default, (consts[0], xb))
-                out = g.call_function(aten.flatten.using_ints, (axb, -2, -1))
-                created += [x2, xb, axb, out]
-            else:
-                raise RewriteError("online transforms take one or two Kronecker factors")
-        return self._wire(src, out, users, created, "online")
+        """x -> (x * scale) @ kron(F0, F1, ..) on the last axis, for ``consumers`` only."""
+        from rotaq.rewriter import fx_chain
+        from rotaq.rewriter.chain import transform_chain
+
+        chain = transform_chain(transform.factors, transform.scale)
+        return fx_chain.insert_chain(self, value, consumers, chain, role="online")
 
     def _wire(self, src: torch.fx.Node, out: torch.fx.Node, users: list[torch.fx.Node],
               created: list[torch.fx.Node], role: str) -> str:
@@ -453,6 +429,11 @@ class FxGraph:
         from rotaq.rewriter import fx_chain
 
         return fx_chain.add_branch(self, key, chain)
+
+    def insert_chain(self, value: str, consumers: Sequence[str], chain: Any) -> str:
+        from rotaq.rewriter import fx_chain
+
+        return fx_chain.insert_chain(self, value, consumers, chain)
 
     # ---- running and saving -------------------------------------------------------------
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:

@@ -1,14 +1,17 @@
 """Chains on the FX side: a linear replaced by (or extended with) a :class:`Chain` of aten ops.
 
-``replace_linear``: ``Linear(x) -> chain(x)``; ``add_branch``: ``Linear(x) -> Linear(x) + chain(x)``.
+``replace_linear``: ``Linear(x) -> chain(x)``; ``add_branch``: ``Linear(x) -> Linear(x) + chain(x)``;
+``insert_chain``: ``x -> chain(x)`` for some consumers of ``x``.
 Emitted nodes carry ``meta["rotaq"] = "chain"``: the view lifts them as op ``chain``, never as
 linears or residual adds.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from rotaq.errors import RewriteError
@@ -19,6 +22,7 @@ if TYPE_CHECKING:
 
 aten = torch.ops.aten
 ROLE = "chain"
+_INDEX = torch.zeros((), dtype=torch.int64)  # dtype of gather indices
 
 
 def _emit(g: FxGraph, x: torch.fx.Node, chain: Chain, before: torch.fx.Node,
@@ -41,15 +45,25 @@ def _emit(g: FxGraph, x: torch.fx.Node, chain: Chain, before: torch.fx.Node,
         lead = [call(aten.sym_size.int, x, i) for i in range(rank - 1)]
         y = call(aten.reshape.default, x, [-1, chain.in_features])
     for s in chain.steps:
-        if s.op in ("matmul", "lmatmul", "add"):
+        if s.op in ("matmul", "lmatmul", "add", "mul"):
             c = g._new_attr(s.const, like, before)
             created.append(c)
             if s.op == "matmul":
                 y = call(aten.matmul.default, y, c)
             elif s.op == "lmatmul":
                 y = call(aten.matmul.default, c, y)
+            elif s.op == "mul":
+                y = call(aten.mul.Tensor, y, c)
             else:
                 y = call(aten.add.Tensor, y, c)
+        elif s.op == "gather":
+            idx = g._new_attr(np.asarray(s.arg, np.int64), _INDEX, before)
+            created.append(idx)
+            y = call(aten.index_select.default, y, -1, idx)
+        elif s.op == "split":
+            y = call(aten.unflatten.int, y, -1, list(s.arg))
+        elif s.op == "merge":
+            y = call(aten.flatten.using_ints, y, -s.arg[0], -1)
         elif s.op == "reshape":
             y = call(aten.reshape.default, y, list(s.arg))
         elif s.op == "transpose":
@@ -101,3 +115,33 @@ def add_branch(g: FxGraph, key: str, chain: Chain) -> str:
     with g.gm.graph.inserting_before(nxt):
         total = g.gm.graph.call_function(aten.add.Tensor, (n, branch))
     return g._wire(n, total, users, [total], ROLE)
+
+
+def insert_chain(g: FxGraph, value: str, consumers: Sequence[str], chain: Chain,
+                 role: str = ROLE) -> str:
+    """``x -> chain(x)`` on ``value`` for ``consumers`` only; returns the new node's name.
+    ``role`` tags the nodes (``meta["rotaq"]``)."""
+    src = g._node(value)
+    users = [g._node(c) for c in consumers]
+    if not users:
+        raise RewriteError("insert_chain: no consumers given")
+    for u in users:
+        if src not in u.all_input_nodes:
+            raise RewriteError(f"insert_chain: node {u.name!r} does not read {value!r}")
+    val = src.meta.get("val")
+    if not isinstance(val, torch.Tensor) or not val.dtype.is_floating_point:
+        raise RewriteError(f"insert_chain: {value!r} is not a float tensor")
+    if val.dim() == 0 or (isinstance(val.shape[-1], int) and val.shape[-1] != chain.in_features):
+        raise RewriteError(f"insert_chain: {value!r} has shape {tuple(val.shape)}, "
+                           f"the chain takes last dim {chain.in_features}")
+    order = {n: i for i, n in enumerate(g.gm.graph.nodes)}
+    first = min(users, key=lambda u: order[u])
+    out, created = _emit(g, src, chain, first, torch.zeros((), dtype=val.dtype))
+    for node in created:
+        node.meta["rotaq"] = role
+        node.meta["nn_module_stack"] = first.meta.get("nn_module_stack", {})
+    out.meta["val"] = val.new_empty((*val.shape[:-1], chain.out_features))
+    for u in users:
+        u.replace_input_with(src, out)
+    g._touch()
+    return out.name

@@ -363,6 +363,11 @@ class OnnxGraph:
 
         return onnx_chain.add_branch(self, key, chain)
 
+    def insert_chain(self, value: str, consumers: Sequence[str], chain: Any) -> str:
+        from rotaq.rewriter import onnx_chain
+
+        return onnx_chain.insert_chain(self, value, consumers, chain)
+
     def insert_fake_quant(self, value: str, consumers: Sequence[str], act: Any) -> str:
         from rotaq.rewriter import onnx_quant
 
@@ -886,86 +891,15 @@ class OnnxGraph:
         self._invalidate()
 
     def insert_transform(self, value: str, consumers: Sequence[str], transform: Kronecker) -> str:
-        """Emit x -> x @ kron(F0, F1) on the last axis for ``consumers`` only; returns the new
-        value. Two factors (a, b) run as Reshape [.., a, b] -> MatMul F1 -> MatMul F0^T (left)
-        -> Reshape [.., a*b]: row-major x[i*b+j] = X[i, j] and x kron(A, B) = A^T X B."""
-        v = self._value(value)
-        users = [self._node(k) for k in consumers]
-        for user in users:
-            if not any(x is v for x in user.inputs):
-                raise RewriteError(f"insert_transform: node {user.name!r} does not read {value!r}")
-        if v.shape is None:
-            raise RewriteError(f"insert_transform: rank of {value!r} is unknown")
-        if v.dtype is None or not v.dtype.is_floating_point():
-            raise RewriteError(f"insert_transform: {value!r} is not a float tensor")
-        factors = [np.asarray(f, dtype=np.float64) for f in transform.factors]
-        if not factors or any(f.ndim != 2 or f.shape[0] != f.shape[1] for f in factors):
-            raise RewriteError("insert_transform: factors must be square matrices")
-        if len(factors) > 2:  # group the tail: kron(F0, F1 (x) F2 ...)
-            tail = Kronecker(tuple(factors[1:])).dense()
-            factors = [factors[0], tail]
-        r, last, n = len(v.shape), v.shape[-1], int(np.prod([f.shape[0] for f in factors]))
-        if isinstance(last, int) and last != n:
-            raise RewriteError(f"insert_transform: {value!r} has last dim {last}, transform {n}")
-        dims, dt = list(v.shape.dims), v.dtype
-        g = self.model.graph
-        base = value.replace("/", "_")
+        """Emit x -> (x * scale) @ kron(F0, F1) on the last axis for ``consumers`` only; returns
+        the new value (:func:`~rotaq.rewriter.chain.transform_chain`: Reshape [.., a, b] ->
+        MatMul F1 -> MatMul F0^T (left) -> Reshape [.., a*b], tagged ``online_transform``)."""
+        from rotaq.rewriter import onnx_chain
+        from rotaq.rewriter.chain import transform_chain
 
-        def val(hint: str, shape: list) -> oir.Value:
-            return oir.Value(name=self._fresh(hint), shape=oir.Shape(shape), type=v.type)
-
-        def node(op: str, inputs: list, out: oir.Value) -> oir.Node:
-            return oir.Node(
-                "",
-                op,
-                inputs,
-                outputs=[out],
-                name=self._fresh(f"rotaq_{op}_{base}"),
-                metadata_props={_ROLE: _TRANSFORM_ROLE},
-            )
-
-        new_nodes = []
-        if transform.scale is not None:
-            sc = np.asarray(transform.scale, np.float64).reshape(-1)
-            if sc.shape != (n,):
-                raise RewriteError(f"insert_transform: scale has {sc.size} entries, not {n}")
-            scaled = val(f"{base}_scaled", dims)
-            new_nodes.append(node("Mul", [v, self._initializer(sc, dt, f"rotaq_scale_{base}")],
-                                  scaled))
-            v_in = scaled
-        else:
-            v_in = v
-        if len(factors) == 1:
-            f0 = self._initializer(factors[0], dt, f"rotaq_rot_{base}")
-            out = val(f"{base}_rot", dims)
-            new_nodes.append(node("MatMul", [v_in, f0], out))
-        else:
-            a, b = factors[0].shape[0], factors[1].shape[0]
-            i64 = oir.DataType.INT64
-            s1 = self._initializer(np.array([0] * (r - 1) + [a, b]), i64, f"rotaq_shape_{base}")
-            s2 = self._initializer(np.array([0] * (r - 1) + [a * b]), i64, f"rotaq_shape_{base}")
-            f1 = self._initializer(factors[1], dt, f"rotaq_rot_{base}_b")
-            f0t = self._initializer(factors[0].T, dt, f"rotaq_rot_{base}_a")
-            t1 = val(f"{base}_split", dims[:-1] + [a, b])
-            t2 = val(f"{base}_rot_b", dims[:-1] + [a, b])
-            t3 = val(f"{base}_rot_ab", dims[:-1] + [a, b])
-            out = val(f"{base}_rot", dims)
-            new_nodes += [
-                node("Reshape", [v_in, s1], t1),
-                node("MatMul", [t1, f1], t2),
-                node("MatMul", [f0t, t2], t3),
-                node("Reshape", [t3, s2], out),
-            ]
-        for user in users:
-            for i in [i for i, x in enumerate(user.inputs) if x is v]:
-                user.replace_input_with(i, out)
-        prod = v.producer()
-        if prod is not None and prod.graph is g:
-            g.insert_after(prod, new_nodes)
-        else:
-            g.insert_before(next(iter(g)), new_nodes)
-        self._invalidate()
-        return out.name
+        chain = transform_chain(transform.factors, transform.scale)
+        return onnx_chain.insert_chain(self, value, consumers, chain, {_ROLE: _TRANSFORM_ROLE},
+                                       "rotaq_{hint}_{base}")
 
     # ------------------------------------------------------------------ execution
     def _session(self, extra: tuple[str, ...] = (), only: bool = False):

@@ -207,10 +207,12 @@ def _require_ms(g: Any) -> None:
 class _Emitter:
     """Builds tagged nodes with fresh names for one rewrite."""
 
-    def __init__(self, g: Any, meta: dict[str, str], base: str) -> None:
+    def __init__(self, g: Any, meta: dict[str, str], base: str,
+                 consts: str = "{base}.{hint}") -> None:
         self.g = g
         self.meta = meta
         self.base = base.replace("/", "_")
+        self.consts = consts  # the initializers' name pattern
         self.nodes: list[oir.Node] = []
 
     def value(self, hint: str, dtype: oir.DataType | None = None, shape: Any = None) -> oir.Value:
@@ -219,7 +221,8 @@ class _Emitter:
         return oir.Value(name=self.g._fresh(f"{self.base}_{hint}"), type=t, shape=shp)
 
     def const(self, array: np.ndarray, dtype: oir.DataType, hint: str) -> oir.Value:
-        return self.g._initializer(np.asarray(array), dtype, f"{self.base}.{hint}")
+        name = self.consts.format(base=self.base, hint=hint)
+        return self.g._initializer(np.asarray(array), dtype, name)
 
     def node(self, op: str, inputs: Sequence[oir.Value | None], outputs: Sequence[oir.Value],
              attrs: Sequence[oir.Attr] = (), domain: str = "", name: str | None = None,
