@@ -27,6 +27,7 @@ from rotaq.model import Model
 from rotaq.passes.base import PassResult, register, select_linears
 from rotaq.passes.calib import counts, feeds_for, linear_inputs
 from rotaq.rewriter.chain import Chain, Step
+from rotaq.rewriter.sites import GraphAdapter
 
 log = logging.getLogger(__name__)
 
@@ -97,25 +98,15 @@ class Int8Outliers:
 
 def outlier_chain(n: int, cols: np.ndarray, w_out: np.ndarray) -> Chain:
     """``x -> x[..., O] @ W[:, O]^T`` (x [..., n] -> [..., m]) as Gather + MatMul."""
-    from rotaq.rewriter import chain as ch
-
-    if "gather" not in ch.STEP_OPS:  # TEMPORARY until the vocab branch: a selection MatMul
-        sel = np.zeros((n, cols.size))
-        sel[cols, np.arange(cols.size)] = 1.0
-        first = Step("matmul", sel)
-    else:
-        first = Step("gather", arg=tuple(int(c) for c in cols))
-    return Chain((first, Step("matmul", np.ascontiguousarray(w_out.T))), n, w_out.shape[0],
-                 "outliers")
+    steps = (Step("gather", arg=tuple(int(c) for c in cols)),
+             Step("matmul", np.ascontiguousarray(w_out.T)))
+    return Chain(steps, n, w_out.shape[0], "outliers")
 
 
-def insert_mask(g, value: str, consumers: list[str], mask: np.ndarray) -> str:
-    """``x -> x * mask`` on the last axis, wired to ``consumers`` only."""
+def insert_mask(g: GraphAdapter, value: str, consumers: list[str], mask: np.ndarray) -> str:
+    """``x -> x * mask`` on the last axis, wired to ``consumers`` only (a chain, so no pass
+    matches it as a layer)."""
     n = mask.size
-    if not hasattr(g, "insert_chain"):  # TEMPORARY until the vocab branch: Mul + identity
-        from rotaq.rewriter.sites import Kronecker
-
-        return g.insert_transform(value, consumers, Kronecker((np.eye(n),), scale=mask))
     return g.insert_chain(value, consumers, Chain((Step("mul", mask),), n, n, "outlier-mask"))
 
 

@@ -60,7 +60,7 @@ def test_select_columns():
     acc = lo.merge_absmax(lo.merge_absmax(None, x[:1]), x[1:])
     assert np.array_equal(acc, lo.column_absmax(x))
     assert np.array_equal(acc, np.abs(x).max(axis=(0, 1)))
-    for bad in (dict(threshold=0.0), dict(top_k=-1)):
+    for bad in ({"threshold": 0.0}, {"top_k": -1}):
         with pytest.raises(ValueError):
             lo.select_columns(a, **bad)
     with pytest.raises(ValueError):
@@ -77,7 +77,7 @@ def test_int8_path_error_drops_with_the_outliers_split_off():
     ref = x @ w.T
     cols = lo.select_columns(lo.column_absmax(x))
     assert cols.tolist() == [3, 17, 50]
-    qw = lambda t: fake_quantize(t, QFormat(bits=8))  # noqa: E731
+    qw = lambda t: fake_quantize(t, QFormat(bits=8))
     plain = lo.decomposed(x, w, None, np.array([], np.int64), _per_tensor_u8, qw)
     split = lo.decomposed(x, w, None, cols, _per_tensor_u8, qw)
     e_plain = np.abs(plain - ref).max() / np.abs(ref).max()
@@ -87,13 +87,13 @@ def test_int8_path_error_drops_with_the_outliers_split_off():
 
 # ---- the pass on tiny models ---------------------------------------------------------------
 def _planted_llama(ir: str):
-    """Tiny llama whose two input norms scale channels 5 and 40 by 30: the q/k/v and gate/up
-    inputs get outlier columns there (max |x| 60-90 against < 5 elsewhere)."""
+    """Tiny llama whose two input norms scale channels 5 and 40 by 100: the q/k/v and gate/up
+    inputs get outlier columns there (max |x| 200-300 against < 6 elsewhere)."""
     m, inputs = build("llama")
     with torch.no_grad():
         for name, p in m.named_parameters():
             if name.endswith(("input_layernorm.weight", "post_attention_layernorm.weight")):
-                p[PLANTED] *= 30
+                p[PLANTED] *= 100
     model = rotaq.load(m, inputs, ir=ir, kv_cache=False)
     model.calibration = {"input_ids": np.random.default_rng(0).integers(0, 256, (4, 32))}
     return model
@@ -109,16 +109,15 @@ def _stats(res, i=0):
 
 
 def test_planted_columns_found_and_rewrite_exact(planted):
-    ir, model = planted
+    _, model = planted
     res = rotaq.optimize(model, rotaq.Recipe("o", [{"pass": "int8-outliers"}], 1e-4))
     st = _stats(res)
     per = st["columns_per_linear"]
     readers = {k: v for k, v in per.items() if k.endswith(READERS)}
     assert len(readers) == 10 and set(readers.values()) == {len(PLANTED)}
-    assert all(v == 0 for k, v in per.items() if k.endswith("o_proj"))
     assert st["linears"] == 14 and st["calibration_tokens"] == 128
-    # one mask per (input, columns): q/k/v share one, gate/up one, per layer; down_proj its own
-    assert st["masks"] == 4 + sum(per[k] > 0 for k in per if k.endswith("down_proj"))
+    # one mask per (input, columns): q/k/v share one, gate/up one, per layer; o/down their own
+    assert st["masks"] == 4 + sum(per[k] > 0 for k in per if k.endswith(("o_proj", "down_proj")))
     assert res.report["max_rel_error"] < 1e-5, res.report["max_rel_error"]  # float32 exact
     # the chosen columns are the planted ones: the masked linears' weights are zero there
     a0, a1 = model.analysis(), res.model.analysis()
@@ -138,7 +137,7 @@ def test_no_outliers_leaves_the_graph_unchanged():
         model = one_linear(ir)  # x ~ N(0, 1): max |x| < 6
         model.calibration = {"x": np.random.default_rng(3).standard_normal((4, 8, 64))
                              .astype(np.float32)}
-        res, err = check_pass(("int8-outliers", ALL), model, modified=False)
+        res, _ = check_pass(("int8-outliers", ALL), model, modified=False)
         assert res.stats["outlier_columns"] == 0 and res.stats["split"] == 0
 
 
@@ -154,7 +153,7 @@ def _one_linear_planted(ir: str):
 def test_emitted_structure(ir):
     """One linear, two planted columns: Mul (mask) -> linear, plus Gather -> MatMul -> Add."""
     model = _one_linear_planted(ir)
-    res, err = check_pass(("int8-outliers", ALL), model, max_rel_error=1e-5)
+    res, _ = check_pass(("int8-outliers", ALL), model, max_rel_error=1e-5)
     assert res.stats["columns_per_linear"] == {next(iter(res.stats["columns_per_linear"])): 2}
     got = Counter(ops(res.model))
     before = Counter(ops(model))
@@ -168,7 +167,7 @@ def test_emitted_structure(ir):
 
 
 def test_top_k_and_options(planted):
-    ir, model = planted
+    _, model = planted
     res = rotaq.optimize(model, "int8-outliers", options={"top_k": 3})
     per = _stats(res)["columns_per_linear"]
     assert set(per.values()) == {3} and res.report["max_rel_error"] < 1e-5
@@ -197,4 +196,6 @@ def test_int8_error_below_plain_per_tensor(planted):
     assert e_split < 0.05 and e_split < e_plain / 3, (e_split, e_plain)
     if ir == "onnx":
         kinds = Counter(n.op_type for n in split.model.graph.model.graph)
-        assert kinds["DynamicQuantizeLinear"] == kinds["DequantizeLinear"] == 14
+        # one activation quantizer per masked input (q/k/v, o, gate/up, down per layer), 14
+        # weights; the float branches stay MatMuls
+        assert kinds["DynamicQuantizeLinear"] == 8 and kinds["DequantizeLinear"] == 22

@@ -1,0 +1,167 @@
+"""LLM.int8() outlier decomposition (`w8a8-outliers`) on SmolLM2-135M, side by side in one run.
+
+Rows (each through the CLI, as a user runs it, under ``/usr/bin/time -v`` for wall time and
+peak RSS): fp32; `w8a8-rotated` and `w8a8` in ORT's per-tensor int8 kernels (``--set
+w_group=-1``: DynamicQuantizeLinear + MatMulInteger per linear); `w8a8-rotated` as shipped
+(MatMulNBits); `w8a8-outliers`. For each: ``rotaq optimize smollm2-135m --recipe R -o R.onnx``,
+``rotaq eval R.onnx --task ppl`` (Wikipedia, 8192 tokens, 512-token windows, ORT) and ``rotaq
+bench R.onnx --tokens 16,512`` (ORT, 2 threads, median); latency ratios are to the fp32 and
+the per-tensor `w8a8-rotated` timed in the same run. The outlier columns per linear come from
+the `int8-outliers` pass report.
+
+Writes benchmarks/results/int8_outliers.json and int8_outliers.md.
+Run: python benchmarks/outliers_bench.py [--rows fp32,w8a8-rotated-pt,w8a8-outliers]
+         [--work DIR --reuse]  (--reuse: keep ONNX files already written in DIR)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+MODEL = "smollm2-135m"
+# name -> (recipe, --set options); None: the fp32 model itself
+ROWS = {
+    "fp32": None,
+    "w8a8-pt": ("w8a8", ["w_group=-1"]),
+    "w8a8-rotated-pt": ("w8a8-rotated", ["w_group=-1"]),
+    "w8a8-rotated": ("w8a8-rotated", []),
+    "w8a8-outliers": ("w8a8-outliers", []),
+}
+LABEL = {"w8a8-pt": "w8a8 (per-tensor int8)", "w8a8-rotated-pt": "w8a8-rotated (per-tensor int8)",
+         "w8a8-rotated": "w8a8-rotated (MatMulNBits, as shipped)",
+         "w8a8-outliers": "w8a8-outliers (per-tensor int8 + float outlier columns)"}
+
+
+def _timed(cmd: list[str]) -> tuple[str, dict]:
+    """Run ``cmd`` under /usr/bin/time -v: (stdout, {wall_s, peak_rss_mib, cmd})."""
+    t0 = time.time()
+    p = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True,
+                       check=False)
+    if p.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} exited {p.returncode}: {p.stderr[-2000:]}")
+    rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", p.stderr)
+    return p.stdout, {"cmd": " ".join(["rotaq", *cmd[3:]]), "wall_s": round(time.time() - t0, 1),
+                      "peak_rss_mib": round(int(rss.group(1)) / 1024) if rss else None}
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "rotaq.cli", *args]
+
+
+def _row(name: str, work: str, args) -> dict:
+    spec = ROWS[name]
+    row: dict = {"name": name, "label": LABEL.get(name, name)}
+    path = MODEL
+    if spec is not None:
+        recipe, sets = spec
+        path = os.path.join(work, f"{name}.onnx")
+        if not (args.reuse and os.path.exists(path)):
+            cmd = _cli("optimize", MODEL, "--recipe", recipe, "-o", path, "--json")
+            for s in sets:
+                cmd[-1:-1] = ["--set", s]
+            out, row["optimize"] = _timed(cmd)
+            rep = json.loads(out)
+            row["max_rel_error"] = rep.get("max_rel_error")
+            for p in rep["passes"]:
+                if p.get("pass", p.get("name")) == "int8-outliers" or \
+                        "columns_per_linear" in p.get("stats", {}):
+                    st = p["stats"]
+                    row["outliers"] = {k: st[k] for k in ("linears", "split", "masks",
+                                                          "outlier_columns",
+                                                          "outlier_columns_max", "selection",
+                                                          "columns_per_linear")}
+    if not args.no_ppl:
+        out, row["eval"] = _timed(_cli("eval", path, "--task", "ppl", "--tokens",
+                                       str(args.tokens), "--json"))
+        row["ppl"] = json.loads(out)["ppl"]
+    out, row["bench"] = _timed(_cli("bench", path, "--tokens", args.lat_tokens,
+                                        "--contexts", "128", "--json"))
+    lat = json.loads(out)
+    row["latency_ms"] = {k: v["median_ms"] for k, v in lat["tokens"].items()}
+    row["size_mib"] = lat.get("size_mib")
+    row["kernels"] = {k: v for k, v in (lat.get("optimized_ops") or {}).items()
+                      if any(s in k for s in ("MatMul", "Gemm", "Quantize", "Gather"))}
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--rows", default="fp32,w8a8-pt,w8a8-rotated-pt,w8a8-rotated,w8a8-outliers")
+    ap.add_argument("--tokens", type=int, default=8192)
+    ap.add_argument("--lat-tokens", default="16,512")
+    ap.add_argument("--work", default=None)
+    ap.add_argument("--reuse", action="store_true")
+    ap.add_argument("--no-ppl", action="store_true")
+    ap.add_argument("--out", default=HERE)
+    args = ap.parse_args()
+    work = args.work or tempfile.mkdtemp(prefix="rotaq-outliers-")
+    os.makedirs(work, exist_ok=True)
+    rows = []
+    for name in args.rows.split(","):
+        try:
+            rows.append(_row(name, work, args))
+        except Exception as err:  # noqa: BLE001  (a row that fails is reported, not fatal)
+            rows.append({"name": name, "label": LABEL.get(name, name),
+                         "error": f"{type(err).__name__}: {str(err)[:300]}"})
+        print(json.dumps({k: v for k, v in rows[-1].items() if k != "outliers"}), flush=True)
+        _write(args, rows)
+
+
+def _write(args, rows: list[dict]) -> None:
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "int8_outliers.json"), "w") as f:
+        json.dump({"model": MODEL, "tokens": args.tokens, "rows": rows}, f, indent=2)
+    by = {r["name"]: r for r in rows if "error" not in r}
+    fp, rot = by.get("fp32"), by.get("w8a8-rotated-pt")
+    lt = args.lat_tokens.split(",")
+    lines = [(f"SmolLM2-135M: Wikipedia perplexity on {args.tokens} tokens (512-token windows, "
+              "ORT); prefill latency (ORT CPU, 2 threads, median) as ratios to fp32 and to the "
+              "per-tensor `w8a8-rotated`, all timed in this run; peak RSS and wall time of "
+              "`rotaq optimize` / `rotaq eval` (/usr/bin/time -v)."), "",
+             "| model | ppl | vs fp32 | " + " | ".join(f"{t} tok ms" for t in lt)
+             + f" | {lt[-1]} tok vs fp32 | vs w8a8-rotated (per-tensor) | size MiB | optimize "
+             "s / RSS MiB | eval s / RSS MiB |",
+             "|---|---|---|" + "---|" * len(lt) + "---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['label']} | failed: {r['error'][:100]} |" + " |" * (6 + len(lt)))
+            continue
+        ms = r["latency_ms"]
+        ppl = f"{r['ppl']:.2f}" if "ppl" in r else ""
+        rel = f"x{r['ppl'] / fp['ppl']:.3f}" if fp and "ppl" in r and "ppl" in fp else ""
+        last = lt[-1]
+        vf = f"{ms[last] / fp['latency_ms'][last]:.2f}" if fp else ""
+        vr = f"{ms[last] / rot['latency_ms'][last]:.2f}" if rot else ""
+        opt, ev = r.get("optimize"), r.get("eval")
+        lines.append(f"| {r['label']} | {ppl} | {rel} | "
+                     + " | ".join(f"{ms[t]:.1f}" for t in lt)
+                     + f" | {vf} | {vr} | {r['size_mib']:.0f} | "
+                     + (f"{opt['wall_s']:.0f} / {opt['peak_rss_mib']}" if opt else "")
+                     + " | " + (f"{ev['wall_s']:.0f} / {ev['peak_rss_mib']}" if ev else "") + " |")
+    out = by.get("w8a8-outliers", {}).get("outliers")
+    if out:
+        per = out["columns_per_linear"]
+        kinds = sorted({k.rsplit(".", 1)[-1] for k in per})
+        layers = sorted({int(m.group(1)) for k in per if (m := re.search(r"layers\.(\d+)\.", k))})
+        lines += ["", (f"`int8-outliers` ({out['selection']}): {out['outlier_columns']} outlier "
+                       f"columns in {out['split']} of {out['linears']} linears ({out['masks']} "
+                       "masks); per layer:"), "", "| layer | " + " | ".join(kinds) + " |",
+                  "|---|" + "---|" * len(kinds)]
+        for i in layers:
+            cells = [str(per.get(f"model.layers.{i}.self_attn.{k}",
+                                 per.get(f"model.layers.{i}.mlp.{k}", ""))) for k in kinds]
+            lines.append(f"| {i} | " + " | ".join(cells) + " |")
+    with open(os.path.join(args.out, "int8_outliers.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
