@@ -34,10 +34,12 @@ ROWS = {
     "w8a8-rotated-pt": ("w8a8-rotated", ["w_group=-1"]),
     "w8a8-rotated": ("w8a8-rotated", []),
     "w8a8-outliers": ("w8a8-outliers", []),
+    "w8a8-outliers-max32": ("w8a8-outliers", ["max_columns=32"]),
 }
 LABEL = {"w8a8-pt": "w8a8 (per-tensor int8)", "w8a8-rotated-pt": "w8a8-rotated (per-tensor int8)",
          "w8a8-rotated": "w8a8-rotated (MatMulNBits, as shipped)",
-         "w8a8-outliers": "w8a8-outliers (per-tensor int8 + float outlier columns)"}
+         "w8a8-outliers": "w8a8-outliers (per-tensor int8 + float outlier columns)",
+         "w8a8-outliers-max32": "w8a8-outliers, at most 32 columns per linear"}
 
 
 def _timed(cmd: list[str]) -> tuple[str, dict]:
@@ -63,55 +65,78 @@ def _row(name: str, work: str, args) -> dict:
     if spec is not None:
         recipe, sets = spec
         path = os.path.join(work, f"{name}.onnx")
-        if not (args.reuse and os.path.exists(path)):
+        record = path + ".optimize.json"  # the optimize run, kept for --reuse
+        if not (args.reuse and os.path.exists(path) and os.path.exists(record)):
             cmd = _cli("optimize", MODEL, "--recipe", recipe, "-o", path, "--json")
             for s in sets:
                 cmd[-1:-1] = ["--set", s]
-            out, row["optimize"] = _timed(cmd)
-            rep = json.loads(out)
-            row["max_rel_error"] = rep.get("max_rel_error")
-            for p in rep["passes"]:
-                if p.get("pass", p.get("name")) == "int8-outliers" or \
-                        "columns_per_linear" in p.get("stats", {}):
-                    st = p["stats"]
-                    row["outliers"] = {k: st[k] for k in ("linears", "split", "masks",
-                                                          "outlier_columns",
-                                                          "outlier_columns_max", "selection",
-                                                          "columns_per_linear")}
+            out, timing = _timed(cmd)
+            with open(record, "w") as f:
+                json.dump({"timing": timing, "report": json.loads(out)}, f)
+        with open(record) as f:
+            saved = json.load(f)
+            row["optimize"], rep = saved["timing"], saved["report"]
+        row["max_rel_error"] = rep.get("max_rel_error")
+        for p in rep["passes"]:
+            if p.get("pass") == "int8-outliers":
+                st = p["stats"]
+                row["outliers"] = {k: st[k] for k in ("linears", "split", "masks",
+                                                      "outlier_columns", "outlier_columns_max",
+                                                      "selection", "columns_per_linear")}
+    if args.optimize_only:
+        return row
     if not args.no_ppl:
         out, row["eval"] = _timed(_cli("eval", path, "--task", "ppl", "--tokens",
                                        str(args.tokens), "--json"))
         row["ppl"] = json.loads(out)["ppl"]
-    out, row["bench"] = _timed(_cli("bench", path, "--tokens", args.lat_tokens,
-                                        "--contexts", "128", "--json"))
+    row["path"] = path
+    return row
+
+
+def _bench(row: dict, args) -> None:
+    """Latency of one row (all rows are timed after the optimize / eval phase, back to back)."""
+    out, row["bench"] = _timed(_cli("bench", row["path"], "--tokens", args.lat_tokens,
+                                    "--contexts", "128", "--json"))
     lat = json.loads(out)
     row["latency_ms"] = {k: v["median_ms"] for k, v in lat["tokens"].items()}
     row["size_mib"] = lat.get("size_mib")
     row["kernels"] = {k: v for k, v in (lat.get("optimized_ops") or {}).items()
                       if any(s in k for s in ("MatMul", "Gemm", "Quantize", "Gather"))}
-    return row
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--rows", default="fp32,w8a8-pt,w8a8-rotated-pt,w8a8-rotated,w8a8-outliers")
+    ap.add_argument("--rows", default="fp32,w8a8-pt,w8a8-rotated-pt,w8a8-rotated,w8a8-outliers,"
+                    "w8a8-outliers-max32")
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--lat-tokens", default="16,512")
     ap.add_argument("--work", default=None)
     ap.add_argument("--reuse", action="store_true")
     ap.add_argument("--no-ppl", action="store_true")
+    ap.add_argument("--optimize-only", action="store_true",
+                    help="write the optimized files (and their records) into --work, nothing else")
     ap.add_argument("--out", default=HERE)
     args = ap.parse_args()
     work = args.work or tempfile.mkdtemp(prefix="rotaq-outliers-")
     os.makedirs(work, exist_ok=True)
     rows = []
-    for name in args.rows.split(","):
+    for name in args.rows.split(","):  # phase 1: optimize and perplexity
         try:
             rows.append(_row(name, work, args))
         except Exception as err:  # noqa: BLE001  (a row that fails is reported, not fatal)
             rows.append({"name": name, "label": LABEL.get(name, name),
                          "error": f"{type(err).__name__}: {str(err)[:300]}"})
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "outliers"}), flush=True)
+    if args.optimize_only:
+        return
+    for row in rows:  # phase 2: latency, back to back
+        if "error" in row:
+            continue
+        try:
+            _bench(row, args)
+        except Exception as err:  # noqa: BLE001
+            row["error"] = f"bench: {type(err).__name__}: {str(err)[:300]}"
+        print(json.dumps({k: row.get(k) for k in ("name", "latency_ms", "kernels")}), flush=True)
         _write(args, rows)
 
 
@@ -119,7 +144,7 @@ def _write(args, rows: list[dict]) -> None:
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "int8_outliers.json"), "w") as f:
         json.dump({"model": MODEL, "tokens": args.tokens, "rows": rows}, f, indent=2)
-    by = {r["name"]: r for r in rows if "error" not in r}
+    by = {r["name"]: r for r in rows if "latency_ms" in r}
     fp, rot = by.get("fp32"), by.get("w8a8-rotated-pt")
     lt = args.lat_tokens.split(",")
     lines = [(f"SmolLM2-135M: Wikipedia perplexity on {args.tokens} tokens (512-token windows, "
@@ -131,6 +156,8 @@ def _write(args, rows: list[dict]) -> None:
              "s / RSS MiB | eval s / RSS MiB |",
              "|---|---|---|" + "---|" * len(lt) + "---|---|---|---|---|"]
     for r in rows:
+        if "latency_ms" not in r and "error" not in r:  # --optimize-only
+            continue
         if "error" in r:
             lines.append(f"| {r['label']} | failed: {r['error'][:100]} |" + " |" * (6 + len(lt)))
             continue
