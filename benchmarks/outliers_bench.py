@@ -34,11 +34,13 @@ ROWS = {
     "w8a8-rotated-pt": ("w8a8-rotated", ["w_group=-1"]),
     "w8a8-rotated": ("w8a8-rotated", []),
     "w8a8-outliers": ("w8a8-outliers", []),
+    "w8a8-outliers-norot": ("norot", []),  # the recipe without its rotate pass (a file)
     "w8a8-outliers-max32": ("w8a8-outliers", ["max_columns=32"]),
 }
 LABEL = {"w8a8-pt": "w8a8 (per-tensor int8)", "w8a8-rotated-pt": "w8a8-rotated (per-tensor int8)",
          "w8a8-rotated": "w8a8-rotated (MatMulNBits, as shipped)",
-         "w8a8-outliers": "w8a8-outliers (per-tensor int8 + float outlier columns)",
+         "w8a8-outliers": "w8a8-outliers (rotate, per-tensor int8 + float outlier columns)",
+         "w8a8-outliers-norot": "w8a8-outliers without rotate (the paper's setting)",
          "w8a8-outliers-max32": "w8a8-outliers, at most 32 columns per linear"}
 
 
@@ -54,6 +56,19 @@ def _timed(cmd: list[str]) -> tuple[str, dict]:
                       "peak_rss_mib": round(int(rss.group(1)) / 1024) if rss else None}
 
 
+def _norot(work: str) -> str:
+    """The built-in w8a8-outliers recipe without its rotate pass, as a recipe file."""
+    from rotaq.recipe import Recipe
+
+    rec = Recipe.load("w8a8-outliers").to_dict()
+    rec["name"] = "w8a8-outliers-norot"
+    rec["passes"] = [p for p in rec["passes"] if p["pass"] != "rotate"]
+    path = os.path.join(work, "w8a8-outliers-norot.json")
+    with open(path, "w") as f:
+        json.dump(rec, f, indent=2)
+    return path
+
+
 def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "rotaq.cli", *args]
 
@@ -66,6 +81,8 @@ def _row(name: str, work: str, args) -> dict:
         recipe, sets = spec
         path = os.path.join(work, f"{name}.onnx")
         record = path + ".optimize.json"  # the optimize run, kept for --reuse
+        if recipe == "norot":
+            recipe = _norot(work)
         if not (args.reuse and os.path.exists(path) and os.path.exists(record)):
             cmd = _cli("optimize", MODEL, "--recipe", recipe, "-o", path, "--json")
             for s in sets:
@@ -85,10 +102,16 @@ def _row(name: str, work: str, args) -> dict:
                                                       "selection", "columns_per_linear")}
     if args.optimize_only:
         return row
-    if not args.no_ppl:
-        out, row["eval"] = _timed(_cli("eval", path, "--task", "ppl", "--tokens",
-                                       str(args.tokens), "--json"))
-        row["ppl"] = json.loads(out)["ppl"]
+    if not args.no_ppl and (not args.ppl_rows or name in args.ppl_rows.split(",")):
+        record = os.path.join(work, f"{name}.eval.json")  # kept for --reuse
+        if not (args.reuse and os.path.exists(record)):
+            out, timing = _timed(_cli("eval", path, "--task", "ppl", "--tokens",
+                                      str(args.tokens), "--json"))
+            with open(record, "w") as f:
+                json.dump({"timing": timing, "result": json.loads(out)}, f)
+        with open(record) as f:
+            saved = json.load(f)
+        row["eval"], row["ppl"] = saved["timing"], saved["result"]["ppl"]
     row["path"] = path
     return row
 
@@ -106,8 +129,7 @@ def _bench(row: dict, args) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--rows", default="fp32,w8a8-pt,w8a8-rotated-pt,w8a8-rotated,w8a8-outliers,"
-                    "w8a8-outliers-max32")
+    ap.add_argument("--rows", default="fp32,w8a8-rotated-pt,w8a8-outliers,w8a8-outliers-norot")
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--lat-tokens", default="16,512")
     ap.add_argument("--work", default=None)
@@ -115,6 +137,10 @@ def main() -> None:
     ap.add_argument("--no-ppl", action="store_true")
     ap.add_argument("--optimize-only", action="store_true",
                     help="write the optimized files (and their records) into --work, nothing else")
+    ap.add_argument("--no-bench", action="store_true",
+                    help="optimize and eval only (records in --work, for a later --reuse run)")
+    ap.add_argument("--ppl-rows", default="",
+                    help="comma-separated rows whose perplexity is measured (default: all)")
     ap.add_argument("--out", default=HERE)
     args = ap.parse_args()
     work = args.work or tempfile.mkdtemp(prefix="rotaq-outliers-")
@@ -127,7 +153,7 @@ def main() -> None:
             rows.append({"name": name, "label": LABEL.get(name, name),
                          "error": f"{type(err).__name__}: {str(err)[:300]}"})
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "outliers"}), flush=True)
-    if args.optimize_only:
+    if args.optimize_only or args.no_bench:
         return
     for row in rows:  # phase 2: latency, back to back
         if "error" in row:
