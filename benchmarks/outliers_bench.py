@@ -129,7 +129,8 @@ def _bench(row: dict, args) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--rows", default="fp32,w8a8-rotated-pt,w8a8-outliers,w8a8-outliers-norot")
+    ap.add_argument("--rows", default="fp32,w8a8-pt,w8a8-rotated-pt,w8a8-rotated,w8a8-outliers,"
+                    "w8a8-outliers-norot")
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--lat-tokens", default="16,512")
     ap.add_argument("--work", default=None)
@@ -142,7 +143,12 @@ def main() -> None:
     ap.add_argument("--ppl-rows", default="",
                     help="comma-separated rows whose perplexity is measured (default: all)")
     ap.add_argument("--out", default=HERE)
+    ap.add_argument("--write-only", action="store_true")
     args = ap.parse_args()
+    if args.write_only:  # the tables again from int8_outliers.json
+        with open(os.path.join(args.out, "int8_outliers.json")) as f:
+            _write(args, json.load(f)["rows"])
+        return
     work = args.work or tempfile.mkdtemp(prefix="rotaq-outliers-")
     os.makedirs(work, exist_ok=True)
     rows = []
@@ -199,18 +205,30 @@ def _write(args, rows: list[dict]) -> None:
                      + f" | {vf} | {vr} | {r['size_mib']:.0f} | "
                      + (f"{opt['wall_s']:.0f} / {opt['peak_rss_mib']}" if opt else "")
                      + " | " + (f"{ev['wall_s']:.0f} / {ev['peak_rss_mib']}" if ev else "") + " |")
-    out = by.get("w8a8-outliers", {}).get("outliers")
-    if out:
-        per = out["columns_per_linear"]
-        kinds = sorted({k.rsplit(".", 1)[-1] for k in per})
-        layers = sorted({int(m.group(1)) for k in per if (m := re.search(r"layers\.(\d+)\.", k))})
-        lines += ["", (f"`int8-outliers` ({out['selection']}): {out['outlier_columns']} outlier "
-                       f"columns in {out['split']} of {out['linears']} linears ({out['masks']} "
-                       "masks); per layer:"), "", "| layer | " + " | ".join(kinds) + " |",
-                  "|---|" + "---|" * len(kinds)]
+    outs = [(r["label"], r["outliers"]) for r in rows if r.get("outliers")]
+    for label, out in outs:
+        lines += ["", (f"{label}: `int8-outliers` ({out['selection']}) split "
+                       f"{out['outlier_columns']} columns off in {out['split']} of "
+                       f"{out['linears']} linears ({out['masks']} masks, at most "
+                       f"{out['outlier_columns_max']} in one linear)."), ""]
+    if outs:
+        kinds = ["q_proj", "o_proj", "gate_proj", "down_proj"]  # k/v = q, up = gate: shared
+        head = " | ".join(f"{lab.split(' ')[0]}{' (no rotate)' if 'without' in lab else ''} "
+                          f"{k.split('_')[0]}" for lab, _ in outs for k in kinds)
+        lines += [("Outlier columns per layer (q/k/v share the q column set, gate/up the gate "
+                   "one):"), "", "| layer | " + head + " |",
+                  "|---|" + "---|" * (len(kinds) * len(outs))]
+        per0 = outs[0][1]["columns_per_linear"]
+        layers = sorted({int(m.group(1)) for k in per0
+                         if (m := re.search(r"layers\.(\d+)\.", k))})
         for i in layers:
-            cells = [str(per.get(f"model.layers.{i}.self_attn.{k}",
-                                 per.get(f"model.layers.{i}.mlp.{k}", ""))) for k in kinds]
+            cells = []
+            for _, out in outs:
+                per = out["columns_per_linear"]
+                for k in kinds:
+                    ends = (f"layers.{i}.self_attn.{k}", f"layers.{i}.mlp.{k}")
+                    hit = [v for n, v in per.items() if n.endswith(ends)]
+                    cells.append(str(hit[0]) if hit else "")
             lines.append(f"| {i} | " + " | ".join(cells) + " |")
     with open(os.path.join(args.out, "int8_outliers.md"), "w") as f:
         f.write("\n".join(lines) + "\n")

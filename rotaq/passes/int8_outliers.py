@@ -5,7 +5,9 @@ Per linear ``y = x W^T + b`` with outlier input columns ``O`` (calibration ``max
 
     Linear_W(x) -> Linear_W'(x * mask) + x[..., O] W[:, O]^T,   W' = W with columns O zeroed
 
-exact in float (math and proof in :mod:`rotaq.linalg.outliers`). The float branch (Gather of the
+exact in float (math and proof in :mod:`rotaq.linalg.outliers`). A linear whose every input
+column is an outlier (after ``rotate``, a down projection whose few massive tokens the online
+Hadamard spread over all columns) is replaced by a float MatMul chain instead. The float branch (Gather of the
 columns, MatMul) is emitted as a chain, which ``quantize`` never matches as a linear; the masked
 ``x * mask`` feeds the linear, so the int8 path that a following ``quantize`` pass lowers (one
 dynamic activation scale per tensor in ORT's int8 kernels) no longer sees the outliers. Linears
@@ -70,8 +72,14 @@ class Int8Outliers:
             if chosen[k].size:
                 groups.setdefault((inputs[k], chosen[k].tobytes()), []).append(k)
         g = model.graph
+        masks = 0
         for (value, _), members in groups.items():
             cols = chosen[members[0]]
+            if cols.size == len(absmax[value]):  # every column: the linear stays float
+                for k in members:
+                    g.replace_linear(k, float_chain(*g.get_linear(k)))
+                continue
+            masks += 1
             for k in members:  # the branches read x itself: emit them before the mask
                 w, bias = g.get_linear(k)
                 rest, w_out = lo.split_weight(w, cols)
@@ -81,7 +89,8 @@ class Int8Outliers:
         names = {k: a.linears[k].name or k for k in keys}
         per = {names[k]: int(chosen[k].size) for k in keys}
         split = [k for k in keys if chosen[k].size]
-        stats = {"linears": len(keys), "split": len(split), "masks": len(groups),
+        whole = [names[k] for k in split if chosen[k].size == len(absmax[inputs[k]])]
+        stats = {"linears": len(keys), "split": len(split), "masks": masks, "kept_float": whole,
                  "outlier_columns": int(sum(per.values())),
                  "outlier_columns_max": max(per.values(), default=0),
                  "selection": (f"top {self.top_k}" if self.top_k else
@@ -101,6 +110,14 @@ def outlier_chain(n: int, cols: np.ndarray, w_out: np.ndarray) -> Chain:
     steps = (Step("gather", arg=tuple(int(c) for c in cols)),
              Step("matmul", np.ascontiguousarray(w_out.T)))
     return Chain(steps, n, w_out.shape[0], "outliers")
+
+
+def float_chain(w: np.ndarray, bias: np.ndarray | None) -> Chain:
+    """The whole linear as a float MatMul (+ bias) chain, which ``quantize`` never matches."""
+    steps = (Step("matmul", np.ascontiguousarray(np.asarray(w, np.float64).T)),)
+    if bias is not None:
+        steps += (Step("add", np.asarray(bias, np.float64).reshape(-1)),)
+    return Chain(steps, w.shape[1], w.shape[0], "outliers")
 
 
 def insert_mask(g: GraphAdapter, value: str, consumers: list[str], mask: np.ndarray) -> str:

@@ -167,13 +167,21 @@ def test_emitted_structure(ir):
 
 
 def test_top_k_and_options(planted):
-    _, model = planted
+    ir, model = planted
     res = rotaq.optimize(model, "int8-outliers", options={"top_k": 3})
     per = _stats(res)["columns_per_linear"]
     assert set(per.values()) == {3} and res.report["max_rel_error"] < 1e-5
     res = rotaq.optimize(model, "int8-outliers", options={"max_columns": 1})
     per = _stats(res)["columns_per_linear"]
     assert {per[k] for k in per if k.endswith(READERS)} == {1}
+    # every column an outlier: the linears become float MatMul chains (no mask, no int8 path)
+    res = rotaq.optimize(model, "int8-outliers", options={"top_k": 128, "include": "down_proj"})
+    st = _stats(res)
+    assert st["split"] == 2 and st["masks"] == 0 and len(st["kept_float"]) == 2
+    assert res.report["max_rel_error"] < 1e-5
+    assert len(res.model.analysis().linears) == 15 - 2
+    if ir == "onnx":
+        assert Counter(ops(res.model))["Gather"] == Counter(ops(model))["Gather"]
     with pytest.raises(RewriteError):
         rotaq.Recipe("o", [{"pass": "int8-outliers", "threshold": -1.0}], None).build()
 
