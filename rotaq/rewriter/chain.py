@@ -20,20 +20,34 @@ Steps (``op``, ``const``, ``arg``):
 - ``mul``: ``x * C`` (``C`` broadcast on the last axis: a per-channel scale, a 0/1 mask);
 - ``gather``: ``x[..., arg]`` (columns of the last axis; out dim ``len(arg)``);
 - ``split``: the last axis into the sizes ``arg`` (``[..., a*b] -> [..., a, b]``);
-- ``merge``: the last ``arg[0]`` axes into one (``[..., a, b] -> [..., a*b]``).
+- ``merge``: the last ``arg[0]`` axes into one (``[..., a, b] -> [..., a*b]``);
+
+and the fake-quant steps, which set or use a per-row scale ``s`` and zero point ``z``:
+
+- ``absmax``: ``s = max(max|x| * C, TINY)`` per row (last axis), ``z = 0`` (``C = clip / qmax``);
+- ``minmax``: ``lo, hi = C * min(x_min, 0), C * max(x_max, 0)`` per row,
+  ``s = max((hi - lo) / qmax, TINY)``, ``z = clip(round(-lo / s), qmin, qmax)`` (``C = clip``,
+  ``arg = (qmin, qmax)``);
+- ``grid``: ``x -> (clip(round(x / s) + z, qmin, qmax) - z) * s`` (``arg = (qmin, qmax)``); with
+  ``C = [scale, zero]`` a static grid, else the row scale set before. Round ties to even.
+
+A chain of width-preserving steps may take ``in_features = out_features = -1`` (any width).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from rotaq.errors import RewriteError
 
 STEP_OPS = ("matmul", "lmatmul", "reshape", "transpose", "sum", "add", "mul", "gather", "split",
-            "merge")
-_CONST_OPS = ("matmul", "lmatmul", "add", "mul")
+            "merge", "absmax", "minmax", "grid")
+_CONST_OPS = ("matmul", "lmatmul", "add", "mul", "absmax", "minmax")
+TINY = 1e-30  # floor of a dynamic scale (a zero row quantizes to zeros)
 _FLAT_OPS = ("reshape", "transpose", "sum")  # steps on absolute axes
 
 
@@ -47,7 +61,7 @@ class Step:
         if self.op not in STEP_OPS:
             raise ValueError(f"chain step must be one of {STEP_OPS}, not {self.op!r}")
         needs_const = self.op in _CONST_OPS
-        if needs_const != (self.const is not None):
+        if self.op != "grid" and needs_const != (self.const is not None):
             raise ValueError(f"chain step {self.op!r}: constant "
                              f"{'missing' if needs_const else 'unexpected'}")
         if self.op == "gather" and (not self.arg or min(self.arg) < 0):
@@ -56,6 +70,8 @@ class Step:
             raise ValueError("chain step 'split': arg must be two or more sizes >= 1")
         if self.op == "merge" and (len(self.arg) != 1 or self.arg[0] < 2):
             raise ValueError("chain step 'merge': arg must be (k,), k >= 2 trailing axes")
+        if self.op in ("minmax", "grid") and (len(self.arg) != 2 or self.arg[0] >= self.arg[1]):
+            raise ValueError(f"chain step {self.op!r}: arg must be (qmin, qmax), qmin < qmax")
         if self.op == "mul" and self.const.ndim > 1:
             raise ValueError(f"chain step 'mul': constant must be a scalar or 1-D, "
                              f"not {self.const.shape}")
@@ -78,16 +94,22 @@ class Chain:
                    for s in self.steps) or (bool(self.steps) and self.steps[0].op == "lmatmul")
 
     @property
+    def needs_rank(self) -> bool:
+        """True if emitting the steps needs the input's rank (flattening, split, merge)."""
+        return self.flat or any(s.op in ("split", "merge") for s in self.steps)
+
+    @property
     def params(self) -> int:
         return int(sum(s.const.size for s in self.steps if s.const is not None))
 
     def apply(self, x: np.ndarray) -> np.ndarray:
         """Numpy reference semantics."""
         x = np.asarray(x)
-        if x.shape[-1] != self.in_features:
+        if self.in_features >= 0 and x.shape[-1] != self.in_features:
             raise ValueError(f"chain expects last dim {self.in_features}, got {x.shape}")
         lead = x.shape[:-1]
         y = x.reshape(-1, self.in_features) if self.flat else x
+        scale, zero = None, 0.0
         for s in self.steps:
             if s.op == "matmul":
                 y = y @ s.const
@@ -107,11 +129,16 @@ class Chain:
                 y = y.reshape(*y.shape[:-1], *s.arg)
             elif s.op == "merge":
                 y = y.reshape(*y.shape[:-s.arg[0]], -1)
+            elif s.op in ("absmax", "minmax"):
+                scale, zero = _row_grid(y, s)
+            elif s.op == "grid":
+                sc, zp = (scale, zero) if s.const is None else (s.const[0], s.const[1])
+                y = (np.clip(np.rint(y / sc) + zp, *s.arg) - zp) * sc
             else:
                 y = y + s.const
         return y.reshape(*lead, self.out_features)
 
-    def dense(self) -> np.ndarray:
+    def dense(self) -> np.ndarray:  # (of a linear chain)
         """The equivalent weight ``W [out, in]`` (without the bias)."""
         y = self.apply(np.eye(self.in_features))
         return (y - self.apply(np.zeros((1, self.in_features)))).T
@@ -121,6 +148,16 @@ class Chain:
         if not any(s.op == "add" for s in self.steps):
             return None
         return self.apply(np.zeros((1, self.in_features)))[0]
+
+
+def _row_grid(y: np.ndarray, s: Step) -> tuple[np.ndarray, np.ndarray | float]:
+    """Per-row ``(scale, zero)`` of an ``absmax`` / ``minmax`` step."""
+    if s.op == "absmax":
+        return np.maximum(np.abs(y).max(-1, keepdims=True) * s.const, TINY), 0.0
+    lo = np.minimum(y.min(-1, keepdims=True), 0.0) * s.const
+    hi = np.maximum(y.max(-1, keepdims=True), 0.0) * s.const
+    scale = np.maximum((hi - lo) / s.arg[1], TINY)
+    return scale, np.clip(np.rint(-lo / scale), *s.arg)
 
 
 def _bias(bias: np.ndarray | None) -> tuple[Step, ...]:
@@ -210,3 +247,15 @@ def transform_chain(factors: tuple[np.ndarray, ...], scale: np.ndarray | None = 
         steps += (Step("split", arg=(a, b)), Step("matmul", fs[1]),
                   Step("lmatmul", np.ascontiguousarray(fs[0].T)), Step("merge", arg=(2,)))
     return Chain(steps, n, n, "online")
+
+
+class ChainAdapter:
+    """Adapter methods written once, for both IRs, on top of the adapter's own
+    ``insert_chain(value, consumers, chain, role)``."""
+
+    def insert_transform(self, value: str, consumers: Sequence[str], transform: Any) -> str:
+        """``x -> (x * scale) @ kron(F0, F1, ..)`` (a :class:`~rotaq.rewriter.sites.Kronecker`) on
+        the last axis for ``consumers`` only (:func:`transform_chain`, tagged as an online
+        transform); returns the new value's name."""
+        chain = transform_chain(transform.factors, transform.scale)
+        return self.insert_chain(value, consumers, chain, role="online")  # type: ignore[attr-defined]

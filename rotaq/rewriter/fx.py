@@ -21,9 +21,11 @@ from torch.utils._pytree import tree_flatten
 
 from rotaq.errors import LoadError, RewriteError
 from rotaq.files import atomic_file
+from rotaq.rewriter import fx_chain, fx_quant
+from rotaq.rewriter.chain import ChainAdapter
 from rotaq.rewriter.kv_capture import contract_name, fx_name, is_past
 from rotaq.rewriter.kv_capture import dynamic_shapes as kv_dynamic_shapes
-from rotaq.rewriter.sites import GNode, GraphView, Kronecker
+from rotaq.rewriter.sites import GNode, GraphView
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -82,7 +84,7 @@ def _from_numpy(a: Any) -> torch.Tensor:
     return tensor_from_numpy(a)  # ml_dtypes.bfloat16 included
 
 
-class FxGraph:
+class FxGraph(ChainAdapter):
     """GraphAdapter over an unlifted torch.export GraphModule."""
 
     ir = "fx"
@@ -387,14 +389,6 @@ class FxGraph:
         n.args = (new,) + tuple(n.args[1:])
         self._touch()
 
-    def insert_transform(self, value: str, consumers: Sequence[str], transform: Kronecker) -> str:
-        """x -> (x * scale) @ kron(F0, F1, ..) on the last axis, for ``consumers`` only."""
-        from rotaq.rewriter import fx_chain
-        from rotaq.rewriter.chain import transform_chain
-
-        chain = transform_chain(transform.factors, transform.scale)
-        return fx_chain.insert_chain(self, value, consumers, chain, role="online")
-
     def _wire(self, src: torch.fx.Node, out: torch.fx.Node, users: list[torch.fx.Node],
               created: list[torch.fx.Node], role: str) -> str:
         """Tag nodes rotaq emitted (the view lifts them as op ``role``, never as linears) and
@@ -410,30 +404,12 @@ class FxGraph:
         self._touch()
         return out.name
 
-    def quantize_linear(self, key: str, qweight: Any, act: Any, lowering: str = "auto") -> str:
-        from rotaq.rewriter import fx_quant
-
-        return fx_quant.quantize_linear(self, key, qweight, act, lowering)
-
-    def insert_fake_quant(self, value: str, consumers: Sequence[str], act: Any) -> str:
-        from rotaq.rewriter import fx_quant
-
-        return fx_quant.insert_fake_quant(self, value, consumers, act)
-
-    def replace_linear(self, key: str, chain: Any) -> str:
-        from rotaq.rewriter import fx_chain
-
-        return fx_chain.replace_linear(self, key, chain)
-
-    def add_branch(self, key: str, chain: Any) -> str:
-        from rotaq.rewriter import fx_chain
-
-        return fx_chain.add_branch(self, key, chain)
-
-    def insert_chain(self, value: str, consumers: Sequence[str], chain: Any) -> str:
-        from rotaq.rewriter import fx_chain
-
-        return fx_chain.insert_chain(self, value, consumers, chain)
+    # emission: one chain emitter (fx_chain); quantized linears are simulated (fx_quant)
+    quantize_linear = fx_quant.quantize_linear
+    insert_fake_quant = fx_quant.insert_fake_quant
+    replace_linear = fx_chain.replace_linear
+    add_branch = fx_chain.add_branch
+    insert_chain = fx_chain.insert_chain
 
     # ---- running and saving -------------------------------------------------------------
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:

@@ -9,13 +9,13 @@ linears or residual adds.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from rotaq.errors import RewriteError
-from rotaq.rewriter.chain import Chain
+from rotaq.rewriter.chain import TINY, Chain, Step
 
 if TYPE_CHECKING:
     from rotaq.rewriter.fx import FxGraph
@@ -44,8 +44,11 @@ def _emit(g: FxGraph, x: torch.fx.Node, chain: Chain, before: torch.fx.Node,
             raise RewriteError(f"chain on {x.name!r}: the input's rank is unknown")
         lead = [call(aten.sym_size.int, x, i) for i in range(rank - 1)]
         y = call(aten.reshape.default, x, [-1, chain.in_features])
+    grid = None
     for s in chain.steps:
-        if s.op in ("matmul", "lmatmul", "add", "mul"):
+        if s.op in ("absmax", "minmax", "grid"):
+            grid, y = _quant_step(call, y, s, grid)
+        elif s.op in ("matmul", "lmatmul", "add", "mul"):
             c = g._new_attr(s.const, like, before)
             created.append(c)
             if s.op == "matmul":
@@ -76,6 +79,38 @@ def _emit(g: FxGraph, x: torch.fx.Node, chain: Chain, before: torch.fx.Node,
         node.meta["rotaq"] = ROLE
         node.meta["nn_module_stack"] = before.meta.get("nn_module_stack", {})
     return y, created
+
+
+def _quant_step(call: Any, y: torch.fx.Node, s: Step, grid: tuple | None) -> tuple[Any, Any]:
+    """A fake-quant step: ``absmax`` / ``minmax`` return the new row ``(scale, zero)``, ``grid``
+    the quantized-dequantized ``y``."""
+    if s.op == "absmax":
+        amax = call(aten.amax.default, call(aten.abs.default, y), [-1], True)
+        return (call(aten.clamp_min.default, call(aten.mul.Tensor, amax, float(s.const)), TINY),
+                None), y
+    qmin, qmax = s.arg
+    if s.op == "minmax":
+        clip = float(s.const)
+        lo = call(aten.mul.Tensor, call(aten.clamp_max.default,
+                                        call(aten.amin.default, y, [-1], True), 0.0), clip)
+        hi = call(aten.mul.Tensor, call(aten.clamp_min.default,
+                                        call(aten.amax.default, y, [-1], True), 0.0), clip)
+        scale = call(aten.clamp_min.default,
+                     call(aten.div.Tensor, call(aten.sub.Tensor, hi, lo), float(qmax)), TINY)
+        zr = call(aten.round.default, call(aten.div.Tensor, call(aten.neg.default, lo), scale))
+        return (scale, call(aten.clamp.default, zr, qmin, qmax)), y
+    if s.const is not None:
+        grid = float(s.const[0]), (float(s.const[1]) or None)
+    if grid is None:
+        raise RewriteError("chain step 'grid' needs a scale: a constant or absmax / minmax first")
+    scale, zp = grid
+    q = call(aten.round.default, call(aten.div.Tensor, y, scale))
+    if zp is not None:
+        q = call(aten.add.Tensor, q, zp)
+    q = call(aten.clamp.default, q, qmin, qmax)
+    if zp is not None:
+        q = call(aten.sub.Tensor, q, zp)
+    return grid, call(aten.mul.Tensor, q, scale)
 
 
 def _site(g: FxGraph, key: str, chain: Chain) -> tuple[torch.fx.Node, torch.fx.Node, torch.Tensor]:
@@ -120,7 +155,10 @@ def add_branch(g: FxGraph, key: str, chain: Chain) -> str:
 def insert_chain(g: FxGraph, value: str, consumers: Sequence[str], chain: Chain,
                  role: str = ROLE) -> str:
     """``x -> chain(x)`` on ``value`` for ``consumers`` only; returns the new node's name.
-    ``role`` tags the nodes (``meta["rotaq"]``)."""
+    ``role`` tags the nodes (``meta["rotaq"]``): ``"chain"``, ``"online"`` (an online transform)
+    or ``"quant"``."""
+    if role not in ("chain", "online", "quant"):
+        raise RewriteError(f"insert_chain: role must be chain, online or quant, not {role!r}")
     src = g._node(value)
     users = [g._node(c) for c in consumers]
     if not users:
@@ -131,7 +169,8 @@ def insert_chain(g: FxGraph, value: str, consumers: Sequence[str], chain: Chain,
     val = src.meta.get("val")
     if not isinstance(val, torch.Tensor) or not val.dtype.is_floating_point:
         raise RewriteError(f"insert_chain: {value!r} is not a float tensor")
-    if val.dim() == 0 or (isinstance(val.shape[-1], int) and val.shape[-1] != chain.in_features):
+    if val.dim() == 0 or (isinstance(val.shape[-1], int) and chain.in_features >= 0
+                          and val.shape[-1] != chain.in_features):
         raise RewriteError(f"insert_chain: {value!r} has shape {tuple(val.shape)}, "
                            f"the chain takes last dim {chain.in_features}")
     order = {n: i for i, n in enumerate(g.gm.graph.nodes)}
@@ -140,8 +179,10 @@ def insert_chain(g: FxGraph, value: str, consumers: Sequence[str], chain: Chain,
     for node in created:
         node.meta["rotaq"] = role
         node.meta["nn_module_stack"] = first.meta.get("nn_module_stack", {})
-    out.meta["val"] = val.new_empty((*val.shape[:-1], chain.out_features))
+    width = val.shape[-1] if chain.out_features < 0 else chain.out_features
+    out.meta["val"] = val.new_empty((*val.shape[:-1], width))
     for u in users:
         u.replace_input_with(src, out)
     g._touch()
     return out.name
+

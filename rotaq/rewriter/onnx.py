@@ -41,9 +41,10 @@ import onnx
 import onnx_ir as oir
 
 from rotaq.errors import LoadError, RewriteError
-from rotaq.rewriter import onnx_contrib, onnx_store
+from rotaq.rewriter import onnx_chain, onnx_contrib, onnx_quant, onnx_store
+from rotaq.rewriter.chain import ChainAdapter
 from rotaq.rewriter.onnx_run import not_implemented, ort_session
-from rotaq.rewriter.sites import GNode, GraphView, Kronecker
+from rotaq.rewriter.sites import GNode, GraphView
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +72,7 @@ _PRIMITIVES = {
 }
 _EXTERNAL_DATA_BYTES = 100 * 2**20  # save weights to a side file above this size
 _ROLE = "rotaq.role"
-_TRANSFORM_ROLE = "online_transform"
+_TRANSFORM_ROLE = onnx_chain.TRANSFORM_ROLE
 _SCOPE_KEY = "pkg.torch.onnx.name_scopes"
 
 
@@ -211,7 +212,7 @@ def _dims(value: oir.Value, const: oir.TensorProtocol | None) -> tuple[int, ...]
     return tuple(d if isinstance(d, int) else -1 for d in value.shape)
 
 
-class OnnxGraph:
+class OnnxGraph(ChainAdapter):
     """An ONNX model held in memory, seen through the IR-neutral :class:`GraphView`."""
 
     ir = "onnx"
@@ -348,30 +349,12 @@ class OnnxGraph:
     def output_names(self) -> list[str]:
         return [v.name for v in self.model.graph.outputs]
 
-    def quantize_linear(self, key: str, qweight: Any, act: Any, lowering: str = "auto") -> str:
-        from rotaq.rewriter import onnx_quant
-
-        return onnx_quant.quantize_linear(self, key, qweight, act, lowering)
-
-    def replace_linear(self, key: str, chain: Any) -> str:
-        from rotaq.rewriter import onnx_chain
-
-        return onnx_chain.replace_linear(self, key, chain)
-
-    def add_branch(self, key: str, chain: Any) -> str:
-        from rotaq.rewriter import onnx_chain
-
-        return onnx_chain.add_branch(self, key, chain)
-
-    def insert_chain(self, value: str, consumers: Sequence[str], chain: Any) -> str:
-        from rotaq.rewriter import onnx_chain
-
-        return onnx_chain.insert_chain(self, value, consumers, chain)
-
-    def insert_fake_quant(self, value: str, consumers: Sequence[str], act: Any) -> str:
-        from rotaq.rewriter import onnx_quant
-
-        return onnx_quant.insert_fake_quant(self, value, consumers, act)
+    # emission: one chain emitter (onnx_chain) and the ORT quantized lowerings (onnx_quant)
+    quantize_linear = onnx_quant.quantize_linear
+    insert_fake_quant = onnx_quant.insert_fake_quant
+    replace_linear = onnx_chain.replace_linear
+    add_branch = onnx_chain.add_branch
+    insert_chain = onnx_chain.insert_chain
 
     def input_specs(self) -> dict[str, tuple[Any, list[int | str | None]]]:
         """Graph input name -> (numpy dtype, dims; symbolic dims as str/None)."""
@@ -889,17 +872,6 @@ class OnnxGraph:
         n.replace_input_with(0, self._like(old, table, self._hint(n, "weight")))
         self._drop_if_unused(old)
         self._invalidate()
-
-    def insert_transform(self, value: str, consumers: Sequence[str], transform: Kronecker) -> str:
-        """Emit x -> (x * scale) @ kron(F0, F1) on the last axis for ``consumers`` only; returns
-        the new value (:func:`~rotaq.rewriter.chain.transform_chain`: Reshape [.., a, b] ->
-        MatMul F1 -> MatMul F0^T (left) -> Reshape [.., a*b], tagged ``online_transform``)."""
-        from rotaq.rewriter import onnx_chain
-        from rotaq.rewriter.chain import transform_chain
-
-        chain = transform_chain(transform.factors, transform.scale)
-        return onnx_chain.insert_chain(self, value, consumers, chain, {_ROLE: _TRANSFORM_ROLE},
-                                       "rotaq_{hint}_{base}")
 
     # ------------------------------------------------------------------ execution
     def _session(self, extra: tuple[str, ...] = (), only: bool = False):

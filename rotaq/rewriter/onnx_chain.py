@@ -1,8 +1,11 @@
-"""Chains on the ONNX side: a linear replaced by (or extended with) a :class:`Chain` of standard
-ops (Reshape, Transpose, MatMul, ReduceSum, Add, Mul, Gather), all of which stock ONNX Runtime
-runs; or a chain inserted on any value for some of its consumers (:func:`insert_chain`).
+"""The ONNX chain emitter: a :class:`Chain` as standard ops that stock ONNX Runtime runs (Reshape,
+Transpose, MatMul, ReduceSum, Add, Mul, Gather; fake quantizers as Abs / ReduceMax / ReduceMin /
+Div / Round / Clip / Mul ...). A linear replaced by (or extended with) a chain, or a chain
+inserted on any value for some of its consumers (:func:`insert_chain`: online transforms, fake
+quantizers, masks).
 
-Emitted nodes carry ``rotaq.role = chain``: the view lifts them as op ``chain``, never as linears.
+Emitted nodes carry ``rotaq.role = chain`` unless the caller tags them otherwise: the view lifts
+them as op ``chain``, never as linears.
 """
 
 from __future__ import annotations
@@ -14,16 +17,21 @@ import numpy as np
 import onnx_ir as oir
 
 from rotaq.errors import RewriteError
-from rotaq.rewriter.chain import Chain, Step
-from rotaq.rewriter.onnx_quant import (
+from rotaq.rewriter.chain import TINY, Chain, Step
+from rotaq.rewriter.onnx_emit import (
     ROLE_KEY,
     _Emitter,
     _insert_after_value,
+    _reduce,
     _replace,
+    consumers_of,
     default_opset,
+    rewire,
 )
 
 ROLE = "chain"
+TRANSFORM_ROLE = "online_transform"  # what backends/tvm_hadamard.py matches
+ROLES = ("chain", "online", "quant")  # insert_chain's roles (the view's op for the nodes)
 _I64 = oir.DataType.INT64
 
 
@@ -54,14 +62,14 @@ def _track(dims: list | None, s: Step) -> list | None:
     return d
 
 
-def _emit(g: Any, em: _Emitter, x: oir.Value, chain: Chain, dt: oir.DataType) -> oir.Value:
-    needs_rank = chain.flat or any(s.op in ("split", "merge") for s in chain.steps)
-    if x.shape is None and needs_rank:
+def emit_chain(g: Any, em: _Emitter, x: oir.Value, chain: Chain, dt: oir.DataType) -> oir.Value:
+    """``em``'s nodes computing ``chain(x)`` in ``dt``; returns the output value."""
+    if x.shape is None and chain.needs_rank:
         raise RewriteError(f"chain on {x.name!r}: the input's rank is unknown")
     opset = default_opset(g)
     y = x
     dims = None if x.shape is None else list(x.shape.dims)
-    lead = None
+    lead, grid = None, None
     if chain.flat:
         shp = em.value("shape", _I64, [len(x.shape)])
         em.node("Shape", [x], [shp])
@@ -74,7 +82,12 @@ def _emit(g: Any, em: _Emitter, x: oir.Value, chain: Chain, dt: oir.DataType) ->
         rank = None if dims is None else len(dims)
         dims = _track(dims, s)
         shape = None if chain.flat else dims  # flattened values keep no static shape
-        if s.op in ("matmul", "lmatmul"):
+        if s.op in ("absmax", "minmax"):
+            grid = _row_grid(em, y, s, dt, shape, opset)
+            continue
+        if s.op == "grid":
+            out = _grid(em, y, s, grid, dt, shape)
+        elif s.op in ("matmul", "lmatmul"):
             c = em.const(s.const, dt, "factor")
             out = em.value(s.op, dt, shape)
             em.node("MatMul", [y, c] if s.op == "matmul" else [c, y], [out])
@@ -113,6 +126,63 @@ def _emit(g: Any, em: _Emitter, x: oir.Value, chain: Chain, dt: oir.DataType) ->
     return y
 
 
+def _row_grid(em: _Emitter, x: oir.Value, s: Step, dt: oir.DataType, shape: list | None,
+              opset: int) -> tuple[oir.Value, oir.Value | None]:
+    """The per-row ``(scale, zero)`` values of an ``absmax`` / ``minmax`` step."""
+    red = None if shape is None else [*shape[:-1], 1]
+
+    def op(name: str, ins: list[oir.Value], hint: str) -> oir.Value:
+        out = em.value(hint, dt, red)
+        em.node(name, ins, [out])
+        return out
+
+    tiny = em.const(np.array(TINY), dt, "tiny")
+    if s.op == "absmax":
+        ab = em.value("abs", dt, shape)
+        em.node("Abs", [x], [ab])
+        amax = em.value("amax", dt, red)
+        _reduce(em, "ReduceMax", ab, opset, amax)
+        scale0 = op("Mul", [amax, em.const(s.const, dt, "ratio")], "scale0")
+        return op("Max", [scale0, tiny], "scale"), None
+    zero, clip = em.const(np.array(0.0), dt, "zero"), em.const(s.const, dt, "clip")
+    xmin, xmax = em.value("xmin", dt, red), em.value("xmax", dt, red)
+    _reduce(em, "ReduceMin", x, opset, xmin)
+    _reduce(em, "ReduceMax", x, opset, xmax)
+    lo = op("Mul", [op("Min", [xmin, zero], "lo0"), clip], "lo")
+    hi = op("Mul", [op("Max", [xmax, zero], "hi0"), clip], "hi")
+    steps = em.const(np.array(float(s.arg[1])), dt, "steps")
+    scale = op("Max", [op("Div", [op("Sub", [hi, lo], "range"), steps], "scale0"), tiny], "scale")
+    zr = op("Round", [op("Div", [op("Neg", [lo], "neg_lo"), scale], "zero_f")], "zero_r")
+    qmin, qmax = (em.const(np.array(float(a)), dt, h) for a, h in zip(s.arg, ("qmin", "qmax")))
+    return scale, op("Clip", [zr, qmin, qmax], "zp")
+
+
+def _grid(em: _Emitter, x: oir.Value, s: Step, grid: tuple | None, dt: oir.DataType,
+          shape: list | None) -> oir.Value:
+    """``(Clip(Round(x / s) + z, qmin, qmax) - z) * s``; no Add / Sub when ``z`` is 0."""
+    if s.const is not None:
+        scale = em.const(np.array(float(s.const[0])), dt, "act_scale")
+        zp = em.const(np.array(float(s.const[1])), dt, "act_zp") if s.const[1] else None
+    elif grid is not None:
+        scale, zp = grid
+    else:
+        raise RewriteError("chain step 'grid' needs a scale: a constant or absmax / minmax first")
+
+    def op(name: str, ins: list[oir.Value], hint: str) -> oir.Value:
+        out = em.value(hint, dt, shape)
+        em.node(name, ins, [out])
+        return out
+
+    q = op("Round", [op("Div", [x, scale], "scaled")], "q")
+    if zp is not None:
+        q = op("Add", [q, zp], "q_zp")
+    qmin, qmax = (em.const(np.array(float(a)), dt, h) for a, h in zip(s.arg, ("qmin", "qmax")))
+    c = op("Clip", [q, qmin, qmax], "clipped")
+    if zp is not None:
+        c = op("Sub", [c, zp], "centered")
+    return op("Mul", [c, scale], "fq")
+
+
 def _reshape(em: _Emitter, y: oir.Value, shape: tuple[int, ...], dt: oir.DataType, hint: str,
              dims: list | None = None) -> oir.Value:
     out = em.value(hint, dt, dims)
@@ -138,7 +208,7 @@ def replace_linear(g: Any, key: str, chain: Chain) -> str:
     """``Linear(x) -> chain(x)`` (the chain carries the bias); the output keeps its name."""
     lin = _check(g, key, chain)
     em = _Emitter(g, {ROLE_KEY: ROLE, "rotaq.chain": f"{chain.kind} of {key}"}, key)
-    y = _emit(g, em, lin.node.inputs[0], chain, _dtype(g, lin))
+    y = emit_chain(g, em, lin.node.inputs[0], chain, _dtype(g, lin))
     return _replace(g, lin, _Emitter(g, {}, key), em, y)
 
 
@@ -147,7 +217,7 @@ def add_branch(g: Any, key: str, chain: Chain) -> str:
     lin = _check(g, key, chain)
     dt = _dtype(g, lin)
     em = _Emitter(g, {ROLE_KEY: ROLE, "rotaq.chain": f"{chain.kind} branch of {key}"}, key)
-    branch = _emit(g, em, lin.node.inputs[0], chain, dt)
+    branch = emit_chain(g, em, lin.node.inputs[0], chain, dt)
     final = (lin.bias_add or lin.node).outputs[0]
     name = final.name
     uses = [(u.node, u.idx) for u in final.uses()]
@@ -167,31 +237,25 @@ def add_branch(g: Any, key: str, chain: Chain) -> str:
 
 
 def insert_chain(g: Any, value: str, consumers: Sequence[str], chain: Chain,
-                 meta: dict[str, str] | None = None, consts: str = "{base}.{hint}") -> str:
+                 role: str = "chain") -> str:
     """``x -> chain(x)`` on ``value`` for ``consumers`` only; returns the new value's name.
-    ``meta`` replaces the nodes' default tags (``rotaq.role = chain``); ``consts`` is the
-    pattern of the new initializers' names."""
-    v = g._value(value)
-    users = [g._node(k) for k in consumers]
-    if not users:
-        raise RewriteError("insert_chain: no consumers given")
-    for user in users:
-        if not any(x is v for x in user.inputs):
-            raise RewriteError(f"insert_chain: node {user.name!r} does not read {value!r}")
-    if v.dtype is None or not v.dtype.is_floating_point():
-        raise RewriteError(f"insert_chain: {value!r} is not a float tensor")
+    ``role`` tags the nodes: ``"chain"`` (``rotaq.role = chain``), ``"online"`` (an online
+    transform: ``rotaq.role = online_transform``, what backends/tvm_hadamard.py lowers) or
+    ``"quant"`` (a simulated quantizer)."""
+    if role not in ROLES:
+        raise RewriteError(f"insert_chain: role must be one of {ROLES}, not {role!r}")
+    v, users = consumers_of(g, value, consumers, "insert_chain", chain.needs_rank)
     last = v.shape[-1] if v.shape is not None and len(v.shape) else None
-    if isinstance(last, int) and last != chain.in_features:
+    if isinstance(last, int) and chain.in_features >= 0 and last != chain.in_features:
         raise RewriteError(f"insert_chain: {value!r} has last dim {last}, "
                            f"the chain takes {chain.in_features}")
-    em = _Emitter(g, meta or {ROLE_KEY: ROLE, "rotaq.chain": f"{chain.kind} on {value}"}, value,
-                  consts)
-    out = _emit(g, em, v, chain, v.dtype)
+    if role == "online":
+        em = _Emitter(g, {ROLE_KEY: TRANSFORM_ROLE}, value, "rotaq_{hint}_{base}")
+    else:
+        em = _Emitter(g, {ROLE_KEY: role, "rotaq.chain": f"{chain.kind} on {value}"}, value)
+    out = emit_chain(g, em, v, chain, v.dtype)
     if v.shape is not None:
-        out.shape = oir.Shape([*list(v.shape.dims)[:-1], chain.out_features])
-    for user in users:
-        for i in [i for i, x in enumerate(user.inputs) if x is v]:
-            user.replace_input_with(i, out)
-    _insert_after_value(g, v, em.nodes)
-    g._invalidate()
-    return out.name
+        width = last if chain.out_features < 0 else chain.out_features
+        out.shape = oir.Shape([*list(v.shape.dims)[:-1], width])
+    return rewire(g, v, users, out, em)
+

@@ -54,11 +54,24 @@ import onnx_ir as oir
 
 from rotaq.errors import RewriteError
 from rotaq.linalg.formats import QuantizedWeight
+from rotaq.rewriter.onnx_chain import emit_chain
+from rotaq.rewriter.onnx_emit import (  # noqa: F401  (default_opset, ROLE_KEY: public here too)
+    ROLE_KEY,
+    _discard,
+    _Emitter,
+    _replace,
+    consumers_of,
+    default_opset,
+    require_opset,
+    rewire,
+)
+from rotaq.rewriter.quant_chain import act_desc as _act_desc
+from rotaq.rewriter.quant_chain import check_act as _check_act
+from rotaq.rewriter.quant_chain import fake_quant_chain
 from rotaq.rewriter.sites import ActQuant
 
 logger = logging.getLogger(__name__)
 
-ROLE_KEY = "rotaq.role"
 QUANT_ROLE = "quant"
 QUANT_KEY = "rotaq.quant"  # human-readable description of the quantizer
 LINEAR_KEY = "rotaq.quant.linear"  # the quantized linear a node belongs to
@@ -67,24 +80,9 @@ _SCOPE_KEY = "pkg.torch.onnx.name_scopes"
 LOWERINGS = ("auto", "qdq", "matmulnbits", "dequant")
 NBITS_BITS = (2, 4, 8)  # what ORT's MatMulNBits kernel accepts (1.32)
 MS_DOMAIN = "com.microsoft"
-_DEFAULT_DOMAINS = ("", "ai.onnx")
-# Reduce ops whose ``axes`` moved from attribute to input in opset 18 (ReduceSum moved in 13)
-_REDUCE_18 = {
-    "ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceMax", "ReduceMean",
-    "ReduceMin", "ReduceProd", "ReduceSumSquare",
-}
-_TINY = 1e-30  # floor of a dynamic scale (a zero row quantizes to zeros)
 
 
 # ---------------------------------------------------------------------------------- descriptions
-def _act_desc(act: ActQuant) -> str:
-    kind = "sym" if act.symmetric else "asym"
-    if act.mode == "static":
-        return f"a{act.bits} static {kind} scale={act.scale:g} zp={act.zero_point}"
-    clip = f" clip={act.clip_ratio:g}" if act.clip_ratio != 1.0 else ""
-    return f"a{act.bits} dynamic {kind}{clip}"
-
-
 def _weight_desc(qw: QuantizedWeight) -> str:
     f = qw.fmt
     kind = f"int{f.bits}" if f.kind == "int" else f.kind
@@ -95,32 +93,6 @@ def _weight_desc(qw: QuantizedWeight) -> str:
 
 def _block_ok(block: int) -> bool:
     return block >= 16 and block & (block - 1) == 0
-
-
-def _check_act(act: ActQuant | None) -> ActQuant | None:
-    if act is None:
-        return None
-    if act.mode not in ("dynamic", "static"):
-        raise RewriteError(f"ActQuant.mode must be 'dynamic' or 'static', got {act.mode!r}")
-    if not 2 <= int(act.bits) <= 8:
-        raise RewriteError(f"activation bits must be in 2..8, got {act.bits}")
-    if not 0.0 < act.clip_ratio <= 1.0:
-        raise RewriteError(f"ActQuant.clip_ratio must be in (0, 1], got {act.clip_ratio}")
-    if act.mode == "static":
-        if act.scale is None or not act.scale > 0:
-            raise RewriteError("a static ActQuant needs a positive scale")
-        if not act.symmetric and act.zero_point is None:
-            raise RewriteError("an asymmetric static ActQuant needs a zero_point")
-        zp = int(act.zero_point or 0)
-        lo, hi = _act_range(act)
-        if not lo <= zp <= hi:
-            raise RewriteError(f"zero_point {zp} is outside the {act.bits}-bit code range")
-    return act
-
-
-def _act_range(act: ActQuant) -> tuple[int, int]:
-    b = int(act.bits)
-    return (-(2 ** (b - 1)), 2 ** (b - 1) - 1) if act.symmetric else (0, 2**b - 1)
 
 
 def _is_a8_dynamic(act: ActQuant | None) -> bool:
@@ -156,162 +128,8 @@ def choose_lowering(qw: QuantizedWeight, act: ActQuant | None) -> str:
     return "qdq"
 
 
-# ---------------------------------------------------------------------------------- opsets
-def default_opset(g: Any) -> int:
-    imports = g.model.opset_imports
-    for d in _DEFAULT_DOMAINS:
-        if d in imports:
-            return int(imports[d])
-    return 1
-
-
-def require_opset(g: Any, need: int) -> None:
-    """Raise the default-domain opset import to ``need``, migrating what changed on the way:
-    from < 18, the ``axes`` attribute of Reduce* ops becomes an input and ``Split`` gets
-    ``num_outputs``. Models below opset 13 (and GroupNormalization below 21) are refused."""
-    imports = g.model.opset_imports
-    dom = next((d for d in _DEFAULT_DOMAINS if d in imports), "")
-    cur = int(imports.get(dom, 1))
-    if cur >= need:
-        return
-    nodes = [n for n in oir.traversal.RecursiveGraphIterator(g.model.graph)
-             if n.domain in _DEFAULT_DOMAINS]
-    if cur < 13:
-        raise RewriteError(
-            f"the model uses opset {cur}; quantized lowering needs opset {need}: convert it first "
-            "(onnx.version_converter.convert_version(model, 21))")
-    if need >= 21 and any(n.op_type == "GroupNormalization" for n in nodes):
-        raise RewriteError(
-            f"the model uses opset {cur} with GroupNormalization, whose meaning changed in opset "
-            "21: convert it first (onnx.version_converter)")
-    if cur < 18 <= need:
-        for n in nodes:
-            if n.op_type in _REDUCE_18 and "axes" in n.attributes:
-                axes = [int(a) for a in n.attributes.pop("axes").value]
-                v = g._initializer(np.array(axes, np.int64), oir.DataType.INT64,
-                                   f"{n.name}.axes")
-                n.resize_inputs(2)
-                n.replace_input_with(1, v)
-            elif (n.op_type == "Split" and (len(n.inputs) < 2 or n.inputs[1] is None)
-                  and "num_outputs" not in n.attributes):
-                n.attributes["num_outputs"] = oir.AttrInt64("num_outputs", len(n.outputs))
-    imports[dom] = need
-    logger.info("raised the default opset import from %d to %d", cur, need)
-
-
 def _require_ms(g: Any) -> None:
     g.model.opset_imports.setdefault(MS_DOMAIN, 1)
-
-
-# ---------------------------------------------------------------------------------- emission
-class _Emitter:
-    """Builds tagged nodes with fresh names for one rewrite."""
-
-    def __init__(self, g: Any, meta: dict[str, str], base: str,
-                 consts: str = "{base}.{hint}") -> None:
-        self.g = g
-        self.meta = meta
-        self.base = base.replace("/", "_")
-        self.consts = consts  # the initializers' name pattern
-        self.nodes: list[oir.Node] = []
-
-    def value(self, hint: str, dtype: oir.DataType | None = None, shape: Any = None) -> oir.Value:
-        t = oir.TensorType(dtype) if dtype is not None else None
-        shp = oir.Shape(list(shape)) if shape is not None else None
-        return oir.Value(name=self.g._fresh(f"{self.base}_{hint}"), type=t, shape=shp)
-
-    def const(self, array: np.ndarray, dtype: oir.DataType, hint: str) -> oir.Value:
-        name = self.consts.format(base=self.base, hint=hint)
-        return self.g._initializer(np.asarray(array), dtype, name)
-
-    def node(self, op: str, inputs: Sequence[oir.Value | None], outputs: Sequence[oir.Value],
-             attrs: Sequence[oir.Attr] = (), domain: str = "", name: str | None = None,
-             extra: dict[str, str] | None = None) -> oir.Node:
-        ins = list(inputs)
-        while ins and ins[-1] is None:
-            ins.pop()
-        n = oir.Node(domain, op, ins, list(attrs), outputs=list(outputs),
-                     name=name or self.g._fresh(f"rotaq_{op}_{self.base}"),
-                     metadata_props={**self.meta, **(extra or {})})
-        self.nodes.append(n)
-        return n
-
-
-def _reduce(em: _Emitter, op: str, x: oir.Value, opset: int, out: oir.Value) -> None:
-    if opset >= 18:
-        axes = em.const(np.array([-1], np.int64), oir.DataType.INT64, "axes")
-        em.node(op, [x, axes], [out], [oir.AttrInt64("keepdims", 1)])
-    else:
-        em.node(op, [x], [out], [oir.AttrInt64s("axes", [-1]), oir.AttrInt64("keepdims", 1)])
-
-
-def _scalar(em: _Emitter, v: float, dt: oir.DataType, hint: str) -> oir.Value:
-    return em.const(np.array(v), dt, hint)
-
-
-def _emit_fake_quant(em: _Emitter, x: oir.Value, act: ActQuant, opset: int) -> oir.Value:
-    """Standard-op fake quantizer of ``x``: per-token dynamic (last axis) or per-tensor static
-    (bits other than 4 and 8). Returns the float output."""
-    dt = x.dtype
-    shape = x.shape
-    lo, hi = _act_range(act)
-    v = em.value
-
-    def binop(op: str, a: oir.Value, b: oir.Value, hint: str, shp: Any = shape) -> oir.Value:
-        out = v(hint, dt, shp)
-        em.node(op, [a, b], [out])
-        return out
-
-    red_shape = None if shape is None else [*list(shape.dims)[:-1], 1]
-    if act.mode == "static":
-        scale = _scalar(em, float(act.scale), dt, "act_scale")
-        zero = float(act.zero_point or 0)
-        q = v("q", dt, shape)
-        em.node("Round", [binop("Div", x, scale, "scaled")], [q])
-        if zero:
-            q = binop("Add", q, _scalar(em, zero, dt, "act_zp"), "q_zp")
-        c = v("clipped", dt, shape)
-        em.node("Clip", [q, _scalar(em, lo, dt, "qmin"), _scalar(em, hi, dt, "qmax")], [c])
-        if zero:
-            c = binop("Sub", c, _scalar(em, zero, dt, "act_zp"), "centered")
-        return binop("Mul", c, scale, "fq", shape)
-    tiny = _scalar(em, _TINY, dt, "tiny")
-    if act.symmetric:
-        ab = v("abs", dt, shape)
-        em.node("Abs", [x], [ab])
-        amax = v("amax", dt, red_shape)
-        _reduce(em, "ReduceMax", ab, opset, amax)
-        ratio = _scalar(em, act.clip_ratio / hi, dt, "ratio")
-        scale = binop("Max", binop("Mul", amax, ratio, "scale0", red_shape), tiny, "scale",
-                      red_shape)
-        q = v("q", dt, shape)
-        em.node("Round", [binop("Div", x, scale, "scaled")], [q])
-        c = v("clipped", dt, shape)
-        em.node("Clip", [q, _scalar(em, lo, dt, "qmin"), _scalar(em, hi, dt, "qmax")], [c])
-        return binop("Mul", c, scale, "fq")
-    # asymmetric: range clip * [min(x_min, 0), max(x_max, 0)] over 2^b - 1 steps
-    zero_c = _scalar(em, 0.0, dt, "zero")
-    xmin, xmax = v("xmin", dt, red_shape), v("xmax", dt, red_shape)
-    _reduce(em, "ReduceMin", x, opset, xmin)
-    _reduce(em, "ReduceMax", x, opset, xmax)
-    clip = _scalar(em, act.clip_ratio, dt, "clip")
-    lo_v = binop("Mul", binop("Min", xmin, zero_c, "lo0", red_shape), clip, "lo", red_shape)
-    hi_v = binop("Mul", binop("Max", xmax, zero_c, "hi0", red_shape), clip, "hi", red_shape)
-    rng = binop("Sub", hi_v, lo_v, "range", red_shape)
-    scale = binop("Max", binop("Div", rng, _scalar(em, float(hi), dt, "steps"), "scale0",
-                               red_shape), tiny, "scale", red_shape)
-    neg = v("neg_lo", dt, red_shape)
-    em.node("Neg", [lo_v], [neg])
-    zr = v("zero_r", dt, red_shape)
-    em.node("Round", [binop("Div", neg, scale, "zero_f", red_shape)], [zr])
-    qmin, qmax = _scalar(em, lo, dt, "qmin"), _scalar(em, hi, dt, "qmax")
-    zp = v("zp", dt, red_shape)
-    em.node("Clip", [zr, qmin, qmax], [zp])
-    q = v("q", dt, shape)
-    em.node("Round", [binop("Div", x, scale, "scaled")], [q])
-    c = v("clipped", dt, shape)
-    em.node("Clip", [binop("Add", q, zp, "q_zp"), qmin, qmax], [c])
-    return binop("Mul", binop("Sub", c, zp, "centered"), scale, "fq")
 
 
 def _act_int_type(act: ActQuant) -> tuple[oir.DataType, int]:
@@ -358,7 +176,7 @@ def _emit_act(g: Any, em: _Emitter, x: oir.Value, act: ActQuant) -> oir.Value:
         out = em.value("act_dq", dt, x.shape)
         em.node("DequantizeLinear", [q, s, z], [out], extra=mark)
         return out
-    out = _emit_fake_quant(em, x, act, default_opset(g))
+    out = emit_chain(g, em, x, fake_quant_chain(act), dt)
     em.nodes[-1].metadata_props.update(mark)
     return out
 
@@ -467,52 +285,6 @@ def _nbits_inputs(g: Any, em: _Emitter, qw: QuantizedWeight, dt: oir.DataType, k
 
 
 # ---------------------------------------------------------------------------------- rewrite
-def _insert_after_value(g: Any, x: oir.Value, nodes: list[oir.Node]) -> None:
-    if not nodes:
-        return
-    graph = g.model.graph
-    prod = x.producer()
-    if prod is not None and prod.graph is graph:
-        graph.insert_after(prod, nodes)
-    else:
-        graph.insert_before(next(iter(graph)), nodes)
-
-
-def _discard(g: Any, emitters: Sequence[_Emitter]) -> None:
-    """Drop the initializers of a rewrite that failed before its nodes were inserted."""
-    mine = [n for em in emitters for n in em.nodes]
-    ids = {id(n) for n in mine}
-    orphans = {id(v): v for n in mine for v in n.inputs
-               if v is not None and v.is_initializer()
-               and all(id(u.node) in ids for u in v.uses())}
-    for n in mine:  # detach: a node never inserted must not stay a user of graph values
-        n.resize_inputs(0)
-    for v in orphans.values():
-        g.model.graph.initializers.pop(v.name, None)
-
-
-def _replace(g: Any, lin: Any, act_em: _Emitter, em: _Emitter, out: oir.Value) -> str:
-    """Put ``em.nodes`` (computing ``out``) in place of the linear, ``act_em.nodes`` right after
-    the producer of its input; ``out`` takes the linear's output name."""
-    graph = g.model.graph
-    old_nodes = [lin.node] + ([lin.bias_add] if lin.bias_add is not None else [])
-    final = old_nodes[-1].outputs[0]
-    name = final.name
-    out.type = final.type if final.type is not None else out.type
-    out.shape = final.shape.copy() if final.shape is not None else out.shape
-    _insert_after_value(g, lin.node.inputs[0], act_em.nodes)
-    graph.insert_before(lin.node, em.nodes)
-    final.replace_all_uses_with(out, replace_graph_outputs=True)
-    old_w, old_b = lin.node.inputs[1], lin.bias
-    graph.remove(old_nodes, safe=True)
-    final.name = g._fresh(f"{name}_replaced")
-    out.name = name
-    g._drop_if_unused(old_w)
-    g._drop_if_unused(old_b)
-    g._invalidate()
-    return name
-
-
 def quantize_linear(g: Any, key: str, qw: QuantizedWeight, act: ActQuant | None = None,
                     lowering: str = "auto", *, output_act: ActQuant | None = None) -> str:
     """Replace the float linear ``key`` by a quantized one (see the module doc); keeps its bias
@@ -618,37 +390,20 @@ def quantize_linear(g: Any, key: str, qw: QuantizedWeight, act: ActQuant | None 
 
 def insert_fake_quant(g: Any, value: str, consumers: Sequence[str], act: ActQuant) -> str:
     """Simulated activation quantization of ``value`` for ``consumers`` only; returns the new
-    value's name.
-
-    ``mode="dynamic"``: per token (last axis), standard ops: symmetric
-    ``s = max(ReduceMax(|x|) * clip_ratio / qmax, tiny)``,
-    ``y = Clip(Round(x / s), -qmax - 1, qmax) * s`` (Round ties to even); asymmetric as
-    :func:`rotaq.linalg.quant.quantize_per_token`. ``mode="static"``: per tensor with the given
-    scale / zero point, ``QuantizeLinear -> DequantizeLinear`` for 8 bits (uint8 storage) and 4
-    bits (int4 / uint4, opset 21), Div/Round/Clip/Mul for other widths.
+    value's name: the chain of :func:`~rotaq.rewriter.quant_chain.fake_quant_chain` (dynamic:
+    per token, symmetric ``s = max(ReduceMax(|x|) * clip_ratio / qmax, tiny)``,
+    ``y = Clip(Round(x / s), -qmax - 1, qmax) * s``, Round ties to even; asymmetric as
+    :func:`rotaq.linalg.quant.quantize_per_token`), except static 8- and 4-bit quantizers:
+    ``QuantizeLinear -> DequantizeLinear`` (uint8 / int4 / uint4 storage, opset 21 for 4 bits).
     """
     act = _check_act(act)
-    v = g._value(value)
-    users = [g._node(k) for k in consumers]
-    if not users:
-        raise RewriteError("insert_fake_quant: no consumers given")
-    for user in users:
-        if not any(x is v for x in user.inputs):
-            raise RewriteError(f"insert_fake_quant: node {user.name!r} does not read {value!r}")
-    if v.dtype is None or not v.dtype.is_floating_point():
-        raise RewriteError(f"insert_fake_quant: {value!r} is not a float tensor")
-    meta = {ROLE_KEY: QUANT_ROLE, QUANT_KEY: _act_desc(act)}
-    em = _Emitter(g, meta, f"fq_{value}")
+    v, users = consumers_of(g, value, consumers, "insert_fake_quant")
+    em = _Emitter(g, {ROLE_KEY: QUANT_ROLE, QUANT_KEY: _act_desc(act)}, f"fq_{value}")
     if act.mode == "static" and int(act.bits) in (4, 8):
         out = _emit_act(g, em, v, act)
     else:
-        out = _emit_fake_quant(em, v, act, default_opset(g))
-    for user in users:
-        for i in [i for i, x in enumerate(user.inputs) if x is v]:
-            user.replace_input_with(i, out)
-    _insert_after_value(g, v, em.nodes)
-    g._invalidate()
-    return out.name
+        out = emit_chain(g, em, v, fake_quant_chain(act), v.dtype)
+    return rewire(g, v, users, out, em)
 
 
 # ---------------------------------------------------------------------------------- ORT

@@ -146,7 +146,10 @@ def test_insert_chain_errors(ir):
         model.graph.insert_chain(value, [key], Chain((Step("mul", np.ones(8)),), 8, 8))
     with pytest.raises(RewriteError, match="no consumers"):
         model.graph.insert_chain(value, [], ok)
-    out = model.graph.insert_chain(value, [key], ok)
+    with pytest.raises(RewriteError, match="role must be"):
+        model.graph.insert_chain(value, [key], ok, role="linear")
+    out = model.graph.insert_chain(value, [key], ok, role="quant")
+    assert {n.op for n in model.graph.view().nodes if n.outputs == [out]} == {"quant"}
     with pytest.raises(RewriteError, match="does not read"):
         model.graph.insert_chain(value, [key], ok)  # the linear now reads ``out``
     assert model.graph.view().by_key[key].inputs[0] == out
