@@ -100,6 +100,7 @@ def _row(name: str, work: str, args) -> dict:
                 row["outliers"] = {k: st[k] for k in ("linears", "split", "masks",
                                                       "outlier_columns", "outlier_columns_max",
                                                       "selection", "columns_per_linear")}
+                row["outliers"]["kept_float"] = st.get("kept_float", [])
     if args.optimize_only:
         return row
     if not args.no_ppl and (not args.ppl_rows or name in args.ppl_rows.split(",")):
@@ -210,7 +211,10 @@ def _write(args, rows: list[dict]) -> None:
         lines += ["", (f"{label}: `int8-outliers` ({out['selection']}) split "
                        f"{out['outlier_columns']} columns off in {out['split']} of "
                        f"{out['linears']} linears ({out['masks']} masks, at most "
-                       f"{out['outlier_columns_max']} in one linear)."), ""]
+                       f"{out['outlier_columns_max']} in one linear)"
+                       + (f"; every input column over the threshold, kept as float MatMuls: "
+                          f"{', '.join(out['kept_float'])}" if out.get("kept_float") else "")
+                       + "."), ""]
     if outs:
         kinds = ["q_proj", "o_proj", "gate_proj", "down_proj"]  # k/v = q, up = gate: shared
         head = " | ".join(f"{lab.split(' ')[0]}{' (no rotate)' if 'without' in lab else ''} "
