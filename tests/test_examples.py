@@ -105,3 +105,15 @@ def test_compile_tvm_and_bench(tiny_dir, tmp_path):
     ratio = _float(r"\n\s+16\s+\S+\s+\S+\s+(\S+)\n", r.stdout)
     assert ratio == pytest.approx(tvm["tokens"]["16"]["median_ms"]
                                   / ort["tokens"]["16"]["median_ms"], rel=0.01)
+
+
+def test_custom_pass(tiny_dir, tmp_path):
+    out = tmp_path / "m.onnx"
+    r = _run([sys.executable, "examples/custom_pass.py", tiny_dir, "-o", str(out)], tmp_path)
+    assert r.returncode == 0, r.stderr
+    # 2 layers: 2 norms each + the final norm folded; 2 writers per layer; V/O of both layers
+    assert "random-orthogonal: modified=True, dim=64, norms_folded=5, writers=4, " \
+           "ov_heads_rotated=2" in r.stdout
+    assert _float(r"max relative error (\S+) \(bound", r.stdout) < 1e-4
+    assert _float(r"written file: (\S+)", r.stdout) < 1e-4
+    assert out.is_file()

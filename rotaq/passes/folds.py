@@ -228,6 +228,21 @@ def online_qk(g, a: Analysis) -> int:
     return count
 
 
+def cache_note(model, stats: dict) -> None:
+    """On a KV-cache graph, record in ``stats["kv_cache"]`` what the cache now stores. Values
+    rotated per head (``ov_heads_rotated``) or keys rotated online (``qk_rotated``, applied to
+    the new keys before their Concat with the past) are the rewritten model's own state, so
+    verification then compares the logits of a prefill plus decode steps fed that state, not
+    the presents. A pass that calls :func:`rotate_ov` or :func:`online_qk` must call this."""
+    from rotaq.rewriter.kv_capture import is_cache_graph
+
+    if not is_cache_graph(model.graph):
+        return
+    changed = [what for what, key in (("values", "ov_heads_rotated"), ("keys", "qk_rotated"))
+               if stats.get(key)]
+    stats["kv_cache"] = f"rotated {' and '.join(changed)}" if changed else "unchanged"
+
+
 def refuse_fused_rope(a: Analysis) -> None:
     """Online Q/K rotation needs q and k per head after RoPE; GroupQueryAttention keeps that
     inside."""

@@ -35,20 +35,6 @@ from rotaq.rewriter.analysis import Analysis
 log = logging.getLogger(__name__)
 
 
-def _cache_note(model: Model, stats: dict) -> None:
-    """On a KV-cache graph, say what the cache now stores (``kv_cache``): per-head rotated
-    values (V/O rotation) and keys (online Q/K rotation, applied to the new keys before their
-    Concat with the past) are the rewritten model's own state, so verification compares the
-    logits of a prefill plus decode steps fed that state, not the presents."""
-    from rotaq.rewriter.kv_capture import is_cache_graph
-
-    if not is_cache_graph(model.graph):
-        return
-    changed = [what for what, key in (("values", "ov_heads_rotated"), ("keys", "qk_rotated"))
-               if stats.get(key)]
-    stats["kv_cache"] = f"rotated {' and '.join(changed)}" if changed else "unchanged"
-
-
 def _online_reason(a: Analysis) -> str:
     """Why the residual stream cannot carry a folded rotation, in the model's own terms."""
     res = a.residual
@@ -117,7 +103,7 @@ class Rotate(Pass):
         stats["structure"] = a.residual.structure
         if reason:
             stats["mode_reason"] = reason
-        _cache_note(model, stats)
+        folds.cache_note(model, stats)
         # online mode may find no linear of a Hadamard size: the base class then reports
         # modified=False (the graph was not edited)
         return PassResult(model, True, stats)
