@@ -3,6 +3,7 @@
 A model is captured with ``torch.export`` (non-strict) and edited as the unlifted
 ``GraphModule`` that ``ExportedProgram.module()`` returns: weights are ``get_attr`` nodes, so a
 new weight is one new attribute plus one ``get_attr`` node. Saving re-exports the edited module.
+The lifting into the IR-neutral view is the :class:`~rotaq.rewriter.fx_lift.FxLift` mixin.
 """
 
 from __future__ import annotations

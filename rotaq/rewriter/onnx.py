@@ -21,6 +21,10 @@ writes keep the storage dtype behind a fresh ``Cast``. A graph ORT cannot run in
 (bf16: no CPU MatMul) runs as an fp32 copy (:mod:`rotaq.rewriter.onnx_dtype`). A node ORT does
 not know (a custom domain) is refused with a :class:`RotaqError` when the graph must run; with
 ``--no-verify`` nothing runs and the rewrite treats the node as opaque.
+
+:class:`OnnxGraph` is assembled from mixins: the lifting (:mod:`rotaq.rewriter.onnx_lift`), the
+weight reads and writes (:mod:`rotaq.rewriter.onnx_weights`) and ONNX Runtime execution
+(:mod:`rotaq.rewriter.onnx_exec`); this module holds loading, naming, lookups and saving.
 """
 
 from __future__ import annotations
