@@ -175,9 +175,11 @@ class OnnxSegments:
                                else id(v) for v in n.inputs)) for n in self._nodes[k])
 
     def _model(self, k: int, env: dict[str, Any], outputs: list[str],
-               supplied: dict[str, np.ndarray] | None = None) -> onnx.ModelProto:
+               supplied: dict[str, np.ndarray] | None = None, widen: bool = False
+               ) -> onnx.ModelProto:
         """The sub-model of segment ``k``; with ``supplied``, its large initializers are
-        placeholders and their arrays are put in ``supplied`` (handed to ORT as they are)."""
+        placeholders and their arrays are put in ``supplied`` (handed to ORT as they are);
+        ``widen``: fp16/bf16 initializers come as fp32 (one tensor converted at a time)."""
         vals = self._analyze(k)[1]
         nodes, ext, inits = self._pruned(k, outputs)
         m = self.graph.model
@@ -193,7 +195,7 @@ class OnnxSegments:
                 outs.append(onnx.helper.make_tensor_value_info(name, int(v.dtype), None))
             else:
                 outs.append(onnx.ValueInfoProto(name=name))
-        tensors = [_tensor_proto(v, supplied) for v in inits]
+        tensors = [_tensor_proto(v, supplied, widen) for v in inits]
         graph = onnx.helper.make_graph([oir.serde.serialize_node(n) for n in nodes],
                                        f"segment_{k}", ins, outs, tensors)
         opsets = [onnx.helper.make_opsetid(d, ver) for d, ver in m.opset_imports.items()]
@@ -215,8 +217,10 @@ class OnnxSegments:
         self._sessions.pop(key, None)  # the old session's weights go before the new ones come
         if self._upcast:  # an fp32 copy's session owns its converted weights: keep one block's
             self._sessions = {kk: s for kk, s in self._sessions.items() if kk[0] == k}
-        supplied: dict[str, np.ndarray] | None = None if self._upcast else {}
-        proto = self._model(k, env, outputs, supplied)
+        supplied: dict[str, np.ndarray] = {}
+        # an fp32 copy: each fp16/bf16 weight widened on its own and handed to ORT as an array
+        # (no inline copy in a serialized proto); the rest of the graph converted after
+        proto = self._model(k, env, outputs, supplied, widen=self._upcast)
         ins = [i.name for i in proto.graph.input]
         # as in onnx_run.ort_session: no pre-packed second copy of float MatMul weights;
         # tensors on disk are referenced by their descriptor under the root (_tensor_proto);
@@ -232,8 +236,9 @@ class OnnxSegments:
                 raise
             log.info("segment %d: no ORT kernel in the graph's dtype; running an fp32 copy", k)
             self._upcast = True
-            proto = _upcast(self._model(k, env, outputs))
-            sess = runtime.ort_session(proto.SerializeToString(), **opts)
+            supplied = {}
+            proto = _upcast(self._model(k, env, outputs, supplied, widen=True))
+            sess = runtime.ort_session(proto.SerializeToString(), arrays=supplied, **opts)
         self._sessions[key] = (fp, sess, ins)  # supplied arrays live with the session
         return sess, ins
 
@@ -259,27 +264,28 @@ _SUPPLIED_TYPES = {oir.DataType.FLOAT, oir.DataType.FLOAT16, oir.DataType.DOUBLE
                    oir.DataType.INT64, oir.DataType.INT32, oir.DataType.INT8, oir.DataType.UINT8}
 
 
-def _tensor_proto(v: oir.Value, supplied: dict[str, np.ndarray] | None = None
-                  ) -> onnx.TensorProto:
+def _tensor_proto(v: oir.Value, supplied: dict[str, np.ndarray] | None = None,
+                  widen: bool = False) -> onnx.TensorProto:
     """The initializer of ``v`` with its bytes inline (an external tensor is read here: the
     segment's session is built from memory). With ``supplied`` (a dict), a large one is not
     copied into the proto: a tensor on disk (:mod:`rotaq.rewriter.onnx_store`) is referenced
     in its file (ORT maps it: nothing is read ahead), one in memory is put in
     ``supplied[name]`` for ``add_external_initializers`` (ORT's copy is the only one made)."""
     t = v.const_value
+    if widen and t.dtype in (oir.DataType.FLOAT16, oir.DataType.BFLOAT16):
+        arr = np.ascontiguousarray(np.asarray(t.numpy()).astype(np.float32))  # exact
+        if supplied is None or arr.nbytes < _SUPPLIED_BYTES:
+            return onnx.numpy_helper.from_array(arr, v.name)
+        supplied[v.name] = arr
+        return _placeholder(v.name, oir.DataType.FLOAT, t.shape, "rotaq-supplied", 0,
+                            arr.nbytes)
     if supplied is not None and t.dtype in _SUPPLIED_TYPES and t.nbytes >= _SUPPLIED_BYTES:
         # the descriptor rotaq holds (the same file even if its path was replaced since)
         fd = f"proc/self/fd/{t.data.fd}" if onnx_store.is_on_disk(t) else ""
         on_disk = bool(fd) and os.path.exists(os.sep + fd)
         arr = None if on_disk else np.ascontiguousarray(t.numpy())
         where = (fd, t.offset) if on_disk else ("rotaq-supplied", 0)
-        proto = onnx.TensorProto(name=v.name, data_type=t.dtype.value,
-                                 dims=[int(d) for d in t.shape])
-        proto.data_location = onnx.TensorProto.EXTERNAL
-        for key, val in (("location", where[0]), ("offset", str(where[1])),
-                         ("length", str(t.nbytes))):
-            entry = proto.external_data.add()
-            entry.key, entry.value = key, val
+        proto = _placeholder(v.name, t.dtype, t.shape, *where, t.nbytes)
         if arr is not None:
             supplied[v.name] = arr
         return proto
@@ -289,6 +295,17 @@ def _tensor_proto(v: oir.Value, supplied: dict[str, np.ndarray] | None = None
         return proto
     proto = oir.serde.serialize_tensor(t)
     proto.name = v.name
+    return proto
+
+
+def _placeholder(name: str, dtype: oir.DataType, shape: Any, location: str, offset: int,
+                 length: int) -> onnx.TensorProto:
+    """An initializer whose bytes are elsewhere (a file, or an array given to ORT)."""
+    proto = onnx.TensorProto(name=name, data_type=dtype.value, dims=[int(d) for d in shape])
+    proto.data_location = onnx.TensorProto.EXTERNAL
+    for key, val in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        entry = proto.external_data.add()
+        entry.key, entry.value = key, val
     return proto
 
 
