@@ -97,6 +97,7 @@ class Pass(abc.ABC):
 
     def _check_requires(self, model: Model) -> None:
         ran = {p for p in model.source.get("passes", "").split(",") if p}
+        a = None  # the analysis, computed once when a structural requirement asks for it
         for req in self.requires():
             kind, _, other = req.partition(":")
             if kind == "before" and other in ran:
@@ -108,7 +109,7 @@ class Pass(abc.ABC):
                                  "the recipe)")
             if kind in ("before", "after"):
                 continue
-            a = model.analysis()
+            a = a or model.analysis()
             if kind == "linears" and not a.linears:
                 raise MatchError(f"{self.name}: the model has no linear layer to rewrite")
             if kind == "residual" and not a.residual.blocks:
