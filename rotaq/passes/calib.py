@@ -66,12 +66,12 @@ def input_stats(model: Model, values: list[str], feeds: dict[str, np.ndarray],
 
     out: dict[str, InputStats] = {}
     wanted = sorted(set(values))
-    mine = _my_rows(model, feeds)
+    mine = rank_rows(model, feeds)
 
     def add(v: str, x: np.ndarray) -> None:
         _accumulate(out, v, x, gram)
 
-    _blockwise(model, wanted, mine, batch, add, desc)
+    capture_blockwise(model, wanted, mine, batch, add, desc)
     for v in wanted:
         st = out.setdefault(v, InputStats(np.zeros((0, 0)), np.zeros(0), 0))
         if dist.active():
@@ -94,7 +94,7 @@ def _accumulate(out: dict[str, InputStats], v: str, x: np.ndarray, gram: bool) -
     st.count += x.shape[0]
 
 
-def _my_rows(model: Model, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def rank_rows(model: Model, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """This rank's share of the rows of ``feeds`` (completed for a KV-cache graph)."""
     from rotaq import dist
     from rotaq.rewriter.kv_capture import complete_feeds
@@ -104,8 +104,8 @@ def _my_rows(model: Model, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray
     return {k: v[sl] for k, v in feeds.items()}
 
 
-def _blockwise(model: Model, values: list[str], feeds: dict[str, np.ndarray], batch: int,
-               take, desc: str) -> None:
+def capture_blockwise(model: Model, values: list[str], feeds: dict[str, np.ndarray],
+                      batch: int, take, desc: str) -> None:
     """One block-wise pass over ``feeds``: ``take(value, array)`` for each chunk of rows and
     each of ``values``, in the segment that computes it; stops after the last one needed."""
     from rotaq.rewriter.blocks import BlockRunner
@@ -140,5 +140,5 @@ def capture_rows(model: Model, values: list[str], feeds: dict[str, np.ndarray],
         x = np.asarray(x, np.float32)
         parts[v].append(x.reshape(-1, x.shape[-1]))
 
-    _blockwise(model, sorted(set(values)), _my_rows(model, feeds), batch, take, desc)
+    capture_blockwise(model, sorted(set(values)), rank_rows(model, feeds), batch, take, desc)
     return {v: dist.gather_rows(np.concatenate(p)) for v, p in parts.items()}

@@ -130,7 +130,7 @@ def column_absmax(model: Model, values: list[str], feeds: dict[str, np.ndarray],
     """``max |x_j|`` per column of each value over all rows of ``feeds`` (one block-wise pass;
     across processes the maxima of every rank's rows), and the tokens seen."""
     from rotaq import dist
-    from rotaq.passes.calib import _blockwise, _my_rows
+    from rotaq.passes.calib import capture_blockwise, rank_rows
 
     acc: dict[str, np.ndarray] = {}
     seen: dict[str, int] = {}
@@ -139,7 +139,7 @@ def column_absmax(model: Model, values: list[str], feeds: dict[str, np.ndarray],
         acc[v] = lo.merge_absmax(acc.get(v), x)
         seen[v] = seen.get(v, 0) + int(np.prod(np.shape(x)[:-1]))
 
-    _blockwise(model, values, _my_rows(model, feeds), batch, take, "outlier calibration")
+    capture_blockwise(model, values, rank_rows(model, feeds), batch, take, "outlier calibration")
     if dist.active():
         acc = {v: dist.gather_rows(a[None]).max(axis=0) for v, a in acc.items()}
         seen = {v: dist.allreduce_int(c) for v, c in seen.items()}
