@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import abc
 import importlib
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -165,22 +164,3 @@ def make_pass(name: str, options: dict[str, Any]) -> Callable:
             raise RotaqError(f"pass '{name}': {k}={values[k]!r} means 'not set' ({why}); give "
                              f"a value >= 1 or leave {k} out")
     return cls(**values)
-
-
-def select_linears(a: Any, include: str = "", exclude: str = "", head: bool = False) -> list[str]:
-    """Linear keys of analysis ``a`` in graph order, filtered by regexes on their names (module
-    paths); the head and MoE routers are left out unless ``head`` or ``include`` names them."""
-    heads = set(a.residual.head) | set(getattr(a, "routers", ()))  # MoE routers stay float
-    inc = re.compile(include) if include else None
-    exc = re.compile(exclude) if exclude else None
-    out = []
-    for key, lin in a.linears.items():
-        name = lin.name or key
-        if key in heads and not head and not (inc and inc.search(name)):
-            continue
-        if inc and not inc.search(name):
-            continue
-        if exc and exc.search(name):
-            continue
-        out.append(key)
-    return out

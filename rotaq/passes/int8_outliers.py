@@ -26,7 +26,7 @@ import numpy as np
 from rotaq.errors import RewriteError
 from rotaq.linalg import outliers as lo
 from rotaq.model import Model
-from rotaq.passes.base import Pass, PassResult, select_linears
+from rotaq.passes.base import Pass, PassResult
 from rotaq.passes.calib import counts, feeds_for, linear_inputs
 from rotaq.passes.options import Calibrated, Selected
 from rotaq.rewriter.chain import Chain, Step
@@ -56,9 +56,7 @@ class Int8Outliers(Pass, Selected, Calibrated):
 
     def call(self, model: Model) -> PassResult:
         a = model.analysis()
-        keys = select_linears(a, self.include, self.exclude)
-        if not keys:
-            raise RewriteError("int8-outliers: no linear matches the include/exclude filters")
+        keys = self.selected(a)
         inputs = linear_inputs(model, keys)
         feeds = feeds_for(model, self.calib_text, self.calib_tokens, self.calib_window)
         absmax, seen = column_absmax(model, sorted(set(inputs.values())), feeds)

@@ -27,7 +27,7 @@ from rotaq.linalg.flatquant import calibrate_kron
 from rotaq.linalg.kron import near_square_split
 from rotaq.linalg.threads import single_threaded
 from rotaq.model import Model
-from rotaq.passes.base import Pass, PassResult, select_linears
+from rotaq.passes.base import Pass, PassResult
 from rotaq.passes.calib import capture_rows, counts, feeds_for
 from rotaq.passes.options import Calibrated, Selected
 from rotaq.rewriter.sites import Kronecker
@@ -63,9 +63,7 @@ class KronTransform(Pass, Selected, Calibrated):
 
     def call(self, model: Model) -> PassResult:
         a = model.analysis()
-        keys = select_linears(a, self.include, self.exclude)
-        if not keys:
-            raise RewriteError("kron-transform: no linear matches the include/exclude filters")
+        keys = self.selected(a)
         g = model.graph
         view = g.view()
         groups: dict[str, list[str]] = {}

@@ -29,7 +29,7 @@ from rotaq.errors import RewriteError
 from rotaq.linalg import lowrank as lr
 from rotaq.linalg.threads import single_threaded
 from rotaq.model import Model
-from rotaq.passes.base import Pass, PassResult, select_linears
+from rotaq.passes.base import Pass, PassResult
 from rotaq.passes.calib import counts, feeds_for, input_stats, linear_inputs
 from rotaq.passes.options import Calibrated, Selected
 from rotaq.rewriter.chain import lowrank_chain
@@ -67,9 +67,7 @@ class LowRank(Pass, Selected, Calibrated):
 
     def call(self, model: Model) -> PassResult:
         a = model.analysis()
-        keys = select_linears(a, self.include, self.exclude)
-        if not keys:
-            raise RewriteError("lowrank: no linear matches the include/exclude filters")
+        keys = self.selected(a)
         g = model.graph
         inputs = linear_inputs(model, keys)
         stats, calib = {}, {}

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
+import re
 import types
 import typing
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from rotaq.errors import RotaqError
+from rotaq.errors import RewriteError, RotaqError
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,34 @@ class Selected:
 
     include: str = ""
     exclude: str = ""
+
+    def selected(self, a: Any) -> list[str]:
+        """The linear keys of analysis ``a`` these options select, in graph order; none is an
+        error naming the pass."""
+        keys = select_linears(a, self.include, self.exclude)
+        if not keys:
+            raise RewriteError(f"{getattr(self, 'name', 'pass')}: no linear matches the "
+                               "include/exclude filters")
+        return keys
+
+
+def select_linears(a: Any, include: str = "", exclude: str = "", head: bool = False) -> list[str]:
+    """Linear keys of analysis ``a`` in graph order, filtered by regexes on their names (module
+    paths); the head and MoE routers are left out unless ``head`` or ``include`` names them."""
+    heads = set(a.residual.head) | set(getattr(a, "routers", ()))  # MoE routers stay float
+    inc = re.compile(include) if include else None
+    exc = re.compile(exclude) if exclude else None
+    out = []
+    for key, lin in a.linears.items():
+        name = lin.name or key
+        if key in heads and not head and not (inc and inc.search(name)):
+            continue
+        if inc and not inc.search(name):
+            continue
+        if exc and exc.search(name):
+            continue
+        out.append(key)
+    return out
 
 
 @dataclass(frozen=True)
@@ -108,17 +137,10 @@ def _coerce(hint: Any, value: Any) -> Any:
         if text and value.lower() in ("0", "false", "no", "off"):
             return False
         raise TypeError(value)
-    if hint is int:
-        if text:
-            return int(value)
-        if isinstance(value, numbers.Integral) and not isinstance(value, bool):
-            return int(value)
-        raise TypeError(value)
-    if hint is float:
-        if text:
-            return float(value)
-        if isinstance(value, numbers.Real) and not isinstance(value, bool):
-            return float(value)
+    if hint in (int, float):  # from text, or a number of that kind (an int is a float too)
+        kind = numbers.Integral if hint is int else numbers.Real
+        if text or (isinstance(value, kind) and not isinstance(value, bool)):
+            return hint(value)
         raise TypeError(value)
     if hint is str:
         if not text:

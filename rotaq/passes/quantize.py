@@ -37,9 +37,9 @@ from rotaq.linalg.quant import (
 )
 from rotaq.linalg.threads import single_threaded
 from rotaq.model import Model
-from rotaq.passes.base import Pass, PassResult, select_linears
+from rotaq.passes.base import Pass, PassResult
 from rotaq.passes.calib import counts, feeds_for, input_stats, linear_inputs
-from rotaq.passes.options import Calibrated, Selected
+from rotaq.passes.options import Calibrated, Selected, select_linears
 from rotaq.rewriter.analysis import Analysis
 from rotaq.rewriter.chain import lowrank_chain
 from rotaq.rewriter.sites import ActQuant

@@ -25,7 +25,7 @@ from rotaq.errors import RewriteError
 from rotaq.linalg import kron as kr
 from rotaq.linalg.threads import single_threaded
 from rotaq.model import Model
-from rotaq.passes.base import Pass, PassResult, select_linears
+from rotaq.passes.base import Pass, PassResult
 from rotaq.passes.options import Selected
 from rotaq.rewriter.chain import kron_chain, monarch_chain
 
@@ -54,9 +54,7 @@ class Structured(Pass, Selected):
 
     def call(self, model: Model) -> PassResult:
         a = model.analysis()
-        keys = select_linears(a, self.include, self.exclude)
-        if not keys:
-            raise RewriteError("structured: no linear matches the include/exclude filters")
+        keys = self.selected(a)
         g = model.graph
         before = after = 0
         errors, ranks, replaced = [], {}, 0
