@@ -1,14 +1,7 @@
 """ONNX adapter: lifts an ONNX model (through onnx-ir) into a :class:`GraphView` and edits it.
 
-Matching is structural (never by name):
-
-- ``linear``: ``MatMul(x, W)`` with ``W`` a 2-D constant ``[in, out]`` or ``Transpose(perm=[1, 0])``
-  of a constant ``[out, in]`` (torch's tied ``lm_head``), or ``Gemm(x, B[, C])`` with constant
-  ``B``/``C``; plus an optional ``Add`` of a 1-D constant of length ``out`` that is the only
-  consumer of the product (absorbed: the GNode's output is the Add's output).
-- ``embedding``: ``Gather(E, ids, axis=0)`` with ``E`` a 2-D constant.
-- ``layer_norm`` (LayerNormalization), ``rms_norm`` (RMSNormalization, SimplifiedLayerNormalization),
-  ``sdpa`` (opset-23 Attention) and the primitive vocabulary of :mod:`rotaq.rewriter.sites`.
+Matching is structural, never by name; what counts as a linear, an embedding, a norm or an
+attention is described in :mod:`rotaq.rewriter.onnx_lift`.
 
 Every setter writes a fresh initializer in the original dtype, so a tensor read by another node
 (tied embeddings, initializers merged by the exporter) is never changed behind its back. External

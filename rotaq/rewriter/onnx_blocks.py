@@ -215,8 +215,6 @@ class OnnxSegments:
         from rotaq.rewriter.onnx_run import not_implemented, packed_kernels
 
         self._sessions.pop(key, None)  # the old session's weights go before the new ones come
-        if self._upcast:  # an fp32 copy's session owns its converted weights: keep one block's
-            self._sessions = {kk: s for kk, s in self._sessions.items() if kk[0] == k}
         supplied: dict[str, np.ndarray] = {}
         # an fp32 copy: each fp16/bf16 weight widened on its own and handed to ORT as an array
         # (no inline copy in a serialized proto); the rest of the graph converted after

@@ -69,21 +69,18 @@ def round_through(model: oir.Model, low: oir.DataType) -> oir.Model:
         for y in node.outputs:
             if y.dtype != _F32:
                 continue
-            uses = [(u.node, u.idx) for u in y.uses()]
+            output = any(o is y for o in g.outputs)
             mid = oir.Value(name=f"{y.name}__rotaq_{LOW[low]}", type=oir.TensorType(low))
             back = oir.Value(name=f"{y.name}__rotaq_rounded", type=oir.TensorType(_F32),
                              shape=y.shape)
+            y.replace_all_uses_with(back, replace_graph_outputs=True)  # before the Cast reads y
             casts = [oir.Node("", "Cast", [y], [oir.AttrInt64("to", int(low))], outputs=[mid],
                               metadata_props={_ROUND_ROLE: "1"}),
                      oir.Node("", "Cast", [mid], [oir.AttrInt64("to", int(_F32))],
                               outputs=[back], metadata_props={_ROUND_ROLE: "1"})]
             g.insert_after(node, casts)
-            for user, idx in uses:
-                user.replace_input_with(idx, back)
-            for i, o in enumerate(g.outputs):
-                if o is y:
-                    g.outputs[i] = back
-                    back.name, y.name = y.name, f"{y.name}__rotaq_unrounded"
+            if output:  # the graph output keeps its name
+                back.name, y.name = y.name, f"{y.name}__rotaq_unrounded"
     return copy
 
 

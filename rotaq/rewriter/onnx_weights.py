@@ -180,9 +180,9 @@ class OnnxWeights:
         g = self.model.graph
         y = n.outputs[0]
         name = y.name
-        uses = [(u.node, u.idx) for u in y.uses()]
         shape = y.shape.copy() if y.shape is not None else None
         z = oir.Value(name=self._fresh(f"{name}_biased"), shape=shape, type=y.type)
+        y.replace_all_uses_with(z, replace_graph_outputs=True)  # before the Add reads y
         add = oir.Node(
             "",
             "Add",
@@ -192,11 +192,6 @@ class OnnxWeights:
             metadata_props=dict(n.metadata_props),
         )
         g.insert_after(n, add)
-        for user, idx in uses:
-            user.replace_input_with(idx, z)
-        for i, o in enumerate(g.outputs):
-            if o is y:
-                g.outputs[i] = z
         y.name = self._fresh(f"{name}_nobias")
         z.name = name
 
