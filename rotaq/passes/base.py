@@ -33,6 +33,7 @@ BUILTIN: dict[str, tuple[str, str]] = {
     "structured": ("rotaq.passes.structured", "Structured"),
     "kron-transform": ("rotaq.passes.kron_transform", "KronTransform"),
     "int8-outliers": ("rotaq.passes.int8_outliers", "Int8Outliers"),
+    "spin": ("rotaq.passes.spin", "Spin"),
 }
 _REGISTRY: dict[str, type] = {}
 

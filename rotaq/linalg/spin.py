@@ -1,0 +1,207 @@
+"""Learned residual rotations (SpinQuant style): Cayley SGD on the orthogonal group under the
+weight/activation quantizers.
+
+A pre-norm stream rotated by an orthogonal ``R`` (``x -> x R``) leaves the float network
+unchanged (:mod:`rotaq.passes.folds`), but not its quantized version: every reader linear
+computes ``Q_a(x R) Q_w(W R)^T`` (:func:`reader`, with ``x R`` the rotated stream) and every writer
+``Q_a(x) Q_w(R^T W)^T`` (:func:`writer`). ``Q_w``, ``Q_a``: the round-to-nearest quantizers of
+:mod:`rotaq.linalg.flatquant` with straight-through gradients. Two objectives:
+
+- end to end (SpinQuant's): the quantized network's next-token cross-entropy on calibration
+  text, through a differentiable forward of the graph (:mod:`rotaq.rewriter.torch_exec`) whose
+  linears are :func:`reader` / :func:`writer` (built by the ``spin`` pass);
+- layer-wise (:func:`layer_objective`): per linear, with ``X`` its captured inputs,
+
+      reader j of a group:  e_j(R) = ||Q_a(X R) Q_w(W_j R)^T - X W_j^T||_F^2 / ||X W_j^T||_F^2
+      writer:               e(R)   = ||Q_a(X) Q_w(R^T W)^T - X W^T R||_F^2 / ||X W^T||_F^2
+
+  (the writer's error measured in the rotated stream, the same norm: ``R`` is orthogonal),
+  averaged; needs only captured inputs and weights.
+
+Cayley SGD (Li, Fuxin, Todorovic 2020; SpinQuant): with the Euclidean gradient ``G``, the skew
+matrix ``A = G R^T - R G^T`` gives the Riemannian descent direction ``-A R``, and
+
+    R <- (I + a/2 A)^{-1} (I - a/2 A) R
+
+stays exactly orthogonal (the Cayley transform of a skew matrix is orthogonal). The step ``a``
+is ``lr`` (cosine-decayed) with momentum on ``A``, capped so that a step rotates by at most
+``max_angle`` (``a ||A||_F <= max_angle``). With full-batch data a step that raises the loss is
+undone (rate halved), so the result is never worse than the start (the random Hadamard) on the
+calibration data.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from rotaq.linalg.flatquant import fake_quant_tokens, fake_quant_weight
+
+
+@dataclass
+class Quantizers:
+    """The weight / activation quantizers the loss simulates (0 bits: not quantized)."""
+
+    w_bits: int = 4
+    w_group: int = 128
+    w_symmetric: bool = False
+    a_bits: int = 4
+    a_clip: float = 0.9
+
+    def weight(self, w: torch.Tensor) -> torch.Tensor:
+        return fake_quant_weight(w, self.w_bits, self.w_group, self.w_symmetric) \
+            if self.w_bits else w
+
+    def tokens(self, x: torch.Tensor) -> torch.Tensor:
+        return fake_quant_tokens(x, self.a_bits, self.a_clip) if self.a_bits else x
+
+
+@dataclass
+class Block:
+    """One block's linears on the stream: reader groups ``(X [T, d], [W_j [m_j, d]])`` (one
+    group per norm output) and writers ``(X [T, n], W [d, n])``."""
+
+    readers: list[tuple[np.ndarray, list[np.ndarray]]] = field(default_factory=list)
+    writers: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
+
+
+class _Terms:
+    """A block's loss terms as float32 tensors, with the R-independent parts precomputed."""
+
+    def __init__(self, block: Block, q: Quantizers):
+        t = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float32)
+        self.readers = []
+        for x, ws in block.readers:
+            xt = t(x)
+            wts = [t(w) for w in ws]
+            refs = [xt @ w.T for w in wts]
+            self.readers.append((xt, wts, refs, [float((r * r).sum()) or 1.0 for r in refs]))
+        self.writers = []
+        for x, w in block.writers:
+            xt, wt = t(x), t(w)
+            ref = xt @ wt.T
+            self.writers.append((q.tokens(xt).detach(), wt, ref, float((ref * ref).sum()) or 1.0))
+        self.count = sum(len(r[1]) for r in self.readers) + len(self.writers)
+
+    def loss(self, r: torch.Tensor, q: Quantizers) -> torch.Tensor:
+        total = torch.zeros((), dtype=torch.float32)
+        for xt, wts, refs, norms in self.readers:
+            xq = q.tokens(xt @ r)
+            for w, ref, nrm in zip(wts, refs, norms):
+                err = xq @ q.weight(w @ r).T - ref
+                total = total + (err * err).sum() / nrm
+        for xq, w, ref, nrm in self.writers:
+            err = xq @ q.weight(r.T @ w).T - ref @ r
+            total = total + (err * err).sum() / nrm
+        return total
+
+
+def random_start(d: int, seed: int) -> np.ndarray:
+    """``rotate``'s residual rotation for ``seed`` (the random Hadamard), as a dense matrix."""
+    from rotaq.linalg.hadamard import random_rotation
+
+    return random_rotation(d, seed).matrix()
+
+
+def cayley_step(r: np.ndarray, a: np.ndarray, alpha: float) -> np.ndarray:
+    """``(I + alpha/2 A)^{-1} (I - alpha/2 A) R`` for a skew ``A`` (float64; orthogonal)."""
+    eye = np.eye(len(r))
+    return np.linalg.solve(eye + 0.5 * alpha * a, (eye - 0.5 * alpha * a) @ r)
+
+
+def nearest_orthogonal(r: np.ndarray) -> np.ndarray:
+    """The orthogonal matrix closest to ``r`` (polar factor), removing rounding drift."""
+    u, _, vt = np.linalg.svd(r)
+    return u @ vt
+
+
+@dataclass
+class SpinResult:
+    rotation: np.ndarray  # float64, orthogonal
+    loss_init: float
+    loss_final: float
+    steps: int
+    history: list[float]
+
+
+Objective = Callable[[torch.Tensor, int], float]
+"""``fn(R, step)``: the loss at ``R`` (a float32 leaf tensor) on the data of ``step``, its
+gradient accumulated in ``R.grad``."""
+
+
+def layer_objective(blocks: list[Block], quantizers: Quantizers) -> Objective:
+    """``L(R)`` of the module doc: the mean relative output error of every linear."""
+    terms = [_Terms(b, quantizers) for b in blocks]
+    count = sum(t.count for t in terms) or 1
+
+    def fn(rt: torch.Tensor, step: int = 0) -> float:
+        total = 0.0
+        for t in terms:  # one block's graph at a time: backward frees it before the next
+            part = t.loss(rt, quantizers) / count
+            part.backward()
+            total += float(part.detach())
+        return total
+
+    return fn
+
+
+def reader(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, r: torch.Tensor,
+           q: Quantizers) -> torch.Tensor:
+    """A stream reader of the rotated, quantized model: ``Q_a(x) Q_w(W R)^T + b`` (``x`` is
+    already the rotated stream's normalized value)."""
+    y = q.tokens(x) @ q.weight(w @ r).T
+    return y if b is None else y + b
+
+
+def writer(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, r: torch.Tensor,
+           q: Quantizers) -> torch.Tensor:
+    """A stream writer of the rotated, quantized model: ``Q_a(x) Q_w(R^T W)^T + b R``."""
+    y = q.tokens(x) @ q.weight(r.T @ w).T
+    return y if b is None else y + b @ r
+
+
+def cayley_minimize(objective: Objective, r0: np.ndarray, *, steps: int = 100,
+                    lr: float = 0.05, momentum: float = 0.9, keep_best: bool = True,
+                    max_angle: float = 0.5,
+                    progress: Callable[[int, float], None] | None = None) -> SpinResult:
+    """Minimize ``objective`` over orthogonal ``R`` by Cayley SGD from ``r0`` (module doc): the
+    skew direction ``V <- momentum V + A`` and the step ``R <- cayley(a V) R`` with
+    ``a = min(lr_t, max_angle / ||V||_F)`` (a cosine-decayed ``lr``; the cap bounds a step's
+    rotation angle, as in Li et al.'s Cayley SGD).
+
+    ``keep_best`` (every step sees the same data): a step that raises the loss is undone, the
+    momentum reset and the rate halved, so the loss never rises and the best iterate is
+    returned. Otherwise (minibatches) the last iterate is returned."""
+    r = nearest_orthogonal(np.asarray(r0, np.float64))
+    vel = np.zeros_like(r)
+    history: list[float] = []
+    best = (math.inf, r, None)
+    scale = 1.0
+    for step in range(max(steps, 0) + 1):
+        rt = torch.tensor(r, dtype=torch.float32, requires_grad=True)
+        value = objective(rt, step)
+        history.append(value)
+        if progress is not None:
+            progress(step, value)
+        grad = None if rt.grad is None else rt.grad.double().numpy()
+        if math.isfinite(value) and (value < best[0] or not keep_best):
+            best = (value, r, grad)
+        elif keep_best:  # undo: back to the best point, gentler
+            r, grad = best[1], best[2]
+            vel = np.zeros_like(r)
+            scale *= 0.5
+        if step == steps or grad is None:
+            break
+        a = grad @ r.T - r @ grad.T
+        vel = momentum * vel + a
+        size = float(np.linalg.norm(vel))
+        if size == 0.0:
+            break
+        rate = scale * lr * 0.5 * (1 + math.cos(math.pi * step / max(steps, 1)))
+        r = cayley_step(r, vel, min(rate, max_angle / size))
+    return SpinResult(nearest_orthogonal(best[1]), history[0], best[0], len(history) - 1,
+                      history)
