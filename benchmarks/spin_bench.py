@@ -22,7 +22,7 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from outliers_bench import _cli, _timed  # noqa: E402
+from outliers_bench import _cli, _timed
 
 HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 MODEL = "smollm2-135m"
@@ -86,11 +86,12 @@ def main() -> None:
     with open(os.path.join(args.out, "spin.json"), "w") as f:
         json.dump({"tokens": args.tokens, "set": args.set, "rows": rows,
                    "recorded": recorded}, f, indent=2)
-    lines = [f"W4A4 on SmolLM2-135M (int4 g128 GPTQ weights, int4 per-token activations, int4 "
+    title = (f"W4A4 on SmolLM2-135M (int4 g128 GPTQ weights, int4 per-token activations, int4 "
              f"KV; Wikipedia perplexity on {args.tokens} tokens, 512-token windows, ORT). "
-             f"Options for w4a4-spin: {', '.join(args.set) or 'the recipe as shipped'}.", "",
-             "| recipe | ppl | spin loss (start -> learned) | spin steps | spin time (s) | "
-             "optimize wall (s) | optimize peak RSS (MiB) |", "|---|---|---|---|---|---|---|"]
+             f"Options for w4a4-spin: {', '.join(args.set) or 'the recipe as shipped'}.")
+    header = ("| recipe | ppl | spin loss (start -> learned) | spin steps | spin time (s) | "
+              "optimize wall (s) | optimize peak RSS (MiB) |")
+    lines = [title, "", header, "|---|---|---|---|---|---|---|"]
     for r in rows:
         s = r.get("spin") or {}
         loss = (f"{s['loss_init']:.4f} -> {s['loss_final']:.4f} ({s['objective']})"
