@@ -174,3 +174,16 @@ def test_recipe_and_refusals():
     gpt2 = rotaq.load(m, inputs, ir="fx", kv_cache=False)
     with pytest.raises(RewriteError, match="cannot carry: LayerNorm"):
         Spin(steps=0)(gpt2)
+
+
+def test_w4a4_spin_recipe_on_a_cache_graph():
+    """The recipe end to end (a few steps) on an ONNX decoder with a KV cache: spin, then the
+    W4A4 quantizer with its 4-bit cache; verification compares prefill + decode logits."""
+    model = _calibrated("onnx", kv=True)
+    res = rotaq.optimize(model, "w4a4-spin", options={
+        "spin.steps": 2, "spin.calib_window": 32, "spin.batch_tokens": 32,
+        "quantize.method": "rtn"})
+    spin_stats, quant = (p["stats"] for p in res.report["passes"])
+    assert spin_stats["steps"] == 2 and spin_stats["kv_cache"] == "rotated values and keys"
+    assert quant["linears"] == 14
+    assert res.model.source["passes"] == "spin,quantize"
