@@ -17,7 +17,12 @@ not know (a custom domain) is refused with a :class:`RotaqError` when the graph 
 
 :class:`OnnxGraph` is assembled from mixins: the lifting (:mod:`rotaq.rewriter.onnx_lift`), the
 weight reads and writes (:mod:`rotaq.rewriter.onnx_weights`) and ONNX Runtime execution
-(:mod:`rotaq.rewriter.onnx_exec`); this module holds loading, naming, lookups and saving.
+(:mod:`rotaq.rewriter.onnx_exec`); this module holds loading, naming, lookups and saving, the
+plumbing done by onnx-ir's passes: ``RemoveInitializersFromInputsPass``, ``NameFixPass`` (with
+rotaq's names, :class:`_Names`) and ``TopologicalSortPass`` on load, ``RemoveUnusedNodesPass``
+on save. Between edits dead weights are dropped where they fall
+(:meth:`~rotaq.rewriter.onnx_weights.OnnxWeights._drop_if_unused`): a whole-graph pass per
+edit would cost O(graph) each time, O(blocks x graph) for a rotation.
 """
 
 from __future__ import annotations
@@ -149,6 +154,8 @@ class OnnxGraph(OnnxLift, OnnxWeights, OnnxExec, ChainAdapter):
 
     @staticmethod
     def _validate(model: oir.Model, label: str) -> None:
+        """Refuse an empty graph, unreadable data, a value never defined or a cycle (one
+        :class:`LoadError` line); sort the nodes topologically (stable)."""
         g = model.graph
         if g.num_nodes() == 0:
             raise LoadError(f"cannot load {label}: the graph has no nodes")
