@@ -1,6 +1,7 @@
 """Emission plumbing shared by the ONNX emitters (:mod:`onnx_chain`, :mod:`onnx_quant`): an
-emitter of tagged nodes with fresh names, opset queries and upgrades, and splicing emitted nodes
-into the graph (after a value's producer, or in place of a linear).
+emitter recording tagged nodes and initializers with fresh names on an onnx-ir ``Tape``, opset
+queries and raises (onnxscript's version converter), and splicing emitted nodes into the graph
+(after a value's producer, or in place of a linear).
 """
 
 from __future__ import annotations
@@ -57,8 +58,7 @@ def require_opset(g: Any, need: int) -> None:
         raise RewriteError(
             f"the model uses opset {cur} with GroupNormalization, whose meaning changed in opset "
             "21, and its channel count is not static: convert it first (onnx.version_converter)")
-    if cur < 18:
-        _migrate_to_18(g, nodes)
+    _migrate_to_18(g, nodes if cur < 18 else [], max(cur, 18))
     if need > 18 and ConvertVersionPass(need)(g.model).modified:
         g._taken.update(n.name for n in g.model.graph)  # names of nodes the converter made
         g._taken.update(o.name for n in g.model.graph for o in n.outputs)
@@ -74,21 +74,36 @@ def _static_groupnorm(n: oir.Node) -> bool:
         isinstance(d, int) for d in (shapes[0][1], shapes[1][0], shapes[2][0]))
 
 
-def _migrate_to_18(g: Any, nodes: list[oir.Node]) -> None:
-    """Opset 13..17 -> 18: the ``axes`` attribute of Reduce* ops becomes an input, ``Split``
-    gets ``num_outputs``."""
-    for n in nodes:
+def _migrate_to_18(g: Any, nodes: list[oir.Node], opset: int) -> None:
+    """Opset 13..17 -> 18 of ``nodes`` (the graph's) and of the model's functions below 18
+    (onnxscript's converter inlines them, so each function imports the model's ``opset``
+    after): the ``axes`` attribute of Reduce* ops becomes an input (an initializer, a
+    ``Constant`` inside a function), ``Split`` gets ``num_outputs``."""
+    local: list[oir.Node] = []  # nodes of functions: no initializers there
+    for f in g.model.functions.values():
+        if f.opset_imports.get("", 18) < 18:
+            local += [n for n in oir.traversal.RecursiveGraphIterator(f) if n.domain == ""]
+        if "" in f.opset_imports:
+            f.opset_imports[""] = opset
+    in_function = {id(n) for n in local}
+    for n in [*nodes, *local]:
         if n.op_type in _REDUCE_18 and "axes" in n.attributes:
             axes = [int(a) for a in n.attributes.pop("axes").value]
-            v = g._initializer(np.array(axes, np.int64), oir.DataType.INT64, f"{n.name}.axes")
+            if id(n) in in_function:
+                tape = oir.tape.Tape()
+                v = tape.op("Constant", [], {"value_ints": axes}, name=f"{n.name}.axes")
+                n.graph.insert_before(n, tape.nodes)
+            else:
+                v = g._initializer(np.array(axes, np.int64), oir.DataType.INT64, f"{n.name}.axes")
             n.resize_inputs(2)
             n.replace_input_with(1, v)
         elif (n.op_type == "Split" and (len(n.inputs) < 2 or n.inputs[1] is None)
               and "num_outputs" not in n.attributes):
             n.attributes["num_outputs"] = oir.AttrInt64("num_outputs", len(n.outputs))
-    imports = g.model.opset_imports
-    imports.pop("ai.onnx", None)
-    imports[""] = 18
+    if opset == 18:
+        imports = g.model.opset_imports
+        imports.pop("ai.onnx", None)
+        imports[""] = 18
 
 
 class _Emitter:

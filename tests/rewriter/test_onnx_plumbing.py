@@ -103,7 +103,8 @@ def test_save_drops_dead_nodes_and_their_initializers(tmp_path):
              helper.make_node("Relu", ["dead1"], ["dead2"], name="dead_relu"),    # nor this
              helper.make_node("Relu", ["h"], ["y"], name="relu")]
     graph = helper.make_graph(nodes, "g", [_vi("x", [2, 8])], [_vi("y")],
-                              [numpy_helper.from_array(W, "W"), numpy_helper.from_array(dead_w, "D"),
+                              [numpy_helper.from_array(W, "W"),
+                               numpy_helper.from_array(dead_w, "D"),
                                numpy_helper.from_array(dead_w, "unused")])
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     ref = _run(proto, {"x": X})[0]
@@ -118,7 +119,8 @@ def test_save_drops_dead_nodes_and_their_initializers(tmp_path):
 
 # ------------------------------------------------------------------------------ opsets
 def _old_model(opset: int) -> onnx.ModelProto:
-    """x -> ReduceMean(axes attribute) -> Sub -> MatMul (tagged) -> Split (no num_outputs) -> Add."""
+    """x -> ReduceMean(axes attribute) -> Sub -> MatMul (tagged) -> Split (no num_outputs)
+    -> Add."""
     nodes = [helper.make_node("ReduceMean", ["x"], ["mu"], axes=[-1], keepdims=1, name="rm"),
              helper.make_node("Sub", ["x", "mu"], ["xc"], name="sub"),
              helper.make_node("MatMul", ["xc", "W"], ["h"], name="mm"),
@@ -236,3 +238,24 @@ def test_emitted_nodes_and_initializers_enter_the_graph_together():
     assert sorted(inits) == ["lin.weight_packed", "lin.weight_scale"]
     assert all(inits[n.name] is n for n in node.inputs[1:3])
     assert inits["lin.weight_packed"].const_value.shape.dims == (16, 3, 8)
+
+
+def test_opset17_local_function_migrated_before_the_converter_inlines_it():
+    body = [helper.make_node("ReduceMean", ["a"], ["m"], axes=[-1], keepdims=1),
+            helper.make_node("Sub", ["a", "m"], ["b"])]
+    fn = helper.make_function("local", "center", ["a"], ["b"], body,
+                              [helper.make_opsetid("", 17)])
+    graph = helper.make_graph([helper.make_node("center", ["x"], ["y"], domain="local",
+                                                name="call")],
+                              "g", [_vi("x", [2, 8])], [_vi("y")])
+    proto = helper.make_model(graph, functions=[fn], opset_imports=[
+        helper.make_opsetid("", 17), helper.make_opsetid("local", 1)])
+    ref = _run(proto, {"x": X})[0]
+    assert np.abs(ref - (X - X.mean(-1, keepdims=True))).max() < 1e-6
+    g = OnnxGraph.from_proto(proto)
+    onnx_emit.require_opset(g, 21)
+    assert [n.op_type for n in g.model.graph] == ["Constant", "ReduceMean", "Sub"]
+    assert not g.model.functions and dict(g.model.opset_imports) == {"": 21}
+    rm = list(g.model.graph)[1]
+    assert "axes" not in rm.attributes and rm.inputs[1].producer().op_type == "Constant"
+    assert np.array_equal(_run(_proto(g), {"x": X})[0], ref)
