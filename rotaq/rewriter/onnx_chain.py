@@ -220,16 +220,10 @@ def add_branch(g: Any, key: str, chain: Chain) -> str:
     branch = emit_chain(g, em, lin.node.inputs[0], chain, dt)
     final = (lin.bias_add or lin.node).outputs[0]
     name = final.name
-    uses = [(u.node, u.idx) for u in final.uses()]
     total = em.value("sum", dt, None if final.shape is None else list(final.shape.dims))
+    final.replace_all_uses_with(total, replace_graph_outputs=True)  # before the Add reads it
     em.node("Add", [final, branch], [total])
     _insert(g, em, after=final)
-    for user, idx in uses:
-        user.replace_input_with(idx, total)
-    graph = g.model.graph
-    for i, o in enumerate(graph.outputs):
-        if o is final:
-            graph.outputs[i] = total
     final.name = g._fresh(f"{name}_main")
     total.name = name
     g._invalidate()

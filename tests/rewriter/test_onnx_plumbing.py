@@ -259,3 +259,23 @@ def test_opset17_local_function_migrated_before_the_converter_inlines_it():
     rm = list(g.model.graph)[1]
     assert "axes" not in rm.attributes and rm.inputs[1].producer().op_type == "Constant"
     assert np.array_equal(_run(_proto(g), {"x": X})[0], ref)
+
+
+def test_branch_on_a_linear_that_is_the_graph_output():
+    """``Linear(x) + chain(x)``: the sum replaces the linear's output as the graph output and
+    takes its name (onnx-ir's replace_all_uses_with, before the Add reads the product)."""
+    from rotaq.rewriter.chain import lowrank_chain
+
+    g = _linear_model()
+    rng = np.random.default_rng(5)
+    a, b = rng.standard_normal((16, 4)), rng.standard_normal((4, 48))  # rank 4: W ~ a b
+    x = rng.standard_normal((3, 48)).astype(np.float32)
+    (ref,) = g.run({"x": x})
+    assert g.add_branch("lin", lowrank_chain(a, b)) == "y"
+    assert g.output_names == ["y"] and [n.op_type for n in g.model.graph] == [
+        "MatMul", "MatMul", "MatMul", "Add"]
+    add = list(g.model.graph)[-1]
+    assert add.outputs[0] is g.model.graph.outputs[0] and add.inputs[0].name == "y_main"
+    (out,) = g.run({"x": x})
+    want = ref.astype(np.float64) + x.astype(np.float64) @ b.T @ a.T
+    assert np.abs(out - want).max() / np.abs(want).max() < 1e-5
