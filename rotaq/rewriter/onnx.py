@@ -17,7 +17,12 @@ not know (a custom domain) is refused with a :class:`RotaqError` when the graph 
 
 :class:`OnnxGraph` is assembled from mixins: the lifting (:mod:`rotaq.rewriter.onnx_lift`), the
 weight reads and writes (:mod:`rotaq.rewriter.onnx_weights`) and ONNX Runtime execution
-(:mod:`rotaq.rewriter.onnx_exec`); this module holds loading, naming, lookups and saving.
+(:mod:`rotaq.rewriter.onnx_exec`); this module holds loading, naming, lookups and saving, the
+plumbing done by onnx-ir's passes: ``RemoveInitializersFromInputsPass``, ``NameFixPass`` (with
+rotaq's names, :class:`_Names`) and ``TopologicalSortPass`` on load, ``RemoveUnusedNodesPass``
+on save. Between edits dead weights are dropped where they fall
+(:meth:`~rotaq.rewriter.onnx_weights.OnnxWeights._drop_if_unused`): a whole-graph pass per
+edit would cost O(graph) each time, O(blocks x graph) for a rotation.
 """
 
 from __future__ import annotations
@@ -31,6 +36,13 @@ from typing import Any
 import numpy as np
 import onnx
 import onnx_ir as oir
+from onnx_ir.passes.common import (
+    NameFixPass,
+    RemoveInitializersFromInputsPass,
+    RemoveUnusedNodesPass,
+    TopologicalSortPass,
+)
+from onnx_ir.passes.common.naming import SimpleNameGenerator
 
 from rotaq.errors import LoadError, RewriteError
 from rotaq.rewriter import onnx_chain, onnx_contrib, onnx_quant, onnx_store
@@ -72,6 +84,29 @@ def fresh_name(taken: set[str], hint: str) -> str:
         name = f"{hint}_{k}"
     taken.add(name)
     return name
+
+
+def _values(g: oir.Graph) -> list[oir.Value]:
+    """The graph's inputs, initializers and node outputs, in this order."""
+    return [*g.inputs, *g.initializers.values(), *(o for n in g for o in n.outputs)]
+
+
+class _Names(SimpleNameGenerator):
+    """rotaq's names for :class:`NameFixPass`: an unnamed or clashing node of the main graph is
+    ``{op_type}_{position}``, an unnamed value ``rotaq_v{position}`` (position in
+    :func:`_values`); the keys stay stable from one load of a file to the next."""
+
+    def __init__(self, g: oir.Graph) -> None:
+        self._nodes = {n: i for i, n in enumerate(g)}
+        self._values = {v: i for i, v in enumerate(_values(g))}
+
+    def generate_node_name(self, node: oir.Node) -> str:
+        i = self._nodes.get(node)
+        return f"{node.op_type}_{i}" if i is not None else node.name or node.op_type
+
+    def generate_value_name(self, value: oir.Value) -> str:
+        i = self._values.get(value)
+        return value.name or (f"rotaq_v{i}" if i is not None else "rotaq_v")
 
 
 @counts_edits
@@ -119,6 +154,8 @@ class OnnxGraph(OnnxLift, OnnxWeights, OnnxExec, ChainAdapter):
 
     @staticmethod
     def _validate(model: oir.Model, label: str) -> None:
+        """Refuse an empty graph, unreadable data, a value never defined or a cycle (one
+        :class:`LoadError` line); sort the nodes topologically (stable)."""
         g = model.graph
         if g.num_nodes() == 0:
             raise LoadError(f"cannot load {label}: the graph has no nodes")
@@ -132,45 +169,31 @@ class OnnxGraph(OnnxLift, OnnxWeights, OnnxExec, ChainAdapter):
                     f"cannot load {label}: initializer {v.name!r} is unreadable "
                     f"(truncated data?): {_first_line(err)}"
                 ) from err
-        seen: set[int] = set()
-        needs_sort = False
         for node in g:
             for v in node.inputs:
                 if v is None or v.is_graph_input() or v.is_initializer():
                     continue
-                prod = v.producer()
-                if prod is None:
+                if v.producer() is None:
                     raise LoadError(
                         f"cannot load {label}: value {v.name!r} read by {node.op_type} node "
                         f"{node.name!r} "
                         "is never defined (truncated or corrupt model)"
                     )
-                needs_sort |= id(prod) not in seen and prod.graph is g
-            seen.add(id(node))
         for v in g.outputs:
             if v.producer() is None and not (v.is_graph_input() or v.is_initializer()):
                 raise LoadError(f"cannot load {label}: graph output {v.name!r} is never defined")
-        if needs_sort:
-            g.sort()
+        try:
+            TopologicalSortPass()(model)  # stable: a sorted graph keeps its order
+        except ValueError as err:
+            raise LoadError(f"cannot load {label}: the graph has a cycle ({err})") from err
 
     def _prepare(self) -> None:
         """Give every node and value a unique name (deterministic), once. Initializers listed as
         graph inputs (IR < 4 style, overridable defaults) become plain constants."""
+        RemoveInitializersFromInputsPass()(self.model)
+        NameFixPass(_Names(self.model.graph))(self.model)
         g = self.model.graph
-        for v in [v for v in g.inputs if v.is_initializer()]:
-            g.inputs.remove(v)
-        nodes = list(g)
-        values = [*g.inputs, *g.initializers.values(), *(o for n in nodes for o in n.outputs)]
-        taken = {n.name for n in nodes if n.name} | {v.name for v in values if v.name}
-        self._taken = taken
-        seen: set[str] = set()
-        for i, n in enumerate(nodes):
-            if not n.name or n.name in seen:
-                n.name = self._fresh(f"{n.op_type}_{i}")
-            seen.add(n.name)
-        for i, v in enumerate(values):
-            if not v.name:
-                v.name = self._fresh(f"rotaq_v{i}")
+        self._taken = {n.name for n in g} | {v.name for v in _values(g)}
         onnx_contrib.prepare(self)
 
     def _infer_shapes(self) -> None:
@@ -284,18 +307,12 @@ class OnnxGraph(OnnxLift, OnnxWeights, OnnxExec, ChainAdapter):
         other._upcast = self._upcast
         return other
 
-    def _remove_unused_initializers(self) -> None:
-        g = self.model.graph
-        for name, v in list(g.initializers.items()):
-            if not list(v.uses()) and not v.is_graph_output() and not v.is_graph_input():
-                g.initializers.pop(name)
-
     def save(self, path: str | os.PathLike) -> None:
         """Write ``path`` (plus ``<name>.data`` when the weights exceed ~100 MB) atomically:
         files go to a temporary folder next to the destination, then os.replace each."""
         path = os.path.abspath(os.fspath(path))
         folder, base = os.path.split(path)
-        self._remove_unused_initializers()
+        RemoveUnusedNodesPass()(self.model)  # dead nodes and initializers nothing reads
         self._invalidate()
         self.model.metadata_props.clear()
         self.model.metadata_props.update({str(k): str(v) for k, v in self.metadata.items()})

@@ -22,7 +22,7 @@ from rotaq.rewriter.chain import TINY, Chain, Step
 from rotaq.rewriter.onnx_emit import (
     ROLE_KEY,
     _Emitter,
-    _insert_after_value,
+    _insert,
     _reduce,
     _replace,
     consumers_of,
@@ -99,7 +99,7 @@ def emit_chain(g: Any, em: _Emitter, x: oir.Value, chain: Chain, dt: oir.DataTyp
         elif s.op == "gather":
             out = em.value("gathered", dt, shape)
             em.node("Gather", [y, em.const(np.array(s.arg), _I64, "index")], [out],
-                    [oir.AttrInt64("axis", -1)])
+                    {"axis": -1})
         elif s.op in ("split", "merge"):  # Reshape [0, .., 0, sizes]: leading dims copied
             keep = rank - (1 if s.op == "split" else s.arg[0])
             out = _reshape(em, y, (0,) * keep + tuple(dims[keep:]), dt, s.op, shape)
@@ -107,20 +107,19 @@ def emit_chain(g: Any, em: _Emitter, x: oir.Value, chain: Chain, dt: oir.DataTyp
             out = _reshape(em, y, s.arg, dt, "r")
         elif s.op == "transpose":
             out = em.value("t", dt)
-            em.node("Transpose", [y], [out], [oir.AttrInt64s("perm", list(s.arg))])
+            em.node("Transpose", [y], [out], {"perm": [int(a) for a in s.arg]})
         else:
             out = em.value("sum", dt)
             if opset >= 13:
                 em.node("ReduceSum", [y, em.const(np.array([s.arg[0]]), _I64, "axes")], [out],
-                        [oir.AttrInt64("keepdims", 0)])
+                        {"keepdims": 0})
             else:
-                em.node("ReduceSum", [y], [out], [oir.AttrInt64s("axes", [s.arg[0]]),
-                                                  oir.AttrInt64("keepdims", 0)])
+                em.node("ReduceSum", [y], [out], {"axes": [int(s.arg[0])], "keepdims": 0})
         y = out
     if chain.flat:
         full = em.value("out_shape", _I64, [len(x.shape)])
         em.node("Concat", [lead, em.const(np.array([chain.out_features]), _I64, "m")], [full],
-                [oir.AttrInt64("axis", 0)])
+                {"axis": 0})
         out = em.value("restored", dt)
         em.node("Reshape", [y, full], [out])
         y = out
@@ -221,16 +220,10 @@ def add_branch(g: Any, key: str, chain: Chain) -> str:
     branch = emit_chain(g, em, lin.node.inputs[0], chain, dt)
     final = (lin.bias_add or lin.node).outputs[0]
     name = final.name
-    uses = [(u.node, u.idx) for u in final.uses()]
     total = em.value("sum", dt, None if final.shape is None else list(final.shape.dims))
+    final.replace_all_uses_with(total, replace_graph_outputs=True)  # before the Add reads it
     em.node("Add", [final, branch], [total])
-    _insert_after_value(g, final, em.nodes)
-    for user, idx in uses:
-        user.replace_input_with(idx, total)
-    graph = g.model.graph
-    for i, o in enumerate(graph.outputs):
-        if o is final:
-            graph.outputs[i] = total
+    _insert(g, em, after=final)
     final.name = g._fresh(f"{name}_main")
     total.name = name
     g._invalidate()

@@ -95,9 +95,7 @@ def _untranspose_table(g: OnnxGraph, n: oir.Node) -> None:
         return
     arr = np.ascontiguousarray(const.numpy().T)
     name = g._fresh(f"{n.name}.table")
-    tensor = oir.Tensor(arr, dtype=const.dtype, name=name)
-    v = oir.Value(name=name, shape=oir.Shape(list(arr.shape)), type=oir.TensorType(const.dtype),
-                  const_value=tensor)
+    v = oir.val(name, const_value=oir.Tensor(arr, dtype=const.dtype, name=name))
     g.model.graph.register_initializer(v)
     n.replace_input_with(0, v)
     if not list(src.uses()) and not src.is_graph_output():

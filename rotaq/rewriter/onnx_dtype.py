@@ -74,11 +74,11 @@ def round_through(model: oir.Model, low: oir.DataType) -> oir.Model:
             back = oir.Value(name=f"{y.name}__rotaq_rounded", type=oir.TensorType(_F32),
                              shape=y.shape)
             y.replace_all_uses_with(back, replace_graph_outputs=True)  # before the Cast reads y
-            casts = [oir.Node("", "Cast", [y], [oir.AttrInt64("to", int(low))], outputs=[mid],
-                              metadata_props={_ROUND_ROLE: "1"}),
-                     oir.Node("", "Cast", [mid], [oir.AttrInt64("to", int(_F32))],
-                              outputs=[back], metadata_props={_ROUND_ROLE: "1"})]
-            g.insert_after(node, casts)
+            tape = oir.tape.Tape()
+            for src, to, out in ((y, low, mid), (mid, _F32, back)):
+                tape.op("Cast", [src], {"to": int(to)}, output=out,
+                        metadata_props={_ROUND_ROLE: "1"})
+            g.insert_after(node, tape.nodes)
             if output:  # the graph output keeps its name
                 back.name, y.name = y.name, f"{y.name}__rotaq_unrounded"
     return copy

@@ -1,6 +1,7 @@
 """Emission plumbing shared by the ONNX emitters (:mod:`onnx_chain`, :mod:`onnx_quant`): an
-emitter of tagged nodes with fresh names, opset queries and upgrades, and splicing emitted nodes
-into the graph (after a value's producer, or in place of a linear).
+emitter recording tagged nodes and initializers with fresh names on an onnx-ir ``Tape``, opset
+queries and raises (onnxscript's version converter), and splicing emitted nodes into the graph
+(after a value's producer, or in place of a linear).
 """
 
 from __future__ import annotations
@@ -35,41 +36,80 @@ def default_opset(g: Any) -> int:
 
 
 def require_opset(g: Any, need: int) -> None:
-    """Raise the default-domain opset import to ``need``, migrating what changed on the way:
-    from < 18, the ``axes`` attribute of Reduce* ops becomes an input and ``Split`` gets
-    ``num_outputs``. Models below opset 13 (and GroupNormalization below 21) are refused."""
-    imports = g.model.opset_imports
-    dom = next((d for d in _DEFAULT_DOMAINS if d in imports), "")
-    cur = int(imports.get(dom, 1))
+    """Raise the default-domain opset import to ``need`` with onnxscript's version converter
+    (:class:`~onnxscript.version_converter.ConvertVersionPass`, in place: it also drops dead
+    nodes and unused opset imports). From opset 13..17 rotaq first migrates to 18 itself
+    (:func:`_migrate_to_18`): the converter has no adapters below 18, and its fallback (onnx's C
+    converter) rebuilds the graph without node metadata (rotaq's tags, the exporter's scopes).
+    Refused: opsets below 13, and a GroupNormalization below 21 whose channels or scale/bias
+    sizes are not static (the converter would relabel it without rewriting its scale)."""
+    from onnxscript.version_converter import ConvertVersionPass
+
+    cur = default_opset(g)
     if cur >= need:
         return
-    nodes = [n for n in oir.traversal.RecursiveGraphIterator(g.model.graph)
-             if n.domain in _DEFAULT_DOMAINS]
     if cur < 13:
         raise RewriteError(
             f"the model uses opset {cur}; quantized lowering needs opset {need}: convert it first "
             "(onnx.version_converter.convert_version(model, 21))")
-    if need >= 21 and any(n.op_type == "GroupNormalization" for n in nodes):
+    nodes = [n for n in oir.traversal.RecursiveGraphIterator(g.model.graph) if n.domain == ""]
+    if need >= 21 and any(n.op_type == "GroupNormalization" and not _static_groupnorm(n)
+                          for n in nodes):
         raise RewriteError(
             f"the model uses opset {cur} with GroupNormalization, whose meaning changed in opset "
-            "21: convert it first (onnx.version_converter)")
-    if cur < 18 <= need:
-        for n in nodes:
-            if n.op_type in _REDUCE_18 and "axes" in n.attributes:
-                axes = [int(a) for a in n.attributes.pop("axes").value]
-                v = g._initializer(np.array(axes, np.int64), oir.DataType.INT64,
-                                   f"{n.name}.axes")
-                n.resize_inputs(2)
-                n.replace_input_with(1, v)
-            elif (n.op_type == "Split" and (len(n.inputs) < 2 or n.inputs[1] is None)
-                  and "num_outputs" not in n.attributes):
-                n.attributes["num_outputs"] = oir.AttrInt64("num_outputs", len(n.outputs))
-    imports[dom] = need
+            "21, and its channel count is not static: convert it first (onnx.version_converter)")
+    _migrate_to_18(g, nodes if cur < 18 else [], max(cur, 18))
+    if need > 18 and ConvertVersionPass(need)(g.model).modified:
+        g._taken.update(n.name for n in g.model.graph)  # names of nodes the converter made
+        g._taken.update(o.name for n in g.model.graph for o in n.outputs)
+    g._invalidate()
     logger.info("raised the default opset import from %d to %d", cur, need)
 
 
+def _static_groupnorm(n: oir.Node) -> bool:
+    """Whether onnxscript's 20 -> 21 adapter can rewrite this GroupNormalization."""
+    ins = list(n.inputs)
+    shapes = [v.shape if v is not None else None for v in ins[:3]]
+    return len(shapes) == 3 and None not in shapes and len(shapes[0]) > 1 and all(
+        isinstance(d, int) for d in (shapes[0][1], shapes[1][0], shapes[2][0]))
+
+
+def _migrate_to_18(g: Any, nodes: list[oir.Node], opset: int) -> None:
+    """Opset 13..17 -> 18 of ``nodes`` (the graph's) and of the model's functions below 18
+    (onnxscript's converter inlines them, so each function imports the model's ``opset``
+    after): the ``axes`` attribute of Reduce* ops becomes an input (an initializer, a
+    ``Constant`` inside a function), ``Split`` gets ``num_outputs``."""
+    local: list[oir.Node] = []  # nodes of functions: no initializers there
+    for f in g.model.functions.values():
+        if f.opset_imports.get("", 18) < 18:
+            local += [n for n in oir.traversal.RecursiveGraphIterator(f) if n.domain == ""]
+        if "" in f.opset_imports:
+            f.opset_imports[""] = opset
+    in_function = {id(n) for n in local}
+    for n in [*nodes, *local]:
+        if n.op_type in _REDUCE_18 and "axes" in n.attributes:
+            axes = [int(a) for a in n.attributes.pop("axes").value]
+            if id(n) in in_function:
+                tape = oir.tape.Tape()
+                v = tape.op("Constant", [], {"value_ints": axes}, name=f"{n.name}.axes")
+                n.graph.insert_before(n, tape.nodes)
+            else:
+                v = g._initializer(np.array(axes, np.int64), oir.DataType.INT64, f"{n.name}.axes")
+            n.resize_inputs(2)
+            n.replace_input_with(1, v)
+        elif (n.op_type == "Split" and (len(n.inputs) < 2 or n.inputs[1] is None)
+              and "num_outputs" not in n.attributes):
+            n.attributes["num_outputs"] = oir.AttrInt64("num_outputs", len(n.outputs))
+    if opset == 18:
+        imports = g.model.opset_imports
+        imports.pop("ai.onnx", None)
+        imports[""] = 18
+
+
 class _Emitter:
-    """Builds tagged nodes with fresh names for one rewrite."""
+    """Records the tagged nodes and new initializers of one rewrite on an onnx-ir
+    :class:`~onnx_ir.tape.Tape`, with fresh names; nothing enters the graph until the rewrite
+    inserts them (:func:`_insert`)."""
 
     def __init__(self, g: Any, meta: dict[str, str], base: str,
                  consts: str = "{base}.{hint}") -> None:
@@ -77,60 +117,66 @@ class _Emitter:
         self.meta = meta
         self.base = base.replace("/", "_")
         self.consts = consts  # the initializers' name pattern
-        self.nodes: list[oir.Node] = []
+        self.tape = oir.tape.Tape()
+
+    @property
+    def nodes(self) -> Sequence[oir.Node]:
+        return self.tape.nodes
 
     def value(self, hint: str, dtype: oir.DataType | None = None, shape: Any = None) -> oir.Value:
-        t = oir.TensorType(dtype) if dtype is not None else None
-        shp = oir.Shape(list(shape)) if shape is not None else None
-        return oir.Value(name=self.g._fresh(f"{self.base}_{hint}"), type=t, shape=shp)
+        return oir.val(self.g._fresh(f"{self.base}_{hint}"), dtype,
+                       list(shape) if shape is not None else None)
 
     def const(self, array: np.ndarray, dtype: oir.DataType, hint: str) -> oir.Value:
-        name = self.consts.format(base=self.base, hint=hint)
-        return self.g._initializer(np.asarray(array), dtype, name)
+        """A new initializer (large ones spilled to disk, :mod:`rotaq.rewriter.onnx_store`)."""
+        name = self.g._fresh(self.consts.format(base=self.base, hint=hint))
+        return self.tape.initializer(self.g._store.tensor(np.asarray(array), dtype, name))
 
     def node(self, op: str, inputs: Sequence[oir.Value | None], outputs: Sequence[oir.Value],
-             attrs: Sequence[oir.Attr] = (), domain: str = "", name: str | None = None,
+             attrs: dict[str, Any] | None = None, domain: str = "", name: str | None = None,
              extra: dict[str, str] | None = None) -> oir.Node:
         ins = list(inputs)
         while ins and ins[-1] is None:
             ins.pop()
-        n = oir.Node(domain, op, ins, list(attrs), outputs=list(outputs),
-                     name=name or self.g._fresh(f"rotaq_{op}_{self.base}"),
-                     metadata_props={**self.meta, **(extra or {})})
-        self.nodes.append(n)
-        return n
+        self.tape.op_multi_out(op, ins, attrs, outputs=list(outputs), domain=domain,
+                               name=name or self.g._fresh(f"rotaq_{op}_{self.base}"),
+                               metadata_props={**self.meta, **(extra or {})})
+        return self.tape.nodes[-1]
 
 
 def _reduce(em: _Emitter, op: str, x: oir.Value, opset: int, out: oir.Value) -> None:
     if opset >= 18:
         axes = em.const(np.array([-1], np.int64), oir.DataType.INT64, "axes")
-        em.node(op, [x, axes], [out], [oir.AttrInt64("keepdims", 1)])
+        em.node(op, [x, axes], [out], {"keepdims": 1})
     else:
-        em.node(op, [x], [out], [oir.AttrInt64s("axes", [-1]), oir.AttrInt64("keepdims", 1)])
+        em.node(op, [x], [out], {"axes": [-1], "keepdims": 1})
 
 
-def _insert_after_value(g: Any, x: oir.Value, nodes: list[oir.Node]) -> None:
-    if not nodes:
-        return
+def _insert(g: Any, em: _Emitter, before: oir.Node | None = None,
+            after: oir.Value | None = None) -> None:
+    """Put ``em``'s initializers in the graph and its nodes before the node ``before``, or right
+    after the producer of the value ``after`` (first in the graph for an input or constant)."""
     graph = g.model.graph
-    prod = x.producer()
+    for v in em.tape.initializers:
+        graph.register_initializer(v)
+    if not em.nodes:
+        return
+    if before is not None:
+        graph.insert_before(before, em.nodes)
+        return
+    prod = after.producer()
     if prod is not None and prod.graph is graph:
-        graph.insert_after(prod, nodes)
+        graph.insert_after(prod, em.nodes)
     else:
-        graph.insert_before(next(iter(graph)), nodes)
+        graph.insert_before(next(iter(graph)), em.nodes)
 
 
-def _discard(g: Any, emitters: Sequence[_Emitter]) -> None:
-    """Drop the initializers of a rewrite that failed before its nodes were inserted."""
-    mine = [n for em in emitters for n in em.nodes]
-    ids = {id(n) for n in mine}
-    orphans = {id(v): v for n in mine for v in n.inputs
-               if v is not None and v.is_initializer()
-               and all(id(u.node) in ids for u in v.uses())}
-    for n in mine:  # detach: a node never inserted must not stay a user of graph values
-        n.resize_inputs(0)
-    for v in orphans.values():
-        g.model.graph.initializers.pop(v.name, None)
+def _discard(emitters: Sequence[_Emitter]) -> None:
+    """Forget a rewrite that failed before its nodes were inserted: they stop being users of
+    graph values (their initializers were never registered)."""
+    for em in emitters:
+        for n in em.nodes:
+            n.resize_inputs(0)
 
 
 def _replace(g: Any, lin: Any, act_em: _Emitter, em: _Emitter, out: oir.Value) -> str:
@@ -142,8 +188,8 @@ def _replace(g: Any, lin: Any, act_em: _Emitter, em: _Emitter, out: oir.Value) -
     name = final.name
     out.type = final.type if final.type is not None else out.type
     out.shape = final.shape.copy() if final.shape is not None else out.shape
-    _insert_after_value(g, lin.node.inputs[0], act_em.nodes)
-    graph.insert_before(lin.node, em.nodes)
+    _insert(g, act_em, after=lin.node.inputs[0])
+    _insert(g, em, before=lin.node)
     final.replace_all_uses_with(out, replace_graph_outputs=True)
     old_w, old_b = lin.node.inputs[1], lin.bias
     graph.remove(old_nodes, safe=True)
@@ -179,6 +225,6 @@ def rewire(g: Any, v: oir.Value, users: Sequence[oir.Node], out: oir.Value, em: 
     for user in users:
         for i in [i for i, x in enumerate(user.inputs) if x is v]:
             user.replace_input_with(i, out)
-    _insert_after_value(g, v, em.nodes)
+    _insert(g, em, after=v)
     g._invalidate()
     return out.name

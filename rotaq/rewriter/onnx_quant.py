@@ -56,7 +56,7 @@ from rotaq import tags
 from rotaq.errors import RewriteError
 from rotaq.linalg.formats import QuantizedWeight
 from rotaq.rewriter.onnx_chain import emit_chain
-from rotaq.rewriter.onnx_emit import (  # noqa: F401  (default_opset, ROLE_KEY: public here too)
+from rotaq.rewriter.onnx_emit import (  # default_opset, ROLE_KEY: public here too
     ROLE_KEY,
     _discard,
     _Emitter,
@@ -133,6 +133,19 @@ def _require_ms(g: Any) -> None:
     g.model.opset_imports.setdefault(MS_DOMAIN, 1)
 
 
+def _opset_need(act: ActQuant | None, dt: oir.DataType | None, qw: QuantizedWeight | None = None
+                ) -> int:
+    """The default-domain opset the Q/DQ nodes of a static 4/8-bit ``act`` and, with ``qw``,
+    of a QDQ weight need (int4 or blocked scales: 21; fp16/bf16 scales: 19; else 13)."""
+    low = dt != oir.DataType.FLOAT
+    need = 0
+    if act is not None and act.mode == "static" and int(act.bits) in (4, 8):
+        need = 21 if int(act.bits) == 4 else (19 if low else 13)
+    if qw is not None:
+        need = max(need, 21 if qw.n_groups > 1 or qw.fmt.bits <= 4 else (19 if low else 13))
+    return need
+
+
 def _act_int_type(act: ActQuant) -> tuple[oir.DataType, int]:
     """(storage type, zero-point offset) of a Q/DQ activation: 8 bits as uint8 (symmetric codes
     shifted by 128: U8U8 kernels are exact on AVX2), 4 bits as int4 / uint4."""
@@ -169,7 +182,6 @@ def _emit_act(g: Any, em: _Emitter, x: oir.Value, act: ActQuant) -> oir.Value:
         return out
     if act.mode == "static" and int(act.bits) in (4, 8):
         qt, offset = _act_int_type(act)
-        require_opset(g, 21 if int(act.bits) == 4 else (19 if dt != oir.DataType.FLOAT else 13))
         s = em.const(np.array(float(act.scale)), dt, "act_scale")
         z = em.const(np.array(int(act.zero_point or 0) + offset), qt, "act_zp")
         q = em.value("act_q", qt, x.shape)
@@ -232,16 +244,14 @@ def _weight_dq(g: Any, em: _Emitter, qw: QuantizedWeight, dt: oir.DataType,
     if codes.min() < lo or codes.max() > hi:
         raise RewriteError(f"codes of {_weight_desc(qw)} do not fit {qt}")
     grouped = qw.n_groups > 1
-    need = 21 if (grouped or f.bits <= 4) else (19 if dt != oir.DataType.FLOAT else 13)
-    require_opset(g, need)
     wq = em.const(codes.T, qt, "weight_q")
     if grouped:
         scale = em.const(np.asarray(qw.scale).T, dt, "weight_scale")  # [n_groups, out]
-        attrs = [oir.AttrInt64("axis", 0), oir.AttrInt64("block_size", qw.group_size)]
+        attrs = {"axis": 0, "block_size": int(qw.group_size)}
         zp = None if zero is None else em.const(zero.T, qt, "weight_zp")
     else:
         scale = em.const(np.asarray(qw.scale)[:, 0], dt, "weight_scale")  # [out]
-        attrs = [oir.AttrInt64("axis", 1)]
+        attrs = {"axis": 1}
         zp = None if zero is None else em.const(zero[:, 0], qt, "weight_zp")
     w = em.value("weight_dq", dt, [n_in, n_out])
     em.node("DequantizeLinear", [wq, scale, zp], [w], attrs, extra={QUANT_KEY: _weight_desc(qw)})
@@ -281,7 +291,7 @@ def _nbits_inputs(g: Any, em: _Emitter, qw: QuantizedWeight, dt: oir.DataType, k
         z = np.zeros((n_out, width), np.int64)
         z[:, :nb] = np.asarray(qw.zero, dtype=np.int64)
         zp = em.const(_pack_bits(z, f.bits), oir.DataType.UINT8, "weight_zp")
-    attrs = {"K": k, "N": n_out, "bits": f.bits, "block_size": block}
+    attrs = {"K": int(k), "N": int(n_out), "bits": int(f.bits), "block_size": int(block)}
     return [b, s, zp], attrs
 
 
@@ -319,10 +329,14 @@ def quantize_linear(g: Any, key: str, qw: QuantizedWeight, act: ActQuant | None 
             f"{_weight_desc(qw)} with {_act_desc(act)} as QDQ: ORT fuses it into an int8 kernel "
             "that fails on blocked scales; quantize per channel (group_size=-1) or use "
             "lowering='matmulnbits' / 'dequant'")
-    bias = _bias_of(g, lin)
     x = lin.node.inputs[0]
     wdt = g._const(lin.weight).dtype
     dt = x.dtype if x.dtype is not None and x.dtype.is_floating_point() else wdt
+    if mode != "dequant":  # before any reference is kept: the converter may edit the graph
+        require_opset(g, _opset_need(act, dt, qw if mode == "qdq" else None))
+        lin = g._linear(key)
+        x = lin.node.inputs[0]
+    bias = _bias_of(g, lin)
     desc = _weight_desc(qw) + (f" {_act_desc(act)}" if act is not None else "")
     orig_meta = {k: v for k, v in lin.node.metadata_props.items() if k != ROLE_KEY}
     meta = {k: v for k, v in orig_meta.items() if k == _SCOPE_KEY}  # scope for reports
@@ -376,15 +390,14 @@ def quantize_linear(g: Any, key: str, qw: QuantizedWeight, act: ActQuant | None 
             b = None if bias is None else _bias_value(g, em, lin, bias, dt)
             _require_ms(g)
             y = em.value("mm", dt, out_shape)
-            at = [oir.AttrInt64(k, v) for k, v in attrs.items()]
-            at.append(oir.AttrInt64("accuracy_level", 4 if a8 else 0))
+            at = {**attrs, "accuracy_level": 4 if a8 else 0}
             em.node("MatMulNBits", [xa, *inputs, None, b], [y], at, domain=MS_DOMAIN, name=key,
                     extra=compute_meta)
         else:
             raise RewriteError(f"unknown lowering {mode!r}")
     except Exception:
         lin.node.name = key
-        _discard(g, [em, act_em])
+        _discard([em, act_em])
         raise
     return _replace(g, lin, act_em, em, y)
 
@@ -399,6 +412,9 @@ def insert_fake_quant(g: Any, value: str, consumers: Sequence[str], act: ActQuan
     """
     act = _check_act(act)
     v, users = consumers_of(g, value, consumers, "insert_fake_quant")
+    if _opset_need(act, v.dtype) > default_opset(g):
+        require_opset(g, _opset_need(act, v.dtype))
+        v, users = consumers_of(g, value, consumers, "insert_fake_quant")
     em = _Emitter(g, {ROLE_KEY: QUANT_ROLE, QUANT_KEY: _act_desc(act)}, f"fq_{value}")
     if act.mode == "static" and int(act.bits) in (4, 8):
         out = _emit_act(g, em, v, act)

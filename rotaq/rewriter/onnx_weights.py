@@ -31,10 +31,7 @@ class OnnxWeights:
     # ------------------------------------------------------------------ edits
     def _initializer(self, array: np.ndarray, dtype: oir.DataType, hint: str) -> oir.Value:
         name = self._fresh(hint)
-        t = self._store.tensor(array, dtype, name)
-        v = oir.Value(
-            name=name, shape=oir.Shape(list(t.shape)), type=oir.TensorType(dtype), const_value=t
-        )
+        v = oir.val(name, const_value=self._store.tensor(array, dtype, name))
         self.model.graph.register_initializer(v)
         return v
 
@@ -46,11 +43,11 @@ class OnnxWeights:
             return self._initializer(array, self._const(ref).dtype, hint)
         src = self._like(cast.inputs[0], array, hint)
         to = oir.DataType(_attr(cast, "to"))
-        out = oir.Value(name=self._fresh(f"{hint}_cast"), shape=oir.Shape(list(np.shape(array))),
-                        type=oir.TensorType(to))
-        node = oir.Node("", "Cast", [src], [oir.AttrInt64("to", int(to))], outputs=[out],
-                        name=self._fresh(f"{hint}_cast"), metadata_props=dict(cast.metadata_props))
-        self.model.graph.insert_before(next(iter(self.model.graph)), node)
+        tape = oir.tape.Tape()
+        out = tape.op("Cast", [src], {"to": int(to)}, name=self._fresh(f"{hint}_cast"),
+                      metadata_props=dict(cast.metadata_props),
+                      output=oir.val(self._fresh(f"{hint}_cast"), to, list(np.shape(array))))
+        self.model.graph.insert_before(next(iter(self.model.graph)), tape.nodes)
         return out
 
     def _hint(self, node: oir.Node, suffix: str) -> str:
@@ -183,15 +180,10 @@ class OnnxWeights:
         shape = y.shape.copy() if y.shape is not None else None
         z = oir.Value(name=self._fresh(f"{name}_biased"), shape=shape, type=y.type)
         y.replace_all_uses_with(z, replace_graph_outputs=True)  # before the Add reads y
-        add = oir.Node(
-            "",
-            "Add",
-            [y, b],
-            outputs=[z],
-            name=self._fresh(f"{n.name}_bias"),
-            metadata_props=dict(n.metadata_props),
-        )
-        g.insert_after(n, add)
+        tape = oir.tape.Tape()
+        tape.op("Add", [y, b], output=z, name=self._fresh(f"{n.name}_bias"),
+                metadata_props=dict(n.metadata_props))
+        g.insert_after(n, tape.nodes)
         y.name = self._fresh(f"{name}_nobias")
         z.name = name
 

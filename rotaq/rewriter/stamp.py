@@ -202,9 +202,9 @@ class _Plan:
                 if r[0] == "weight"}
 
 
-def _copy_attrs(node: oir.Node) -> list[oir.Attr]:
-    return [oir.Attr(a.name, a.type, a.value, ref_attr_name=a.ref_attr_name,
-                     doc_string=a.doc_string) for a in node.attributes.values()]
+def _copy_attrs(node: oir.Node) -> dict[str, oir.Attr]:
+    return {a.name: oir.Attr(a.name, a.type, a.value, ref_attr_name=a.ref_attr_name,
+                             doc_string=a.doc_string) for a in node.attributes.values()}
 
 
 class _Names:
@@ -254,7 +254,7 @@ def stamp(model: oir.Model, num_layers: int, sources: dict[str, tuple[str, bool]
         vals: dict[tuple[int, int], oir.Value] = {}
         inits: dict[str, oir.Value] = {}
         my_pasts: dict[str, oir.Value] = {}
-        nodes = []
+        tape = oir.tape.Tape()
         for q, n in enumerate(t2):
             ins: list[oir.Value | None] = []
             for r in plan.roles[q]:
@@ -278,10 +278,8 @@ def stamp(model: oir.Model, num_layers: int, sources: dict[str, tuple[str, bool]
                     if t.name not in inits:
                         key, tr = stamped[(t.name, i)]
                         nm = plan.shift(t.name, i) or names(t.name, i)
-                        shape = tuple(t.shape)
-                        inits[t.name] = oir.Value(
-                            name=nm, type=t.type, shape=oir.Shape(shape),
-                            const_value=weight(key, tr, t.dtype, shape, nm))
+                        inits[t.name] = tape.initializer(
+                            weight(key, tr, t.dtype, tuple(t.shape), nm), nm)
                     ins.append(inits[t.name])
             outs = []
             for j, o in enumerate(n.outputs):
@@ -293,12 +291,13 @@ def stamp(model: oir.Model, num_layers: int, sources: dict[str, tuple[str, bool]
                 if kind:
                     new_outputs.append(outs[-1])
             meta = {key: (plan.shift(v, i) or v) for key, v in n.metadata_props.items()}
-            nodes.append(oir.Node(n.domain, n.op_type, ins, _copy_attrs(n), overload=n.overload,
-                                  outputs=outs, version=n.version, name=names(n.name, i),
-                                  doc_string=n.doc_string, metadata_props=meta))
-        for v in inits.values():
+            tape.op_multi_out(n.op_type, ins, _copy_attrs(n), outputs=outs, domain=n.domain,
+                              overload=n.overload, version=n.version, name=names(n.name, i),
+                              doc_string=n.doc_string, metadata_props=meta)
+        for v in tape.initializers:
             g.register_initializer(v)
         new_inputs += [my_pasts[w] for w in ("key", "value") if w in my_pasts]
+        nodes = tape.nodes
         g.insert_after(last, nodes)
         copies.update(nodes)
         last = nodes[-1]

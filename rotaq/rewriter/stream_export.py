@@ -158,8 +158,7 @@ def _attach(model: oir.Model, module: Any, files: dict[str, str]) -> dict[str, t
             node = users[0].node
             out = node.outputs[0]
             t = _weight(files, key, dt, shape[::-1], f"{name}.T", transpose=True)
-            new = oir.Value(name=f"{name}.T", shape=oir.Shape(shape[::-1]),
-                            type=oir.TensorType(dt), const_value=t)
+            new = oir.val(f"{name}.T", const_value=t)
             g.register_initializer(new)
             out.replace_all_uses_with(new)
             g.remove(node, safe=True)
