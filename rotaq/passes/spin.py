@@ -141,6 +141,7 @@ class Spin(Pass, Calibrated):
                  "ov_heads_rotated": ov, "online_hadamards": int(online), "qk_rotated": qk,
                  "objective": self.objective, "loss_init": learned.loss_init,
                  "loss_final": learned.loss_final, "steps": learned.steps,
+                 "loss_per_step": [round(v, 5) for v in learned.history],
                  "calibration_seconds": round(seconds, 1), **counts(feeds, tokens)}
         folds.cache_note(model, stats)
         return PassResult(model, True, stats)
