@@ -114,13 +114,14 @@ def bench_e2e(onnx_path: str, tokens=(1, 16), ppl: bool = False) -> dict:
     folder = cached_artifact(onnx_path, sorted({*tokens, 512} if ppl else set(tokens)))
     compile_s = time.perf_counter() - t0
     tvm_model = tb.load(folder)
+    ref = rotaq.load(onnx_path)
     sess = ort_session(onnx_path, "all", NO_SPIN, threads=2)
     spinning = ort_session(onnx_path, "all", threads=2)
     out = {"onnx": os.path.basename(onnx_path), "artifact": folder,
            "compile_or_cache_s": round(compile_s, 1), "tokens": {}}
     for n in tokens:
         ids = np.random.default_rng(n).integers(0, 32, (1, n)).astype(np.int64)
-        feeds = {"input_ids": ids}
+        feeds = ref.token_feeds(ids)  # a KV-cache graph: empty pasts, positions
         a = tvm_model.graph.run(feeds)[0]
         b = sess.run(None, feeds)[0]
         run_tvm = (lambda f=feeds: tvm_model.graph.run(f))

@@ -65,6 +65,8 @@ def lower_attention(proto: Any) -> int:
         chain = [sm]
         # consumer side: optional Where(IsNaN(p), 0, p), then MatMul(p, V)
         prob, users = sm.output[0], readers.get(sm.output[0], [])
+        if prob in outs:
+            continue
         isnan = next((u for u in users if u.op_type == "IsNaN"), None)
         where = next((u for u in users if u.op_type == "Where"), None)
         if isnan is not None and where is not None and len(users) == 2:
@@ -299,6 +301,16 @@ def emit_attention(bb: Any, inputs: list, attrs: dict, call: Any) -> tuple[Any, 
     func = schedule_attention_cpu(attention_func(g, n, m, d, scale, mg), n, m, d)
     y = call(func, args, (g, n, d), "attention")
     return bb.normalize(relax.op.reshape(y, (*lead, n, d))), True
+
+
+def fast_sigmoid(x: Any) -> Any:
+    """``1 / (1 + exp(-x))`` with TVM's polynomial ``fast_exp`` (vectorizes; LLVM calls libm's
+    scalar ``expf`` per element for ``exp``): the SiLU of SmolLM2's MLP at 512 tokens ran
+    3.5 ms per layer with the scalar one."""
+    from tvm import te, topi
+
+    e = topi.fast_exp(te.compute(x.shape, lambda *i: -x(*i), name="neg"))
+    return te.compute(x.shape, lambda *i: 1.0 / (1.0 + e(*i)), name="sigmoid")
 
 
 def _static(x: Any) -> list[int] | None:

@@ -320,6 +320,8 @@ def _importer_class():
                 out = self._nbits(fixed, attrs)
             elif op_name == H.KRON_OP:
                 out = self._kron(fixed, attrs, opset)
+            elif op_name == "Sigmoid" and self._cpu:  # vectorizable exp (libm's is scalar)
+                out = self.bb.emit_te(A.fast_sigmoid, fixed[0])
             elif op_name == A.ATTN_OP:
                 out, fused = A.emit_attention(self.bb, fixed, attrs, self._call_tir)
                 self.stats["attention"] += fused

@@ -53,6 +53,7 @@ def test_parity_with_ort(tiny_onnx, tmp_path, fam, recipe):
         assert stats["qmatmul"] >= 12  # every linear through rotaq's int4 kernel
     if recipe == "rotate" and fam == "llama":
         assert stats["kron"] == 2  # the online Hadamards before the down projections
+    assert stats["attention"] == 2  # both layers' attention in the fused kernel
     ref = rotaq.load(path)
     model = tb.load(str(tmp_path / "art"))
     for seed in (0, 1):
