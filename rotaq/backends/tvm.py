@@ -156,16 +156,18 @@ def _pipeline(target: Any) -> Any:
     return _gpu
 
 
-def build_bucket(onnx_path: str, shapes: dict[str, list[int]], target: Any
+def build_bucket(onnx_path: str, shapes: dict[str, list[int]], target: Any, edit: Any = None
                  ) -> tuple[Any, list[str], list[np.ndarray], dict]:
-    """Specialize to static input ``shapes``, import and build: (executable, input names,
-    params, stats)."""
+    """Specialize to static input ``shapes`` (after ``edit(proto)``), import and build:
+    (executable, input names, params, stats)."""
     import onnx
     import tvm
 
     from rotaq.backends.tvm_import import import_onnx, specialize
 
     proto = onnx.load(onnx_path)
+    if edit is not None:
+        edit(proto)
     proto = specialize(proto, shapes)
     cpu = target.kind.name == "llvm"
     mod, names, params, stats = import_onnx(proto, cpu=cpu, avx512=cpu and has_avx512(target))
@@ -177,11 +179,13 @@ def build_bucket(onnx_path: str, shapes: dict[str, list[int]], target: Any
 def compile_tvm(model: Any, out_dir: str, target: str | dict = "llvm",
                 tokens: tuple[int, ...] | list[int] = DEFAULT_TOKENS,
                 progress: bool = True,
-                pad_axes: dict[str, int | None] | None = None) -> dict[str, Any]:
+                pad_axes: dict[str, int | None] | None = None,
+                decode: tuple[int, ...] | list[int] | None = None) -> dict[str, Any]:
     """Compile ``model`` (a Model, an .onnx path or a built-in name) for each token count and
     write the artefact to ``out_dir`` (atomically). ``pad_axes``: input name -> token axis
-    (``None``: no token axis) where the default rule (see the module doc) is wrong. Returns the
-    metadata."""
+    (``None``: no token axis) where the default rule (see the module doc) is wrong. A cache
+    graph is also compiled for one-token decode steps over each context in ``decode``
+    (default :data:`tvm_decode.DEFAULT_CONTEXTS`; ``()``: none). Returns the metadata."""
     tvm = require_tvm()
     tgt = make_target(target)
     tokens = sorted({int(t) for t in tokens})
@@ -199,14 +203,22 @@ def compile_tvm(model: Any, out_dir: str, target: str | dict = "llvm",
         if not axes:  # nothing to pad: one build with the model's own shapes
             log.info("no token input: compiling once with static shapes")
             tokens = []
+        from rotaq.backends import tvm_decode as D
+
         store: dict[str, np.ndarray] = {}
-        buckets = {}
+        buckets, steps = {}, {}
+        contexts = sorted(set(D.DEFAULT_CONTEXTS if decode is None else decode))
+        jobs = [("prefill", n, static_shapes(proto, n, axes, sample)) for n in tokens or [0]]
+        if D.is_cache_proto(proto) and tokens:
+            one = static_shapes(proto, 1, axes, sample)
+            jobs += [("decode", c, D.decode_shapes(one, c)) for c in contexts]
         t0 = time.perf_counter()
-        for n in tqdm(tokens or [0], desc="tvm compile", unit="bucket", file=sys.stderr,
-                      disable=not progress, leave=False):
-            shapes = static_shapes(proto, n, axes, sample)
-            with stage(f"TVM: compiling for {n} tokens ({tgt.kind.name})"):
-                ex, names, params, stats = build_bucket(onnx_path, shapes, tgt)
+        for kind, n, shapes in tqdm(jobs, desc="tvm compile", unit="bucket", file=sys.stderr,
+                                    disable=not progress, leave=False):
+            what = f"{n} tokens" if kind == "prefill" else f"decode over {n} cached"
+            with stage(f"TVM: compiling for {what} ({tgt.kind.name})"):
+                ex, names, params, stats = build_bucket(
+                    onnx_path, shapes, tgt, D.slice_presents if kind == "decode" else None)
             keys = []
             for arr in params:
                 key = hashlib.sha1(arr.tobytes() + str(arr.shape).encode() +
@@ -214,16 +226,17 @@ def compile_tvm(model: Any, out_dir: str, target: str | dict = "llvm",
                 store.setdefault(key, arr)
                 keys.append(key)
             entry = {"params": keys, "stats": stats, "input_shapes": shapes}
+            tag = f"{n}" if kind == "prefill" else f"decode_{n}"
             if tgt.kind.name == "llvm":
-                ex.export_library(os.path.join(work, f"lib_{n}.so"))
-                entry["lib"] = f"lib_{n}.so"
+                ex.export_library(os.path.join(work, f"lib_{tag}.so"))
+                entry["lib"] = f"lib_{tag}.so"
             else:
                 src = cuda_source(ex)
-                with open(os.path.join(work, f"cuda_{n}.cu"), "w") as f:
+                with open(os.path.join(work, f"cuda_{tag}.cu"), "w") as f:
                     f.write(src)
-                entry["cuda_source"] = f"cuda_{n}.cu"
-            buckets[str(n)] = entry
-            log.info("bucket %d built (%s)", n, stats)
+                entry["cuda_source"] = f"cuda_{tag}.cu"
+            (buckets if kind == "prefill" else steps)[str(n)] = entry
+            log.info("%s %d built (%s)", kind, n, stats)
         np.savez(os.path.join(work, "params.npz"), **store)
         from onnx import helper
 
@@ -241,6 +254,10 @@ def compile_tvm(model: Any, out_dir: str, target: str | dict = "llvm",
                 i.type.tensor_type.elem_type)) for i in proto.graph.input},
             "padding_exact": not any(nd.op_type == "DynamicQuantizeLinear"
                                      for nd in proto.graph.node), "buckets": buckets, "source": source,
+            "decode": steps, "onnx_metadata": {p.key: p.value for p in proto.metadata_props},
+            "input_dims": {i.name: [d.dim_value if d.HasField("dim_value") else None
+                                    for d in i.type.tensor_type.shape.dim]
+                           for i in proto.graph.input},
             "compile_seconds": round(time.perf_counter() - t0, 2),
         }
         write_metadata(work, meta)
@@ -294,7 +311,7 @@ class TvmGraph:
         self.folder, self.meta = folder, meta
         self.input_names = list(meta["inputs"])
         self.output_names = list(meta["outputs"])
-        self.metadata: dict[str, str] = {}
+        self.metadata: dict[str, str] = dict(meta.get("onnx_metadata") or {})
         self.source = folder
         dev = tvm.cpu()
         with np.load(os.path.join(folder, "params.npz")) as z:
@@ -304,6 +321,12 @@ class TvmGraph:
             lib = tvm.runtime.load_module(os.path.join(folder, entry["lib"]))
             self._vms[int(n)] = relax.VirtualMachine(lib, dev)
             self._params[int(n)] = [store[k] for k in entry["params"]]
+        self.decode_vms, self.decode_shapes, self._decode_params = {}, {}, {}
+        for c, entry in (meta.get("decode") or {}).items():
+            lib = tvm.runtime.load_module(os.path.join(folder, entry["lib"]))
+            self.decode_vms[int(c)] = relax.VirtualMachine(lib, dev)
+            self.decode_shapes[int(c)] = entry["input_shapes"]
+            self._decode_params[int(c)] = [store[k] for k in entry["params"]]
         self._order = list(meta.get("input_names") or self.input_names)
         # artefacts from before pad_axes was recorded padded axis 1 of every input
         self.pad_axes: dict[str, int] = dict(meta.get("pad_axes", {k: 1 for k in
@@ -313,6 +336,20 @@ class TvmGraph:
 
     def buckets(self) -> list[int]:
         return sorted(self._vms)
+
+    def input_specs(self) -> dict[str, tuple[np.dtype, list[int | None]]]:
+        """Input name -> (dtype, dims as in the source graph; None: symbolic)."""
+        dtypes, dims = self.meta.get("input_dtypes") or {}, self.meta.get("input_dims") or {}
+        return {k: (np.dtype(dtypes.get(k, "int64")), list(dims[k])) for k in dims}
+
+    def run_decode(self, ctx: int, feeds: dict[str, np.ndarray], cache: dict[str, Any]
+                   ) -> list[np.ndarray]:
+        """One decode step over ``ctx`` cache slots: ``feeds`` (ids, positions, mask) plus
+        ``cache`` (past name -> TVM tensor, used in place)."""
+        args = [cache[k] if k in cache else self._tvm.runtime.tensor(np.ascontiguousarray(
+            feeds[k])) for k in self._order]
+        res = self.decode_vms[ctx]["main"](*args, *self._decode_params[ctx])
+        return [r.numpy() for r in (list(res) if not hasattr(res, "numpy") else [res])]
 
     def sample_feeds(self, n: int, seed: int = 0) -> dict[str, np.ndarray]:
         """Feeds of ``n`` tokens shaped as compiled: integer inputs all ones (token 1, mask 1),

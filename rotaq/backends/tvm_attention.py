@@ -183,7 +183,7 @@ def schedule_attention_cpu(func: Any, n: int, m: int, d: int, rows: int = 4,
     out = sch.get_sblock("out")
     b, i, c = sch.get_loops(out)
     g = int(sch.get(b).extent)
-    io, ii = sch.split(i, [None, rows])
+    io, _ = sch.split(i, [None, rows])
     outer = sch.fuse(b, io)
     if g * n * m * d >= PARALLEL_WORK:
         sch.parallel(outer)

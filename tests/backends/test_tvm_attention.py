@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 
 tvm = pytest.importorskip("tvm", reason="the TVM extra is not installed (pip install rotaq[tvm])")
-from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+from onnx import TensorProto, helper, numpy_helper
 
-from rotaq.backends import tvm as tb  # noqa: E402
-from rotaq.backends.tvm_attention import (  # noqa: E402
+from rotaq.backends import tvm as tb
+from rotaq.backends.tvm_attention import (
     ATTN_OP,
     attention_func,
     fast_sigmoid,
