@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 
 tvm = pytest.importorskip("tvm", reason="the TVM extra is not installed (pip install rotaq[tvm])")
-import rotaq  # noqa: E402
-from rotaq.backends import tvm as tb  # noqa: E402
-from rotaq.backends.tvm_decode import TvmCacheRunner  # noqa: E402
-from rotaq.decoder_io import CacheRunner  # noqa: E402
-from rotaq.errors import RotaqError  # noqa: E402
-from tests.tiny import loaded  # noqa: E402
+import rotaq
+from rotaq.backends import tvm as tb
+from rotaq.backends.tvm_decode import TvmCacheRunner
+from rotaq.decoder_io import CacheRunner
+from rotaq.errors import RotaqError
+from tests.tiny import loaded
 
 
 @pytest.fixture(scope="module")
