@@ -80,7 +80,7 @@ def run(onnx_path: str, arch: str, tokens: list[int]) -> dict:
         args = [tvm.runtime.tensor(np.ascontiguousarray(feeds[k]), dev) for k in names]
         gparams = [tvm.runtime.tensor(p, dev) for p in params]
 
-        def run_tvm(args=args, gparams=gparams, vm=vm):
+        def run_tvm(args=args, gparams=gparams, vm=vm, dev=dev):
             res = vm["main"](*args, *gparams)
             dev.sync()
             return res
@@ -106,8 +106,8 @@ def write(res: dict) -> None:
     os.makedirs(HERE, exist_ok=True)
     with open(os.path.join(HERE, "tvm_cuda.json"), "w") as f:
         json.dump(res, f, indent=2)
-    lines = [f"TVM `{res['target']}` vs ORT CUDA EP on `{res['onnx']}` (GPU: {res['gpu']}, "
-             f"ORT CUDA EP: {res['ort_cuda']}).", "",
+    lines = [(f"TVM `{res['target']}` vs ORT CUDA EP on `{res['onnx']}` (GPU: {res['gpu']}, "
+              f"ORT CUDA EP: {res['ort_cuda']})."), "",
              "| tokens | build (s) | TVM (ms) | ORT CUDA (ms) | TVM / ORT | max rel logit diff |",
              "|---|---|---|---|---|---|"]
     for n, r in res["tokens"].items():
