@@ -33,6 +33,7 @@ from rotaq.backends.artifact import is_artifact
 from rotaq.backends.ort import ort_session
 from rotaq.eval.latency import time_alternating, time_calls
 
+os.environ.setdefault("TVM_BIND_THREADS", "0")  # as rotaq.backends.tvm sets it (shared cores)
 HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "rotaq", "backends")
 log = logging.getLogger("tvm_bench")

@@ -48,7 +48,13 @@ __all__ = ["DEFAULT_TOKENS", "TvmGraph", "compile_tvm", "load", "require_tvm"]
 
 
 def require_tvm() -> Any:
-    """Import ``tvm`` or raise :class:`MissingDependencyError` saying how to install it."""
+    """Import ``tvm`` or raise :class:`MissingDependencyError` saying how to install it.
+
+    TVM's thread pool pins its workers to cores unless ``TVM_BIND_THREADS=0``; on a machine
+    whose cores other processes share, a pinned worker waits for its core and every parallel
+    kernel waits for it (the online Hadamard at 512 rows: 7.9 ms pinned, 0.63 ms unpinned on 2
+    shared cores), so rotaq turns pinning off unless the variable is set."""
+    os.environ.setdefault("TVM_BIND_THREADS", "0")  # read when the thread pool starts
     try:
         import tvm
     except ImportError as err:
