@@ -22,7 +22,10 @@ from rotaq.errors import RotaqError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CONTEXTS = (256, 512, 1024, 2048)
+# Cache slots per compiled decode step: the step attends over slots + 1 keys, so these are
+# multiples of 64 minus one (the attention kernel tiles the keys by 64, 32, 16 or 8 and runs an
+# untiled loop otherwise: 2049 keys were 2.7x slower per step than ORT), about 1.5x apart.
+DEFAULT_CONTEXTS = (191, 255, 383, 511, 767, 1151, 1535, 2047)
 _PAST = re.compile(r"past_key_values\.(\d+)\.(key|value)$")
 _PRESENT = re.compile(r"present\.(\d+)\.(key|value)$")
 _SEQ_AXIS = 2  # [batch, kv_heads, seq, head_dim]
