@@ -123,23 +123,25 @@ def lower_attention(proto: Any) -> int:
 
 
 def attention_func(g: int, n: int, m: int, d: int, scale: float = 1.0,
-                   mask_groups: int = 0) -> Any:
-    """PrimFunc ``(q [g, n, d], kt [g, d, m], v [g, m, d][, mask [mg, n, m]]) -> o [g, n, d]``,
-    ``o = softmax(scale * q @ kt + mask) @ v`` per group (rows all ``-inf``: 0). ``mask_groups``:
-    0 no mask, 1 one mask for every group, ``g`` one per group."""
+                   mask_groups: int = 0, rep: int = 1) -> Any:
+    """PrimFunc ``(q [g, n, d], kt [g / rep, d, m], v [g / rep, m, d][, mask [mg, n, m]]) ->
+    o [g, n, d]``, ``o = softmax(scale * q @ kt + mask) @ v`` per group, group ``b`` reading
+    keys and values ``b // rep`` (grouped-query attention: ``rep`` query heads per KV head; rows
+    all ``-inf``: 0). ``mask_groups``: 0 no mask, 1 one mask for every group, ``g`` one per
+    group."""
     from tvm import te, tirx, topi
 
     q = te.placeholder((g, n, d), "float32", name="q")
-    kt = te.placeholder((g, d, m), "float32", name="kt")
-    v = te.placeholder((g, m, d), "float32", name="v")
+    kt = te.placeholder((g // rep, d, m), "float32", name="kt")
+    v = te.placeholder((g // rep, m, d), "float32", name="v")
     params = [q, kt, v]
     mask = None
     if mask_groups:
         mask = te.placeholder((mask_groups, n, m), "float32", name="mask")
         params.append(mask)
     rd = te.reduce_axis((0, d), name="rd")
-    qk = te.compute((g, n, m), lambda b, i, j: te.sum(q[b, i, rd] * kt[b, rd, j], axis=rd),
-                    name="qk")
+    qk = te.compute((g, n, m), lambda b, i, j: te.sum(q[b, i, rd] * kt[b // rep, rd, j],
+                                                      axis=rd), name="qk")
     sc = tirx.const(scale, "float32")
 
     def _score(b: Any, i: Any, j: Any) -> Any:
@@ -164,8 +166,8 @@ def attention_func(g: int, n: int, m: int, d: int, scale: float = 1.0,
     sl = te.reduce_axis((0, lanes), name="sl")
     total = te.compute((g, n), lambda b, i: te.sum(tot_l[b, i, sl], axis=sl), name="rowsum")
     rp = te.reduce_axis((0, m), name="rp")
-    pv = te.compute((g, n, d), lambda b, i, c: te.sum(e[b, i, rp] * v[b, rp, c], axis=rp),
-                    name="pv")
+    pv = te.compute((g, n, d), lambda b, i, c: te.sum(e[b, i, rp] * v[b // rep, rp, c],
+                                                      axis=rp), name="pv")
     out = te.compute((g, n, d), lambda b, i, c: tirx.if_then_else(
         total[b, i] > zero, pv[b, i, c] / total[b, i], zero), name="out")
     return te.create_prim_func([*params, out])
@@ -269,15 +271,22 @@ def emit_attention(bb: Any, inputs: list, attrs: dict, call: Any) -> tuple[Any, 
     from tvm import relax
 
     scale, has_mask = float(attrs["scale"]), bool(int(attrs["has_mask"]))
+    rep = int(attrs.get("gqa_rep", 0))
     q, kt, v = inputs[:3]
     mask = inputs[3] if has_mask else None
+    if rep:  # keys and values before repeat_kv (tvm_gqa): k0, v0 [B, KVH, m, d]
+        kt = bb.normalize(relax.op.permute_dims(kt, [0, 1, 3, 2]))
+        if _static(q) is None or _static(kt) is None:
+            rep = 0
     shapes = [_static(x) for x in (q, kt, v)]
     mshape = _static(mask) if mask is not None else []
     ok = all(s is not None and len(s) >= 3 for s in shapes) and mshape is not None
     if ok:
         (qs, ks, vs), lead = shapes, shapes[0][:-2]
         n, d, m = qs[-2], qs[-1], ks[-1]
-        ok = ks[:-2] == lead and vs[:-2] == lead and ks[-2] == d and vs[-2] == m and vs[-1] == d
+        klead = [*lead[:-1], lead[-1] // rep] if rep and len(lead) >= 1 else lead
+        ok = ks[:-2] == klead and vs[:-2] == klead and ks[-2] == d and vs[-2] == m and \
+            vs[-1] == d and (not rep or lead[-1] % rep == 0)
     mg = 0
     if ok and mask is not None:
         mlead = [1] * (len(lead) + 2 - len(mshape)) + list(mshape[:-2])
@@ -286,6 +295,8 @@ def emit_attention(bb: Any, inputs: list, attrs: dict, call: Any) -> tuple[Any, 
         mg = 1 if all(x == 1 for x in mlead) else g
     if not ok:
         log.debug("attention with shapes %s / mask %s: unfused ops", shapes, mshape)
+        if rep:
+            kt, v = relax.op.repeat(kt, rep, axis=1), relax.op.repeat(v, rep, axis=1)
         s = relax.op.matmul(q, kt)
         if scale != 1.0:
             s = relax.op.multiply(s, relax.const(scale, "float32"))
@@ -295,10 +306,12 @@ def emit_attention(bb: Any, inputs: list, attrs: dict, call: Any) -> tuple[Any, 
         p = relax.op.where(relax.op.isnan(p), relax.const(0.0, "float32"), p)
         return bb.normalize(relax.op.matmul(p, v)), False
     g = int(np.prod(lead))
-    args = [bb.normalize(relax.op.reshape(x, (g, *s[-2:]))) for x, s in zip((q, kt, v), shapes)]
+    rep = rep or 1
+    args = [bb.normalize(relax.op.reshape(x, (g // (rep if i else 1), *s[-2:])))
+            for i, (x, s) in enumerate(zip((q, kt, v), shapes))]
     if mask is not None:
         args.append(bb.normalize(relax.op.reshape(mask, (mg, n, m))))
-    func = schedule_attention_cpu(attention_func(g, n, m, d, scale, mg), n, m, d)
+    func = schedule_attention_cpu(attention_func(g, n, m, d, scale, mg, rep), n, m, d)
     y = call(func, args, (g, n, d), "attention")
     return bb.normalize(relax.op.reshape(y, (*lead, n, d))), True
 

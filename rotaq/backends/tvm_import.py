@@ -414,10 +414,17 @@ def import_onnx(proto: Any, cpu: bool = True, avx512: bool = False
             known[node.name] = by_output[node.output[0]][0]
     if cpu:  # GPU builds keep the two small MatMuls and the attention ops (dlight)
         H.lower_kron(proto)  # before lower_matmuls takes the factors' MatMuls
-        A.lower_attention(proto)
+        gqa = 0
+        if A.lower_attention(proto):
+            from rotaq.backends.tvm_gqa import fold_gqa
+
+            gqa = fold_gqa(proto)
     lower_matmuls(proto)
     importer = _importer_class()(known, cpu, avx512)
     mod = importer.from_onnx(proto.graph, opset)
     mod, params = relax.frontend.detach_params(mod)
     arrays = [p.numpy() for p in params.get("main", [])]
-    return mod, list(importer._input_names), arrays, dict(importer.stats)
+    stats = dict(importer.stats)
+    if cpu:
+        stats["gqa_folded"] = gqa
+    return mod, list(importer._input_names), arrays, stats
