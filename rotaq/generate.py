@@ -70,6 +70,7 @@ class _Resolved:
     folder: str | None  # a generation folder (genai_config.json)
     eos: list[int]
     tmp: Any = None  # a TemporaryDirectory kept alive while the model is used
+    runner: Any = None  # a prepared cache runner (tvm: the compiled artefact's)
 
 
 def _eos_ids(*sources: Any) -> list[int]:
@@ -116,6 +117,23 @@ def resolve_model(src: str, tokenizer: str | None = None) -> _Resolved:
     path = os.path.join(tmp.name, "model.onnx")
     model.save(path, tokenizer=False)
     return _Resolved(path, tok, None, [], tmp)
+
+
+def _resolve_tvm(folder: str, tokenizer: str | None, threads: int | None) -> _Resolved:
+    """A ``rotaq compile --backend tvm`` folder of a cache graph."""
+    from rotaq.backends.artifact import check_artifact_backend
+
+    if not os.path.isdir(folder) or check_artifact_backend(folder, "tvm") != "tvm":
+        raise RotaqError(f"--backend tvm generates from a compiled folder: `rotaq compile "
+                         f"{folder} --backend tvm -o DIR` first")
+    if threads:
+        os.environ["TVM_NUM_THREADS"] = str(threads)  # read when TVM's thread pool starts
+    from rotaq.backends import tvm as tb
+    from rotaq.backends.tvm_decode import TvmCacheRunner
+
+    model = tb.load(folder)
+    return _Resolved("", tokenizer or model.source.get("tokenizer"), None, [],
+                     runner=TvmCacheRunner(model.graph))
 
 
 def _onnx_tokenizer(path: str) -> str | None:
@@ -208,7 +226,7 @@ class _Streamer:
 
 def _run_ort(res: _Resolved, ids: list[int], tok: Any, max_new: int, sampling: dict[str, Any],
              seed: int | None, stream: Any, threads: int | None) -> tuple:
-    runner = CacheRunner(res.onnx_path, threads=threads)
+    runner = res.runner or CacheRunner(res.onnx_path, threads=threads)
     eos = res.eos or _eos_ids(tok.eos_token_id)
     rng = np.random.default_rng(seed)
     out = _Streamer(tok, stream)
@@ -291,9 +309,10 @@ def generate(model: str, prompt: str, max_new_tokens: int = 64, backend: str = "
     Greedy unless one of ``temperature``, ``top_k``, ``top_p`` is given.
     """
     _check_options(max_new_tokens, temperature, top_k, top_p)
-    if backend not in ("ort", "genai"):
-        raise RotaqError(f"backend must be 'ort' or 'genai', not '{backend}'")
-    res = resolve_model(os.fspath(model), tokenizer)
+    if backend not in ("ort", "genai", "tvm"):
+        raise RotaqError(f"backend must be 'ort', 'genai' or 'tvm', not '{backend}'")
+    res = _resolve_tvm(os.fspath(model), tokenizer, threads) if backend == "tvm" else \
+        resolve_model(os.fspath(model), tokenizer)
     tok = _tokenizer(res.tokenizer_dir, model)
     ids = [int(i) for i in tok(prompt)["input_ids"]]
     if not ids:
@@ -301,7 +320,7 @@ def generate(model: str, prompt: str, max_new_tokens: int = 64, backend: str = "
     sampling = {k: v for k, v in (("temperature", temperature), ("top_k", top_k),
                                   ("top_p", top_p)) if v is not None}
     try:
-        if backend == "ort":
+        if backend in ("ort", "tvm"):  # tvm: rotaq's loop over the compiled decode steps
             text, new, pre, dec, stopped = _run_ort(res, ids, tok, max_new_tokens, sampling,
                                                     seed, stream, threads)
         else:

@@ -1,13 +1,15 @@
 """TVM backend: compile a (rewritten) ONNX model to a CPU or CUDA artefact and run it.
 
 ``compile_tvm(model, out_dir, target="llvm")`` specializes the graph to each token count in
-``tokens`` (static shapes: batch 1, ``n`` tokens), imports it into Relax with rotaq's kernels
-(:mod:`rotaq.backends.tvm_import`), builds one library per token count and writes the artefact
-atomically::
+``tokens`` (static shapes: batch 1, ``n`` tokens; a cache graph also to one-token decode steps
+over fixed contexts, :mod:`rotaq.backends.tvm_decode`), imports each into Relax with rotaq's
+kernels (:mod:`rotaq.backends.tvm_import`), merges them into one module
+(:mod:`rotaq.backends.tvm_build`: entry ``main_<bucket>``), builds one library and writes the
+artefact atomically::
 
-    DIR/metadata.json   backend, target, inputs/outputs, token buckets, versions, source
-    DIR/lib_<n>.so      the compiled Relax VM executable for n tokens (llvm)
-    DIR/cuda_<n>.cu     the generated CUDA source (cuda; compiled with nvcc when a GPU runs it)
+    DIR/metadata.json   backend, target, inputs/outputs, buckets, versions, source
+    DIR/lib.so          the compiled Relax VM executable of every bucket (llvm)
+    DIR/cuda.cu         the generated CUDA source (cuda; compiled with nvcc when a GPU runs it)
     DIR/params.npz      parameters (deduplicated across buckets)
 
 Only token inputs are specialized per bucket: each input's token axis (``pad_axes`` in the
@@ -48,7 +50,13 @@ __all__ = ["DEFAULT_TOKENS", "TvmGraph", "compile_tvm", "load", "require_tvm"]
 
 
 def require_tvm() -> Any:
-    """Import ``tvm`` or raise :class:`MissingDependencyError` saying how to install it."""
+    """Import ``tvm`` or raise :class:`MissingDependencyError` saying how to install it.
+
+    TVM's thread pool pins its workers to cores unless ``TVM_BIND_THREADS=0``; on a machine
+    whose cores other processes share, a pinned worker waits for its core and every parallel
+    kernel waits for it (the online Hadamard at 512 rows: 7.9 ms pinned, 0.63 ms unpinned on 2
+    shared cores), so rotaq turns pinning off unless the variable is set."""
+    os.environ.setdefault("TVM_BIND_THREADS", "0")  # read when the thread pool starts
     try:
         import tvm
     except ImportError as err:
@@ -132,56 +140,27 @@ def _onnx_source(model: Any, tmp: str) -> tuple[str, dict[str, str], dict[str, t
     return path, dict(m.source), {k: np.shape(v) for k, v in m.sample_inputs.items()}
 
 
-def _pipeline(target: Any) -> Any:
-    import tvm
-    from tvm import relax
-
-    if target.kind.name != "cuda":
-        return relax.get_default_pipeline(target)
-    from tvm.relax.backend.cuda import pipeline as cp
-    from tvm.s_tir import dlight as dl
-
-    from rotaq.backends.tvm_kernels import gpu_rules
-
-    @tvm.transform.module_pass(opt_level=0)
-    def _gpu(mod: Any, _ctx: Any) -> Any:
-        legalize = [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
-                    relax.transform.FoldConstant(), relax.transform.FuseOps(),
-                    relax.transform.FuseTIR(), dl.ApplyDefaultSchedule(*gpu_rules())]
-        with target:
-            return tvm.transform.Sequential(
-                cp.library_dispatch_passes(target) + legalize + cp.dataflow_lower_passes(target)
-                + cp.finalize_passes(target))(mod)
-
-    return _gpu
-
-
-def build_bucket(onnx_path: str, shapes: dict[str, list[int]], target: Any
+def build_bucket(onnx_path: str, shapes: dict[str, list[int]], target: Any, edit: Any = None
                  ) -> tuple[Any, list[str], list[np.ndarray], dict]:
-    """Specialize to static input ``shapes``, import and build: (executable, input names,
-    params, stats)."""
-    import onnx
-    import tvm
+    """Specialize to static input ``shapes`` (after ``edit(proto)``), import and build one
+    bucket on its own: (executable, input names, params, stats); its entry is ``main``."""
+    from rotaq.backends import tvm_build as B
 
-    from rotaq.backends.tvm_import import import_onnx, specialize
-
-    proto = onnx.load(onnx_path)
-    proto = specialize(proto, shapes)
-    cpu = target.kind.name == "llvm"
-    mod, names, params, stats = import_onnx(proto, cpu=cpu, avx512=cpu and has_avx512(target))
-    with tvm.transform.PassContext(opt_level=3):
-        ex = tvm.compile(mod, target=target, relax_pipeline=_pipeline(target))
-    return ex, names, params, stats
+    avx512 = target.kind.name == "llvm" and has_avx512(target)
+    mod, names, params, stats = B.import_bucket(onnx_path, shapes, target, avx512, edit)
+    return B.compile_module(mod, target), names, params, stats
 
 
 def compile_tvm(model: Any, out_dir: str, target: str | dict = "llvm",
                 tokens: tuple[int, ...] | list[int] = DEFAULT_TOKENS,
                 progress: bool = True,
-                pad_axes: dict[str, int | None] | None = None) -> dict[str, Any]:
+                pad_axes: dict[str, int | None] | None = None,
+                decode: tuple[int, ...] | list[int] | None = None) -> dict[str, Any]:
     """Compile ``model`` (a Model, an .onnx path or a built-in name) for each token count and
     write the artefact to ``out_dir`` (atomically). ``pad_axes``: input name -> token axis
-    (``None``: no token axis) where the default rule (see the module doc) is wrong. Returns the
-    metadata."""
+    (``None``: no token axis) where the default rule (see the module doc) is wrong. A cache
+    graph is also compiled for one-token decode steps over each context in ``decode``
+    (default :data:`tvm_decode.DEFAULT_CONTEXTS`; ``()``: none). Returns the metadata."""
     tvm = require_tvm()
     tgt = make_target(target)
     tokens = sorted({int(t) for t in tokens})
@@ -199,31 +178,49 @@ def compile_tvm(model: Any, out_dir: str, target: str | dict = "llvm",
         if not axes:  # nothing to pad: one build with the model's own shapes
             log.info("no token input: compiling once with static shapes")
             tokens = []
+        from rotaq.backends import tvm_decode as D
+
         store: dict[str, np.ndarray] = {}
-        buckets = {}
-        t0 = time.perf_counter()
-        for n in tqdm(tokens or [0], desc="tvm compile", unit="bucket", file=sys.stderr,
-                      disable=not progress, leave=False):
-            shapes = static_shapes(proto, n, axes, sample)
-            with stage(f"TVM: compiling for {n} tokens ({tgt.kind.name})"):
-                ex, names, params, stats = build_bucket(onnx_path, shapes, tgt)
+        buckets, steps = {}, {}
+        contexts = sorted(set(D.DEFAULT_CONTEXTS if decode is None else decode))
+        jobs = [("prefill", n, static_shapes(proto, n, axes, sample)) for n in tokens or [0]]
+        if D.is_cache_proto(proto) and tokens:
+            one = static_shapes(proto, 1, axes, sample)
+            jobs += [("decode", c, D.decode_shapes(one, c)) for c in contexts]
+        from rotaq.backends import tvm_build as B
+
+        t0, mods = time.perf_counter(), []
+        for kind, n, shapes in tqdm(jobs, desc="tvm import", unit="bucket", file=sys.stderr,
+                                    disable=not progress, leave=False):
+            what = f"{n} tokens" if kind == "prefill" else f"decode over {n} cached"
+            with stage(f"TVM: importing for {what}"):
+                mod, names, params, stats = B.import_bucket(
+                    onnx_path, shapes, tgt, has_avx512(tgt) if tgt.kind.name == "llvm" else False,
+                    D.slice_presents if kind == "decode" else None)
             keys = []
             for arr in params:
                 key = hashlib.sha1(arr.tobytes() + str(arr.shape).encode() +
                                    str(arr.dtype).encode()).hexdigest()[:16]
                 store.setdefault(key, arr)
                 keys.append(key)
-            entry = {"params": keys, "stats": stats, "input_shapes": shapes}
+            tag = f"{n}" if kind == "prefill" else f"decode_{n}"
+            mods.append((tag, mod))
+            entry = {"params": keys, "stats": stats, "input_shapes": shapes,
+                     "function": f"main_{tag}"}
+            (buckets if kind == "prefill" else steps)[str(n)] = entry
+            log.info("%s %d imported (%s)", kind, n, stats)
+        with stage(f"TVM: compiling {len(mods)} buckets into one library ({tgt.kind.name})"):
+            ex = B.compile_module(B.merge(mods), tgt)
+        for entry in [*buckets.values(), *steps.values()]:
             if tgt.kind.name == "llvm":
-                ex.export_library(os.path.join(work, f"lib_{n}.so"))
-                entry["lib"] = f"lib_{n}.so"
+                entry["lib"] = "lib.so"
             else:
-                src = cuda_source(ex)
-                with open(os.path.join(work, f"cuda_{n}.cu"), "w") as f:
-                    f.write(src)
-                entry["cuda_source"] = f"cuda_{n}.cu"
-            buckets[str(n)] = entry
-            log.info("bucket %d built (%s)", n, stats)
+                entry["cuda_source"] = "cuda.cu"
+        if tgt.kind.name == "llvm":
+            ex.export_library(os.path.join(work, "lib.so"))
+        else:
+            with open(os.path.join(work, "cuda.cu"), "w") as f:
+                f.write(cuda_source(ex))
         np.savez(os.path.join(work, "params.npz"), **store)
         from onnx import helper
 
@@ -241,6 +238,10 @@ def compile_tvm(model: Any, out_dir: str, target: str | dict = "llvm",
                 i.type.tensor_type.elem_type)) for i in proto.graph.input},
             "padding_exact": not any(nd.op_type == "DynamicQuantizeLinear"
                                      for nd in proto.graph.node), "buckets": buckets, "source": source,
+            "decode": steps, "onnx_metadata": {p.key: p.value for p in proto.metadata_props},
+            "input_dims": {i.name: [d.dim_value if d.HasField("dim_value") else None
+                                    for d in i.type.tensor_type.shape.dim]
+                           for i in proto.graph.input},
             "compile_seconds": round(time.perf_counter() - t0, 2),
         }
         write_metadata(work, meta)
@@ -294,16 +295,28 @@ class TvmGraph:
         self.folder, self.meta = folder, meta
         self.input_names = list(meta["inputs"])
         self.output_names = list(meta["outputs"])
-        self.metadata: dict[str, str] = {}
+        self.metadata: dict[str, str] = dict(meta.get("onnx_metadata") or {})
         self.source = folder
         dev = tvm.cpu()
         with np.load(os.path.join(folder, "params.npz")) as z:
             store = {k: tvm.runtime.tensor(z[k], dev) for k in z.files}
-        self._vms, self._params = {}, {}
-        for n, entry in meta["buckets"].items():
-            lib = tvm.runtime.load_module(os.path.join(folder, entry["lib"]))
-            self._vms[int(n)] = relax.VirtualMachine(lib, dev)
-            self._params[int(n)] = [store[k] for k in entry["params"]]
+        libs: dict[str, Any] = {}
+
+        def entry_fn(entry: dict) -> Any:
+            """The entry function of a bucket (one library for all, or one per bucket in
+            artefacts written before rotaq merged them)."""
+            if entry["lib"] not in libs:
+                lib = tvm.runtime.load_module(os.path.join(folder, entry["lib"]))
+                libs[entry["lib"]] = relax.VirtualMachine(lib, dev)
+            return libs[entry["lib"]][entry.get("function", "main")]
+
+        self._vms = {int(n): entry_fn(e) for n, e in meta["buckets"].items()}
+        self._params = {int(n): [store[k] for k in e["params"]]
+                        for n, e in meta["buckets"].items()}
+        steps = meta.get("decode") or {}
+        self.decode_vms = {int(c): entry_fn(e) for c, e in steps.items()}
+        self.decode_shapes = {int(c): e["input_shapes"] for c, e in steps.items()}
+        self._decode_params = {int(c): [store[k] for k in e["params"]] for c, e in steps.items()}
         self._order = list(meta.get("input_names") or self.input_names)
         # artefacts from before pad_axes was recorded padded axis 1 of every input
         self.pad_axes: dict[str, int] = dict(meta.get("pad_axes", {k: 1 for k in
@@ -313,6 +326,20 @@ class TvmGraph:
 
     def buckets(self) -> list[int]:
         return sorted(self._vms)
+
+    def input_specs(self) -> dict[str, tuple[np.dtype, list[int | None]]]:
+        """Input name -> (dtype, dims as in the source graph; None: symbolic)."""
+        dtypes, dims = self.meta.get("input_dtypes") or {}, self.meta.get("input_dims") or {}
+        return {k: (np.dtype(dtypes.get(k, "int64")), list(dims[k])) for k in dims}
+
+    def run_decode(self, ctx: int, feeds: dict[str, np.ndarray], cache: dict[str, Any]
+                   ) -> list[np.ndarray]:
+        """One decode step over ``ctx`` cache slots: ``feeds`` (ids, positions, mask) plus
+        ``cache`` (past name -> TVM tensor, used in place)."""
+        args = [cache[k] if k in cache else self._tvm.runtime.tensor(np.ascontiguousarray(
+            feeds[k])) for k in self._order]
+        res = self.decode_vms[ctx](*args, *self._decode_params[ctx])
+        return [r.numpy() for r in (list(res) if not hasattr(res, "numpy") else [res])]
 
     def sample_feeds(self, n: int, seed: int = 0) -> dict[str, np.ndarray]:
         """Feeds of ``n`` tokens shaped as compiled: integer inputs all ones (token 1, mask 1),
@@ -378,7 +405,7 @@ class TvmGraph:
                 raise RotaqError(f"input {name!r} has shape {list(a.shape)}; the artefact was "
                                  f"compiled for {list(want)} (token axes: {self.pad_axes})")
             args.append(self._tvm.runtime.tensor(np.ascontiguousarray(a)))
-        res = self._vms[b]["main"](*args, *self._params[b])
+        res = self._vms[b](*args, *self._params[b])
         res = list(res) if not hasattr(res, "numpy") else [res]
         out = []
         for r in res:

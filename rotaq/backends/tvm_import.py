@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from rotaq.backends import tvm_attention as A
 from rotaq.backends import tvm_hadamard as H
 from rotaq.backends import tvm_kernels as K
 from rotaq.errors import RotaqError
@@ -285,7 +286,8 @@ def _importer_class():
             self._known = shapes
             self._cpu = cpu
             self._avx512 = avx512
-            self.stats = {"qmatmul": 0, "matmul_const": 0, "kron": 0, "reannotated": 0}
+            self.stats = {"qmatmul": 0, "matmul_const": 0, "kron": 0, "attention": 0,
+                          "reannotated": 0}
 
         def _parse_graph_initializers(self, graph: Any) -> None:
             for init in graph.initializer:
@@ -300,7 +302,7 @@ def _importer_class():
 
         def _check_for_unsupported_ops(self, graph: Any) -> None:
             saved = list(graph.node)
-            keep = [n for n in saved if n.op_type not in (_QOP, H.KRON_OP)]
+            keep = [n for n in saved if n.op_type not in (_QOP, H.KRON_OP, A.ATTN_OP)]
             del graph.node[:]
             graph.node.extend(keep)
             try:
@@ -318,6 +320,11 @@ def _importer_class():
                 out = self._nbits(fixed, attrs)
             elif op_name == H.KRON_OP:
                 out = self._kron(fixed, attrs, opset)
+            elif op_name == "Sigmoid" and self._cpu:  # vectorizable exp (libm's is scalar)
+                out = self.bb.emit_te(A.fast_sigmoid, fixed[0])
+            elif op_name == A.ATTN_OP:
+                out, fused = A.emit_attention(self.bb, fixed, attrs, self._call_tir)
+                self.stats["attention"] += fused
             else:
                 out = super()._convert_operator(op_name, F.onnx_input(fixed), attrs, opset)
             return self._reannotate(out, name)
@@ -346,11 +353,14 @@ def _importer_class():
 
         def _call(self, func: Any, args: list, m: int, n: int, shape: list[int],
                   hint: str) -> Any:
+            y = self._call_tir(func, args, (m, n), hint)
+            return self.bb.normalize(relax.op.reshape(y, (*shape[:-1], n)))
+
+        def _call_tir(self, func: Any, args: list, out_shape: tuple, hint: str) -> Any:
             # opaque: FuseOps must not merge rotaq's scheduled kernels with neighbours
             func = func.without_attr("global_symbol").with_attr("op_pattern", 8)
             gv = self.bb.add_func(func, hint)
-            y = self.bb.emit(relax.call_tir(gv, args, relax.TensorType((m, n), "float32")))
-            return self.bb.normalize(relax.op.reshape(y, (*shape[:-1], n)))
+            return self.bb.emit(relax.call_tir(gv, args, relax.TensorType(out_shape, "float32")))
 
         def _schedule(self, func: Any, m: int, n: int, nt: int) -> Any:
             if self._cpu:
@@ -402,11 +412,19 @@ def import_onnx(proto: Any, cpu: bool = True, avx512: bool = False
     for node in proto.graph.node:
         if len(node.output) == 1 and node.output[0] in by_output:
             known[node.name] = by_output[node.output[0]][0]
-    if cpu:  # GPU builds keep the two small MatMuls (dlight schedules them)
+    if cpu:  # GPU builds keep the two small MatMuls and the attention ops (dlight)
         H.lower_kron(proto)  # before lower_matmuls takes the factors' MatMuls
+        gqa = 0
+        if A.lower_attention(proto):
+            from rotaq.backends.tvm_gqa import fold_gqa
+
+            gqa = fold_gqa(proto)
     lower_matmuls(proto)
     importer = _importer_class()(known, cpu, avx512)
     mod = importer.from_onnx(proto.graph, opset)
     mod, params = relax.frontend.detach_params(mod)
     arrays = [p.numpy() for p in params.get("main", [])]
-    return mod, list(importer._input_names), arrays, dict(importer.stats)
+    stats = dict(importer.stats)
+    if cpu:
+        stats["gqa_folded"] = gqa
+    return mod, list(importer._input_names), arrays, stats

@@ -38,9 +38,10 @@ def add_command(sub: Any) -> None:
     sp.add_argument("--prompt", required=True, help="the text to continue")
     sp.add_argument("--max-new-tokens", type=int, default=64, help="at most this many new "
                                                                    "tokens (default 64)")
-    sp.add_argument("--backend", choices=("ort", "genai"), default="ort",
+    sp.add_argument("--backend", choices=("ort", "genai", "tvm"), default="ort",
                     help="ort: rotaq's loop over ONNX Runtime (default); genai: "
-                         "onnxruntime-genai on a generation folder")
+                         "onnxruntime-genai on a generation folder; tvm: a folder written by "
+                         "rotaq compile --backend tvm")
     sp.add_argument("--temperature", type=float, default=None,
                     help="sample (with --top-k/--top-p too) instead of greedy decoding")
     sp.add_argument("--top-k", type=int, default=None, help="sample from the k likeliest")

@@ -295,7 +295,8 @@ def _artifact_model(src: Any) -> str | None:
 
 
 def _bench_artifact(src: Any, backend: str, tokens: Sequence[int], repeats: int, warmup: int,
-                    threads: int, progress: bool) -> dict[str, Any]:
+                    threads: int, progress: bool,
+                    contexts: Sequence[int] = DECODE_CONTEXTS) -> dict[str, Any]:
     """A ``rotaq compile`` folder: ort -> its optimized ONNX; tvm -> the compiled buckets."""
     from rotaq.backends.artifact import read_metadata
 
@@ -320,10 +321,17 @@ def _bench_artifact(src: Any, backend: str, tokens: Sequence[int], repeats: int,
         feeds = model.graph.sample_feeds(n)  # as compiled: only token axes take n
         with stage(f"timing {n} tokens ({warmup} + {repeats} runs)"):
             timings[str(n)] = time_calls(lambda f=feeds: model.graph.run(f), warmup, repeats)
-    return {"model": folder, "backend": "tvm", "tvm_version": meta.get("tvm_version"),
-            "target": meta.get("target"), "threads": threads, "tokens": timings,
-            "size_bytes": size, "size_mib": round(size / 2**20, 2), "files": files,
-            "optimized_ops": None}
+    res = {"model": folder, "backend": "tvm", "tvm_version": meta.get("tvm_version"),
+           "target": meta.get("target"), "threads": threads, "tokens": timings,
+           "size_bytes": size, "size_mib": round(size / 2**20, 2), "files": files,
+           "optimized_ops": None}
+    if model.graph.decode_vms:  # a cache graph compiled with decode steps
+        from rotaq.backends.tvm_decode import TvmCacheRunner
+
+        runner = TvmCacheRunner(model.graph)
+        res["decode"] = {str(c): _time_decode(runner, int(c), warmup, repeats) for c in contexts}
+    res["peak_rss_mib"] = peak_rss_mib()
+    return res
 
 
 # ---- entry point ----------------------------------------------------------------------------
@@ -354,7 +362,7 @@ def bench(model_or_path: Model | str, backend: str = "ort", tokens: Sequence[int
                          f"{warmup}, {threads})")
     if backend == "tvm" or (backend == "ort" and _artifact_model(model_or_path)):
         return _bench_artifact(model_or_path, backend, tokens, repeats, warmup, threads,
-                               progress)
+                               progress, [int(c) for c in contexts])
     if backend == "ort":
         return _bench_ort(model_or_path, tokens, repeats, warmup, threads, progress,
                           [int(c) for c in contexts])

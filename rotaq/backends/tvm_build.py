@@ -1,0 +1,106 @@
+"""Building TVM executables: one bucket, or every bucket of an artefact into one library.
+
+Each bucket (a prefill length, a decode context) is its own static-shape Relax function; for
+one library they are imported separately, their functions renamed with the bucket's tag
+(``main_512``, ``qmatmul_int4_512``, ...), merged into one IRModule and compiled once: one
+``lib.so`` (or one CUDA source) holds every bucket, and the VM calls ``main_<tag>``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+def pipeline(target: Any) -> Any:
+    """The Relax pipeline: TVM's default on CPU; on CUDA, legalization, fusion and dlight's
+    GPU rules (guarded, :func:`tvm_kernels.gpu_rules`) between TVM's CUDA passes."""
+    import tvm
+    from tvm import relax
+
+    if target.kind.name != "cuda":
+        return relax.get_default_pipeline(target)
+    from tvm.relax.backend.cuda import pipeline as cp
+    from tvm.s_tir import dlight as dl
+
+    from rotaq.backends.tvm_kernels import gpu_rules
+
+    @tvm.transform.module_pass(opt_level=0)
+    def _gpu(mod: Any, _ctx: Any) -> Any:
+        legalize = [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+                    relax.transform.FoldConstant(), relax.transform.FuseOps(),
+                    relax.transform.FuseTIR(), dl.ApplyDefaultSchedule(*gpu_rules())]
+        with target:
+            return tvm.transform.Sequential(
+                cp.library_dispatch_passes(target) + legalize + cp.dataflow_lower_passes(target)
+                + cp.finalize_passes(target))(mod)
+
+    return _gpu
+
+
+def import_bucket(onnx_path: str, shapes: dict[str, list[int]], target: Any, avx512: bool,
+                  edit: Any = None) -> tuple[Any, list[str], list[np.ndarray], dict]:
+    """Specialize to static input ``shapes`` (after ``edit(proto)``) and import: (Relax
+    module, input names, params, stats)."""
+    import onnx
+
+    from rotaq.backends.tvm_import import import_onnx, specialize
+
+    proto = onnx.load(onnx_path)
+    if edit is not None:
+        edit(proto)
+    proto = specialize(proto, shapes)
+    cpu = target.kind.name == "llvm"
+    return import_onnx(proto, cpu=cpu, avx512=cpu and avx512)
+
+
+def compile_module(mod: Any, target: Any) -> Any:
+    import tvm
+
+    with tvm.transform.PassContext(opt_level=3):
+        return tvm.compile(mod, target=target, relax_pipeline=pipeline(target))
+
+
+def merge(mods: list[tuple[str, Any]]) -> Any:
+    """One IRModule of bucket modules ``(tag, module)``: every global function renamed
+    ``<name>_<tag>`` (the entry ``main`` becomes ``main_<tag>``), references rewritten."""
+    import tvm
+    from tvm import relax
+    from tvm.relax.expr_functor import PyExprMutator, mutator
+
+    @mutator
+    class _Rename(PyExprMutator):
+        def __init__(self, names: dict[str, Any]):
+            super().__init__()
+            self.names = names
+
+        def visit_global_var_(self, op: Any) -> Any:
+            return self.names.get(op.name_hint, op)
+
+    merged = tvm.IRModule()
+    for tag, mod in mods:  # callees first: adding a function gives its GlobalVar a type
+        for gv, func in mod.functions_items():
+            if not isinstance(func, relax.Function):
+                merged[f"{gv.name_hint}_{tag}"] = _symbol(func, f"{gv.name_hint}_{tag}")
+    for tag, mod in mods:
+        names = {}
+        for gv in mod.get_global_vars():
+            if not isinstance(mod[gv], relax.Function):
+                new = merged.get_global_var(f"{gv.name_hint}_{tag}")
+                relax.expr._update_type(new, gv.ty)  # the callee's type, as add_func set it
+                names[gv.name_hint] = new
+        for gv, func in mod.functions_items():
+            if isinstance(func, relax.Function):
+                new = f"{gv.name_hint}_{tag}"
+                merged[new] = _symbol(_Rename(names).visit_expr(func), new)
+    return merged
+
+
+def _symbol(func: Any, name: str) -> Any:
+    if func.attrs is not None and "global_symbol" in func.attrs:
+        return func.with_attr("global_symbol", name)
+    return func
