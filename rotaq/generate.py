@@ -101,10 +101,10 @@ def resolve_model(src: str, tokenizer: str | None = None) -> _Resolved:
         if not os.path.isfile(src):
             raise RotaqError(f"cannot load {src}: no such file")
         return _Resolved(src, tokenizer or _onnx_tokenizer(src), None, [])
-    import rotaq
     from rotaq.decoder_io import has_cache
+    from rotaq.loading import load
 
-    model = rotaq.load(src, ir="onnx")
+    model = load(src, ir="onnx")
     if not has_cache(model.graph.input_names):
         raise RotaqError(f"this graph has no KV cache: {src} takes inputs "
                          f"{model.graph.input_names}; generation needs a decoder with "

@@ -34,6 +34,9 @@ def _imports(name: str, path: Path, modules: dict[str, Path],
     and ``from a import b`` name ``a.b`` when it is a module, else ``a``; relative imports are
     resolved; the implicit import of parent packages is not counted."""
     tree = ast.parse(path.read_text(), str(path))
+    for n in ast.walk(tree):  # annotations only: not imported at run time
+        if isinstance(n, ast.If) and "TYPE_CHECKING" in ast.unparse(n.test):
+            n.body = []
     nodes = list(tree.body) if module_level else list(ast.walk(tree))
     if module_level:  # look inside module-level if/try blocks too (not functions or classes)
         i = 0
@@ -129,6 +132,27 @@ def test_no_module_level_import_cycle():
     assert len(graph) > 60  # the checker saw the package
     assert sum(len(v) for v in graph.values()) > 100
     assert _cycles(graph) == []
+
+
+# Cycles that imports inside functions still close. Each is a set of modules that may only
+# shrink: a new lazy cycle, or a module joining one of these, fails the test below.
+LAZY_CYCLES = [
+    # the loader, inputs, dtypes and both IR adapters reach each other through
+    # function-level imports (33 such edges)
+    {"rotaq.assets", "rotaq.decoder_io", "rotaq.dtypes", "rotaq.inputs", "rotaq.model",
+     "rotaq.rewriter.blocks", "rotaq.rewriter.export_onnx", "rotaq.rewriter.fx",
+     "rotaq.rewriter.fx_blocks", "rotaq.rewriter.fx_chain", "rotaq.rewriter.fx_quant",
+     "rotaq.rewriter.kv_capture", "rotaq.rewriter.onnx", "rotaq.rewriter.onnx_blocks",
+     "rotaq.rewriter.onnx_contrib", "rotaq.rewriter.onnx_dtype", "rotaq.rewriter.onnx_exec",
+     "rotaq.rewriter.onnx_lift", "rotaq.rewriter.onnx_weights"},
+    # the artefact loader dispatches to the TVM backend, which writes artefacts
+    {"rotaq.backends.artifact", "rotaq.backends.tvm"},
+]
+
+
+def test_lazy_import_cycles_only_shrink():
+    for cycle in _cycles(_graph(module_level=False)):
+        assert any(set(cycle) <= known for known in LAZY_CYCLES), cycle
 
 
 def test_cli_modules_do_not_import_the_cli_package():

@@ -90,10 +90,10 @@ def load_artifact(folder: str) -> Any:
         from rotaq.backends import tvm as tb
 
         return tb.load(folder)
-    import rotaq
+    from rotaq.loading import load
     from rotaq.model import resolve_source
 
-    model = rotaq.load(os.path.join(folder, meta["model_file"]))
+    model = load(os.path.join(folder, meta["model_file"]))
     model.source.update(resolve_source(meta.get("source") or {}, os.path.abspath(folder)))
     return model
 

@@ -128,13 +128,14 @@ def missing_cpu_features(cpu: str | None) -> list[str]:
 # ---- compile ----------------------------------------------------------------------------------
 def _onnx_source(model: Any, tmp: str) -> tuple[str, dict[str, str], dict[str, tuple]]:
     """(ONNX path, source, sample input shapes) of ``model``."""
-    import rotaq
+    from rotaq.loading import load
+    from rotaq.model import Model
 
     if isinstance(model, str) and model.lower().endswith(".onnx") and os.path.isfile(model):
-        m = rotaq.load(model)
+        m = load(model)
         path = os.path.abspath(model)
     else:
-        m = model if isinstance(model, rotaq.Model) else rotaq.load(model, ir="onnx")
+        m = model if isinstance(model, Model) else load(model, ir="onnx")
         path = os.path.join(tmp, "model.onnx")
         m.save(path, tokenizer=False)
     return path, dict(m.source), {k: np.shape(v) for k, v in m.sample_inputs.items()}

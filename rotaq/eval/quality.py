@@ -297,19 +297,19 @@ def cosine_to_reference(model: Model, reference: Model,
 
 # ---- reference ------------------------------------------------------------------------------
 def reference_for(model: Model, path: str | None = None) -> Model:
-    """The original model ``model`` was made from: ``rotaq.load(model.source['name'])`` when
+    """The original model ``model`` was made from: ``load(model.source['name'])`` when
     that is a built-in name, or an existing file/directory other than the model itself
     (``path``: where ``model`` was loaded from, when known)."""
-    import rotaq
     from rotaq import assets
+    from rotaq.loading import load
 
     name = model.source.get("name", "")
     if name in assets.BUILTIN_MODELS:
-        return rotaq.load(name)
+        return load(name)
     if name and os.path.exists(name):
         own = {os.path.abspath(p) for p in (path, getattr(model.graph, "source", None)) if p}
         if os.path.abspath(name) not in own:
-            return rotaq.load(name)
+            return load(name)
         raise RotaqError(f"{name} records no original model to compare with: pass --reference "
                          "MODEL")
     raise RotaqError(f"the original of {name or 'this model'} is unknown or missing: pass "

@@ -3,17 +3,24 @@
 ``input_stats`` runs the model block by block (:mod:`rotaq.rewriter.blocks`) over calibration
 windows a few at a time and accumulates, for every distinct input value of the chosen linears,
 the Gram matrix ``G = X^T X`` (float64) and the mean absolute value per channel; memory stays at
-one block's activations plus the Gram matrices.
+one block's activations plus the Gram matrices. ``calibration_feeds`` makes the calibration
+inputs (text windows, sample inputs or the user's file).
 """
 
 from __future__ import annotations
 
+import logging
+import os
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
+from rotaq.errors import RewriteError, RotaqError
 from rotaq.inputs import chunks, rows_of
 from rotaq.model import Model
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -34,8 +41,6 @@ def linear_inputs(model: Model, keys: list[str]) -> dict[str, str]:
 
 
 def feeds_for(model: Model, text: str, tokens: int, window: int) -> dict[str, np.ndarray]:
-    from rotaq.eval.stats import calibration_feeds
-
     return calibration_feeds(model, text, tokens, window)
 
 
@@ -142,3 +147,84 @@ def capture_rows(model: Model, values: list[str], feeds: dict[str, np.ndarray],
 
     capture_blockwise(model, sorted(set(values)), rank_rows(model, feeds), batch, take, desc)
     return {v: dist.gather_rows(np.concatenate(p)) for v, p in parts.items()}
+
+
+# ---- calibration inputs from text (also rotaq.eval.stats.calibration_feeds) -----------------
+def calibration_feeds(model: Model, corpus: str = "lee", n_tokens: int = 512,
+                      window: int = 128) -> dict[str, np.ndarray]:
+    """Calibration inputs, never the verification ones: the user's calibration rows when given,
+    else ``n_tokens`` of ``corpus`` text in windows of ``window`` tokens (windows that overlap
+    the verification text are skipped), else synthetic inputs drawn with the calibration seed.
+    The set used is recorded in ``model.inputs_info["calibration_used"]``."""
+    import time
+
+    from rotaq import inputs as inp
+
+    t0 = time.perf_counter()
+    tok_dir = model.source.get("tokenizer")
+    if model.calibration is not None:
+        from rotaq.rewriter.kv_capture import complete_feeds
+
+        feeds = complete_feeds(model.graph, model.calibration)  # cache graph: empty pasts
+        info = model.inputs_info.get("calibration") or inp.describe(feeds, "user")
+    elif tok_dir and os.path.isdir(tok_dir) and "input_ids" in model.graph.input_names:
+        feeds, info = _text_feeds(model, tok_dir, corpus, n_tokens, window)
+    else:
+        log.warning("no tokenizer and no calibration inputs for this model: calibrating on "
+                    "synthetic inputs (seed %d); give --inputs FILE.npz or --tokenizer DIR for "
+                    "real data", inp.CALIB_SEED)
+        feeds = inp.synthetic_calibration(model.graph, n_tokens, window)
+        info = inp.describe(feeds, "synthetic", seed=inp.CALIB_SEED)
+        _check_runs(model, feeds)
+    dup = inp.overlap(feeds, model.sample_inputs)
+    if dup:
+        log.warning("%d calibration sample(s) equal verification samples", dup)
+        info = {**info, "rows_also_in_verify": dup}
+    used = model.inputs_info.setdefault("calibration_used", [])
+    if info not in used:
+        used.append(info)
+    log.info("calibration inputs: %s %s (%.1f s)", info["source"], info["shapes"],
+             time.perf_counter() - t0)
+    return feeds
+
+
+def _check_runs(model: Model, feeds: dict[str, np.ndarray]) -> None:
+    """Synthetic calibration inputs the model cannot run on: ask for real ones."""
+    from rotaq import inputs as inp
+
+    first = next(inp.chunks(model.graph, feeds, 1))
+    try:
+        model.graph.run(first)
+    except RotaqError:
+        raise
+    except Exception as err:  # ORT / torch raise many types here
+        msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise RewriteError(f"the model fails on synthetic calibration inputs "
+                           f"{inp.describe(first, '')['shapes']} ({msg[:200]}); give valid "
+                           "inputs with --inputs FILE.npz (Python: inputs=...)") from err
+
+
+def _text_feeds(model: Model, tok_dir: str, corpus: str, n_tokens: int, window: int
+                ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    from transformers import AutoTokenizer
+
+    from rotaq import assets
+    from rotaq import inputs as inp
+
+    fixed = inp.input_specs(model.graph)["input_ids"][1][1:2]
+    if fixed and isinstance(fixed[0], int):  # a graph with a fixed sequence length
+        window = fixed[0]
+    verify = model.inputs_info.get("verify", {})
+    skip = 0
+    if verify.get("source") == "text" and verify.get("text") == corpus:
+        skip = -(-int(verify.get("tokens", 0)) // window)  # whole windows covering them
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    windows = assets.token_windows(tok, corpus, n_tokens + skip * window, window)[skip:]
+    if not windows:
+        raise RewriteError(f"calibration text '{corpus}' has fewer than {window} tokens "
+                           "beyond the verification text")
+    feeds = model.token_feeds(np.asarray(windows))
+    feeds = {k: v for k, v in feeds.items() if k in set(model.graph.input_names)}
+    info = inp.describe(feeds, "text", text=corpus, tokens=len(windows) * window,
+                        skipped_tokens=skip * window or None)
+    return feeds, info
