@@ -97,11 +97,13 @@ def test_custom_recipe(tiny_dir, tmp_path):
 def test_compile_tvm_and_bench(tiny_dir, tmp_path):
     r = _run(["bash", "examples/compile_tvm_and_bench.sh", tiny_dir], tmp_path, TOKENS="16")
     assert r.returncode == 0, r.stderr
-    assert (tmp_path / "tvm" / "lib_16.so").is_file()
+    assert (tmp_path / "tvm" / "lib.so").is_file()  # one library for every length
     tvm = json.loads((tmp_path / "bench-tvm.json").read_text())
     ort = json.loads((tmp_path / "bench-ort.json").read_text())
     assert tvm["backend"] == "tvm" and ort["backend"] == "ort"
     assert list(tvm["tokens"]) == list(ort["tokens"]) == ["16"]
+    # the default decode contexts (128, 1024) need longer prompts than the compiled 16
+    assert tvm["decode"] == {} and "[128, 1024]" in tvm["decode_skipped"]
     ratio = _float(r"\n\s+16\s+\S+\s+\S+\s+(\S+)\n", r.stdout)
     assert ratio == pytest.approx(tvm["tokens"]["16"]["median_ms"]
                                   / ort["tokens"]["16"]["median_ms"], rel=0.01)

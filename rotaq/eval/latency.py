@@ -329,7 +329,15 @@ def _bench_artifact(src: Any, backend: str, tokens: Sequence[int], repeats: int,
         from rotaq.backends.tvm_decode import TvmCacheRunner
 
         runner = TvmCacheRunner(model.graph)
-        res["decode"] = {str(c): _time_decode(runner, int(c), warmup, repeats) for c in contexts}
+        top = max(model.graph.buckets(), default=0)  # the longest prompt the artefact runs
+        fit = [int(c) for c in contexts if int(c) <= top]
+        res["decode"] = {str(c): _time_decode(runner, c, warmup, repeats) for c in fit}
+        if len(fit) < len(contexts):
+            res["decode_skipped"] = (
+                f"contexts {[int(c) for c in contexts if int(c) > top]} need a prompt longer "
+                f"than the longest compiled length ({top}); compile with --tokens up to the "
+                "context")
+            log.warning("bench: %s", res["decode_skipped"])
     res["peak_rss_mib"] = peak_rss_mib()
     return res
 
