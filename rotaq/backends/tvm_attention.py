@@ -145,18 +145,12 @@ def attention_func(g: int, n: int, m: int, d: int, scale: float = 1.0,
     if mask_groups:
         mask = te.placeholder((mask_groups, n, m), "float32", name="mask")
         params.append(mask)
-    if k_rows:
-        dl = _lanes(d)
-        ro = te.reduce_axis((0, d // dl), name="kro")
-        qk_l = te.compute((g, n, m, dl), lambda b, i, j, lane: te.sum(
-            q[b, i, ro * dl + lane] * kt[b // rep, j, ro * dl + lane], axis=ro), name="qk_l")
-        rl = te.reduce_axis((0, dl), name="krl")
-        qk = te.compute((g, n, m), lambda b, i, j: te.sum(qk_l[b, i, j, rl], axis=rl),
-                        name="qk")
-    else:
-        rd = te.reduce_axis((0, d), name="rd")
-        qk = te.compute((g, n, m), lambda b, i, j: te.sum(q[b, i, rd] * kt[b // rep, rd, j],
-                                                          axis=rd), name="qk")
+    keys = kt
+    if k_rows:  # tiles of the cached keys transposed in a local buffer (see the schedule)
+        keys = te.compute((g // rep, d, m), lambda b, r, j: kt[b, j, r], name="kt_tile")
+    rd = te.reduce_axis((0, d), name="rd")
+    qk = te.compute((g, n, m), lambda b, i, j: te.sum(q[b, i, rd] * keys[b // rep, rd, j],
+                                                      axis=rd), name="qk")
     sc = tirx.const(scale, "float32")
 
     def _score(b: Any, i: Any, j: Any) -> Any:
@@ -228,30 +222,16 @@ def schedule_attention_cpu(func: Any, n: int, m: int, d: int, rows: int = 4,
         if lp["j"] is not None:
             sch.vectorize(lp["j"])
     qk = sch.get_sblock("qk")
-    if k_rows:  # keys [m, d]: per key, lanes of q * k over the head dim, then their sum
-        dl = _lanes(d)
-        lp = _loops(sch, qk, (("i", rows), ("j", m), ("r", dl)))
-        if lp["i"] is not None and lp["j"] is not None:
-            sch.reorder(lp["j"], lp["i"])
-        if lp["j"] is None:
-            return sch.mod["main"]
-        ql = sch.get_sblock("qk_l")
-        sch.compute_at(ql, lp["j"])
-        sch.set_scope(ql, 0, "local")
-        lq = _loops(sch, ql, (("i", rows), ("lane", dl), ("r", d // dl)))
-        if lq["r"] is not None:
-            sch.reorder(*[lq[k] for k in ("i", "r", "lane") if lq[k] is not None])
-        if lq["lane"] is not None:
-            sch.vectorize(lq["lane"])
-        if lq["r"] is not None:
-            sch.decompose_reduction(ql, lq["r"])
-        return _schedule_pv(sch, rows, m, d)
     # scores: [rows, cols] accumulator tiles over the head dim
     lp = _loops(sch, qk, (("i", rows), ("j", m), ("r", d)))
     jt = next((t for t in (cols, 32, 16, 8) if m % t == 0), 0)
     if jt and lp["j"] is not None and lp["r"] is not None:
         jo, ji = sch.split(lp["j"], [None, jt])
         sch.reorder(*[x for x in (jo, lp["r"], lp["i"], ji) if x is not None])
+        if k_rows:  # the tile's keys [jt, d] -> [d, jt] in cache, once per tile
+            tile = sch.get_sblock("kt_tile")
+            sch.compute_at(tile, jo)
+            sch.set_scope(tile, 0, "local")
         acc = sch.cache_write(qk, 0, "local")
         sch.reverse_compute_at(acc, jo)
         if lp["i"] is not None:
@@ -355,6 +335,17 @@ def emit_attention(bb: Any, inputs: list, attrs: dict, call: Any) -> tuple[Any, 
     rep = rep or 1
     args = [bb.normalize(relax.op.reshape(x, (g // (rep if i else 1), *s[-2:])))
             for i, (x, s) in enumerate(zip((q, kt, v), shapes))]
+    if k_rows and n == 1 and rep > 1 and mg <= 1:
+        # one token: the rep query heads of a KV head are the rows of one block, so each key
+        # and value is read once per KV head (query head h = kv * rep + r)
+        args[0] = bb.normalize(relax.op.reshape(args[0], (g // rep, rep, d)))
+        if mask is not None:
+            args.append(bb.normalize(relax.op.broadcast_to(
+                relax.op.reshape(mask, (1, 1, m)), (1, rep, m))))
+        func = schedule_attention_cpu(attention_func(g // rep, rep, m, d, scale, mg, 1, True),
+                                      rep, m, d, rows=rep, k_rows=True)
+        y = call(func, args, (g // rep, rep, d), "attention")
+        return bb.normalize(relax.op.reshape(y, (*lead, n, d))), True
     if mask is not None:
         args.append(bb.normalize(relax.op.reshape(mask, (mg, n, m))))
     func = schedule_attention_cpu(attention_func(g, n, m, d, scale, mg, rep, k_rows), n, m, d,
