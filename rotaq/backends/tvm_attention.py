@@ -287,6 +287,8 @@ def emit_attention(bb: Any, inputs: list, attrs: dict, call: Any) -> tuple[Any, 
     (output, whether the kernel was used)."""
     from tvm import relax
 
+    from rotaq.backends import tvm_causal as C
+
     scale, has_mask = float(attrs["scale"]), bool(int(attrs["has_mask"]))
     rep = int(attrs.get("gqa_rep", 0))
     q, kt, v = inputs[:3]
@@ -348,6 +350,12 @@ def emit_attention(bb: Any, inputs: list, attrs: dict, call: Any) -> tuple[Any, 
         return bb.normalize(relax.op.reshape(y, (*lead, n, d))), True
     if mask is not None:
         args.append(bb.normalize(relax.op.reshape(mask, (mg, n, m))))
+    off = attrs.get("causal_off")
+    parts = [] if k_rows or mask is None else C.chunks(n, m, None if off is None else int(off))
+    if parts:  # provably causal (tvm_causal): each chunk of rows skips the keys it cannot see
+        y = C.emit_chunks(bb, args, parts, lambda r, k: schedule_attention_cpu(
+            attention_func(g, r, k, d, scale, mg, rep), r, k, d), call)
+        return bb.normalize(relax.op.reshape(y, (*lead, n, d))), True
     func = schedule_attention_cpu(attention_func(g, n, m, d, scale, mg, rep, k_rows), n, m, d,
                                   k_rows=k_rows)
     y = call(func, args, (g, n, d), "attention")
