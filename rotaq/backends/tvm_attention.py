@@ -9,7 +9,11 @@ and ``exp`` (TVM's vectorizable ``fast_exp``), the row sums, and the product wit
 tiles of rows x head dim); rows whose scores are all ``-inf`` give 0, as the ``IsNaN`` guard of
 the exported graph does. Blocks of rows of every (batch, head) run in parallel. The scores never
 leave the cache: the default lowering wrote ``[heads, n, n]`` to memory three times and ran its
-matmuls untiled on one thread (SmolLM2 at 512 tokens: 7.7 s of 8.4 s).
+matmuls untiled on one thread (SmolLM2 at 512 tokens: 7.7 s of 8.4 s). A decode step reads
+the keys as cached (``k_rows``: tiles of ``[m, d]`` transposed in a local buffer, no transpose
+of the whole cache per step; one token: the query heads of a KV head form one block of rows);
+a prefill whose mask is proven causal (:mod:`tvm_causal`) skips the keys each chunk of rows
+cannot see.
 """
 
 from __future__ import annotations
