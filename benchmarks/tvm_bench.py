@@ -340,10 +340,14 @@ def write(results: dict) -> None:
                        "(static shapes per bucket: prefill inputs padded to the next length, "
                        "decode steps over a cache of the next compiled context, its free slots "
                        "masked). Attention runs in rotaq's fused kernel (scores, softmax, P@V "
-                       "per block of query rows; GQA keys and values read before repeat_kv); "
-                       "the rest of the graph (RoPE, norms, the K transpose of a decode step) "
-                       "in TVM's default lowering. Measured on 2 cores shared with other jobs: "
-                       "absolute times move 2-3x between runs, compare the ratios."), ""]
+                       "per block of query rows; GQA keys and values read before repeat_kv; "
+                       "a decode step reads the keys as cached, tiles transposed in the kernel, "
+                       "the query heads of a KV head as one block of rows); the rest of the "
+                       "graph (RoPE, norms, the cache Concat of a decode step) in TVM's default "
+                       "lowering. Measured on 2 cores shared with other jobs: absolute times "
+                       "move 2-3x between runs (genai's too), compare the ratios; "
+                       "benchmarks/results/tvm_decode_profile.md has a step's time per call."),
+                  ""]
     if "parity" in results:
         lines += [("| model | recipe | tokens | TVM vs ORT max rel diff | ORT unoptimized vs ORT "
                    "max rel diff |"), "|---|---|---|---|---|"]

@@ -9,7 +9,11 @@ and ``exp`` (TVM's vectorizable ``fast_exp``), the row sums, and the product wit
 tiles of rows x head dim); rows whose scores are all ``-inf`` give 0, as the ``IsNaN`` guard of
 the exported graph does. Blocks of rows of every (batch, head) run in parallel. The scores never
 leave the cache: the default lowering wrote ``[heads, n, n]`` to memory three times and ran its
-matmuls untiled on one thread (SmolLM2 at 512 tokens: 7.7 s of 8.4 s).
+matmuls untiled on one thread (SmolLM2 at 512 tokens: 7.7 s of 8.4 s). A decode step reads
+the keys as cached (``k_rows``: tiles of ``[m, d]`` transposed in a local buffer, no transpose
+of the whole cache per step; one token: the query heads of a KV head form one block of rows);
+a prefill whose mask is proven causal (:mod:`tvm_causal`) skips the keys each chunk of rows
+cannot see.
 """
 
 from __future__ import annotations
@@ -25,6 +29,10 @@ ATTN_OP = "RotaqAttention"
 # Blocks of rows run in parallel from this many multiply-adds per matmul (g * n * m * d) on:
 # below it (SmolLM2: 16 tokens, 9 heads = 150k) waking the thread pool costs more than it saves.
 PARALLEL_WORK = 1 << 20
+# Up to this many query rows (a decode step), GQA-folded attention reads the keys as cached,
+# [.., m, d], instead of transposing the whole cache per step (SmolLM2, 1151 cached tokens:
+# 9.4 of 37.7 ms per step in that transpose); longer prefills keep the tiled [d, m] kernel.
+KEY_ROWS_MAX = 4
 
 
 def _scalar(proto_inits: dict, name: str) -> float | None:
@@ -123,24 +131,29 @@ def lower_attention(proto: Any) -> int:
 
 
 def attention_func(g: int, n: int, m: int, d: int, scale: float = 1.0,
-                   mask_groups: int = 0, rep: int = 1) -> Any:
+                   mask_groups: int = 0, rep: int = 1, k_rows: bool = False) -> Any:
     """PrimFunc ``(q [g, n, d], kt [g / rep, d, m], v [g / rep, m, d][, mask [mg, n, m]]) ->
     o [g, n, d]``, ``o = softmax(scale * q @ kt + mask) @ v`` per group, group ``b`` reading
     keys and values ``b // rep`` (grouped-query attention: ``rep`` query heads per KV head; rows
     all ``-inf``: 0). ``mask_groups``: 0 no mask, 1 one mask for every group, ``g`` one per
-    group."""
+    group. ``k_rows``: the keys come as stored in the KV cache, ``k [g / rep, m, d]`` (no
+    transpose of the cache per decode step); each score is then a dot product over the head dim
+    in vector lanes (``qk_l``) summed across the lanes."""
     from tvm import te, tirx, topi
 
     q = te.placeholder((g, n, d), "float32", name="q")
-    kt = te.placeholder((g // rep, d, m), "float32", name="kt")
+    kt = te.placeholder((g // rep, m, d) if k_rows else (g // rep, d, m), "float32", name="kt")
     v = te.placeholder((g // rep, m, d), "float32", name="v")
     params = [q, kt, v]
     mask = None
     if mask_groups:
         mask = te.placeholder((mask_groups, n, m), "float32", name="mask")
         params.append(mask)
+    keys = kt
+    if k_rows:  # tiles of the cached keys transposed in a local buffer (see the schedule)
+        keys = te.compute((g // rep, d, m), lambda b, r, j: kt[b, j, r], name="kt_tile")
     rd = te.reduce_axis((0, d), name="rd")
-    qk = te.compute((g, n, m), lambda b, i, j: te.sum(q[b, i, rd] * kt[b // rep, rd, j],
+    qk = te.compute((g, n, m), lambda b, i, j: te.sum(q[b, i, rd] * keys[b // rep, rd, j],
                                                       axis=rd), name="qk")
     sc = tirx.const(scale, "float32")
 
@@ -174,7 +187,7 @@ def attention_func(g: int, n: int, m: int, d: int, scale: float = 1.0,
 
 
 def schedule_attention_cpu(func: Any, n: int, m: int, d: int, rows: int = 4,
-                           cols: int = 64) -> Any:
+                           cols: int = 64, k_rows: bool = False) -> Any:
     """Blocks of ``rows`` query rows of each group in parallel; per block, scores
     ``[rows, m]``, their exps and the ``[rows, d]`` output accumulate in local buffers, the
     two matmuls in register tiles (``rows`` x ``cols`` keys, ``rows`` x ``d``)."""
@@ -212,13 +225,17 @@ def schedule_attention_cpu(func: Any, n: int, m: int, d: int, rows: int = 4,
         lp = _loops(sch, sch.get_sblock(name), (("i", rows), ("j", m)))
         if lp["j"] is not None:
             sch.vectorize(lp["j"])
-    # scores: [rows, cols] accumulator tiles over the head dim
     qk = sch.get_sblock("qk")
+    # scores: [rows, cols] accumulator tiles over the head dim
     lp = _loops(sch, qk, (("i", rows), ("j", m), ("r", d)))
     jt = next((t for t in (cols, 32, 16, 8) if m % t == 0), 0)
     if jt and lp["j"] is not None and lp["r"] is not None:
         jo, ji = sch.split(lp["j"], [None, jt])
         sch.reorder(*[x for x in (jo, lp["r"], lp["i"], ji) if x is not None])
+        if k_rows:  # the tile's keys [jt, d] -> [d, jt] in cache, once per tile
+            tile = sch.get_sblock("kt_tile")
+            sch.compute_at(tile, jo)
+            sch.set_scope(tile, 0, "local")
         acc = sch.cache_write(qk, 0, "local")
         sch.reverse_compute_at(acc, jo)
         if lp["i"] is not None:
@@ -226,7 +243,11 @@ def schedule_attention_cpu(func: Any, n: int, m: int, d: int, rows: int = 4,
         sch.vectorize(ji)
         sch.decompose_reduction(qk, lp["r"])
         sch.vectorize(sch.get_loops(acc)[-1])
-    # P @ V: [rows, d] accumulators over the keys
+    return _schedule_pv(sch, rows, m, d)
+
+
+def _schedule_pv(sch: Any, rows: int, m: int, d: int) -> Any:
+    """P @ V: [rows, d] accumulators over the keys."""
     pv = sch.get_sblock("pv")
     lp = _loops(sch, pv, (("i", rows), ("c", d), ("r", m)))
     if lp["r"] is not None and lp["c"] is not None:
@@ -270,23 +291,32 @@ def emit_attention(bb: Any, inputs: list, attrs: dict, call: Any) -> tuple[Any, 
     (output, whether the kernel was used)."""
     from tvm import relax
 
+    from rotaq.backends import tvm_causal as C
+
     scale, has_mask = float(attrs["scale"]), bool(int(attrs["has_mask"]))
     rep = int(attrs.get("gqa_rep", 0))
     q, kt, v = inputs[:3]
     mask = inputs[3] if has_mask else None
+    k_rows = False
     if rep:  # keys and values before repeat_kv (tvm_gqa): k0, v0 [B, KVH, m, d]
-        kt = bb.normalize(relax.op.permute_dims(kt, [0, 1, 3, 2]))
-        if _static(q) is None or _static(kt) is None:
+        qs0 = _static(q)
+        # a decode step reads the keys as cached (no transpose of the cache per step)
+        k_rows = qs0 is not None and len(qs0) >= 3 and qs0[-2] <= KEY_ROWS_MAX
+        if not k_rows:
+            kt = bb.normalize(relax.op.permute_dims(kt, [0, 1, 3, 2]))
+        if qs0 is None or _static(kt) is None:
             rep = 0
+            if k_rows:
+                kt, k_rows = bb.normalize(relax.op.permute_dims(kt, [0, 1, 3, 2])), False
     shapes = [_static(x) for x in (q, kt, v)]
     mshape = _static(mask) if mask is not None else []
     ok = all(s is not None and len(s) >= 3 for s in shapes) and mshape is not None
     if ok:
         (qs, ks, vs), lead = shapes, shapes[0][:-2]
-        n, d, m = qs[-2], qs[-1], ks[-1]
+        n, d, m = qs[-2], qs[-1], vs[-2]
         klead = [*lead[:-1], lead[-1] // rep] if rep and len(lead) >= 1 else lead
-        ok = ks[:-2] == klead and vs[:-2] == klead and ks[-2] == d and vs[-2] == m and \
-            vs[-1] == d and (not rep or lead[-1] % rep == 0)
+        ok = ks[:-2] == klead and vs[:-2] == klead and ks[-2:] == ([m, d] if k_rows else [d, m]) \
+            and vs[-1] == d and (not rep or lead[-1] % rep == 0)
     mg = 0
     if ok and mask is not None:
         mlead = [1] * (len(lead) + 2 - len(mshape)) + list(mshape[:-2])
@@ -295,6 +325,8 @@ def emit_attention(bb: Any, inputs: list, attrs: dict, call: Any) -> tuple[Any, 
         mg = 1 if all(x == 1 for x in mlead) else g
     if not ok:
         log.debug("attention with shapes %s / mask %s: unfused ops", shapes, mshape)
+        if k_rows:
+            kt = relax.op.permute_dims(kt, [0, 1, 3, 2])
         if rep:
             kt, v = relax.op.repeat(kt, rep, axis=1), relax.op.repeat(v, rep, axis=1)
         s = relax.op.matmul(q, kt)
@@ -309,9 +341,27 @@ def emit_attention(bb: Any, inputs: list, attrs: dict, call: Any) -> tuple[Any, 
     rep = rep or 1
     args = [bb.normalize(relax.op.reshape(x, (g // (rep if i else 1), *s[-2:])))
             for i, (x, s) in enumerate(zip((q, kt, v), shapes))]
+    if k_rows and n == 1 and rep > 1 and mg <= 1:
+        # one token: the rep query heads of a KV head are the rows of one block, so each key
+        # and value is read once per KV head (query head h = kv * rep + r)
+        args[0] = bb.normalize(relax.op.reshape(args[0], (g // rep, rep, d)))
+        if mask is not None:
+            args.append(bb.normalize(relax.op.broadcast_to(
+                relax.op.reshape(mask, (1, 1, m)), (1, rep, m))))
+        func = schedule_attention_cpu(attention_func(g // rep, rep, m, d, scale, mg, 1, True),
+                                      rep, m, d, rows=rep, k_rows=True)
+        y = call(func, args, (g // rep, rep, d), "attention")
+        return bb.normalize(relax.op.reshape(y, (*lead, n, d))), True
     if mask is not None:
         args.append(bb.normalize(relax.op.reshape(mask, (mg, n, m))))
-    func = schedule_attention_cpu(attention_func(g, n, m, d, scale, mg, rep), n, m, d)
+    off = attrs.get("causal_off")
+    parts = [] if k_rows or mask is None else C.chunks(n, m, None if off is None else int(off))
+    if parts:  # provably causal (tvm_causal): each chunk of rows skips the keys it cannot see
+        y = C.emit_chunks(bb, args, parts, lambda r, k: schedule_attention_cpu(
+            attention_func(g, r, k, d, scale, mg, rep), r, k, d), call)
+        return bb.normalize(relax.op.reshape(y, (*lead, n, d))), True
+    func = schedule_attention_cpu(attention_func(g, n, m, d, scale, mg, rep, k_rows), n, m, d,
+                                  k_rows=k_rows)
     y = call(func, args, (g, n, d), "attention")
     return bb.normalize(relax.op.reshape(y, (*lead, n, d))), True
 

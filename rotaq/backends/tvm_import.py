@@ -414,11 +414,14 @@ def import_onnx(proto: Any, cpu: bool = True, avx512: bool = False
             known[node.name] = by_output[node.output[0]][0]
     if cpu:  # GPU builds keep the two small MatMuls and the attention ops (dlight)
         H.lower_kron(proto)  # before lower_matmuls takes the factors' MatMuls
-        gqa = 0
+        gqa = causal = 0
         if A.lower_attention(proto):
             from rotaq.backends.tvm_gqa import fold_gqa
 
             gqa = fold_gqa(proto)
+            from rotaq.backends.tvm_causal import mark_causal
+
+            causal = mark_causal(proto)
     lower_matmuls(proto)
     importer = _importer_class()(known, cpu, avx512)
     mod = importer.from_onnx(proto.graph, opset)
@@ -426,5 +429,5 @@ def import_onnx(proto: Any, cpu: bool = True, avx512: bool = False
     arrays = [p.numpy() for p in params.get("main", [])]
     stats = dict(importer.stats)
     if cpu:
-        stats["gqa_folded"] = gqa
+        stats["gqa_folded"], stats["causal"] = gqa, causal
     return mod, list(importer._input_names), arrays, stats

@@ -38,6 +38,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         from rotaq.backends.tvm import require_tvm
 
         require_tvm()  # fail before any rewrite work
+    contexts = _contexts(args.contexts)
     model = _model_for(args.model, args.recipe, options(args.set))
     if args.backend == "ort":
         from rotaq.backends.ort import compile_ort
@@ -48,13 +49,31 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
         tokens = [int(t) for t in args.tokens.split(",") if t.strip()]
         meta = compile_tvm(model, args.output, target=args.target, tokens=tokens,
-                           progress=sys.stderr.isatty(), pad_axes=_pad_axes(args.pad_axis))
+                           progress=sys.stderr.isatty(), pad_axes=_pad_axes(args.pad_axis),
+                           decode=contexts)
     meta["output"] = os.path.abspath(args.output)
     meta["files"] = file_sizes([os.path.join(args.output, f)
                                 for f in sorted(os.listdir(args.output))])
     meta["total_seconds"] = round(time.perf_counter() - t0, 1)
     emit(meta, args.json, _print_compile)
     return 0
+
+
+def _contexts(spec: str | None) -> list[int] | None:
+    """``--contexts 191,1151`` -> [191, 1151]; ``none`` -> [] (no decode steps); unset: None
+    (the backend's default contexts)."""
+    if spec is None:
+        return None
+    if spec.strip().lower() == "none":
+        return []
+    try:
+        out = [int(x) for x in spec.split(",") if x.strip()]
+    except ValueError:
+        out = []
+    if not out or min(out) < 1:
+        raise RotaqError(f"--contexts expects comma-separated positive integers like 255,1151 "
+                         f"(or none), got '{spec}'")
+    return out
 
 
 def _pad_axes(specs: list[str] | None) -> dict[str, int | None]:
@@ -93,6 +112,11 @@ def add_command(sub: Any, model_help: str) -> None:
                          "cuda:sm_90 (default llvm)")
     sp.add_argument("--tokens", default="1,16,512",
                     help="tvm: sequence lengths to compile (static shapes; default 1,16,512)")
+    sp.add_argument("--contexts", default=None, metavar="C1,C2,...",
+                    help="tvm, a decoder with a KV cache: cache slots of the compiled one-token "
+                         "decode steps (comma-separated; none: no decode steps); a step over "
+                         "C slots attends over C+1 keys, so C+1 a multiple of 64 tiles best "
+                         "(default 191,255,383,511,767,1151,1535,2047)")
     sp.add_argument("--pad-axis", action="append", metavar="NAME:AXIS",
                     help="tvm: the token axis of input NAME, padded to the compiled length "
                          "(NAME:none: keep its shape); default: axis 1 of integer *ids/*mask "

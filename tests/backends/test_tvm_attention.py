@@ -58,6 +58,44 @@ def test_attention_kernel(g, n, m, d, mg, scale):
         assert not got[-1, 0].any() and got[0, 0].any()
 
 
+@pytest.mark.parametrize("g,n,m,d,rep,mg,rows", [
+    (9, 1, 192, 64, 3, 1, 4),   # SmolLM2 decode: 9 query heads over 3 KV heads, keys as cached
+    (3, 3, 1152, 64, 1, 1, 3),  # its 3 query heads of a KV head as the rows of one block
+    (4, 2, 33, 8, 2, 4, 4),     # odd key count (untiled), a mask per group, two rows
+    (6, 1, 64, 64, 3, 0, 4),    # no mask
+    (2, 1, 1, 16, 1, 1, 4),     # a single key
+])
+def test_attention_kernel_key_rows(g, n, m, d, rep, mg, rows):
+    """Keys read in the cache's layout ``[g / rep, m, d]`` (no transpose) against numpy."""
+    rng = np.random.default_rng(m + d)
+    q = rng.standard_normal((g, n, d)).astype(np.float32)
+    k = rng.standard_normal((g // rep, m, d)).astype(np.float32)
+    v = rng.standard_normal((g // rep, m, d)).astype(np.float32)
+    mask = None
+    if mg:
+        mask = np.zeros((mg, n, m), np.float32)
+        if m > 3:
+            mask[:, :, m // 2: m - 1] = -np.inf  # empty cache slots, then the new token
+            mask[-1, 0, 0] = -2.5
+    f = schedule_attention_cpu(attention_func(g, n, m, d, 0.125, mg, rep, k_rows=True), n, m,
+                               d, rows=rows, k_rows=True)
+    lib = tvm.compile(tvm.IRModule({"main": f}), target=tb.make_target("llvm"))
+    out = tvm.runtime.tensor(np.zeros((g, n, d), np.float32))
+    arrays = [q, k, v] + ([mask] if mask is not None else [])
+    lib["main"](*[tvm.runtime.tensor(a) for a in arrays], out)
+    kt = np.repeat(np.swapaxes(k, 1, 2), rep, axis=0)
+    ref = _reference(q, kt, np.repeat(v, rep, axis=0),
+                     (mask[0] if mg == 1 else mask) if mg else None, 0.125)
+    got = out.numpy()
+    assert np.abs(got - ref).max() <= 2e-5 * np.abs(ref).max()
+    if mg and m > 3:  # the masked slots change nothing: zeroing their keys gives the same
+        k2 = k.copy()
+        k2[:, m // 2: m - 1] = 0.0
+        out2 = tvm.runtime.tensor(np.zeros((g, n, d), np.float32))
+        lib["main"](*[tvm.runtime.tensor(a) for a in [q, k2, v, mask]], out2)
+        assert np.abs(out2.numpy() - got).max() <= 1e-6 * np.abs(ref).max()
+
+
 def test_fast_sigmoid():
     from tvm import te
 

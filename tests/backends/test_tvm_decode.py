@@ -71,3 +71,25 @@ def test_bench_reports_decode(kv_artifact):
     assert set(res["decode"]) == {"6", "12"}
     assert all(r["tokens_per_s"] > 0 for r in res["decode"].values())
     assert res["peak_rss_mib"] > 0
+
+
+def test_cli_compile_contexts(kv_artifact, tmp_path, capsys):
+    """``rotaq compile --contexts``: exactly the contexts asked for; bad lists exit 2."""
+    import json
+
+    from rotaq.cli import main
+
+    path, _, _ = kv_artifact
+    out = tmp_path / "art"
+    assert main(["compile", path, "--backend", "tvm", "--tokens", "4", "--contexts", "7",
+                 "-o", str(out), "--json"]) == 0
+    meta = json.loads(capsys.readouterr().out)
+    assert sorted(meta["decode"]) == ["7"] and meta["tokens"] == [4]
+    runner = TvmCacheRunner(tb.load(str(out)).graph)
+    assert runner.contexts == [7]
+    for bad in ("0", "a,b", ","):
+        assert main(["compile", path, "--backend", "tvm", "--contexts", bad,
+                     "-o", str(tmp_path / "bad")]) == 2
+        err = capsys.readouterr().err
+        assert "--contexts expects" in err and "Traceback" not in err
+        assert not (tmp_path / "bad").exists()
