@@ -61,8 +61,8 @@ class Spin(Pass, Calibrated):
     a_bits: int = 4
     a_clip: float = 0.9
     objective: Literal["e2e", "layer"] = "e2e"
-    steps: int = 100
-    lr: float = 0.05
+    steps: int = 24
+    lr: float = 0.02
     calib_tokens: int = 512
     batch_tokens: int = 0  # e2e: tokens per step (whole rows); 0: all calibration tokens
     check_rows: int = 4  # e2e minibatches: rows on which the start and the result are compared
@@ -127,7 +127,7 @@ class Spin(Pass, Calibrated):
                                            keep_best=check is None, progress=progress)
         finally:
             bar.close()
-        if check is not None:  # minibatches: compare start and end on all the data
+        if check is not None:  # minibatches: compare start and end on the check rows
             learned = check.choose(r0, learned)
         del objective, check
         # 4. the learned rotation, folded exactly
