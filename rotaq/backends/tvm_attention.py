@@ -23,9 +23,9 @@ from typing import Any
 
 import numpy as np
 
-log = logging.getLogger(__name__)
+from rotaq.backends.tvm_gqa import ATTN_OP  # defined there: tvm_gqa and tvm_causal need it too
 
-ATTN_OP = "RotaqAttention"
+log = logging.getLogger(__name__)
 # Blocks of rows run in parallel from this many multiply-adds per matmul (g * n * m * d) on:
 # below it (SmolLM2: 16 tokens, 9 heads = 150k) waking the thread pool costs more than it saves.
 PARALLEL_WORK = 1 << 20

@@ -32,8 +32,7 @@ def mark_causal(proto: Any) -> int:
     """Mark causal ``RotaqAttention`` nodes (see the module doc); returns how many."""
     from onnx import helper
 
-    from rotaq.backends.tvm_attention import ATTN_OP
-    from rotaq.backends.tvm_gqa import _shapes
+    from rotaq.backends.tvm_gqa import ATTN_OP, _shapes
 
     shapes = _shapes(proto)
     count, checked = 0, {}

@@ -21,6 +21,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
+ATTN_OP = "RotaqAttention"  # the fused attention node (emitted by tvm_attention)
 _LAYOUT = {"Reshape", "Transpose", "Expand", "Unsqueeze", "Squeeze", "Mul"}
 
 
@@ -74,8 +75,6 @@ def fold_gqa(proto: Any) -> int:
     """Rewire ``RotaqAttention`` nodes past their GQA layout chains (see the module doc);
     nodes left unread are dropped. Returns the number of nodes rewired."""
     from onnx import helper
-
-    from rotaq.backends.tvm_attention import ATTN_OP
 
     shapes = _shapes(proto)
     consts = {t.name for t in proto.graph.initializer}
