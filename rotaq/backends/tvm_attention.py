@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from rotaq.backends.tvm_gqa import ATTN_OP  # defined there: tvm_gqa and tvm_causal need it too
+from rotaq.backends.tvm_graph import ATTN_OP, ProtoIndex, drop_nodes
 
 log = logging.getLogger(__name__)
 # Blocks of rows run in parallel from this many multiply-adds per matmul (g * n * m * d) on:
@@ -35,35 +35,16 @@ PARALLEL_WORK = 1 << 20
 KEY_ROWS_MAX = 4
 
 
-def _scalar(proto_inits: dict, name: str) -> float | None:
-    from onnx import numpy_helper
-
-    if name not in proto_inits:
-        return None
-    arr = numpy_helper.to_array(proto_inits[name])
-    return float(arr.reshape(-1)[0]) if arr.size == 1 else None
-
-
 def lower_attention(proto: Any) -> int:
     """Replace each ``MatMul -> [scale] -> [Add mask] -> Softmax(axis=-1) -> [IsNaN/Where]
     -> MatMul`` chain (intermediate values read only inside the chain) by ``RotaqAttention``.
     Returns the number of chains replaced."""
     from onnx import helper
 
-    inits = {t.name: t for t in proto.graph.initializer}
-    nodes = list(proto.graph.node)
-    producer = {o: nd for nd in nodes for o in nd.output}
-    readers: dict[str, list] = {}
-    for nd in nodes:
-        for i in nd.input:
-            readers.setdefault(i, []).append(nd)
-    outs = {o.name for o in proto.graph.output}
-
-    def only_reader(value: str, node: Any) -> bool:
-        return value not in outs and [id(r) for r in readers.get(value, [])] == [id(node)]
-
+    ix = ProtoIndex(proto)
+    producer, readers, only_reader = ix.producer, ix.readers, ix.only_reader
     drop, count = set(), 0
-    for sm in nodes:
+    for sm in ix.nodes:
         if sm.op_type != "Softmax":
             continue
         axis = next((helper.get_attribute_value(a) for a in sm.attribute if a.name == "axis"),
@@ -73,12 +54,12 @@ def lower_attention(proto: Any) -> int:
         chain = [sm]
         # consumer side: optional Where(IsNaN(p), 0, p), then MatMul(p, V)
         prob, users = sm.output[0], readers.get(sm.output[0], [])
-        if prob in outs:
+        if prob in ix.outputs:
             continue
         isnan = next((u for u in users if u.op_type == "IsNaN"), None)
         where = next((u for u in users if u.op_type == "Where"), None)
         if isnan is not None and where is not None and len(users) == 2:
-            zero = _scalar(inits, where.input[1])
+            zero = ix.scalar(where.input[1])
             if (where.input[0] != isnan.output[0] or where.input[2] != prob or zero != 0.0
                     or not only_reader(isnan.output[0], where)):
                 continue
@@ -103,7 +84,7 @@ def lower_attention(proto: Any) -> int:
             node = producer.get(cur)
         if node is not None and node.op_type in ("Mul", "Div") and \
                 only_reader(cur, chain[-1]):
-            c = _scalar(inits, node.input[1])
+            c = ix.scalar(node.input[1])
             if c is None or c == 0.0:
                 continue
             scale = c if node.op_type == "Mul" else 1.0 / c
@@ -123,10 +104,7 @@ def lower_attention(proto: Any) -> int:
                              helper.make_attribute("has_mask", int(bool(mask)))])
         drop.update(id(nd) for nd in chain)
         count += 1
-    if count:
-        keep = [nd for nd in proto.graph.node if id(nd) not in drop]
-        del proto.graph.node[:]
-        proto.graph.node.extend(keep)
+    drop_nodes(proto, drop)
     return count
 
 

@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from rotaq.backends.tvm_graph import ATTN_OP, ProtoIndex, static_dims
+
 log = logging.getLogger(__name__)
 
 CHUNK_ROWS = 128  # query rows per chunk (a multiple of 64: the chunks' key counts tile by 64)
@@ -32,9 +34,7 @@ def mark_causal(proto: Any) -> int:
     """Mark causal ``RotaqAttention`` nodes (see the module doc); returns how many."""
     from onnx import helper
 
-    from rotaq.backends.tvm_gqa import ATTN_OP, _shapes
-
-    shapes = _shapes(proto)
+    shapes = static_dims(proto)
     count, checked = 0, {}
     for node in proto.graph.node:
         if node.op_type != ATTN_OP or len(node.input) < 4 or not node.input[3]:
@@ -74,8 +74,8 @@ def _run_mask(proto: Any, mask: str) -> list[np.ndarray]:
     from onnx import helper
     from onnx.reference import ReferenceEvaluator
 
-    producer = {o: nd for nd in proto.graph.node for o in nd.output}
-    inits = {t.name: t for t in proto.graph.initializer}
+    ix = ProtoIndex(proto)
+    producer, inits = ix.producer, ix.inits
     inputs = {i.name: i for i in proto.graph.input}
     need, stack, used_inputs = set(), [mask], []
     while stack:

@@ -19,19 +19,11 @@ from typing import Any
 
 import numpy as np
 
+from rotaq.backends.tvm_graph import ATTN_OP, ProtoIndex, static_dims
+
 log = logging.getLogger(__name__)
 
-ATTN_OP = "RotaqAttention"  # the fused attention node (emitted by tvm_attention)
 _LAYOUT = {"Reshape", "Transpose", "Expand", "Unsqueeze", "Squeeze", "Mul"}
-
-
-def _shapes(proto: Any) -> dict[str, list[int]]:
-    out = {}
-    for vi in [*proto.graph.input, *proto.graph.value_info, *proto.graph.output]:
-        dims = vi.type.tensor_type.shape.dim
-        if dims and all(d.HasField("dim_value") for d in dims):
-            out[vi.name] = [d.dim_value for d in dims]
-    return out
 
 
 def _walk(value: str, producer: dict, consts: set) -> tuple[list, str]:
@@ -76,9 +68,9 @@ def fold_gqa(proto: Any) -> int:
     nodes left unread are dropped. Returns the number of nodes rewired."""
     from onnx import helper
 
-    shapes = _shapes(proto)
-    consts = {t.name for t in proto.graph.initializer}
-    producer = {o: nd for nd in proto.graph.node for o in nd.output}
+    shapes = static_dims(proto)
+    ix = ProtoIndex(proto)
+    consts, producer = set(ix.inits), ix.producer
     rng, count = np.random.default_rng(0), 0
     for node in proto.graph.node:
         if node.op_type != ATTN_OP:

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from rotaq import tags
+from rotaq.backends.tvm_graph import ProtoIndex, drop_nodes
 
 KRON_OP = "RotaqKron"
 
@@ -39,23 +40,16 @@ def lower_kron(proto: Any) -> int:
     factors are constant by ``RotaqKron(x, At, B, shape_in, shape_out)`` (the two Reshapes'
     shapes; attributes ``a``, ``b``, ``fwht_a``,
     ``fwht_b``). Returns the number of chains replaced."""
-    from onnx import helper, numpy_helper
+    from onnx import helper
 
-    inits = {t.name: t for t in proto.graph.initializer}
-    nodes = list(proto.graph.node)
-    producer = {o: nd for nd in nodes for o in nd.output}
-    readers: dict[str, int] = {}
-    for nd in nodes:
-        for i in nd.input:
-            readers[i] = readers.get(i, 0) + 1
-    for o in proto.graph.output:
-        readers[o.name] = readers.get(o.name, 0) + 1
+    ix = ProtoIndex(proto)
+    producer = ix.producer
 
     def tagged(nd: Any) -> bool:
         return tags.is_transform({p.key: p.value for p in nd.metadata_props})
 
     drop, count = set(), 0
-    for last in nodes:
+    for last in ix.nodes:
         if last.op_type != "Reshape" or not tagged(last):
             continue
         left = producer.get(last.input[0])
@@ -66,13 +60,13 @@ def lower_kron(proto: Any) -> int:
         if first is None or first.op_type != "Reshape" or not all(
                 tagged(nd) for nd in (left, right, first)):
             continue
-        if left.input[0] not in inits or right.input[1] not in inits:
+        if left.input[0] not in ix.inits or right.input[1] not in ix.inits:
             continue
-        if any(readers.get(v, 0) != 1 for v in (first.output[0], right.output[0],
-                                                 left.output[0])):
+        if not (ix.only_reader(first.output[0], right) and ix.only_reader(right.output[0], left)
+                and ix.only_reader(left.output[0], last)):
             continue
-        at = numpy_helper.to_array(inits[left.input[0]]).astype(np.float32)
-        bm = numpy_helper.to_array(inits[right.input[1]]).astype(np.float32)
+        at = ix.array(left.input[0]).astype(np.float32)
+        bm = ix.array(right.input[1]).astype(np.float32)
         a, b = at.shape[0], bm.shape[0]
         fa, fb = _is_sylvester(at.T), _is_sylvester(bm)
         last.op_type, last.domain = KRON_OP, ""
@@ -85,10 +79,7 @@ def lower_kron(proto: Any) -> int:
                                (("a", a), ("b", b), ("fwht_a", fa), ("fwht_b", fb))])
         drop.update(id(nd) for nd in (first, right, left))
         count += 1
-    if count:
-        keep = [nd for nd in proto.graph.node if id(nd) not in drop]
-        del proto.graph.node[:]
-        proto.graph.node.extend(keep)
+    drop_nodes(proto, drop)
     return count
 
 

@@ -84,6 +84,13 @@ def right_rows(q: Rotation, w: np.ndarray, chunk: int = 4096) -> np.ndarray:
     return w
 
 
+def residual_rotatable(a: Analysis) -> bool:
+    """The residual stream can carry a folded rotation: pre-norm, RMSNorms only, one stream,
+    no grouped MoE experts (``rotate``'s residual mode, ``spin``)."""
+    rms = all(a.norms[nk].kind == "rms" for b in a.residual.blocks for nk in b.norms)
+    return a.pre_norm and rms and a.residual.streams == 1 and not a.experts
+
+
 def norm_readers(g, a: Analysis) -> dict[str, list[str]]:
     """Each stream norm (block norms, final norm) -> the linears reading its output; refuses a
     norm whose output also feeds something other than linears (nothing to fold into)."""

@@ -91,9 +91,7 @@ class Rotate(Pass):
         mode = self.mode
         reason = ""
         if mode == "auto":
-            rms = all(a.norms[nk].kind == "rms" for b in a.residual.blocks for nk in b.norms)
-            one = a.residual.streams == 1
-            mode = "residual" if a.pre_norm and rms and one and not a.experts else "online"
+            mode = "residual" if folds.residual_rotatable(a) else "online"
             reason = _online_reason(a) if mode == "online" else ""
         if mode == "residual":
             stats = self._residual(model, a)

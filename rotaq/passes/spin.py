@@ -81,8 +81,7 @@ class Spin(Pass, Calibrated):
     def call(self, model: Model) -> PassResult:
         a = model.analysis()
         res = a.residual
-        rms = all(a.norms[nk].kind == "rms" for b in res.blocks for nk in b.norms)
-        if not (a.pre_norm and rms and res.streams == 1 and not a.experts):
+        if not folds.residual_rotatable(a):
             raise RewriteError(f"spin learns a residual-stream rotation, which this model "
                                f"cannot carry: {_online_reason(a)}")
         if self.rotate_qk:

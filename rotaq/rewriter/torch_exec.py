@@ -121,6 +121,13 @@ def _shape(x, start=0, end=None):
     return torch.tensor(list(x.shape)[start:end], dtype=torch.int64)
 
 
+def _gather(x, idx, axis):
+    axis %= x.dim()
+    flat = idx.reshape(-1) % x.shape[axis]  # ONNX allows negative indices
+    out = torch.index_select(x, axis, flat)
+    return out.reshape(*x.shape[:axis], *idx.shape, *x.shape[axis + 1:])
+
+
 def _fold(fn, ts):
     out = ts[0]
     for t in ts[1:]:
@@ -172,10 +179,7 @@ _OPS: dict[str, Callable[..., torch.Tensor]] = {
     "Greater": lambda i, a: i[0] > i[1], "Equal": lambda i, a: i[0] == i[1],
     "And": lambda i, a: i[0] & i[1], "Not": lambda i, a: ~i[0],
     "Where": lambda i, a: torch.where(i[0], i[1], i[2]),
-    "Gather": lambda i, a: torch.index_select(
-        i[0], a.get("axis", 0) % i[0].dim(), i[1].reshape(-1)).reshape(
-        *i[0].shape[:a.get("axis", 0) % i[0].dim()], *i[1].shape,
-        *i[0].shape[a.get("axis", 0) % i[0].dim() + 1:]),
+    "Gather": lambda i, a: _gather(i[0], i[1], a.get("axis", 0)),
     "Identity": lambda i, a: i[0],
     "Max": lambda i, a: _fold(torch.maximum, i), "Min": lambda i, a: _fold(torch.minimum, i),
     "IsNaN": lambda i, a: torch.isnan(i[0]),
