@@ -156,12 +156,16 @@ def compile_tvm(model: Any, out_dir: str, target: str | dict = "llvm",
                 tokens: tuple[int, ...] | list[int] = DEFAULT_TOKENS,
                 progress: bool = True,
                 pad_axes: dict[str, int | None] | None = None,
-                decode: tuple[int, ...] | list[int] | None = None) -> dict[str, Any]:
+                decode: tuple[int, ...] | list[int] | None = None, tune: int = 0,
+                tune_db: str | None = None) -> dict[str, Any]:
     """Compile ``model`` (a Model, an .onnx path or a built-in name) for each token count and
     write the artefact to ``out_dir`` (atomically). ``pad_axes``: input name -> token axis
     (``None``: no token axis) where the default rule (see the module doc) is wrong. A cache
     graph is also compiled for one-token decode steps over each context in ``decode``
-    (default :data:`tvm_decode.DEFAULT_CONTEXTS`; ``()``: none). Returns the metadata."""
+    (default :data:`tvm_decode.DEFAULT_CONTEXTS`; ``()``: none). ``tune``: MetaSchedule trials
+    (in total) for the default-lowered PrimFuncs, ``tune_db``: a database (folder) to start from
+    or apply; the database used is saved in ``DIR/tuning/`` (:mod:`tvm_tune`). Returns the
+    metadata."""
     tvm = require_tvm()
     tgt = make_target(target)
     tokens = sorted({int(t) for t in tokens})
@@ -210,8 +214,18 @@ def compile_tvm(model: Any, out_dir: str, target: str | dict = "llvm",
                      "function": f"main_{tag}"}
             (buckets if kind == "prefill" else steps)[str(n)] = entry
             log.info("%s %d imported (%s)", kind, n, stats)
+        merged, db, tuning = B.merge(mods), None, None
+        if tune or tune_db:
+            from rotaq.backends import tvm_tune as TT
+
+            if tune_db:
+                TT.copy_db(TT.db_dir(tune_db), os.path.join(work, "tuning"))
+            tuning = TT.tune(merged, tgt, tune, os.path.join(work, "tuning"), True) \
+                if tune else {"trials": 0, "database": "tuning"}
+            tuning["from"] = os.path.abspath(tune_db) if tune_db else None
+            db = TT.open_db(os.path.join(work, "tuning"))
         with stage(f"TVM: compiling {len(mods)} buckets into one library ({tgt.kind.name})"):
-            ex = B.compile_module(B.merge(mods), tgt)
+            ex = B.compile_module(merged, tgt, db)
         for entry in [*buckets.values(), *steps.values()]:
             if tgt.kind.name == "llvm":
                 entry["lib"] = "lib.so"
@@ -243,7 +257,7 @@ def compile_tvm(model: Any, out_dir: str, target: str | dict = "llvm",
             "input_dims": {i.name: [d.dim_value if d.HasField("dim_value") else None
                                     for d in i.type.tensor_type.shape.dim]
                            for i in proto.graph.input},
-            "compile_seconds": round(time.perf_counter() - t0, 2),
+            "compile_seconds": round(time.perf_counter() - t0, 2), "tuning": tuning,
         }
         write_metadata(work, meta)
         for leftover in ("model.onnx", "model.onnx.data"):

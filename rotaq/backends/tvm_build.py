@@ -16,12 +16,26 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 
-def pipeline(target: Any) -> Any:
+def pipeline(target: Any, database: Any = None) -> Any:
     """The Relax pipeline: TVM's default on CPU; on CUDA, legalization, fusion and dlight's
-    GPU rules (guarded, :func:`tvm_kernels.gpu_rules`) between TVM's CUDA passes."""
+    GPU rules (guarded, :func:`tvm_kernels.gpu_rules`) between TVM's CUDA passes. With a
+    MetaSchedule ``database`` (CPU), its best schedules replace the PrimFuncs it has records
+    for, after fusion (:mod:`rotaq.backends.tvm_tune`)."""
     import tvm
     from tvm import relax
 
+    if target.kind.name != "cuda" and database is not None:
+        from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+        @tvm.transform.module_pass(opt_level=0)
+        def _tuned(mod: Any, _ctx: Any) -> Any:
+            with target, database:
+                return tvm.transform.Sequential(
+                    cpu.library_dispatch_passes(target) + cpu.legalize_passes(target)
+                    + [relax.transform.MetaScheduleApplyDatabase()]
+                    + cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target))(mod)
+
+        return _tuned
     if target.kind.name != "cuda":
         return relax.get_default_pipeline(target)
     from tvm.relax.backend.cuda import pipeline as cp
@@ -58,11 +72,12 @@ def import_bucket(onnx_path: str, shapes: dict[str, list[int]], target: Any, avx
     return import_onnx(proto, cpu=cpu, avx512=cpu and avx512)
 
 
-def compile_module(mod: Any, target: Any) -> Any:
+def compile_module(mod: Any, target: Any, database: Any = None) -> Any:
+    """Build ``mod`` for ``target`` (applying a MetaSchedule ``database`` when given)."""
     import tvm
 
     with tvm.transform.PassContext(opt_level=3):
-        return tvm.compile(mod, target=target, relax_pipeline=pipeline(target))
+        return tvm.compile(mod, target=target, relax_pipeline=pipeline(target, database))
 
 
 def merge(mods: list[tuple[str, Any]]) -> Any:

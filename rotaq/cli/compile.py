@@ -39,6 +39,11 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
         require_tvm()  # fail before any rewrite work
     contexts = _contexts(args.contexts)
+    tune = _trials(args.tune)
+    if tune or args.tune_db is not None:
+        from rotaq.backends.tvm_tune import check
+
+        check(tune, args.tune_db, args.backend, args.target)
     model = _model_for(args.model, args.recipe, options(args.set))
     if args.backend == "ort":
         from rotaq.backends.ort import compile_ort
@@ -50,13 +55,21 @@ def cmd_compile(args: argparse.Namespace) -> int:
         tokens = [int(t) for t in args.tokens.split(",") if t.strip()]
         meta = compile_tvm(model, args.output, target=args.target, tokens=tokens,
                            progress=sys.stderr.isatty(), pad_axes=_pad_axes(args.pad_axis),
-                           decode=contexts)
+                           decode=contexts, tune=tune, tune_db=args.tune_db)
     meta["output"] = os.path.abspath(args.output)
     meta["files"] = file_sizes([os.path.join(args.output, f)
                                 for f in sorted(os.listdir(args.output))])
     meta["total_seconds"] = round(time.perf_counter() - t0, 1)
     emit(meta, args.json, _print_compile)
     return 0
+
+
+def _trials(spec: str) -> int:
+    """``--tune N``: an integer (range checked in :func:`tvm_tune.check`)."""
+    try:
+        return int(spec)
+    except ValueError:
+        raise RotaqError(f"--tune expects a number of trials, got '{spec}'") from None
 
 
 def _contexts(spec: str | None) -> list[int] | None:
@@ -121,6 +134,14 @@ def add_command(sub: Any, model_help: str) -> None:
                     help="tvm: the token axis of input NAME, padded to the compiled length "
                          "(NAME:none: keep its shape); default: axis 1 of integer *ids/*mask "
                          "inputs, every other input keeps its shape")
+    sp.add_argument("--tune", default="0", metavar="N",
+                    help="tvm, llvm: MetaSchedule tuning of the default-lowered functions (norms, "
+                         "RoPE, elementwise; rotaq's kernels keep their own schedules), N "
+                         "measured trials in total; the database is saved in DIR/tuning/ "
+                         "(default 0: no tuning)")
+    sp.add_argument("--tune-db", default=None, metavar="PATH",
+                    help="tvm, llvm: a tuning database to apply (a DIR/tuning/ folder or an "
+                         "artefact folder); with --tune N, tuning continues from it")
     sp.add_argument("-o", "--output", required=True, help="artefact folder")
     sp.add_argument("--json", action="store_true", help="print the metadata as JSON")
     sp.set_defaults(func=cmd_compile)
