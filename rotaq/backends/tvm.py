@@ -214,7 +214,7 @@ def compile_tvm(model: Any, out_dir: str, target: str | dict = "llvm",
                      "function": f"main_{tag}"}
             (buckets if kind == "prefill" else steps)[str(n)] = entry
             log.info("%s %d imported (%s)", kind, n, stats)
-        merged, db, tuning = B.merge(mods), None, None
+        merged, db, tuning, built = B.merge(mods), None, None, {}
         if tune or tune_db:
             from rotaq.backends import tvm_tune as TT
 
@@ -225,7 +225,9 @@ def compile_tvm(model: Any, out_dir: str, target: str | dict = "llvm",
             tuning["from"] = os.path.abspath(tune_db) if tune_db else None
             db = TT.open_db(os.path.join(work, "tuning"))
         with stage(f"TVM: compiling {len(mods)} buckets into one library ({tgt.kind.name})"):
-            ex = B.compile_module(merged, tgt, db)
+            ex = B.compile_module(merged, tgt, db, built)
+        if tuning is not None:
+            tuning["applied"] = built.get("tuned", 0) - built.get("scheduled", 0)
         for entry in [*buckets.values(), *steps.values()]:
             if tgt.kind.name == "llvm":
                 entry["lib"] = "lib.so"

@@ -16,23 +16,35 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 
-def pipeline(target: Any, database: Any = None) -> Any:
+def pipeline(target: Any, database: Any = None, stats: dict | None = None) -> Any:
     """The Relax pipeline: TVM's default on CPU; on CUDA, legalization, fusion and dlight's
     GPU rules (guarded, :func:`tvm_kernels.gpu_rules`) between TVM's CUDA passes. With a
     MetaSchedule ``database`` (CPU), its best schedules replace the PrimFuncs it has records
-    for, after fusion (:mod:`rotaq.backends.tvm_tune`)."""
+    for, after fusion (:mod:`rotaq.backends.tvm_tune`); ``stats`` gets the number of PrimFuncs
+    marked scheduled before (``scheduled``) and after (``tuned``)."""
     import tvm
     from tvm import relax
 
     if target.kind.name != "cuda" and database is not None:
         from tvm.relax.backend.cpu_generic import pipeline as cpu
 
+        def _count(key: str) -> Any:
+            @tvm.transform.module_pass(opt_level=0)
+            def _pass(mod: Any, _ctx: Any) -> Any:  # PrimFuncs marked scheduled
+                if stats is not None:
+                    stats[key] = sum(1 for _, f in mod.functions_items()
+                                     if f.attrs and f.attrs.get("tirx.is_scheduled", False))
+                return mod
+
+            return _pass
+
         @tvm.transform.module_pass(opt_level=0)
         def _tuned(mod: Any, _ctx: Any) -> Any:
             with target, database:
                 return tvm.transform.Sequential(
                     cpu.library_dispatch_passes(target) + cpu.legalize_passes(target)
-                    + [relax.transform.MetaScheduleApplyDatabase()]
+                    + [_count("scheduled"), relax.transform.MetaScheduleApplyDatabase(),
+                       _count("tuned")]
                     + cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target))(mod)
 
         return _tuned
@@ -72,12 +84,14 @@ def import_bucket(onnx_path: str, shapes: dict[str, list[int]], target: Any, avx
     return import_onnx(proto, cpu=cpu, avx512=cpu and avx512)
 
 
-def compile_module(mod: Any, target: Any, database: Any = None) -> Any:
+def compile_module(mod: Any, target: Any, database: Any = None, stats: dict | None = None
+                   ) -> Any:
     """Build ``mod`` for ``target`` (applying a MetaSchedule ``database`` when given)."""
     import tvm
 
     with tvm.transform.PassContext(opt_level=3):
-        return tvm.compile(mod, target=target, relax_pipeline=pipeline(target, database))
+        return tvm.compile(mod, target=target,
+                           relax_pipeline=pipeline(target, database, stats))
 
 
 def merge(mods: list[tuple[str, Any]]) -> Any:

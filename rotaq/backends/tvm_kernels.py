@@ -87,7 +87,8 @@ def qmatmul_func(m: int, k: int, n: int, bits: int, block: int, act_bits: int = 
                        name="mm")
     if bias is not None:
         y = te.compute((m, n), lambda i, j: y[i, j] + bias[j], name="bias_add")
-    return te.create_prim_func([*params, y])
+    spec = {"k": k, "bits": bits, "block": block, "act_bits": act_bits, "bias": int(has_bias)}
+    return te.create_prim_func([*params, y]).with_attr("rotaq.qmatmul", spec)
 
 
 # N tiles run in parallel from this many multiply-adds (m * K * N) on. Below it (SmolLM2 at one
@@ -108,8 +109,10 @@ def pick_tile(n: int) -> int:
 
 def schedule_qmatmul_cpu(func: Any, m: int, n: int, nt: int, mt: int = 0,
                          kunroll: int = 0, avx512: bool = False) -> Any:
-    """CPU schedule: parallel N tiles (the weight tile ``nt``); for one row the weight is
-    decoded inline (GEMV), for more rows it is decoded once per tile into a local buffer and
+    """CPU schedule: parallel N tiles (the weight tile ``nt``); for one row of a quantized
+    weight without activation quantization, :func:`qgemv_func` (the affine dequantization
+    factored out of the K loop: -8% to -16% on SmolLM2's int4 shapes); for one row otherwise
+    the weight is decoded inline (GEMV), for more rows it is decoded once per tile into a local buffer and
     reused by every ``mt``-row register tile (GEMM); K outermost inside the tile, N vectorized;
     the optional activation quantizer is computed once. ``avx512`` (32 vector registers of 16
     lanes): ``mt`` up to 4, so the 4 x 64 accumulator tile takes 16 registers instead of
@@ -118,6 +121,11 @@ def schedule_qmatmul_cpu(func: Any, m: int, n: int, nt: int, mt: int = 0,
     to 8, K unrolled by 2."""
     from tvm import s_tir
 
+    spec = func.attrs.get("rotaq.qmatmul") if func.attrs is not None else None
+    if m == 1 and spec is not None and int(spec["bits"]) < 32 and not int(spec["act_bits"]):
+        k, bits, block = int(spec["k"]), int(spec["bits"]), int(spec["block"])
+        gemv = qgemv_func(k, n, bits, block, bool(int(spec["bias"])), nt)
+        return schedule_qgemv_cpu(gemv, k, n, nt, parallel=k * n >= PARALLEL_MACS)
     if not kunroll:
         kunroll = 4 if avx512 and m == 1 else 2
 
@@ -228,3 +236,82 @@ def gpu_rules() -> list:
     return [Guarded(r) for r in (dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.LowBatchGEMV(),
                                  dl.gpu.Reduction(), dl.gpu.GeneralReduction(),
                                  dl.gpu.Fallback())]
+
+
+def qgemv_func(k: int, n: int, bits: int, block: int, has_bias: bool = False,
+               nt: int = 64) -> Any:
+    """One-row quantized matmul with the affine dequantization factored out of the K loop:
+    ``y[j] = sum_b scale[b, j] * sum_r x[b, r] code[b, r, j] + shift[b, j] * sum_r x[b, r]``
+    (``r`` over a block of ``block`` codes): one multiply-add per weight instead of two, and
+    scale / shift read once per block instead of once per code. Same parameters and layout as
+    :func:`qmatmul_func` (``bits`` < 32, no activation quantization); ``x`` is zero-padded to
+    whole blocks once."""
+    te, tirx = _te()
+    per, nb = 8 // bits, -(-k // block)
+    x = te.placeholder((1, k), "float32", name="x")
+    w = te.placeholder((n // nt, -(-nb * block // per), nt), "uint8", name="w")
+    sc = te.placeholder((n // nt, nb, nt), "float32", name="scale")
+    sh = te.placeholder((n // nt, nb, nt), "float32", name="shift")
+    params = [x, w, sc, sh]
+    bias = te.placeholder((n,), "float32", name="bias") if has_bias else None
+    if bias is not None:
+        params.append(bias)
+    xp = te.compute((nb * block,), lambda kk: tirx.if_then_else(
+        kk < k, x[0, tirx.min(kk, k - 1)], tirx.const(0.0, "float32")), name="xpad")
+    r = te.reduce_axis((0, block), name="r")
+    xs = te.compute((nb,), lambda b: te.sum(xp[b * block + r], axis=r), name="xsum")
+
+    def _code(t, kk, c):
+        byte = w[t, kk // per, c]
+        return ((byte >> ((kk % per) * bits).astype("uint8"))
+                & tirx.const(2**bits - 1, "uint8")).astype("float32")
+
+    r2 = te.reduce_axis((0, block), name="r2")
+    part = te.compute((nb, n), lambda b, j: te.sum(
+        xp[b * block + r2] * _code(j // nt, b * block + r2, j % nt), axis=r2), name="part")
+    rb = te.reduce_axis((0, nb), name="rb")
+    y = te.compute((1, n), lambda i, j: te.sum(
+        part[rb, j] * sc[j // nt, rb, j % nt] + xs[rb] * sh[j // nt, rb, j % nt], axis=rb),
+        name="mm")
+    if bias is not None:
+        y = te.compute((1, n), lambda i, j: y[i, j] + bias[j], name="bias_add")
+    return te.create_prim_func([*params, y])
+
+
+def schedule_qgemv_cpu(func: Any, k: int, n: int, nt: int = 64, kunroll: int = 4,
+                       parallel: bool = False) -> Any:
+    """CPU schedule of :func:`qgemv_func`: per N tile (parallel when asked), per block, the
+    ``nt``-lane partial sum in registers over the block's codes (unrolled by ``kunroll``,
+    vectorized along N), then scale / shift applied into the tile's accumulator."""
+    from tvm import s_tir
+
+    sch = s_tir.Schedule(func)
+    names = _block_names(sch, ("bias_add",))
+    mm = sch.get_sblock("mm")
+    i, j, rb = sch.get_loops(mm)
+    jo, ji = sch.split(j, [None, nt])
+    sch.reorder(i, jo, rb, ji)
+    acc = sch.cache_write(mm, 0, "local")
+    sch.reverse_compute_at(acc, jo)
+    if parallel:  # before decompose_reduction: a parallel loop takes whole reduction blocks
+        sch.parallel(jo)
+    part = sch.get_sblock("part")
+    sch.compute_at(part, rb)
+    sch.set_scope(part, 0, "local")
+    pj, pr = sch.get_loops(part)[-2:]
+    if kunroll > 1:
+        pr, pri = sch.split(pr, [None, kunroll])
+        sch.reorder(pr, pri, pj)
+        sch.unroll(pri)
+    else:
+        sch.reorder(pr, pj)
+    sch.vectorize(pj)
+    sch.decompose_reduction(part, pr)
+    sch.vectorize(ji)
+    sch.decompose_reduction(mm, rb)
+    sch.vectorize(sch.get_loops(acc)[-1])
+    if "bias_add" in names:
+        badd = sch.get_sblock("bias_add")
+        sch.reverse_compute_at(badd, sch.get_loops(acc)[-2])
+        sch.vectorize(sch.get_loops(badd)[-1])
+    return sch.mod["main"]
