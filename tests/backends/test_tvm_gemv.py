@@ -63,3 +63,6 @@ def test_one_row_dispatch(bits, act, expect_gemv):
     old = _run(K.schedule_qmatmul_cpu(func.without_attr("rotaq.qmatmul"), 1, n, nt),
                [x, w, sc, sh], n)
     assert np.abs(got - old).max() / np.abs(old).max() < 1e-5
+    if not act:
+        ref = x.astype(np.float64) @ wd
+        assert np.abs(got - ref).max() / np.abs(ref).max() < 1e-5
