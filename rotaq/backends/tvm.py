@@ -11,6 +11,7 @@ artefact atomically::
     DIR/lib.so          the compiled Relax VM executable of every bucket (llvm)
     DIR/cuda.cu         the generated CUDA source (cuda; compiled with nvcc when a GPU runs it)
     DIR/params.npz      parameters (deduplicated across buckets)
+    DIR/tuning/         the MetaSchedule database applied (``tune`` / ``tune_db`` only)
 
 Only token inputs are specialized per bucket: each input's token axis (``pad_axes`` in the
 metadata; by default axis 1 of integer inputs named ``*ids`` / ``*mask``, overridden with
