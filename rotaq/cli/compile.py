@@ -106,6 +106,11 @@ def _print_compile(d: dict[str, Any]) -> None:
     files = ", ".join(f"{os.path.basename(f['path'])} ({size(f['bytes'])})" for f in d["files"])
     print(f"wrote {d['output']}/ ({d['backend']}, {target}{tokens}) in {d['total_seconds']} s: "
           f"{files}")
+    t = d.get("tuning")
+    if t:
+        how = (f"{t['trials']} trials on {t.get('tasks', 0)} of {t.get('tunable', 0)} tunable "
+               f"functions in {t.get('seconds', 0)} s" if t["trials"] else f"database {t['from']}")
+        print(f"tuning: {how}; {t.get('applied', 0)} functions use tuned schedules")
 
 
 def add_command(sub: Any, model_help: str) -> None:
