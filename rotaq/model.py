@@ -16,12 +16,9 @@ from rotaq.decoder_io import complete_feeds, is_cache_graph, prefill_decode
 from rotaq.errors import RotaqError
 from rotaq.files import atomic_dir
 from rotaq.inputs import run as run_batched
+from rotaq.rewriter import blocks
 from rotaq.rewriter.analysis import Analysis, analyze
-from rotaq.rewriter.blocks import (  # blockwise_bytes, weight_bytes: also re-exported
-    blockwise_bytes,
-    run_blockwise,
-    weight_bytes,
-)
+from rotaq.rewriter.blocks import blockwise_bytes, weight_bytes  # also re-exported
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +125,7 @@ class _Batched:
 def _run(graph: Any, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
     if weight_bytes(graph) > blockwise_bytes():
         log.info("running block by block (weights %.1f GiB)", weight_bytes(graph) / 2**30)
-        return run_blockwise(graph, feeds)
+        return blocks.run_blockwise(graph, feeds)
     return run_batched(graph, feeds)
 
 
