@@ -1,8 +1,8 @@
 """Fused attention for the TVM backend (CPU).
 
 Exported attention is ``MatMul(Q, K^T) [-> Mul/Div by a constant] [-> Add(mask)] -> Softmax(-1)
-[-> Where(IsNaN(p), 0, p)] -> MatMul(P, V)``. :func:`attention_rules` (onnxscript rewrite rules,
-one per variant; :func:`lower_attention` applies them) replace each such chain by one
+[-> Where(IsNaN(p), 0, p)] -> MatMul(P, V)``. :func:`attention_rule` (an onnxscript rewrite rule,
+the optional steps as alternatives; :func:`lower_attention` applies it) replaces each chain by one
 ``RotaqAttention(Q, Kt, V[, mask])`` node (attributes ``scale``, ``has_mask``) and
 :func:`attention_func` is its kernel: per block of query rows, the scores of the block against
 every key are computed into a local buffer (register tiles along the keys), their row maximum
@@ -40,58 +40,57 @@ def _softmax_last(context: Any, node: Any) -> bool:
     return node.attributes.get_int("axis", -1) == -1
 
 
-def _attention_rule(scale_op: str | None, mask_first: bool | None, guard: bool) -> Any:
-    """One variant of the chain: ``scale_op`` Mul / Div / None, the mask Add's input order
-    (``mask_first``; None: no mask), the ``Where(IsNaN(p), 0, p)`` guard or not."""
+def _attention_pattern(op: Any, q: Any, kt: Any, v: Any, c: Any, mask: Any, zero: Any) -> Any:
+    from onnxscript.rewriter.pattern import OrValue
+
+    s = op.MatMul(q, kt)
+    s = OrValue([op.Mul(s, c), op.Div(s, c), s], tag_var="scale_op",
+                tag_values=["Mul", "Div", None])
+    s = OrValue([op.Add(s, mask), op.Add(mask, s), s], tag_var="mask_at",
+                tag_values=[1, 0, None])
+    p = op.Softmax(s, _check=_softmax_last, _outputs=["probs"])
+    p = OrValue([op.Where(op.IsNaN(p), zero, p), p], tag_var="guard", tag_values=[True, False])
+    return op.MatMul(p, v, _outputs=["y"])
+
+
+def _attention_check(context: Any, c: Any, zero: Any, scale_op: str | None, mask_at: int | None,
+                     guard: bool, probs: Any, **_: Any) -> bool:
+    if scale_op and init_scalar(c) in (None, 0.0):
+        return False
+    if guard and init_scalar(zero) != 0.0:
+        return False
+    if mask_at == 0:  # the scores are the Add's first input when they can be (as exported)
+        first = probs.producer().inputs[0].producer().inputs[0].producer()
+        return first is None or first.op_type not in ("MatMul", "Mul", "Div")
+    return True
+
+
+def _attention_rewrite(op: Any, q: Any, kt: Any, v: Any, c: Any, mask: Any, scale_op: str | None,
+                       mask_at: int | None, y: Any, **_: Any) -> Any:
+    scale = 1.0
+    if scale_op:
+        scale = init_scalar(c) if scale_op == "Mul" else 1.0 / init_scalar(c)
+    extra = [mask] if mask_at is not None else []
+    return op.op(ATTN_OP, q, kt, v, *extra, scale=float(scale),
+                 has_mask=int(mask_at is not None), _name=y.producer().name)
+
+
+def attention_rule() -> Any:
+    """The rewrite rule: ``MatMul(Q, Kt) -> [Mul/Div by a constant scalar] -> [Add mask]
+    -> Softmax(axis=-1) -> [Where(IsNaN(p), 0, p)] -> MatMul(P, V)`` (the optional steps as
+    ``OrValue`` alternatives; intermediate values read only inside the chain) ->
+    ``RotaqAttention(Q, Kt, V[, mask])`` (attributes ``scale``, ``has_mask``), named as the
+    last MatMul."""
     from onnxscript.rewriter import pattern
 
-    def pattern_fn(op: Any, q: Any, kt: Any, v: Any, c: Any, mask: Any, zero: Any) -> Any:
-        s = op.MatMul(q, kt)
-        if scale_op:
-            s = getattr(op, scale_op)(s, c)
-        if mask_first is not None:
-            s = op.Add(*((mask, s) if mask_first else (s, mask)), _outputs=["scores"])
-        p = op.Softmax(s, _check=_softmax_last)
-        if guard:
-            p = op.Where(op.IsNaN(p), zero, p)
-        return op.MatMul(p, v, _outputs=["y"])
-
-    def check(context: Any, c: Any, zero: Any, **kw: Any) -> bool:
-        if scale_op and init_scalar(c) in (None, 0.0):
-            return False
-        if guard and init_scalar(zero) != 0.0:
-            return False
-        if mask_first:  # the scores are the Add's first input when they can be (as exported)
-            first = kw["scores"].producer().inputs[0].producer()
-            return first is None or first.op_type not in ("MatMul", "Mul", "Div")
-        return True
-
-    def rewrite(op: Any, q: Any, kt: Any, v: Any, c: Any, mask: Any, zero: Any, y: Any,
-                **_: Any) -> Any:
-        scale = 1.0
-        if scale_op:
-            scale = init_scalar(c) if scale_op == "Mul" else 1.0 / init_scalar(c)
-        extra = [mask] if mask_first is not None else []
-        return op.op(ATTN_OP, q, kt, v, *extra, scale=float(scale),
-                     has_mask=int(mask_first is not None), _name=y.producer().name)
-
-    name = f"rotaq_attention_{scale_op or 'noscale'}_{mask_first}_{guard}"
-    return pattern.RewriteRule(pattern_fn, rewrite, check, name=name)
-
-
-def attention_rules() -> list:
-    """The rewrite rules of every variant of ``MatMul(Q, Kt) -> [Mul/Div by a constant scalar]
-    -> [Add mask] -> Softmax(axis=-1) -> [Where(IsNaN(p), 0, p)] -> MatMul(P, V)``
-    (intermediate values read only inside the chain) -> ``RotaqAttention(Q, Kt, V[, mask])``
-    (attributes ``scale``, ``has_mask``), named as the last MatMul."""
-    return [_attention_rule(s, m, g) for s in ("Mul", "Div", None)
-            for m in (False, True, None) for g in (True, False)]
+    return pattern.RewriteRule(_attention_pattern, _attention_rewrite, _attention_check,
+                               name="rotaq_attention")
 
 
 def lower_attention_ir(model: Any) -> int:
-    """Apply :func:`attention_rules` to an ``onnx_ir.Model``; returns the number of chains
+    """Apply :func:`attention_rule` to an ``onnx_ir.Model``; returns the number of chains
     replaced."""
-    return apply_rules(model, attention_rules())
+    return apply_rules(model, [attention_rule()])
 
 
 def lower_attention(proto: Any) -> int:
