@@ -317,19 +317,27 @@ def import_onnx(proto: Any, cpu: bool = True, avx512: bool = False
 
 
 def lower(proto: Any, cpu: bool) -> tuple[Any, dict[str, int]]:
-    """The ONNX-side lowerings, in order: on CPU the online Hadamards (before the matmul rules
-    take their factors) and attention chains (rewrite rules on one ``onnx_ir`` model), then
-    GQA folding and causal marking (on the proto: they run subgraphs on probe data); the
-    matmul rules last. Returns (lowered proto, stats: ``gqa_folded`` and ``causal`` on CPU)."""
+    """The ONNX-side lowerings, as rewrite rules on one ``onnx_ir`` model: on CPU the online
+    Hadamards (before the matmul rules take their factors) and attention chains, then the
+    matmuls; then, on the proto, GQA folding and causal marking (they run subgraphs on probe
+    data). Returns (lowered proto, stats: ``gqa_folded`` and ``causal`` on CPU)."""
     import onnx_ir as ir
 
     model, stats = ir.serde.deserialize_model(proto), {}
+    attention = 0
     if cpu:  # GPU builds keep the two small MatMuls and the attention ops (dlight)
         H.lower_kron_ir(model)
+        attention = A.lower_attention_ir(model)
         stats["gqa_folded"] = stats["causal"] = 0
-        if A.lower_attention_ir(model):
-            proto = ir.serde.serialize_model(model)
-            stats["gqa_folded"], stats["causal"] = fold_gqa(proto), mark_causal(proto)
-            model = ir.serde.deserialize_model(proto)
     lower_matmuls_ir(model)
-    return ir.serde.serialize_model(model), stats
+    # one conversion back: the weights are copied once (a second round trip before the matmul
+    # rules cost as much as the whole hand-written lowering on SmolLM2's fp32 weights)
+    proto = ir.serde.serialize_model(model)
+    if attention:
+        stats["gqa_folded"], stats["causal"] = fold_gqa(proto), mark_causal(proto)
+        if stats["gqa_folded"]:  # the folded chains' shapes and scalars
+            used = {i for nd in proto.graph.node for i in nd.input}
+            keep = [t for t in proto.graph.initializer if t.name in used]
+            del proto.graph.initializer[:]
+            proto.graph.initializer.extend(keep)
+    return proto, stats
