@@ -82,7 +82,7 @@ def _errors(model: Model, ref: list, out: list, compare_presents: bool
     and count only when ``compare_presents``: an exact recipe that leaves what the
     cache stores unchanged. A rotation of what it stores (V/O, online Q/K) or its quantization
     makes the presents the new model's own state, legitimately different."""
-    from rotaq.rewriter.kv_capture import is_cache_graph
+    from rotaq.decoder_io import is_cache_graph
 
     if not is_cache_graph(model.graph):
         return max_rel_error(ref, out), rel_rms_error(ref, out), {}
@@ -189,7 +189,7 @@ def optimize(model: Any, recipe: str | Recipe = "rotate", *, options: dict[str, 
         report["rounding_noise"] = {**noise, "factor": NOISE_FACTOR}
     if verify:
         runtime = "ort" if work.ir == "onnx" else "torch"
-        from rotaq.rewriter.kv_capture import is_cache_graph
+        from rotaq.decoder_io import is_cache_graph
 
         cache = [p["stats"]["kv_cache"] for p in pass_reports if "kv_cache" in p["stats"]]
         # presents compared when they should not change

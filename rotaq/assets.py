@@ -269,10 +269,10 @@ def load_hf_model(
     kind = _detect_kind(config)
     if kind == KIND_SEQ2SEQ and attn_implementation == "sdpa":
         attn_implementation = "eager"  # T5's SDPA path breaks torch.onnx.export; eager passes
-    from rotaq import dtypes
+    from rotaq import floats
 
-    want = dtypes.output_dtype(dtypes.hf_source_dtype(path), dtype)
-    kwargs: dict[str, Any] = {"dtype": dtypes.torch_dtype(want), "local_files_only": True}
+    want = floats.output_dtype(floats.hf_source_dtype(path), dtype)
+    kwargs: dict[str, Any] = {"dtype": floats.torch_dtype(want), "local_files_only": True}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
     auto = AutoModelForCausalLM if kind == KIND_CAUSAL_LM else AutoModel

@@ -11,6 +11,12 @@ The cache geometry (layers, KV heads, head size) is read, in order, from the gra
 (``rotaq.num_layers``, ``rotaq.kv_heads``, ``rotaq.head_dim``), a ``genai_config.json`` beside
 the model, the declared past shapes, and (for a symbolic head size, as the builder writes it)
 the ``GroupQueryAttention`` nodes and the projection feeding them.
+
+The contract's names (:func:`contract_name` / :func:`fx_name`: an FX graph spells its pasts
+``past_key_values_{i}_key``), the feeds of a full prefill (:func:`token_feeds`,
+:func:`complete_feeds`) and the prefill-then-decode run (:func:`prefill_decode`) live here too,
+below the IR adapters, the inputs and the loaders that use them (this module imports none of
+them); :mod:`rotaq.rewriter.kv_capture` captures a model in this contract.
 """
 
 from __future__ import annotations
@@ -29,13 +35,16 @@ from rotaq.errors import RotaqError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CacheRunner", "CacheSpec", "cache_spec", "cache_spec_of_model", "has_cache"]
+__all__ = ["CacheRunner", "CacheSpec", "cache_spec", "cache_spec_of_graph", "cache_spec_of_model",
+           "complete_feeds", "contract_name", "dynamic_shapes", "fx_name", "has_cache",
+           "is_cache_graph", "is_past", "output_names", "prefill_decode", "token_feeds"]
 
 PAST_KEY = "past_key_values.{}.key"
 PAST_VALUE = "past_key_values.{}.value"
 PRESENT_KEY = "present.{}.key"
 PRESENT_VALUE = "present.{}.value"
 _PAST_RE = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
+_ANY_PAST = re.compile(r"^past_key_values[._](\d+)[._](key|value)$")  # contract or FX name
 _ONNX_NP = {1: np.float32, 10: np.float16, 11: np.float64, 16: np.float32}  # bf16 fed as fp32
 
 
@@ -83,6 +92,94 @@ class CacheSpec:
 def has_cache(input_names: Any) -> bool:
     """True when the inputs include ``past_key_values.0.key``."""
     return PAST_KEY.format(0) in set(input_names)
+
+
+# ---- names and feeds (FX placeholders spell the pasts past_key_values_{i}_key) --------
+def contract_name(name: str) -> str:
+    """``past_key_values_3_key`` -> ``past_key_values.3.key``; other names unchanged."""
+    m = _ANY_PAST.match(name)
+    return f"past_key_values.{m.group(1)}.{m.group(2)}" if m else name
+
+
+def fx_name(name: str) -> str:
+    """``past_key_values.3.key`` -> ``past_key_values_3_key`` (an FX placeholder name)."""
+    m = _ANY_PAST.match(name)
+    return f"past_key_values_{m.group(1)}_{m.group(2)}" if m else name
+
+
+def is_past(name: str) -> bool:
+    return bool(_ANY_PAST.match(name))
+
+
+def output_names(num_layers: int) -> list[str]:
+    return ["logits"] + [f"present.{i}.{w}" for i in range(num_layers) for w in ("key", "value")]
+
+
+def is_cache_graph(g: Any) -> bool:
+    return any(is_past(n) for n in getattr(g, "input_names", []))
+
+
+def token_feeds(g: Any, ids: np.ndarray, attention_mask: np.ndarray | None = None
+                ) -> dict[str, np.ndarray]:
+    """Prefill feeds of a cache graph for tokens ``ids`` [batch, seq]: a full prefill (empty
+    pasts), all-ones mask (or the one given), positions 0..seq-1; only inputs ``g`` declares
+    (:meth:`CacheSpec.feeds`)."""
+    feeds = cache_spec_of_graph(g).feeds(ids)
+    if attention_mask is not None and "attention_mask" in feeds:
+        feeds["attention_mask"] = np.asarray(attention_mask, np.int64)
+    return feeds
+
+
+def complete_feeds(g: Any, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``feeds`` plus what a cache graph needs for a prefill that they lack (mask, positions,
+    empty pasts); unchanged when the graph has no cache or nothing is missing."""
+    if not is_cache_graph(g) or "input_ids" not in feeds:
+        return feeds
+    full = token_feeds(g, feeds["input_ids"], feeds.get("attention_mask"))
+    return {**full, **feeds}
+
+
+def prefill_decode(g: Any, feeds: dict[str, np.ndarray], steps: int = 2) -> list[np.ndarray]:
+    """Outputs of a cache graph on prefill ``feeds`` (empty pasts), computed as a prefill of all
+    but the last ``steps`` tokens and then one decode step per token, each fed the presents the
+    graph returned: logits over all tokens (concatenated) and the last step's presents. Equal to
+    one full prefill for a correct cache graph; a rewrite that changes what the cache stores is
+    checked by the logits it gives when it reads its own cache back."""
+    ids = feeds["input_ids"]
+    s = ids.shape[1]
+    past0 = [k for k in g.input_names if is_past(k)]
+    if s <= steps or any(feeds[k].shape[2] for k in past0 if k in feeds):
+        return g.run(feeds)
+    mask = feeds.get("attention_mask", np.ones_like(ids))
+    pos = feeds.get("position_ids")
+    if pos is None:
+        pos = np.broadcast_to(np.arange(s, dtype=np.int64), ids.shape)
+    cut = s - steps
+    cur = dict(feeds)
+    logits = []
+    outs: list[np.ndarray] = []
+    for a, b in [(0, cut)] + [(t, t + 1) for t in range(cut, s)]:
+        cur["input_ids"] = ids[:, a:b]
+        if "attention_mask" in cur:
+            cur["attention_mask"] = np.ascontiguousarray(mask[:, :b])
+        if "position_ids" in cur:
+            cur["position_ids"] = np.ascontiguousarray(pos[:, a:b])
+        if outs:
+            for i, k in enumerate(past0):
+                cur[k] = outs[1 + i]
+        outs = g.run(cur)
+        logits.append(outs[0])
+    return [np.concatenate(logits, axis=1), *outs[1:]]
+
+
+
+
+def dynamic_shapes(names: list[str]) -> dict[str, Any]:
+    """Batch and lengths dynamic, keyed by FX names: pasts on axes 0 and 2, the rest 0 and 1."""
+    from torch.export import Dim
+
+    return {fx_name(k): ({0: Dim.AUTO, 2: Dim.AUTO} if is_past(k) else {0: Dim.AUTO, 1: Dim.AUTO})
+            for k in names}
 
 
 # ---- geometry -------------------------------------------------------------------------------
@@ -178,12 +275,10 @@ def cache_spec_of_model(model: Any) -> CacheSpec:
 def cache_spec_of_graph(g: Any, label: str = "this model") -> CacheSpec:
     """The cache spec of a rotaq graph (ONNX or FX; FX names its pasts
     ``past_key_values_{i}_key``, read here as the contract's dotted names)."""
-    from rotaq.inputs import input_specs
-    from rotaq.rewriter.kv_capture import contract_name
-
+    specs = g.input_specs() if hasattr(g, "input_specs") else {}
     inputs = [(contract_name(n), np.float32 if dt == np.dtype("V2") else dt,
                tuple(d if isinstance(d, int) else "" for d in dims))
-              for n, (dt, dims) in input_specs(g).items()]
+              for n, (dt, dims) in specs.items()]
     nodes, inits, folder = (list), {}, None
     if hasattr(g, "model"):  # ONNX: the GroupQueryAttention fallback for the head size
         def nodes():

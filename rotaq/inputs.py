@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from rotaq.decoder_io import complete_feeds, is_cache_graph, token_feeds
 from rotaq.errors import LoadError
 
 log = logging.getLogger(__name__)
@@ -34,29 +35,9 @@ Feeds = dict[str, np.ndarray]
 
 
 def input_specs(g: Any) -> dict[str, tuple[np.dtype, list[int | None]]]:
-    """Graph input name -> (numpy dtype, dims); ``None`` for a symbolic (dynamic) dim."""
-    if hasattr(g, "input_specs"):
-        return g.input_specs()
-    if not hasattr(g, "gm"):  # e.g. a compiled TVM artefact: no specs to check against
-        return {}
-    from torch.fx.experimental.symbolic_shapes import is_concrete_int
-
-    from rotaq.dtypes import numpy_dtype
-
-    specs = {}
-    places = [n for n in g.gm.graph.nodes if n.op == "placeholder"]
-    # feeds are keyed like the example inputs (the placeholder of `input` is `input_1`)
-    names = list(g.example_inputs) if len(g.example_inputs) == len(places) else \
-        [n.name for n in places]
-    for name, n in zip(names, places):  # the placeholders' fake tensors: SymInt for dyn dims
-        val = n.meta.get("val")
-        if val is None:
-            val = g.example_inputs.get(name)
-            if val is None:
-                continue
-        dims = [int(d) if is_concrete_int(d) else None for d in val.shape]
-        specs[name] = (numpy_dtype(val.dtype), dims)  # bf16: ml_dtypes.bfloat16
-    return specs
+    """Graph input name -> (numpy dtype, dims); ``None`` for a symbolic (dynamic) dim (each graph
+    says, ``g.input_specs()``); empty for a graph without specs to check against."""
+    return g.input_specs() if hasattr(g, "input_specs") else {}
 
 
 def token_vocab(g: Any, name: str = "input_ids") -> int | None:
@@ -95,8 +76,6 @@ def synthetic(g: Any, seed: int, rows: int = 1, seq_len: int = 32) -> Feeds:
             feeds[name] = np.ones(shape, dtype)
         else:
             feeds[name] = rng.standard_normal(shape).astype(dtype)
-    from rotaq.rewriter.kv_capture import is_cache_graph, token_feeds
-
     if is_cache_graph(g) and "input_ids" in feeds:  # a KV-cache graph: prefills, empty pasts
         feeds = token_feeds(g, feeds["input_ids"])
     return feeds
@@ -177,8 +156,6 @@ def validate(g: Any, feeds: Feeds, label: str) -> Feeds:
     """Check ``feeds`` against the graph inputs (names, ranks, fixed dims, dtype kind) and cast
     to the model's dtypes; raise :class:`LoadError` naming the input and what is expected.
     For a KV-cache graph, tokens suffice: the mask, positions and empty pasts are filled in."""
-    from rotaq.rewriter.kv_capture import complete_feeds
-
     feeds = complete_feeds(g, feeds)
     specs = input_specs(g)
     missing = [k for k in specs if k not in feeds]

@@ -36,7 +36,7 @@ def sample_for(g: Any, source: dict, seq_len: int) -> tuple[dict[str, np.ndarray
         feeds = {k: v for k, v in cache_feeds(g, feeds).items() if k in names}
         info["shapes"] = {k: list(v.shape) for k, v in feeds.items()}
         return feeds, info
-    from rotaq.rewriter.kv_capture import is_cache_graph
+    from rotaq.decoder_io import is_cache_graph
 
     if getattr(g, "ir", "") == "fx":  # one row, dynamic first dim
         dyn = g.dynamic_batch_inputs()
@@ -49,7 +49,7 @@ def sample_for(g: Any, source: dict, seq_len: int) -> tuple[dict[str, np.ndarray
 
 def cache_feeds(g: Any, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Token feeds made full-prefill feeds of a cache graph (empty pasts, mask, positions)."""
-    from rotaq.rewriter.kv_capture import complete_feeds
+    from rotaq.decoder_io import complete_feeds
 
     return complete_feeds(g, feeds)
 

@@ -125,8 +125,8 @@ def _sample(g: Any, source: dict, seq_len: int) -> tuple[dict[str, np.ndarray], 
 
     if source.get("tokenizer"):
         return sample_for(g, source, seq_len)
+    from rotaq.decoder_io import complete_feeds
     from rotaq.inputs import VERIFY_ROWS, VERIFY_SEED, token_vocab
-    from rotaq.rewriter.kv_capture import complete_feeds
 
     vocab = token_vocab(g) or 2
     ids = np.random.default_rng(VERIFY_SEED).integers(0, vocab, (VERIFY_ROWS, seq_len))

@@ -11,9 +11,14 @@ from typing import Any
 import numpy as np
 
 from rotaq import tags
+from rotaq.compare import max_rel_error, rel_rms_error  # noqa: F401 (re-exported)
+from rotaq.decoder_io import complete_feeds, is_cache_graph, prefill_decode
 from rotaq.errors import RotaqError
 from rotaq.files import atomic_dir
+from rotaq.inputs import run as run_batched
+from rotaq.rewriter import blocks
 from rotaq.rewriter.analysis import Analysis, analyze
+from rotaq.rewriter.blocks import blockwise_bytes, weight_bytes  # also re-exported
 
 log = logging.getLogger(__name__)
 
@@ -44,12 +49,8 @@ class Model:
 
     def run(self, feeds: dict[str, np.ndarray] | None = None) -> list[np.ndarray]:
         """Outputs on ``feeds`` (default: the sample inputs), batched to the graph's size."""
-        from rotaq.rewriter.kv_capture import is_cache_graph, prefill_decode
-
         feeds = self.sample_inputs if feeds is None else feeds
         if is_cache_graph(self.graph):
-            from rotaq.rewriter.kv_capture import complete_feeds
-
             feeds = complete_feeds(self.graph, feeds)  # tokens only: a full prefill  # a prefill, then decode steps fed the returned presents
             return prefill_decode(_Batched(self.graph), feeds)
         return _run(self.graph, feeds)
@@ -63,8 +64,6 @@ class Model:
             feeds["attention_mask"] = np.ones_like(feeds["input_ids"])
         if "token_type_ids" in names:
             feeds["token_type_ids"] = np.zeros_like(feeds["input_ids"])
-        from rotaq.rewriter.kv_capture import complete_feeds
-
         return complete_feeds(self.graph, feeds)  # a KV-cache graph: empty pasts, positions
 
     def clone(self) -> Model:
@@ -123,31 +122,11 @@ class _Batched:
         return _run(self.graph, feeds)
 
 
-def blockwise_bytes() -> int:
-    """ONNX models whose weights exceed this many bytes (``ROTAQ_BLOCKWISE_GIB``, default
-    0.125) run block by block (:func:`rotaq.rewriter.blocks.run_blockwise`): one block's
-    weights in an ORT session at a time (mapped from disk when stored there), instead of one
-    session holding a copy of the whole model."""
-    return int(float(os.environ.get("ROTAQ_BLOCKWISE_GIB", "0.125")) * 2**30)
-
-
-def weight_bytes(graph: Any) -> int:
-    """Bytes of an ONNX graph's initializers (from their shapes: nothing is read); 0 for FX."""
-    if getattr(graph, "ir", None) != "onnx":
-        return 0
-    return sum(v.const_value.nbytes for v in graph.model.graph.initializers.values()
-               if v.const_value is not None)
-
-
 def _run(graph: Any, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    from rotaq.inputs import run
-
     if weight_bytes(graph) > blockwise_bytes():
-        from rotaq.rewriter.blocks import run_blockwise
-
         log.info("running block by block (weights %.1f GiB)", weight_bytes(graph) / 2**30)
-        return run_blockwise(graph, feeds)
-    return run(graph, feeds)
+        return blocks.run_blockwise(graph, feeds)
+    return run_batched(graph, feeds)
 
 
 def copy_tokenizer(src: str, dest: str) -> None:
@@ -182,37 +161,3 @@ def portable_source(source: dict[str, str], folder: str, name: str = "tokenizer"
         copy_tokenizer(tok, os.path.join(folder, name))
         out["tokenizer"] = name
     return out
-
-
-def max_rel_error(ref: list[np.ndarray], out: list[np.ndarray]) -> float:
-    """max |out - ref| / max |ref| over each output tensor; the worst output counts."""
-    if len(ref) != len(out):
-        raise ValueError(f"output count changed: {len(ref)} -> {len(out)}")
-    worst = 0.0
-    for r, o in zip(ref, out):
-        r64, o64 = np.asarray(r, np.float64), np.asarray(o, np.float64)
-        if r64.shape != o64.shape:
-            raise ValueError(f"output shape changed: {r64.shape} -> {o64.shape}")
-        # a value that is NaN / inf where the original is finite is an infinite error (a plain
-        # max() would drop NaN and let a broken rewrite pass); both non-finite at the same
-        # place (e.g. masked -inf logits) is no error
-        same = (r64 == o64) | (np.isnan(r64) & np.isnan(o64))
-        if np.any(~np.isfinite(o64) & ~same):
-            return float("inf")
-        fin = np.isfinite(r64)
-        scale = float(np.max(np.abs(r64[fin]), initial=0.0)) or 1.0
-        with np.errstate(invalid="ignore"):
-            diff = np.where(same, 0.0, np.abs(o64 - r64))
-        worst = max(worst, float(np.max(diff, initial=0.0)) / scale)
-    return worst
-
-
-def rel_rms_error(ref: list[np.ndarray], out: list[np.ndarray]) -> float:
-    """||out - ref|| / ||ref|| (Frobenius) per output tensor; the worst output counts. An average,
-    so steadier across input samples than :func:`max_rel_error` for lossy rewrites."""
-    worst = 0.0
-    for r, o in zip(ref, out):
-        r64, o64 = np.asarray(r, np.float64), np.asarray(o, np.float64)
-        scale = float(np.linalg.norm(r64)) or 1.0
-        worst = max(worst, float(np.linalg.norm(o64 - r64)) / scale)
-    return worst

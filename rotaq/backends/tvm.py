@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from rotaq.backends.artifact import header, read_metadata, replace_dir, work_dir, write_metadata
+from rotaq.backends.artifact_io import header, read_metadata, replace_dir, work_dir, write_metadata
 from rotaq.errors import MissingDependencyError, RotaqError
 from rotaq.progress import stage
 

@@ -1,8 +1,9 @@
 """Fused attention for the TVM backend (CPU).
 
 Exported attention is ``MatMul(Q, K^T) [-> Mul/Div by a constant] [-> Add(mask)] -> Softmax(-1)
-[-> Where(IsNaN(p), 0, p)] -> MatMul(P, V)``. :func:`lower_attention` replaces each such chain by
-one ``RotaqAttention(Q, Kt, V[, mask])`` node (attributes ``scale``, ``has_mask``) and
+[-> Where(IsNaN(p), 0, p)] -> MatMul(P, V)``. :func:`attention_rule` (an onnxscript rewrite rule,
+the optional steps as alternatives; :func:`lower_attention` applies it) replaces each chain by one
+``RotaqAttention(Q, Kt, V[, mask])`` node (attributes ``scale``, ``has_mask``) and
 :func:`attention_func` is its kernel: per block of query rows, the scores of the block against
 every key are computed into a local buffer (register tiles along the keys), their row maximum
 and ``exp`` (TVM's vectorizable ``fast_exp``), the row sums, and the product with ``V`` (register
@@ -23,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from rotaq.backends.tvm_graph import ATTN_OP, ProtoIndex, drop_nodes
+from rotaq.backends.tvm_graph import ATTN_OP, apply_rules, init_scalar, on_proto
 
 log = logging.getLogger(__name__)
 # Blocks of rows run in parallel from this many multiply-adds per matmul (g * n * m * d) on:
@@ -35,77 +36,66 @@ PARALLEL_WORK = 1 << 20
 KEY_ROWS_MAX = 4
 
 
-def lower_attention(proto: Any) -> int:
-    """Replace each ``MatMul -> [scale] -> [Add mask] -> Softmax(axis=-1) -> [IsNaN/Where]
-    -> MatMul`` chain (intermediate values read only inside the chain) by ``RotaqAttention``.
-    Returns the number of chains replaced."""
-    from onnx import helper
+def _softmax_last(context: Any, node: Any) -> bool:
+    return node.attributes.get_int("axis", -1) == -1
 
-    ix = ProtoIndex(proto)
-    producer, readers, only_reader = ix.producer, ix.readers, ix.only_reader
-    drop, count = set(), 0
-    for sm in ix.nodes:
-        if sm.op_type != "Softmax":
-            continue
-        axis = next((helper.get_attribute_value(a) for a in sm.attribute if a.name == "axis"),
-                    -1)
-        if axis != -1:
-            continue
-        chain = [sm]
-        # consumer side: optional Where(IsNaN(p), 0, p), then MatMul(p, V)
-        prob, users = sm.output[0], readers.get(sm.output[0], [])
-        if prob in ix.outputs:
-            continue
-        isnan = next((u for u in users if u.op_type == "IsNaN"), None)
-        where = next((u for u in users if u.op_type == "Where"), None)
-        if isnan is not None and where is not None and len(users) == 2:
-            zero = ix.scalar(where.input[1])
-            if (where.input[0] != isnan.output[0] or where.input[2] != prob or zero != 0.0
-                    or not only_reader(isnan.output[0], where)):
-                continue
-            chain += [isnan, where]
-            prob = where.output[0]
-        elif len(users) != 1:
-            continue
-        pv = readers.get(prob, [None])[0]
-        if pv is None or pv.op_type != "MatMul" or pv.input[0] != prob or \
-                not only_reader(prob, pv):
-            continue
-        # producer side: MatMul(Q, Kt) [-> Mul/Div const] [-> Add mask]
-        cur, mask, scale = sm.input[0], "", 1.0
-        node = producer.get(cur)
-        if node is not None and node.op_type == "Add" and only_reader(cur, sm):
-            a, b = node.input
-            if producer.get(a) is not None and producer[a].op_type in ("MatMul", "Mul", "Div"):
-                cur, mask = a, b
-            else:
-                cur, mask = b, a
-            chain.append(node)
-            node = producer.get(cur)
-        if node is not None and node.op_type in ("Mul", "Div") and \
-                only_reader(cur, chain[-1]):
-            c = ix.scalar(node.input[1])
-            if c is None or c == 0.0:
-                continue
-            scale = c if node.op_type == "Mul" else 1.0 / c
-            chain.append(node)
-            cur = node.input[0]
-            node = producer.get(cur)
-        if node is None or node.op_type != "MatMul" or not only_reader(cur, chain[-1]):
-            continue
-        qk = node
-        chain.append(qk)
-        pv.op_type, pv.domain = ATTN_OP, ""
-        v = pv.input[1]
-        del pv.input[:]
-        pv.input.extend([qk.input[0], qk.input[1], v] + ([mask] if mask else []))
-        del pv.attribute[:]
-        pv.attribute.extend([helper.make_attribute("scale", float(scale)),
-                             helper.make_attribute("has_mask", int(bool(mask)))])
-        drop.update(id(nd) for nd in chain)
-        count += 1
-    drop_nodes(proto, drop)
-    return count
+
+def _attention_pattern(op: Any, q: Any, kt: Any, v: Any, c: Any, mask: Any, zero: Any) -> Any:
+    from onnxscript.rewriter.pattern import OrValue
+
+    s = op.MatMul(q, kt)
+    s = OrValue([op.Mul(s, c), op.Div(s, c), s], tag_var="scale_op",
+                tag_values=["Mul", "Div", None])
+    s = OrValue([op.Add(s, mask), op.Add(mask, s), s], tag_var="mask_at",
+                tag_values=[1, 0, None])
+    p = op.Softmax(s, _check=_softmax_last, _outputs=["probs"])
+    p = OrValue([op.Where(op.IsNaN(p), zero, p), p], tag_var="guard", tag_values=[True, False])
+    return op.MatMul(p, v, _outputs=["y"])
+
+
+def _attention_check(context: Any, c: Any, zero: Any, scale_op: str | None, mask_at: int | None,
+                     guard: bool, probs: Any, **_: Any) -> bool:
+    if scale_op and init_scalar(c) in (None, 0.0):
+        return False
+    if guard and init_scalar(zero) != 0.0:
+        return False
+    if mask_at == 0:  # the scores are the Add's first input when they can be (as exported)
+        first = probs.producer().inputs[0].producer().inputs[0].producer()
+        return first is None or first.op_type not in ("MatMul", "Mul", "Div")
+    return True
+
+
+def _attention_rewrite(op: Any, q: Any, kt: Any, v: Any, c: Any, mask: Any, scale_op: str | None,
+                       mask_at: int | None, y: Any, **_: Any) -> Any:
+    scale = 1.0
+    if scale_op:
+        scale = init_scalar(c) if scale_op == "Mul" else 1.0 / init_scalar(c)
+    extra = [mask] if mask_at is not None else []
+    return op.op(ATTN_OP, q, kt, v, *extra, scale=float(scale),
+                 has_mask=int(mask_at is not None), _name=y.producer().name)
+
+
+def attention_rule() -> Any:
+    """The rewrite rule: ``MatMul(Q, Kt) -> [Mul/Div by a constant scalar] -> [Add mask]
+    -> Softmax(axis=-1) -> [Where(IsNaN(p), 0, p)] -> MatMul(P, V)`` (the optional steps as
+    ``OrValue`` alternatives; intermediate values read only inside the chain) ->
+    ``RotaqAttention(Q, Kt, V[, mask])`` (attributes ``scale``, ``has_mask``), named as the
+    last MatMul."""
+    from onnxscript.rewriter import pattern
+
+    return pattern.RewriteRule(_attention_pattern, _attention_rewrite, _attention_check,
+                               name="rotaq_attention")
+
+
+def lower_attention_ir(model: Any) -> int:
+    """Apply :func:`attention_rule` to an ``onnx_ir.Model``; returns the number of chains
+    replaced."""
+    return apply_rules(model, [attention_rule()])
+
+
+def lower_attention(proto: Any) -> int:
+    """:func:`lower_attention_ir` on an ``onnx.ModelProto``, in place."""
+    return on_proto(proto, lower_attention_ir)
 
 
 def attention_func(g: int, n: int, m: int, d: int, scale: float = 1.0,

@@ -1,8 +1,15 @@
-"""One index of an ONNX proto for the TVM lowerings that rewrite it (attention, Kronecker
-transforms, GQA folding, causal marking): initializers, producers, readers, static shapes."""
+"""Shared graph plumbing of the TVM lowerings.
+
+The pattern lowerings (Kronecker transforms, attention, matmuls) are onnxscript rewrite rules
+over an ``onnx_ir`` model: :func:`apply_rules`, :func:`init_array` for their constant checks,
+:func:`on_proto` to run one on an ``onnx.ModelProto`` in place. GQA folding and causal marking,
+which prove a subgraph by running it on probe data, read the proto through one
+:class:`ProtoIndex` (initializers, producers, readers) and :func:`static_dims`.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -40,14 +47,6 @@ class ProtoIndex:
         return float(arr.reshape(-1)[0]) if arr is not None and arr.size == 1 else None
 
 
-def drop_nodes(proto: Any, drop: set[int]) -> None:
-    """Remove the nodes whose ``id`` is in ``drop``, keeping the order of the others."""
-    if drop:
-        keep = [nd for nd in proto.graph.node if id(nd) not in drop]
-        del proto.graph.node[:]
-        proto.graph.node.extend(keep)
-
-
 def static_dims(proto: Any) -> dict[str, list[int]]:
     """Value -> its dims, for the inputs, outputs and value_info whose dims are all known."""
     out = {}
@@ -55,4 +54,39 @@ def static_dims(proto: Any) -> dict[str, list[int]]:
         dims = vi.type.tensor_type.shape.dim
         if dims and all(d.HasField("dim_value") for d in dims):
             out[vi.name] = [d.dim_value for d in dims]
+    return out
+
+
+def init_array(value: Any) -> np.ndarray | None:
+    """The array of an ``onnx_ir`` value that is an initializer, else None (a Constant node's
+    output is not one, as for :meth:`ProtoIndex.array`)."""
+    if value is None or not value.is_initializer() or value.const_value is None:
+        return None
+    return value.const_value.numpy()
+
+
+def init_scalar(value: Any) -> float | None:
+    """The value of a one-element initializer, else None."""
+    arr = init_array(value)
+    return float(arr.reshape(-1)[0]) if arr is not None and arr.size == 1 else None
+
+
+def apply_rules(model: Any, rules: Sequence[Any]) -> int:
+    """Apply onnxscript rewrite ``rules`` to ``model`` (an ``onnx_ir.Model``, in place), node
+    by node in graph order; returns the number of rewrites."""
+    from onnxscript.rewriter import pattern
+
+    return pattern.RewriteRuleSet(list(rules)).apply_to_model(model)
+
+
+def on_proto(proto: Any, lower: Callable[[Any], Any], changed: Callable[[Any], bool] = bool
+             ) -> Any:
+    """``lower(model)`` on an ``onnx_ir`` view of ``proto``; the result written back into
+    ``proto`` when ``changed(result)``. Returns the result."""
+    import onnx_ir as ir
+
+    model = ir.serde.deserialize_model(proto)
+    out = lower(model)
+    if changed(out):
+        proto.CopyFrom(ir.serde.serialize_model(model))
     return out

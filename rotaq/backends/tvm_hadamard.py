@@ -2,7 +2,8 @@
 
 rotaq emits ``x -> x @ kron(A, B)`` on the last axis as Reshape ``[.., a, b]`` -> MatMul ``B``
 -> MatMul ``A^T`` (left) -> Reshape (nodes tagged ``rotaq.role=online_transform``).
-:func:`lower_kron` replaces that chain by one ``RotaqKron`` node, and :func:`kron_func` is its
+:func:`kron_rule` (an onnxscript rewrite rule; :func:`lower_kron` applies it) replaces that
+chain by one ``RotaqKron`` node, and :func:`kron_func` is its
 kernel: per row, a fast Walsh-Hadamard transform (log2(b) butterfly stages in registers /
 L1, no multiplications) along ``b`` when ``B`` is the normalized Sylvester matrix ``H_b /
 sqrt(b)`` (a dense ``b x b`` product otherwise), then the ``a`` factor, again by FWHT when it is
@@ -17,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from rotaq import tags
-from rotaq.backends.tvm_graph import ProtoIndex, drop_nodes
+from rotaq.backends.tvm_graph import apply_rules, init_array, on_proto
 
 KRON_OP = "RotaqKron"
 
@@ -35,52 +36,49 @@ def _is_sylvester(m: np.ndarray) -> bool:
     return n >= 2 and not n & (n - 1) and np.allclose(m, sylvester(n), atol=1e-6)
 
 
+def _tagged(context: Any, node: Any) -> bool:
+    return tags.is_transform(node.metadata_props)
+
+
+def _kron_pattern(op: Any, x: Any, shape_in: Any, at: Any, bm: Any, shape_out: Any) -> Any:
+    t = op.Reshape(x, shape_in, _check=_tagged)
+    t = op.MatMul(t, bm, _check=_tagged)
+    t = op.MatMul(at, t, _check=_tagged)
+    return op.Reshape(t, shape_out, _check=_tagged, _outputs=["y"])
+
+
+def _kron_check(context: Any, at: Any, bm: Any, **_: Any) -> bool:
+    """Both factors are 2-D initializers."""
+    return all(arr is not None and arr.ndim == 2 for arr in (init_array(at), init_array(bm)))
+
+
+def _kron_rewrite(op: Any, x: Any, shape_in: Any, at: Any, bm: Any, shape_out: Any, y: Any
+                  ) -> Any:
+    a_t = init_array(at).astype(np.float32)
+    b_m = init_array(bm).astype(np.float32)
+    return op.RotaqKron(x, at, bm, shape_in, shape_out, a=int(a_t.shape[0]),
+                        b=int(b_m.shape[0]), fwht_a=int(_is_sylvester(a_t.T)),
+                        fwht_b=int(_is_sylvester(b_m)), _name=y.producer().name)
+
+
+def kron_rule() -> Any:
+    """The rewrite rule: a tagged Reshape -> MatMul(., B) -> MatMul(A^T, .) -> Reshape chain
+    with constant factors (intermediate values read only inside it) -> ``RotaqKron(x, At, B,
+    shape_in, shape_out)`` (attributes ``a``, ``b``, ``fwht_a``, ``fwht_b``), named as the last
+    Reshape."""
+    from onnxscript.rewriter import pattern
+
+    return pattern.RewriteRule(_kron_pattern, _kron_rewrite, _kron_check, name="rotaq_kron")
+
+
+def lower_kron_ir(model: Any) -> int:
+    """Apply :func:`kron_rule` to an ``onnx_ir.Model``; returns the number of chains replaced."""
+    return apply_rules(model, [kron_rule()])
+
+
 def lower_kron(proto: Any) -> int:
-    """Replace each tagged Reshape -> MatMul(., B) -> MatMul(A^T, .) -> Reshape chain whose
-    factors are constant by ``RotaqKron(x, At, B, shape_in, shape_out)`` (the two Reshapes'
-    shapes; attributes ``a``, ``b``, ``fwht_a``,
-    ``fwht_b``). Returns the number of chains replaced."""
-    from onnx import helper
-
-    ix = ProtoIndex(proto)
-    producer = ix.producer
-
-    def tagged(nd: Any) -> bool:
-        return tags.is_transform({p.key: p.value for p in nd.metadata_props})
-
-    drop, count = set(), 0
-    for last in ix.nodes:
-        if last.op_type != "Reshape" or not tagged(last):
-            continue
-        left = producer.get(last.input[0])
-        right = producer.get(left.input[1]) if left is not None and left.op_type == "MatMul" \
-            else None
-        first = producer.get(right.input[0]) if right is not None and \
-            right.op_type == "MatMul" else None
-        if first is None or first.op_type != "Reshape" or not all(
-                tagged(nd) for nd in (left, right, first)):
-            continue
-        if left.input[0] not in ix.inits or right.input[1] not in ix.inits:
-            continue
-        if not (ix.only_reader(first.output[0], right) and ix.only_reader(right.output[0], left)
-                and ix.only_reader(left.output[0], last)):
-            continue
-        at = ix.array(left.input[0]).astype(np.float32)
-        bm = ix.array(right.input[1]).astype(np.float32)
-        a, b = at.shape[0], bm.shape[0]
-        fa, fb = _is_sylvester(at.T), _is_sylvester(bm)
-        last.op_type, last.domain = KRON_OP, ""
-        shape_out = last.input[1]
-        del last.input[:]
-        last.input.extend([first.input[0], left.input[0], right.input[1], first.input[1],
-                           shape_out])
-        del last.attribute[:]
-        last.attribute.extend([helper.make_attribute(k, int(v)) for k, v in
-                               (("a", a), ("b", b), ("fwht_a", fa), ("fwht_b", fb))])
-        drop.update(id(nd) for nd in (first, right, left))
-        count += 1
-    drop_nodes(proto, drop)
-    return count
+    """:func:`lower_kron_ir` on an ``onnx.ModelProto``, in place."""
+    return on_proto(proto, lower_kron_ir)
 
 
 def _fwht_stages(te: Any, tirx: Any, src: Any, m: int, a: int, b: int, axis: int,

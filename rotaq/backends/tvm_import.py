@@ -4,11 +4,12 @@ Rewritten graphs are first specialized to a static ``[batch, tokens]`` input sha
 simplified (onnxscript's optimizer: constant folding, shape arithmetic gone), then imported by
 a subclass of TVM's ONNX importer that adds what the stock one lacks:
 
-- ``com.microsoft.MatMulNBits`` (2/4/8-bit blocked weights, asymmetric zero points, bias,
-  ``accuracy_level=4`` int8 activations) -> a ``call_tir`` of :func:`tvm_kernels.qmatmul_func`
-  with the weight repacked to ``uint8 [K / per, N]`` plus fp32 scale and shift ``[blocks, N]``;
-- ``MatMul`` with a constant 2-D weight (plain linears, low-rank chains, Kronecker factors of
-  online Hadamards) -> the same kernel with an fp32 weight, so every linear gets a schedule;
+- ``com.microsoft.MatMulNBits`` and ``MatMul`` with a constant 2-D weight (plain linears,
+  low-rank chains, on GPU the Kronecker factors of online Hadamards) -> a ``call_tir`` of
+  :func:`tvm_kernels.qmatmul_func` (the ``RotaqQMatMul`` nodes of :mod:`tvm_matmul`'s rewrite
+  rules, weights repacked and tiled);
+- on CPU, online Hadamards and attention chains -> rotaq's fused kernels (the ``RotaqKron`` /
+  ``RotaqAttention`` nodes of the rules in :mod:`tvm_hadamard` and :mod:`tvm_attention`);
 - values whose shape the importer lost are re-annotated with ONNX's inferred static shape
   (``match_cast``), and scalar shape values are turned into tensors where an op needs one.
 
@@ -27,6 +28,9 @@ import numpy as np
 from rotaq.backends import tvm_attention as A
 from rotaq.backends import tvm_hadamard as H
 from rotaq.backends import tvm_kernels as K
+from rotaq.backends.tvm_causal import mark_causal
+from rotaq.backends.tvm_gqa import fold_gqa
+from rotaq.backends.tvm_matmul import QOP, lower_matmuls_ir
 from rotaq.errors import RotaqError
 
 log = logging.getLogger(__name__)
@@ -152,114 +156,6 @@ def _static_shapes(proto: Any) -> dict[str, tuple[list[int], int]]:
     return out
 
 
-# ---- MatMulNBits weights ----------------------------------------------------------------------
-def _unpack(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
-    """Codes from bytes, low bits first: ``[rows, bytes] -> [rows, count]``."""
-    per = 8 // bits
-    p = packed.astype(np.uint16)
-    parts = [(p >> (i * bits)) & (2**bits - 1) for i in range(per)]
-    return np.stack(parts, axis=-1).reshape(p.shape[0], -1)[:, :count]
-
-
-def repack_nbits(b: np.ndarray, scales: np.ndarray, zp: np.ndarray | None, k: int, n: int,
-                 bits: int, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """MatMulNBits ``B [N, blocks, blob]``, scales, packed zero points -> (codes ``uint8
-    [ceil(K/per), N]`` packed along K, scale ``[blocks, N]``, shift ``[blocks, N]``) with
-    ``w[k, n] = code * scale + shift``."""
-    nb = -(-k // block)
-    codes = _unpack(b.reshape(n, -1), bits, nb * block)  # [N, nb*block]
-    per = 8 // bits
-    kp = -(-nb * block // per)
-    c = np.zeros((n, kp * per), np.uint16)
-    c[:, : codes.shape[1]] = codes
-    c = c.reshape(n, kp, per)
-    packed = np.zeros((n, kp), np.uint16)
-    for i in range(per):
-        packed |= c[:, :, i] << (i * bits)
-    sc = np.asarray(scales, np.float32).reshape(n, nb)
-    if zp is None:
-        z = np.full((n, nb), 2 ** (bits - 1), np.float32)
-    elif zp.dtype == np.uint8:
-        z = _unpack(zp.reshape(n, -1), bits, nb).astype(np.float32)
-    else:
-        z = np.asarray(zp, np.float32).reshape(n, nb)
-    return (np.ascontiguousarray(packed.astype(np.uint8).T), np.ascontiguousarray(sc.T),
-            np.ascontiguousarray((-z * sc).T))
-
-
-_QOP = "RotaqQMatMul"
-_DENSE_MIN_ELEMS = 256  # constant MatMul weights from this size go through rotaq's kernel
-
-
-def tile(arr: np.ndarray, nt: int) -> np.ndarray:
-    """``[rows, N] -> [N / nt, rows, nt]``: each N tile contiguous along the rows."""
-    rows, n = arr.shape
-    return np.ascontiguousarray(arr.reshape(rows, n // nt, nt).transpose(1, 0, 2))
-
-
-def _set_qop(node: Any, inputs: list[str], attrs: dict[str, int]) -> None:
-    from onnx import helper
-
-    node.op_type, node.domain = _QOP, ""
-    del node.input[:]
-    node.input.extend(inputs)
-    del node.attribute[:]
-    node.attribute.extend([helper.make_attribute(a, v) for a, v in attrs.items()])
-
-
-def lower_matmuls(proto: Any) -> dict[str, int]:
-    """Replace each MatMulNBits node, and each MatMul whose second input is a 2-D float
-    initializer, by ``RotaqQMatMul(A, weight[, scale, shift][, bias])`` with the weight
-    repacked (:func:`repack_nbits`) and tiled along N (:func:`tile`) into new initializers;
-    initializers left unused are dropped. Returns counts per kind."""
-    from onnx import TensorProto, helper, numpy_helper
-
-    inits = {t.name: t for t in proto.graph.initializer}
-    counts = {"nbits": 0, "dense": 0}
-
-    def add(arr: np.ndarray, name: str) -> str:
-        proto.graph.initializer.append(numpy_helper.from_array(arr, name))
-        return name
-
-    for node in proto.graph.node:
-        idx = counts["nbits"] + counts["dense"]
-        if node.op_type == "MatMulNBits":
-            at = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-            ins = list(node.input) + [""] * (6 - len(node.input))
-            if ins[4]:
-                raise ValueError(f"{node.name}: MatMulNBits with g_idx is not supported")
-            if any(i and i not in inits for i in ins[1:4]) or not ins[1] or not ins[2]:
-                raise ValueError(f"{node.name}: MatMulNBits needs constant weights")
-            arrs = [numpy_helper.to_array(inits[i]) if i else None for i in ins[1:4]]
-            k, n, bits, block = (int(at[a]) for a in ("K", "N", "bits", "block_size"))
-            nt = K.pick_tile(n)
-            packed = repack_nbits(arrs[0], arrs[1], arrs[2], k, n, bits, block)
-            names = [add(tile(arr, nt), f"rotaq_q{idx}_{suffix}")
-                     for suffix, arr in zip(("codes", "scale", "shift"), packed)]
-            act = 8 if int(at.get("accuracy_level", 0)) == 4 else 0
-            _set_qop(node, [ins[0], *names] + ([ins[5]] if ins[5] else []),
-                     {"K": k, "N": n, "bits": bits, "block_size": block, "act_bits": act,
-                      "tile": nt})
-            counts["nbits"] += 1
-        elif node.op_type == "MatMul" and node.input[1] in inits:
-            t = inits[node.input[1]]
-            if (len(t.dims) != 2 or t.data_type != TensorProto.FLOAT
-                    or t.dims[0] * t.dims[1] < _DENSE_MIN_ELEMS):
-                continue
-            w = numpy_helper.to_array(t)
-            nt = K.pick_tile(w.shape[1])
-            name = add(tile(w, nt), f"rotaq_w{idx}")
-            _set_qop(node, [node.input[0], name],
-                     {"K": w.shape[0], "N": w.shape[1], "bits": 32, "block_size": 1,
-                      "act_bits": 0, "tile": nt})
-            counts["dense"] += 1
-    used = {i for nd in proto.graph.node for i in nd.input}
-    keep = [t for t in proto.graph.initializer if t.name in used]
-    del proto.graph.initializer[:]
-    proto.graph.initializer.extend(keep)
-    return counts
-
-
 # ---- importer ---------------------------------------------------------------------------------
 def _importer_class():
     import tvm
@@ -302,7 +198,7 @@ def _importer_class():
 
         def _check_for_unsupported_ops(self, graph: Any) -> None:
             saved = list(graph.node)
-            keep = [n for n in saved if n.op_type not in (_QOP, H.KRON_OP, A.ATTN_OP)]
+            keep = [n for n in saved if n.op_type not in (QOP, H.KRON_OP, A.ATTN_OP)]
             del graph.node[:]
             graph.node.extend(keep)
             try:
@@ -316,7 +212,7 @@ def _importer_class():
                                                          (op_name == "Reshape" and i == 0))
                      else x for i, x in enumerate(inputs)]
             name = attrs["tvm_custom"]["name"]
-            if op_name == _QOP:
+            if op_name == QOP:
                 out = self._nbits(fixed, attrs)
             elif op_name == H.KRON_OP:
                 out = self._kron(fixed, attrs, opset)
@@ -412,22 +308,36 @@ def import_onnx(proto: Any, cpu: bool = True, avx512: bool = False
     for node in proto.graph.node:
         if len(node.output) == 1 and node.output[0] in by_output:
             known[node.name] = by_output[node.output[0]][0]
-    if cpu:  # GPU builds keep the two small MatMuls and the attention ops (dlight)
-        H.lower_kron(proto)  # before lower_matmuls takes the factors' MatMuls
-        gqa = causal = 0
-        if A.lower_attention(proto):
-            from rotaq.backends.tvm_gqa import fold_gqa
-
-            gqa = fold_gqa(proto)
-            from rotaq.backends.tvm_causal import mark_causal
-
-            causal = mark_causal(proto)
-    lower_matmuls(proto)
+    proto, stats = lower(proto, cpu)
     importer = _importer_class()(known, cpu, avx512)
     mod = importer.from_onnx(proto.graph, opset)
     mod, params = relax.frontend.detach_params(mod)
     arrays = [p.numpy() for p in params.get("main", [])]
-    stats = dict(importer.stats)
-    if cpu:
-        stats["gqa_folded"], stats["causal"] = gqa, causal
-    return mod, list(importer._input_names), arrays, stats
+    return mod, list(importer._input_names), arrays, {**importer.stats, **stats}
+
+
+def lower(proto: Any, cpu: bool) -> tuple[Any, dict[str, int]]:
+    """The ONNX-side lowerings, as rewrite rules on one ``onnx_ir`` model: on CPU the online
+    Hadamards (before the matmul rules take their factors) and attention chains, then the
+    matmuls; then, on the proto, GQA folding and causal marking (they run subgraphs on probe
+    data). Returns (lowered proto, stats: ``gqa_folded`` and ``causal`` on CPU)."""
+    import onnx_ir as ir
+
+    model, stats = ir.serde.deserialize_model(proto), {}
+    attention = 0
+    if cpu:  # GPU builds keep the two small MatMuls and the attention ops (dlight)
+        H.lower_kron_ir(model)
+        attention = A.lower_attention_ir(model)
+        stats["gqa_folded"] = stats["causal"] = 0
+    lower_matmuls_ir(model)
+    # one conversion back: the weights are copied once (a second round trip before the matmul
+    # rules cost as much as the whole hand-written lowering on SmolLM2's fp32 weights)
+    proto = ir.serde.serialize_model(model)
+    if attention:
+        stats["gqa_folded"], stats["causal"] = fold_gqa(proto), mark_causal(proto)
+        if stats["gqa_folded"]:  # the folded chains' shapes and scalars
+            used = {i for nd in proto.graph.node for i in nd.input}
+            keep = [t for t in proto.graph.initializer if t.name in used]
+            del proto.graph.initializer[:]
+            proto.graph.initializer.extend(keep)
+    return proto, stats

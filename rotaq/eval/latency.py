@@ -39,7 +39,7 @@ _ID_RANGE = 32  # synthetic token ids are drawn from [0, 32): valid for any real
 def _feeds(specs: dict[str, tuple[Any, Sequence[Any]]], n: int) -> dict[str, np.ndarray]:
     """Batch-1 inputs with ``n`` tokens: dynamic dim 0 -> 1, other dynamic dims -> ``n``;
     masks are ones, token types zeros, positions 0..n-1, other ids random in [0, 32)."""
-    from rotaq.rewriter.kv_capture import is_past
+    from rotaq.decoder_io import is_past
 
     rng = np.random.default_rng(0)
     out = {}
@@ -258,7 +258,7 @@ def _bench_torch(model_or_path: Model | str, tokens: Sequence[int], repeats: int
             raise RotaqError(f"{src} is an ONNX file: benchmark it with --backend ort")
         model = rotaq.load(src)
         pt2 = os.path.abspath(src) if src.lower().endswith(".pt2") else None
-    from rotaq.rewriter.kv_capture import is_past
+    from rotaq.decoder_io import is_past
 
     if model.ir != "fx":
         raise RotaqError("the torch backend needs a torch (FX) model; this one is ONNX: use "

@@ -102,7 +102,7 @@ def _accumulate(out: dict[str, InputStats], v: str, x: np.ndarray, gram: bool) -
 def rank_rows(model: Model, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """This rank's share of the rows of ``feeds`` (completed for a KV-cache graph)."""
     from rotaq import dist
-    from rotaq.rewriter.kv_capture import complete_feeds
+    from rotaq.decoder_io import complete_feeds
 
     feeds = complete_feeds(model.graph, feeds)
     sl = dist.shard(rows_of(feeds))
@@ -163,7 +163,7 @@ def calibration_feeds(model: Model, corpus: str = "lee", n_tokens: int = 512,
     t0 = time.perf_counter()
     tok_dir = model.source.get("tokenizer")
     if model.calibration is not None:
-        from rotaq.rewriter.kv_capture import complete_feeds
+        from rotaq.decoder_io import complete_feeds
 
         feeds = complete_feeds(model.graph, model.calibration)  # cache graph: empty pasts
         info = model.inputs_info.get("calibration") or inp.describe(feeds, "user")

@@ -241,7 +241,7 @@ def cache_note(model, stats: dict) -> None:
     the new keys before their Concat with the past) are the rewritten model's own state, so
     verification then compares the logits of a prefill plus decode steps fed that state, not
     the presents. A pass that calls :func:`rotate_ov` or :func:`online_qk` must call this."""
-    from rotaq.rewriter.kv_capture import is_cache_graph
+    from rotaq.decoder_io import is_cache_graph
 
     if not is_cache_graph(model.graph):
         return

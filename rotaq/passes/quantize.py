@@ -141,7 +141,7 @@ class Quantize(Pass, Selected, Calibrated):
         stats["kept_float"] = [a.linears[k].name or k for k in a.linears if k not in done]
         if self.lowrank_rank:
             stats["lowrank"] = f"{self.lowrank_mode} rank {self.lowrank_rank}"
-        from rotaq.rewriter.kv_capture import is_cache_graph
+        from rotaq.decoder_io import is_cache_graph
 
         if kv and is_cache_graph(model.graph):  # the fake-quantized K/V are what present.* holds
             stats["kv_cache"] = (f"int{self.kv_bits} per-token fake-quant of the new keys and "

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from rotaq.decoder_io import complete_feeds
 from rotaq.errors import RewriteError
 from rotaq.linalg import spin
 from rotaq.model import Model
@@ -40,7 +41,6 @@ from rotaq.passes.calib import capture_rows, counts, feeds_for
 from rotaq.passes.options import Calibrated
 from rotaq.passes.rotate import _online_reason
 from rotaq.rewriter import torch_exec
-from rotaq.rewriter.kv_capture import complete_feeds
 
 log = logging.getLogger(__name__)
 

@@ -32,6 +32,8 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from rotaq.decoder_io import complete_feeds
+from rotaq.inputs import chunks
 from rotaq.rewriter.analysis import Analysis, analyze
 from rotaq.rewriter.sites import Block
 
@@ -79,6 +81,22 @@ def segments(graph: Any, analysis: Analysis | None = None) -> list[Segment]:
             k = next((i for i, e in enumerate(bounds) if pos[n.key] <= e), len(bounds))
             out[k].linears.append(n.key)
     return out
+
+
+def blockwise_bytes() -> int:
+    """ONNX models whose weights exceed this many bytes (``ROTAQ_BLOCKWISE_GIB``, default
+    0.125) run block by block (:func:`rotaq.rewriter.blocks.run_blockwise`): one block's
+    weights in an ORT session at a time (mapped from disk when stored there), instead of one
+    session holding a copy of the whole model."""
+    return int(float(os.environ.get("ROTAQ_BLOCKWISE_GIB", "0.125")) * 2**30)
+
+
+def weight_bytes(graph: Any) -> int:
+    """Bytes of an ONNX graph's initializers (from their shapes: nothing is read); 0 for FX."""
+    if getattr(graph, "ir", None) != "onnx":
+        return 0
+    return sum(v.const_value.nbytes for v in graph.model.graph.initializers.values()
+               if v.const_value is not None)
 
 
 def executor(graph: Any, ends: list[str]) -> Any:
@@ -204,9 +222,6 @@ class BlockRunner:
         """``precision`` (ONNX): ``"fp32"`` runs every segment as its fp32 copy, ``"round:T"``
         as its fp32 copy with every op output rounded to T (float16 / bfloat16): an fp16/bf16
         graph's reference and emulated runs, one block's weights converted at a time."""
-        from rotaq.inputs import chunks
-        from rotaq.rewriter.kv_capture import complete_feeds
-
         self.graph = graph
         self.segments = segments(graph, analysis)
         self.exec = executor(graph, [s.end for s in self.segments[:-1]])

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from rotaq import tags
+from rotaq.decoder_io import contract_name, output_names
 from rotaq.errors import RotaqError
 from rotaq.progress import stage
 
@@ -80,8 +81,6 @@ def _contract_names(graph: Any) -> None:
     placeholders ``past_key_values_{i}_key`` become ``past_key_values.{i}.key``, the outputs
     ``logits``, ``present.{i}.key``, ``present.{i}.value`` (renaming an onnx-ir value renames
     every use of it)."""
-    from rotaq.rewriter.kv_capture import contract_name, output_names
-
     for v in graph.inputs:
         v.name = contract_name(v.name)
     names = output_names((len(graph.outputs) - 1) // 2)

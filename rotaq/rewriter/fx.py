@@ -21,8 +21,11 @@ import torch
 from torch.utils._pytree import tree_flatten
 
 from rotaq import tags
+from rotaq.decoder_io import complete_feeds, contract_name, fx_name, is_past
+from rotaq.decoder_io import dynamic_shapes as kv_dynamic_shapes
 from rotaq.errors import LoadError, RewriteError
 from rotaq.files import atomic_file
+from rotaq.floats import tensor_from_numpy, tensor_to_numpy
 from rotaq.rewriter import fx_chain, fx_quant
 from rotaq.rewriter.chain import ChainAdapter
 from rotaq.rewriter.fx_lift import (  # noqa: F401 (re-exported: the adapter's names)
@@ -33,8 +36,6 @@ from rotaq.rewriter.fx_lift import (  # noqa: F401 (re-exported: the adapter's n
     _scope,
     _shape,
 )
-from rotaq.rewriter.kv_capture import contract_name, fx_name, is_past
-from rotaq.rewriter.kv_capture import dynamic_shapes as kv_dynamic_shapes
 from rotaq.rewriter.sites import GraphView, counts_edits
 
 log = logging.getLogger(__name__)
@@ -42,14 +43,10 @@ aten = torch.ops.aten
 
 
 def _to_numpy(t: Any) -> np.ndarray:
-    from rotaq.dtypes import tensor_to_numpy
-
     return tensor_to_numpy(t)  # bf16 kept, as ml_dtypes.bfloat16
 
 
 def _from_numpy(a: Any) -> torch.Tensor:
-    from rotaq.dtypes import tensor_from_numpy
-
     return tensor_from_numpy(a)  # ml_dtypes.bfloat16 included
 
 
@@ -255,8 +252,6 @@ class FxGraph(FxLift, ChainAdapter):
 
     # ---- running and saving -------------------------------------------------------------
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        from rotaq.rewriter.kv_capture import complete_feeds
-
         feeds = complete_feeds(self, feeds)  # a KV-cache graph fed tokens only: a full prefill
         args, kwargs = self._split({k: _from_numpy(v) for k, v in feeds.items()})
         with torch.no_grad():

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch.utils._pytree import tree_flatten
 
-from rotaq.rewriter.kv_capture import contract_name
+from rotaq.decoder_io import contract_name
 
 _SKIP = ("placeholder", "get_attr", "output")
 

@@ -17,6 +17,7 @@ import torch
 from rotaq import tags
 from rotaq.errors import RewriteError
 from rotaq.rewriter.chain import TINY, Chain, Step
+from rotaq.rewriter.fx_lift import _attr
 
 if TYPE_CHECKING:
     from rotaq.rewriter.fx import FxGraph
@@ -120,8 +121,6 @@ def _site(g: FxGraph, key: str, chain: Chain) -> tuple[torch.fx.Node, torch.fx.N
     if parts is None:
         raise RewriteError(f"node {key!r} is not a linear")
     x, w, w_out_in, _ = parts
-    from rotaq.rewriter.fx import _attr
-
     weight = _attr(g.gm, w.target)
     out_f, in_f = weight.shape if w_out_in else weight.shape[::-1]
     if (chain.in_features, chain.out_features) != (in_f, out_f):

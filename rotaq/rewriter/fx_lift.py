@@ -11,6 +11,7 @@ import torch
 from torch.utils._pytree import tree_flatten
 
 from rotaq import tags
+from rotaq.floats import numpy_dtype
 from rotaq.rewriter.sites import GNode, GraphView
 
 aten = torch.ops.aten
@@ -64,6 +65,25 @@ class FxLift:
         if self._view is None:
             self._view = self._lift()
         return self._view
+
+    def input_specs(self) -> dict[str, tuple[np.dtype, list[int | None]]]:
+        """Graph input name -> (numpy dtype, dims); ``None`` for a symbolic (dynamic) dim."""
+        from torch.fx.experimental.symbolic_shapes import is_concrete_int
+
+        specs = {}
+        places = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
+        # feeds are keyed like the example inputs (the placeholder of `input` is `input_1`)
+        names = list(self.example_inputs) if len(self.example_inputs) == len(places) else \
+            [n.name for n in places]
+        for name, n in zip(names, places):  # the placeholders' fake tensors: SymInt for dyn dims
+            val = n.meta.get("val")
+            if val is None:
+                val = self.example_inputs.get(name)
+                if val is None:
+                    continue
+            dims = [int(d) if is_concrete_int(d) else None for d in val.shape]
+            specs[name] = (numpy_dtype(val.dtype), dims)  # bf16: ml_dtypes.bfloat16
+        return specs
 
     def _linear_parts(self, n: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node, bool,
                                                          torch.fx.Node | None] | None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from rotaq.rewriter import fx_chain
 from rotaq.rewriter.quant_chain import check_act, fake_quant_chain
 from rotaq.rewriter.sites import ActQuant
 
@@ -35,6 +36,4 @@ def insert_fake_quant(g: FxGraph, value: str, consumers: Sequence[str], act: Act
     """x -> fake_quant(x) for ``consumers`` only: the chain of
     :func:`~rotaq.rewriter.quant_chain.fake_quant_chain` (per token dynamic, symmetric or
     asymmetric, or static per tensor), as aten ops."""
-    from rotaq.rewriter import fx_chain
-
     return fx_chain.insert_chain(g, value, consumers, fake_quant_chain(act), role="quant")

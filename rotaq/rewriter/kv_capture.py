@@ -5,7 +5,9 @@ The graph follows the contract of onnxruntime-genai's model builder and Optimum:
 ``past_key_values.{i}.key`` / ``.value`` [batch, kv_heads, past, head_dim]; outputs ``logits``
 [batch, seq, vocab] then ``present.{i}.key`` / ``.value`` [batch, kv_heads, past+seq, head_dim].
 FX placeholder names cannot hold dots: the FX graph names the pasts ``past_key_values_{i}_key``
-and :func:`contract_name` / :func:`fx_name` translate; the ONNX file uses the contract names.
+and :func:`~rotaq.decoder_io.contract_name` / :func:`~rotaq.decoder_io.fx_name` translate; the
+ONNX file uses the contract names. The contract's names and feeds live in :mod:`rotaq.decoder_io`
+(re-exported here).
 
 The attention mask is built here, not by transformers: a 4-D float mask [batch, 1, seq,
 past+seq] (0 where a query may attend, the dtype's minimum elsewhere) from the causal order and
@@ -17,101 +19,28 @@ never NaN).
 from __future__ import annotations
 
 import logging
-import re
 from typing import Any
 
-import numpy as np
-
 from rotaq import tags
+from rotaq.decoder_io import (  # noqa: F401 (re-exported: the cache contract's names and feeds)
+    complete_feeds,
+    contract_name,
+    dynamic_shapes,
+    fx_name,
+    is_cache_graph,
+    is_past,
+    output_names,
+    prefill_decode,
+    token_feeds,
+)
 
 log = logging.getLogger(__name__)
-_PAST = re.compile(r"^past_key_values[._](\d+)[._](key|value)$")
-_PRESENT = re.compile(r"^present[._](\d+)[._](key|value)$")
 TOKEN_INPUTS = ("input_ids", "attention_mask")
 META_FLAG = tags.KV_CACHE
 
 
-def contract_name(name: str) -> str:
-    """``past_key_values_3_key`` -> ``past_key_values.3.key``; other names unchanged."""
-    m = _PAST.match(name)
-    return f"past_key_values.{m.group(1)}.{m.group(2)}" if m else name
-
-
-def fx_name(name: str) -> str:
-    """``past_key_values.3.key`` -> ``past_key_values_3_key`` (an FX placeholder name)."""
-    m = _PAST.match(name)
-    return f"past_key_values_{m.group(1)}_{m.group(2)}" if m else name
-
-
-def is_past(name: str) -> bool:
-    return bool(_PAST.match(name))
-
-
-def output_names(num_layers: int) -> list[str]:
-    return ["logits"] + [f"present.{i}.{w}" for i in range(num_layers) for w in ("key", "value")]
-
-
-def is_cache_graph(g: Any) -> bool:
-    return any(is_past(n) for n in getattr(g, "input_names", []))
-
-
 def metadata(num_layers: int, kv_heads: int, head_dim: int) -> dict[str, str]:
     return tags.cache_metadata(num_layers, kv_heads, head_dim)
-
-
-def token_feeds(g: Any, ids: np.ndarray, attention_mask: np.ndarray | None = None
-                ) -> dict[str, np.ndarray]:
-    """Prefill feeds of a cache graph for tokens ``ids`` [batch, seq]: a full prefill (empty
-    pasts), all-ones mask (or the one given), positions 0..seq-1; only inputs ``g`` declares
-    (:meth:`rotaq.decoder_io.CacheSpec.feeds`)."""
-    from rotaq.decoder_io import cache_spec_of_graph
-
-    feeds = cache_spec_of_graph(g).feeds(ids)
-    if attention_mask is not None and "attention_mask" in feeds:
-        feeds["attention_mask"] = np.asarray(attention_mask, np.int64)
-    return feeds
-
-
-def complete_feeds(g: Any, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """``feeds`` plus what a cache graph needs for a prefill that they lack (mask, positions,
-    empty pasts); unchanged when the graph has no cache or nothing is missing."""
-    if not is_cache_graph(g) or "input_ids" not in feeds:
-        return feeds
-    full = token_feeds(g, feeds["input_ids"], feeds.get("attention_mask"))
-    return {**full, **feeds}
-
-
-def prefill_decode(g: Any, feeds: dict[str, np.ndarray], steps: int = 2) -> list[np.ndarray]:
-    """Outputs of a cache graph on prefill ``feeds`` (empty pasts), computed as a prefill of all
-    but the last ``steps`` tokens and then one decode step per token, each fed the presents the
-    graph returned: logits over all tokens (concatenated) and the last step's presents. Equal to
-    one full prefill for a correct cache graph; a rewrite that changes what the cache stores is
-    checked by the logits it gives when it reads its own cache back."""
-    ids = feeds["input_ids"]
-    s = ids.shape[1]
-    past0 = [k for k in g.input_names if is_past(k)]
-    if s <= steps or any(feeds[k].shape[2] for k in past0 if k in feeds):
-        return g.run(feeds)
-    mask = feeds.get("attention_mask", np.ones_like(ids))
-    pos = feeds.get("position_ids")
-    if pos is None:
-        pos = np.broadcast_to(np.arange(s, dtype=np.int64), ids.shape)
-    cut = s - steps
-    cur = dict(feeds)
-    logits = []
-    outs: list[np.ndarray] = []
-    for a, b in [(0, cut)] + [(t, t + 1) for t in range(cut, s)]:
-        cur["input_ids"] = ids[:, a:b]
-        if "attention_mask" in cur:
-            cur["attention_mask"] = np.ascontiguousarray(mask[:, :b])
-        if "position_ids" in cur:
-            cur["position_ids"] = np.ascontiguousarray(pos[:, a:b])
-        if outs:
-            for i, k in enumerate(past0):
-                cur[k] = outs[1 + i]
-        outs = g.run(cur)
-        logits.append(outs[0])
-    return [np.concatenate(logits, axis=1), *outs[1:]]
 
 
 # ---- capture ---------------------------------------------------------------------------------
@@ -268,14 +197,6 @@ def example_inputs(num_layers: int, kv_heads: int, head_dim: int, vocab: int, dt
             ex[f"past_key_values.{i}.{w}"] = torch.randn(batch, kv_heads, past, head_dim,
                                                          generator=g).to(dtype)
     return ex
-
-
-def dynamic_shapes(names: list[str]) -> dict[str, Any]:
-    """Batch and lengths dynamic, keyed by FX names: pasts on axes 0 and 2, the rest 0 and 1."""
-    from torch.export import Dim
-
-    return {fx_name(k): ({0: Dim.AUTO, 2: Dim.AUTO} if is_past(k) else {0: Dim.AUTO, 1: Dim.AUTO})
-            for k in names}
 
 
 def capture(lm: Any, dims: tuple[int, int, int], ids: Any = None) -> Any:

@@ -98,9 +98,9 @@ class OnnxExec:
         check_unverified(self)
 
     def rounding_noise(self, feeds: dict[str, np.ndarray]) -> dict[str, Any] | None:
-        """The fp16/bf16 rounding noise of this graph (see :mod:`rotaq.rewriter.onnx_dtype`);
+        """The fp16/bf16 rounding noise of this graph (see :mod:`rotaq.rewriter.onnx_noise`);
         None for an fp32 graph."""
-        from rotaq.rewriter.onnx_dtype import rounding_noise
+        from rotaq.rewriter.onnx_noise import rounding_noise
 
         return rounding_noise(self, feeds)
 

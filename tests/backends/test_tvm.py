@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import rotaq
-from rotaq.backends.tvm_import import repack_nbits, tile
+from rotaq.backends.tvm_matmul import repack_nbits, tile
 from rotaq.errors import MissingDependencyError, RotaqError
 from tests.tiny import loaded
 
