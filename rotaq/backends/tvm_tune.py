@@ -218,7 +218,8 @@ def tune(mod: Any, target: Any, trials: int, db_folder: str, progress: bool = Tr
         cost_model = "xgb"
     except ImportError:  # MetaSchedule's learned model needs xgboost; without it, random
         cost_model = "random"
-    callbacks = [*ms.MeasureCallback.create("default"), _progress_callback(trials, progress)]
+    shown = _progress_callback(trials, progress)
+    callbacks = [*ms.MeasureCallback.create("default"), shown]
     with tempfile.TemporaryDirectory(prefix="rotaq-tune-") as logs:
         ms.tune_tasks(tasks=contexts, task_weights=weights, work_dir=logs,
                       max_trials_global=trials, num_trials_per_iter=per_iter,
@@ -227,5 +228,9 @@ def tune(mod: Any, target: Any, trials: int, db_folder: str, progress: bool = Tr
                       measure_callbacks=callbacks, task_scheduler="gradient")
     records = sum(1 for t in tasks
                   if db.query_tuning_record(t.dispatched[0], target, "main") is not None)
-    return {**summary, "seconds": round(time.perf_counter() - t0, 1), "records": records,
+    seconds = round(time.perf_counter() - t0, 1)
+    if progress:  # a task whose design space is small ends before its share of the trials
+        print(f"tuning: done, {shown.done} candidates measured in {seconds} s, best schedules "
+              f"for {records} of {len(tasks)} functions", file=sys.stderr, flush=True)
+    return {**summary, "seconds": seconds, "records": records, "measured": shown.done,
             "cost_model": cost_model}
