@@ -56,8 +56,12 @@ def require_tvm() -> Any:
     TVM's thread pool pins its workers to cores unless ``TVM_BIND_THREADS=0``; on a machine
     whose cores other processes share, a pinned worker waits for its core and every parallel
     kernel waits for it (the online Hadamard at 512 rows: 7.9 ms pinned, 0.63 ms unpinned on 2
-    shared cores), so rotaq turns pinning off unless the variable is set."""
+    shared cores), so rotaq turns pinning off unless the variable is set; ``TVM_NUM_THREADS``
+    defaults to the physical cores (:func:`tvm_build.cpu_cores`)."""
+    from rotaq.backends.tvm_build import cpu_cores
+
     os.environ.setdefault("TVM_BIND_THREADS", "0")  # read when the thread pool starts
+    os.environ.setdefault("TVM_NUM_THREADS", str(cpu_cores()))  # TVM's default: half
     try:
         import tvm
     except ImportError as err:

@@ -9,11 +9,31 @@ one library they are imported separately, their functions renamed with the bucke
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import numpy as np
 
 log = logging.getLogger(__name__)
+
+
+def cpu_cores() -> int:
+    """Physical cores this process may run on (Linux sysfs topology of its CPU affinity; the
+    CPU count elsewhere). TVM's own default is half the logical CPUs on x86 (it assumes two
+    hyperthreads per core): on a 2-vCPU machine with one thread per core, one thread."""
+    try:
+        cpus = os.sched_getaffinity(0)
+    except AttributeError:
+        return max(os.cpu_count() or 1, 1)
+    cores = set()
+    for c in cpus:
+        try:
+            topo = f"/sys/devices/system/cpu/cpu{c}/topology/"
+            with open(topo + "core_id") as a, open(topo + "physical_package_id") as b:
+                cores.add((a.read().strip(), b.read().strip()))
+        except OSError:
+            cores.add(("cpu", str(c)))
+    return max(len(cores), 1)
 
 
 def pipeline(target: Any, database: Any = None, stats: dict | None = None) -> Any:

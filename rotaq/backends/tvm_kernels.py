@@ -91,12 +91,14 @@ def qmatmul_func(m: int, k: int, n: int, bits: int, block: int, act_bits: int = 
     return te.create_prim_func([*params, y]).with_attr("rotaq.qmatmul", spec)
 
 
-# N tiles run in parallel from this many multiply-adds (m * K * N) on. Below it (SmolLM2 at one
-# token: every projection, 110k-885k; the lm_head, 28M, stays parallel) one thread does the work: waking the pool costs
-# more than the halved work saves, and far more when other processes hold the cores (the k/v
-# projection at one token: 2.1 ms per call in a profile taken beside a compile job, for ~10 us
-# of work; the MLP's 885k: 0.26 ms parallel, 0.08 ms for the same shape on one thread).
-PARALLEL_MACS = 1 << 20
+# N tiles run in parallel from this many multiply-adds (m * K * N) on; below it one thread
+# does the work: waking the pool costs more than the halved work saves, and far more when other
+# processes hold the cores (the k/v projection at one token: 2.1 ms per call in a profile taken
+# beside a compile job, for ~10 us of work). Was 1M, measured while TVM's pool had one thread
+# (its default on 2 vCPUs, see tvm_build.cpu_cores); with 2 threads on an idle machine the
+# factored one-row int4 kernel takes 10.2 / 15.0 us parallel / serial for 576 x 576 (332k),
+# 21.3 / 35.4 for 576 x 1536, 6.0 / 7.0 for 576 x 192 (110k, kept serial).
+PARALLEL_MACS = 1 << 18
 
 
 def pick_tile(n: int) -> int:
@@ -111,7 +113,7 @@ def schedule_qmatmul_cpu(func: Any, m: int, n: int, nt: int, mt: int = 0,
                          kunroll: int = 0, avx512: bool = False) -> Any:
     """CPU schedule: parallel N tiles (the weight tile ``nt``); for one row of a quantized
     weight without activation quantization, :func:`qgemv_func` (the affine dequantization
-    factored out of the K loop: -8% to -16% on SmolLM2's int4 shapes); for one row otherwise
+    factored out of the K loop: -10% to -17% on SmolLM2's int4 shapes); for one row otherwise
     the weight is decoded inline (GEMV), for more rows it is decoded once per tile into a local buffer and
     reused by every ``mt``-row register tile (GEMM); K outermost inside the tile, N vectorized;
     the optional activation quantizer is computed once. ``avx512`` (32 vector registers of 16
