@@ -66,3 +66,20 @@ def test_one_row_dispatch(bits, act, expect_gemv):
     if not act:
         ref = x.astype(np.float64) @ wd
         assert np.abs(got - ref).max() / np.abs(ref).max() < 1e-5
+
+
+def test_tvm_thread_pool_uses_the_physical_cores():
+    """TVM's default pool size halves the logical CPUs on x86 (one thread on a 2-vCPU
+    machine); after ``require_tvm`` it has one thread per physical core."""
+    import os
+    import subprocess
+    import sys
+
+    from rotaq.backends.tvm_build import cpu_cores
+
+    env = {k: v for k, v in os.environ.items() if k not in ("TVM_NUM_THREADS", "OMP_NUM_THREADS")}
+    code = ("from rotaq.backends.tvm import require_tvm; require_tvm(); import tvm_ffi; "
+            "print(tvm_ffi.get_global_func('runtime.NumThreads')())")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True).stdout.split()[-1]
+    assert int(out) == cpu_cores() <= len(os.sched_getaffinity(0))
