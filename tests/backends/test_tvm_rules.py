@@ -275,3 +275,47 @@ def test_kron_rule_nothing_to_do():
     before = proto.SerializeToString()
     assert lower_kron(proto) == 0
     assert proto.SerializeToString() == before  # not even re-serialized
+
+
+# ---- MatMul over DequantizeLinear of an int8 weight (the int8 head of w4a8-rotated) ---------
+def _dq_graph(zp_dtype=np.int8, per_column=True, scale_input=False):
+    rng = np.random.default_rng(3)
+    k, n = 64, 96
+    q = rng.integers(-127, 128, (k, n)).astype(np.int8) if zp_dtype == np.int8 else \
+        rng.integers(0, 256, (k, n)).astype(np.uint8)
+    s = (rng.random(n if per_column else ()) * 0.01 + 1e-3).astype(np.float32)
+    zp = (np.full(n if per_column else (), 3)).astype(zp_dtype)
+    inits = {"wq": q, "wzp": zp}
+    ins = [("x", [2, k])]
+    if scale_input:
+        ins.append(("ws", [n] if per_column else []))
+    else:
+        inits["ws"] = s
+    nodes = [helper.make_node("DequantizeLinear", ["wq", "ws", "wzp"], ["w"], name="dq", axis=1),
+             helper.make_node("MatMul", ["x", "w"], ["y"], name="head")]
+    return _model(nodes, ins, ["y"], inits), (q, s, zp)
+
+
+@pytest.mark.parametrize("zp_dtype,per_column", [(np.int8, True), (np.uint8, True),
+                                                 (np.int8, False)])
+def test_matmul_rule_folds_a_dequantized_int8_weight(zp_dtype, per_column):
+    proto, _ = _dq_graph(zp_dtype, per_column)
+    so = ort.SessionOptions()  # the graph as written: ORT's default level fuses DQ + MatMul
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # into int8 math
+    ref = ort.InferenceSession(proto.SerializeToString(), so,
+                               providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).standard_normal((2, 64)).astype(np.float32)
+    want = ref.run(None, {"x": x})[0]
+    assert lower_matmuls(proto) == {"nbits": 0, "dense": 1}
+    assert _ops(proto) == [QOP] and proto.graph.node[0].name == "head"
+    got = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    assert set(got) == {"rotaq_w0"}  # the int8 weight, scale and zero point are dropped
+    w = got["rotaq_w0"].transpose(1, 0, 2).reshape(64, -1)  # untile: [K, N]
+    assert np.abs(x @ w - want).max() <= 1e-6 * np.abs(want).max()
+
+
+def test_matmul_rule_leaves_a_dequantized_weight_with_a_runtime_scale():
+    proto, _ = _dq_graph(scale_input=True)
+    assert lower_matmuls(proto) == {"nbits": 0, "dense": 0}
+    assert _ops(proto) == ["DequantizeLinear", "MatMul"]
+    assert {t.name for t in proto.graph.initializer} == {"wq", "wzp"}
