@@ -25,6 +25,24 @@ def _te():
     return te, tirx
 
 
+def _weights(te: Any, x: Any, k: int, n: int, bits: int, block: int, nt: int,
+             has_bias: bool) -> tuple[list, Any]:
+    """The matmul kernels' parameters after ``x``: the weight tiled along N (fp32 ``[N/nt, K,
+    nt]`` for ``bits`` 32, else codes ``uint8 [N/nt, K/per, nt]`` packed along K plus scale and
+    shift ``[N/nt, blocks, nt]``), then the optional bias. Returns (params, bias or None)."""
+    if bits == 32:
+        params = [x, te.placeholder((n // nt, k, nt), "float32", name="w")]
+    else:
+        per, nb = 8 // bits, -(-k // block)
+        params = [x, te.placeholder((n // nt, -(-nb * block // per), nt), "uint8", name="w"),
+                  te.placeholder((n // nt, nb, nt), "float32", name="scale"),
+                  te.placeholder((n // nt, nb, nt), "float32", name="shift")]
+    bias = te.placeholder((n,), "float32", name="bias") if has_bias else None
+    if bias is not None:
+        params.append(bias)
+    return params, bias
+
+
 def qmatmul_func(m: int, k: int, n: int, bits: int, block: int, act_bits: int = 0,
                  has_bias: bool = False, nt: int = 1) -> Any:
     """The unscheduled PrimFunc (see module doc). ``bits`` in (2, 4, 8, 32); weights tiled
@@ -34,19 +52,8 @@ def qmatmul_func(m: int, k: int, n: int, bits: int, block: int, act_bits: int = 
     if n % nt:
         raise ValueError(f"N={n} is not a multiple of the tile {nt}")
     x = te.placeholder((m, k), "float32", name="x")
-    if bits == 32:
-        w = te.placeholder((n // nt, k, nt), "float32", name="w")
-        params = [x, w]
-    else:
-        per = 8 // bits
-        nb = -(-k // block)
-        w = te.placeholder((n // nt, -(-nb * block // per), nt), "uint8", name="w")
-        sc = te.placeholder((n // nt, nb, nt), "float32", name="scale")
-        sh = te.placeholder((n // nt, nb, nt), "float32", name="shift")
-        params = [x, w, sc, sh]
-    bias = te.placeholder((n,), "float32", name="bias") if has_bias else None
-    if bias is not None:
-        params.append(bias)
+    params, bias = _weights(te, x, k, n, bits, block, nt, has_bias)
+    w, sc, sh = params[1:4] if bits < 32 else (params[1], None, None)
 
     a = x
     if act_bits:
@@ -251,13 +258,8 @@ def qgemv_func(k: int, n: int, bits: int, block: int, has_bias: bool = False,
     te, tirx = _te()
     per, nb = 8 // bits, -(-k // block)
     x = te.placeholder((1, k), "float32", name="x")
-    w = te.placeholder((n // nt, -(-nb * block // per), nt), "uint8", name="w")
-    sc = te.placeholder((n // nt, nb, nt), "float32", name="scale")
-    sh = te.placeholder((n // nt, nb, nt), "float32", name="shift")
-    params = [x, w, sc, sh]
-    bias = te.placeholder((n,), "float32", name="bias") if has_bias else None
-    if bias is not None:
-        params.append(bias)
+    params, bias = _weights(te, x, k, n, bits, block, nt, has_bias)
+    w, sc, sh = params[1:4]
     xp = te.compute((nb * block,), lambda kk: tirx.if_then_else(
         kk < k, x[0, tirx.min(kk, k - 1)], tirx.const(0.0, "float32")), name="xpad")
     r = te.reduce_axis((0, block), name="r")

@@ -122,13 +122,16 @@ class _Rules:
             t.shape[0] * t.shape[1] >= DENSE_MIN_ELEMS
 
     def dense_rewrite(self, op: Any, x: Any, w: Any, y: Any) -> Any:
-        arr = init_array(w)
+        return self._dense(op, x, init_array(w), y.producer().name)
+
+    def _dense(self, op: Any, x: Any, arr: np.ndarray, name: str) -> Any:
+        """``RotaqQMatMul(x, tiled fp32 weight)`` named ``name``."""
         nt = K.pick_tile(arr.shape[1])
         idx = self.counts["nbits"] + self.counts["dense"]
         weight = self._const(op, tile(arr, nt), f"rotaq_w{idx}")
         self.counts["dense"] += 1
         return op.op(QOP, x, weight, K=int(arr.shape[0]), N=int(arr.shape[1]), bits=32,
-                     block_size=1, act_bits=0, tile=nt, _name=y.producer().name)
+                     block_size=1, act_bits=0, tile=nt, _name=name)
 
     # -- MatMul with a constant int8 weight behind DequantizeLinear (QDQ int8 linears, heads)
     @staticmethod
@@ -157,12 +160,7 @@ class _Rules:
         zp = arrs[2] if len(arrs) > 2 and arrs[2] is not None else 0
         arr = ((arrs[0].astype(np.float32) - np.asarray(zp, np.float32))
                * np.asarray(arrs[1], np.float32)).astype(np.float32)
-        nt = K.pick_tile(arr.shape[1])
-        idx = self.counts["nbits"] + self.counts["dense"]
-        weight = self._const(op, tile(arr, nt), f"rotaq_w{idx}")
-        self.counts["dense"] += 1
-        return op.op(QOP, x, weight, K=int(arr.shape[0]), N=int(arr.shape[1]), bits=32,
-                     block_size=1, act_bits=0, tile=nt, _name=y.producer().name)
+        return self._dense(op, x, arr, y.producer().name)
 
     def rules(self) -> list:
         from onnxscript.rewriter import pattern
