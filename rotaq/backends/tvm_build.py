@@ -36,6 +36,15 @@ def cpu_cores() -> int:
     return max(len(cores), 1)
 
 
+def cpu_front_passes(target: Any) -> list:
+    """TVM's CPU pipeline up to the PrimFuncs it schedules and compiles: library dispatch,
+    legalization and fusion (what tuning extracts its tasks from and applies its database
+    after)."""
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+    return cpu.library_dispatch_passes(target) + cpu.legalize_passes(target)
+
+
 def pipeline(target: Any, database: Any = None, stats: dict | None = None) -> Any:
     """The Relax pipeline: TVM's default on CPU; on CUDA, legalization, fusion and dlight's
     GPU rules (guarded, :func:`tvm_kernels.gpu_rules`) between TVM's CUDA passes. With a
@@ -62,7 +71,7 @@ def pipeline(target: Any, database: Any = None, stats: dict | None = None) -> An
         def _tuned(mod: Any, _ctx: Any) -> Any:
             with target, database:
                 return tvm.transform.Sequential(
-                    cpu.library_dispatch_passes(target) + cpu.legalize_passes(target)
+                    cpu_front_passes(target)
                     + [_count("scheduled"), relax.transform.MetaScheduleApplyDatabase(),
                        _count("tuned")]
                     + cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target))(mod)

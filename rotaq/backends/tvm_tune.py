@@ -72,11 +72,11 @@ def lowered(mod: Any, target: Any) -> Any:
     """``mod`` after the CPU pipeline's dispatch, legalization and fusion passes: the PrimFuncs
     the build schedules and compiles."""
     import tvm
-    from tvm.relax.backend.cpu_generic import pipeline as cp
+
+    from rotaq.backends.tvm_build import cpu_front_passes
 
     with target:
-        seq = cp.library_dispatch_passes(target) + cp.legalize_passes(target)
-        return tvm.transform.Sequential(seq)(mod)
+        return tvm.transform.Sequential(cpu_front_passes(target))(mod)
 
 
 def hand_scheduled(func: Any) -> bool:
