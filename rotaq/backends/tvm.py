@@ -104,11 +104,9 @@ def host_cpu() -> str:
 
 def has_avx512(target: Any) -> bool:
     """Whether an llvm target's CPU (its ``mcpu``; none: generic x86-64) has AVX-512."""
-    if not target.attrs.get("mcpu"):
-        return False
-    from tvm.target import codegen
+    from rotaq.backends.tvm_build import cpu_features
 
-    return "avx512f" in codegen.llvm_get_cpu_features(target)
+    return "avx512f" in cpu_features(target)
 
 
 _ISA_PREFIXES = ("sse", "ssse", "avx", "fma", "f16c", "bmi", "amx", "popcnt", "neon", "sve",
@@ -152,8 +150,7 @@ def build_bucket(onnx_path: str, shapes: dict[str, list[int]], target: Any, edit
     bucket on its own: (executable, input names, params, stats); its entry is ``main``."""
     from rotaq.backends import tvm_build as B
 
-    avx512 = target.kind.name == "llvm" and has_avx512(target)
-    mod, names, params, stats = B.import_bucket(onnx_path, shapes, target, avx512, edit)
+    mod, names, params, stats = B.import_bucket(onnx_path, shapes, target, edit)
     return B.compile_module(mod, target), names, params, stats
 
 
@@ -205,8 +202,7 @@ def compile_tvm(model: Any, out_dir: str, target: str | dict = "llvm",
             what = f"{n} tokens" if kind == "prefill" else f"decode over {n} cached"
             with stage(f"TVM: importing for {what}"):
                 mod, names, params, stats = B.import_bucket(
-                    onnx_path, shapes, tgt, has_avx512(tgt) if tgt.kind.name == "llvm" else False,
-                    D.slice_presents if kind == "decode" else None)
+                    onnx_path, shapes, tgt, D.slice_presents if kind == "decode" else None)
             keys = []
             for arr in params:
                 key = hashlib.sha1(arr.tobytes() + str(arr.shape).encode() +

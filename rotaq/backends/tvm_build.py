@@ -36,6 +36,21 @@ def cpu_cores() -> int:
     return max(len(cores), 1)
 
 
+KERNEL_FEATURES = ("avx512f", "avx512vnni")  # what rotaq's CPU kernels specialize for
+
+
+def cpu_features(target: Any) -> frozenset[str]:
+    """The :data:`KERNEL_FEATURES` an llvm target's CPU has (its ``mcpu``; none, or another
+    target kind: none): ``avx512f`` picks the register tiles of the matmul kernels,
+    ``avx512vnni`` the int8 prefill kernel of :mod:`tvm_vnni`."""
+    if target.kind.name != "llvm" or not target.attrs.get("mcpu"):
+        return frozenset()
+    from tvm.target import codegen
+
+    have = codegen.llvm_get_cpu_features(target)
+    return frozenset(f for f in KERNEL_FEATURES if f in have)
+
+
 def cpu_front_passes(target: Any) -> list:
     """TVM's CPU pipeline up to the PrimFuncs it schedules and compiles: library dispatch,
     legalization and fusion (what tuning extracts its tasks from and applies its database
@@ -97,10 +112,10 @@ def pipeline(target: Any, database: Any = None, stats: dict | None = None) -> An
     return _gpu
 
 
-def import_bucket(onnx_path: str, shapes: dict[str, list[int]], target: Any, avx512: bool,
+def import_bucket(onnx_path: str, shapes: dict[str, list[int]], target: Any,
                   edit: Any = None) -> tuple[Any, list[str], list[np.ndarray], dict]:
-    """Specialize to static input ``shapes`` (after ``edit(proto)``) and import: (Relax
-    module, input names, params, stats)."""
+    """Specialize to static input ``shapes`` (after ``edit(proto)``) and import for ``target``
+    (its :func:`cpu_features` pick the kernels): (Relax module, input names, params, stats)."""
     import onnx
 
     from rotaq.backends.tvm_import import import_onnx, specialize
@@ -109,8 +124,7 @@ def import_bucket(onnx_path: str, shapes: dict[str, list[int]], target: Any, avx
     if edit is not None:
         edit(proto)
     proto = specialize(proto, shapes)
-    cpu = target.kind.name == "llvm"
-    return import_onnx(proto, cpu=cpu, avx512=cpu and avx512)
+    return import_onnx(proto, cpu=target.kind.name == "llvm", features=cpu_features(target))
 
 
 def compile_module(mod: Any, target: Any, database: Any = None, stats: dict | None = None

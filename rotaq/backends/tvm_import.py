@@ -28,6 +28,7 @@ import numpy as np
 from rotaq.backends import tvm_attention as A
 from rotaq.backends import tvm_hadamard as H
 from rotaq.backends import tvm_kernels as K
+from rotaq.backends import tvm_vnni as V
 from rotaq.backends.tvm_causal import mark_causal
 from rotaq.backends.tvm_gqa import fold_gqa
 from rotaq.backends.tvm_matmul import QOP, lower_matmuls_ir
@@ -177,13 +178,15 @@ def _importer_class():
     class Importer(F.ONNXGraphImporter):
         """TVM's ONNX importer plus rotaq's kernels (see the module doc)."""
 
-        def __init__(self, shapes: dict, cpu: bool, avx512: bool = False, **kw: Any):
+        def __init__(self, shapes: dict, cpu: bool, features: frozenset[str] = frozenset(),
+                     **kw: Any):
             super().__init__({}, "float32", keep_params_in_input=True, **kw)
             self._known = shapes
             self._cpu = cpu
-            self._avx512 = avx512
-            self.stats = {"qmatmul": 0, "matmul_const": 0, "kron": 0, "attention": 0,
-                          "reannotated": 0}
+            self._avx512 = cpu and "avx512f" in features
+            self._vnni = cpu and V.FEATURE in features
+            self.stats = {"qmatmul": 0, "qmatmul_vnni": 0, "matmul_const": 0, "kron": 0,
+                          "attention": 0, "reannotated": 0}
 
         def _parse_graph_initializers(self, graph: Any) -> None:
             for init in graph.initializer:
@@ -285,6 +288,13 @@ def _importer_class():
             n_w = 1 if bits == 32 else 3
             bias = inputs[1 + n_w] if len(inputs) > 1 + n_w else None
             x2, shape, m = self._rows(inputs[0])
+            if self._vnni and V.applies(m, k, bits, block, act, nt):  # integer products
+                self.stats["qmatmul_vnni"] += 1
+                y = self._call_tir(V.qmatmul_vnni_func(m, k, n, block, nt),
+                                   [x2, *inputs[1:4]], (m, n), "qmatmul_vnni")
+                if bias is not None:
+                    y = self.bb.normalize(relax.op.add(y, bias))
+                return self.bb.normalize(relax.op.reshape(y, (*shape[:-1], n)))
             func = K.qmatmul_func(m, k, n, bits, block, act, bias is not None, nt)
             func = self._schedule(func, m, n, nt)
             self.stats["qmatmul" if bits < 32 else "matmul_const"] += 1
@@ -295,11 +305,12 @@ def _importer_class():
     return Importer
 
 
-def import_onnx(proto: Any, cpu: bool = True, avx512: bool = False
+def import_onnx(proto: Any, cpu: bool = True, features: frozenset[str] = frozenset()
                 ) -> tuple[Any, list[str], list[np.ndarray], dict]:
     """Relax module of a specialized ONNX model -> (module without params, input names,
-    parameter arrays in call order, importer stats). ``avx512``: the CPU target has AVX-512
-    (register tiles of rotaq's matmul kernel, :func:`tvm_kernels.schedule_qmatmul_cpu`)."""
+    parameter arrays in call order, importer stats). ``features``: the CPU target's
+    :func:`tvm_build.cpu_features` (``avx512f``: register tiles of rotaq's matmul kernel,
+    :func:`tvm_kernels.schedule_qmatmul_cpu`; ``avx512vnni``: :mod:`tvm_vnni`'s int8 kernel)."""
     from tvm import relax
 
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 1)
@@ -309,7 +320,7 @@ def import_onnx(proto: Any, cpu: bool = True, avx512: bool = False
         if len(node.output) == 1 and node.output[0] in by_output:
             known[node.name] = by_output[node.output[0]][0]
     proto, stats = lower(proto, cpu)
-    importer = _importer_class()(known, cpu, avx512)
+    importer = _importer_class()(known, cpu, features)
     mod = importer.from_onnx(proto.graph, opset)
     mod, params = relax.frontend.detach_params(mod)
     arrays = [p.numpy() for p in params.get("main", [])]

@@ -43,6 +43,29 @@ def _weights(te: Any, x: Any, k: int, n: int, bits: int, block: int, nt: int,
     return params, bias
 
 
+def _act_quant(te: Any, tirx: Any, x: Any, m: int, k: int, block: int, act_bits: int) -> Any:
+    """ORT's ``accuracy_level=4`` activation of ``x [m, k]``: per row and block of ``block``
+    along K, ``round(x / s) * s`` with ``s = amax / (2^(act_bits-1) - 1)`` (stages ``amax``,
+    ``aq``); one expression for the GEMM and the one-row kernel, so both round alike."""
+    nb_a = -(-k // block)
+    r = te.reduce_axis((0, block), name="r")
+    amax = te.compute(
+        (m, nb_a),
+        lambda i, b: te.max(
+            tirx.if_then_else(b * block + r < k, tirx.abs(x[i, tirx.min(b * block + r, k - 1)]),
+                              tirx.const(0.0, "float32")), axis=r),
+        name="amax")
+    qmax = float(2 ** (act_bits - 1) - 1)
+
+    def _aq(i, kk):
+        s = amax[i, kk // block] / qmax
+        safe = tirx.max(s, tirx.const(1e-30, "float32"))
+        q = tirx.round(x[i, kk] / safe)
+        return tirx.if_then_else(s > 0, q * s, tirx.const(0.0, "float32"))
+
+    return te.compute((m, k), _aq, name="aq")
+
+
 def qmatmul_func(m: int, k: int, n: int, bits: int, block: int, act_bits: int = 0,
                  has_bias: bool = False, nt: int = 1) -> Any:
     """The unscheduled PrimFunc (see module doc). ``bits`` in (2, 4, 8, 32); weights tiled
@@ -55,25 +78,7 @@ def qmatmul_func(m: int, k: int, n: int, bits: int, block: int, act_bits: int = 
     params, bias = _weights(te, x, k, n, bits, block, nt, has_bias)
     w, sc, sh = params[1:4] if bits < 32 else (params[1], None, None)
 
-    a = x
-    if act_bits:
-        nb_a = -(-k // block)
-        r = te.reduce_axis((0, block), name="r")
-        amax = te.compute(
-            (m, nb_a),
-            lambda i, b: te.max(
-                tirx.if_then_else(b * block + r < k, tirx.abs(x[i, tirx.min(b * block + r, k - 1)]),
-                                  tirx.const(0.0, "float32")), axis=r),
-            name="amax")
-        qmax = float(2 ** (act_bits - 1) - 1)
-
-        def _aq(i, kk):
-            s = amax[i, kk // block] / qmax
-            safe = tirx.max(s, tirx.const(1e-30, "float32"))
-            q = tirx.round(x[i, kk] / safe)
-            return tirx.if_then_else(s > 0, q * s, tirx.const(0.0, "float32"))
-
-        a = te.compute((m, k), _aq, name="aq")
+    a = _act_quant(te, tirx, x, m, k, block, act_bits) if act_bits else x
 
     if bits == 32:
         wd = w
@@ -119,9 +124,9 @@ def pick_tile(n: int) -> int:
 def schedule_qmatmul_cpu(func: Any, m: int, n: int, nt: int, mt: int = 0,
                          kunroll: int = 0, avx512: bool = False) -> Any:
     """CPU schedule: parallel N tiles (the weight tile ``nt``); for one row of a quantized
-    weight without activation quantization, :func:`qgemv_func` (the affine dequantization
-    factored out of the K loop: -10% to -17% on SmolLM2's int4 shapes); for one row otherwise
-    the weight is decoded inline (GEMV), for more rows it is decoded once per tile into a local buffer and
+    weight (with or without activation quantization), :func:`qgemv_func` (the affine
+    dequantization factored out of the K loop: -10% to -17% on SmolLM2's int4 shapes); for one
+    row of an fp32 weight the weight is read inline (GEMV), for more rows it is decoded once per tile into a local buffer and
     reused by every ``mt``-row register tile (GEMM); K outermost inside the tile, N vectorized;
     the optional activation quantizer is computed once. ``avx512`` (32 vector registers of 16
     lanes): ``mt`` up to 4, so the 4 x 64 accumulator tile takes 16 registers instead of
@@ -131,9 +136,9 @@ def schedule_qmatmul_cpu(func: Any, m: int, n: int, nt: int, mt: int = 0,
     from tvm import s_tir
 
     spec = func.attrs.get("rotaq.qmatmul") if func.attrs is not None else None
-    if m == 1 and spec is not None and int(spec["bits"]) < 32 and not int(spec["act_bits"]):
+    if m == 1 and spec is not None and int(spec["bits"]) < 32:
         k, bits, block = int(spec["k"]), int(spec["bits"]), int(spec["block"])
-        gemv = qgemv_func(k, n, bits, block, bool(int(spec["bias"])), nt)
+        gemv = qgemv_func(k, n, bits, block, bool(int(spec["bias"])), nt, int(spec["act_bits"]))
         return schedule_qgemv_cpu(gemv, k, n, nt, parallel=k * n >= PARALLEL_MACS)
     if not kunroll:
         kunroll = 4 if avx512 and m == 1 else 2
@@ -248,20 +253,21 @@ def gpu_rules() -> list:
 
 
 def qgemv_func(k: int, n: int, bits: int, block: int, has_bias: bool = False,
-               nt: int = 64) -> Any:
+               nt: int = 64, act_bits: int = 0) -> Any:
     """One-row quantized matmul with the affine dequantization factored out of the K loop:
     ``y[j] = sum_b scale[b, j] * sum_r x[b, r] code[b, r, j] + shift[b, j] * sum_r x[b, r]``
     (``r`` over a block of ``block`` codes): one multiply-add per weight instead of two, and
     scale / shift read once per block instead of once per code. Same parameters and layout as
-    :func:`qmatmul_func` (``bits`` < 32, no activation quantization); ``x`` is zero-padded to
-    whole blocks once."""
+    :func:`qmatmul_func` (``bits`` < 32); ``x`` is zero-padded to whole blocks once, after the
+    optional activation quantizer (``act_bits``, the same rounding as :func:`qmatmul_func`)."""
     te, tirx = _te()
     per, nb = 8 // bits, -(-k // block)
     x = te.placeholder((1, k), "float32", name="x")
     params, bias = _weights(te, x, k, n, bits, block, nt, has_bias)
     w, sc, sh = params[1:4]
+    a = _act_quant(te, tirx, x, 1, k, block, act_bits) if act_bits else x
     xp = te.compute((nb * block,), lambda kk: tirx.if_then_else(
-        kk < k, x[0, tirx.min(kk, k - 1)], tirx.const(0.0, "float32")), name="xpad")
+        kk < k, a[0, tirx.min(kk, k - 1)], tirx.const(0.0, "float32")), name="xpad")
     r = te.reduce_axis((0, block), name="r")
     xs = te.compute((nb,), lambda b: te.sum(xp[b * block + r], axis=r), name="xsum")
 

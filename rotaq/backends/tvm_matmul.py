@@ -7,7 +7,8 @@
   with an fp32 weight, so every linear gets a schedule;
 - ``MatMul`` reading ``DequantizeLinear`` of a constant int8 / uint8 weight (per tensor or per
   output column: QDQ int8 linears, the int8 head of ``w4a8-rotated``) -> the same op with the
-  weight dequantized once (TVM's default lowering ran that head 9-64x slower than ORT).
+  8-bit codes and one scale / shift per column (TVM's default lowering ran that head 9-64x
+  slower than ORT; dequantized to fp32 it read 4x the bytes per decode step).
 
 Weights are tiled along N (:func:`tile`) into new initializers ``rotaq_q<i>_*`` /
 ``rotaq_w<i>`` (``i``: the node's rank among the rewritten ones, in graph order);
@@ -72,7 +73,7 @@ class _Rules:
     """The two rules, sharing the count that names their new initializers."""
 
     def __init__(self) -> None:
-        self.counts = {"nbits": 0, "dense": 0}
+        self.counts = {"nbits": 0, "dense": 0, "int8": 0}
 
     def _const(self, op: Any, arr: np.ndarray, name: str) -> Any:
         import onnx_ir as ir
@@ -97,7 +98,7 @@ class _Rules:
         at = node.attributes
         k, n, bits, block = (at.get_int(x) for x in ("K", "N", "bits", "block_size"))
         nt = K.pick_tile(n)
-        idx = self.counts["nbits"] + self.counts["dense"]
+        idx = sum(self.counts.values())
         packed = repack_nbits(arrs[0], arrs[1], arrs[2], k, n, bits, block)
         consts = [self._const(op, tile(arr, nt), f"rotaq_q{idx}_{suffix}")
                   for suffix, arr in zip(("codes", "scale", "shift"), packed)]
@@ -127,7 +128,7 @@ class _Rules:
     def _dense(self, op: Any, x: Any, arr: np.ndarray, name: str) -> Any:
         """``RotaqQMatMul(x, tiled fp32 weight)`` named ``name``."""
         nt = K.pick_tile(arr.shape[1])
-        idx = self.counts["nbits"] + self.counts["dense"]
+        idx = sum(self.counts.values())
         weight = self._const(op, tile(arr, nt), f"rotaq_w{idx}")
         self.counts["dense"] += 1
         return op.op(QOP, x, weight, K=int(arr.shape[0]), N=int(arr.shape[1]), bits=32,
@@ -153,14 +154,28 @@ class _Rules:
         return sa.size == 1 or (sa.ndim == 1 and axis == 1 and sa.size == qa.shape[1])
 
     def dq_rewrite(self, op: Any, x: Any, q: Any, s: Any, w: Any, y: Any) -> Any:
-        """The weight dequantized once, as DequantizeLinear computes it (``(q - zp) * s`` in
-        fp32), then the dense kernel: the same products as the QDQ graph, with a schedule."""
+        """The 8-bit weight kept as 8-bit codes (a quarter of the fp32 bytes a decode step
+        reads: the head is a fifth of SmolLM2's weights) in the quantized kernel, one block
+        along K: ``w = code * s + shift`` with ``code = q`` (uint8) or ``q + 128`` (int8) and
+        ``shift = -(zp [+ 128]) * s``, per output column (a per-tensor scale is broadcast)."""
         node = w.producer()
         arrs = [init_array(v) if v is not None else None for v in node.inputs]
-        zp = arrs[2] if len(arrs) > 2 and arrs[2] is not None else 0
-        arr = ((arrs[0].astype(np.float32) - np.asarray(zp, np.float32))
-               * np.asarray(arrs[1], np.float32)).astype(np.float32)
-        return self._dense(op, x, arr, y.producer().name)
+        qa = arrs[0]
+        k, n = qa.shape
+        zp = arrs[2] if len(arrs) > 2 and arrs[2] is not None else np.zeros((), qa.dtype)
+        scale = np.broadcast_to(np.asarray(arrs[1], np.float32).reshape(-1), (n,))
+        off = np.broadcast_to(np.asarray(zp, np.float32).reshape(-1), (n,))
+        codes = qa
+        if qa.dtype == np.int8:
+            codes, off = (qa.astype(np.int16) + 128).astype(np.uint8), off + 128.0
+        nt = K.pick_tile(n)
+        idx = sum(self.counts.values())
+        consts = [self._const(op, tile(arr, nt), f"rotaq_q{idx}_{suffix}") for suffix, arr in (
+            ("codes", codes), ("scale", scale.reshape(1, n)),
+            ("shift", (-off * scale).astype(np.float32).reshape(1, n)))]
+        self.counts["int8"] += 1
+        return op.op(QOP, x, *consts, K=int(k), N=int(n), bits=8, block_size=int(k), act_bits=0,
+                     tile=nt, _name=y.producer().name)
 
     def rules(self) -> list:
         from onnxscript.rewriter import pattern
@@ -179,7 +194,7 @@ def lower_matmuls_ir(model: Any) -> dict[str, int]:
     scale, shift][, bias])`` (attributes ``K``, ``N``, ``bits`` (32: fp32), ``block_size``,
     ``act_bits``, ``tile``) in an ``onnx_ir.Model``; drops the initializers left unread.
     Raises ValueError for a MatMulNBits with ``g_idx`` or non-constant weights. Returns
-    counts per kind (``nbits``, ``dense``)."""
+    counts per kind (``nbits``, ``dense``, ``int8``: behind ``DequantizeLinear``)."""
     rules = _Rules()
     apply_rules(model, rules.rules())
     inits = model.graph.initializers

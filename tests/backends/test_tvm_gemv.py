@@ -48,10 +48,11 @@ def test_qgemv_matches_numpy(k, n, bits, block, bias, parallel):
     assert np.abs(got - ref).max() / np.abs(ref).max() < 1e-5
 
 
-@pytest.mark.parametrize("bits,act,expect_gemv", [(4, 0, True), (8, 8, False), (32, 0, False)])
+@pytest.mark.parametrize("bits,act,expect_gemv", [(4, 0, True), (8, 8, True), (4, 8, True),
+                                                 (32, 0, False)])
 def test_one_row_dispatch(bits, act, expect_gemv):
     """``schedule_qmatmul_cpu`` takes the factored kernel for one row of a quantized weight
-    without activation quantization, and gives the same result as the unfactored schedule."""
+    (also with int8 activations), and gives the same result as the unfactored schedule."""
     k, n, block, nt = 80, 128, 32, 64
     func = K.qmatmul_func(1, k, n, bits, block, act_bits=act, nt=nt)
     sched = K.schedule_qmatmul_cpu(func, 1, n, nt)

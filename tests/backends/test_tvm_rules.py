@@ -128,7 +128,7 @@ def test_matmul_rules_counts_and_weights():
     proto, (packed, scales, zp, k, n), inits = _matmul_graph()
     ref = proto.SerializeToString()
     counts = lower_matmuls(proto)
-    assert counts == {"nbits": 1, "dense": 1}
+    assert counts == {"nbits": 1, "dense": 1, "int8": 0}
     assert _ops(proto) == [QOP, QOP, "MatMul", "MatMul", "MatMul"]
     q, dense = proto.graph.node[:2]
     assert (q.name, dense.name) == ("q", "dense")
@@ -184,7 +184,7 @@ def test_matmul_rules_refuse_what_they_cannot_lower(kw, msg):
 def test_matmul_rules_nothing_to_do():
     nodes = [helper.make_node("MatMul", ["x", "w"], ["y"])]
     proto = _model(nodes, [("x", [2, 8]), ("w", [8, 64])], ["y"], {})
-    assert lower_matmuls(proto) == {"nbits": 0, "dense": 0}
+    assert lower_matmuls(proto) == {"nbits": 0, "dense": 0, "int8": 0}
     assert _ops(proto) == ["MatMul"]
 
 
@@ -306,16 +306,48 @@ def test_matmul_rule_folds_a_dequantized_int8_weight(zp_dtype, per_column):
                                providers=["CPUExecutionProvider"])
     x = np.random.default_rng(0).standard_normal((2, 64)).astype(np.float32)
     want = ref.run(None, {"x": x})[0]
-    assert lower_matmuls(proto) == {"nbits": 0, "dense": 1}
+    assert lower_matmuls(proto) == {"nbits": 0, "dense": 0, "int8": 1}
     assert _ops(proto) == [QOP] and proto.graph.node[0].name == "head"
+    assert _attrs(proto.graph.node[0]) == {"K": 64, "N": 96, "bits": 8, "block_size": 64,
+                                           "act_bits": 0, "tile": 32}
     got = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
-    assert set(got) == {"rotaq_w0"}  # the int8 weight, scale and zero point are dropped
-    w = got["rotaq_w0"].transpose(1, 0, 2).reshape(64, -1)  # untile: [K, N]
-    assert np.abs(x @ w - want).max() <= 1e-6 * np.abs(want).max()
+    # the int8 weight, scale and zero point are dropped; 8-bit codes and per-column scale/shift
+    assert set(got) == {"rotaq_q0_codes", "rotaq_q0_scale", "rotaq_q0_shift"}
+    assert got["rotaq_q0_codes"].dtype == np.uint8
+    untile = lambda a: a.transpose(1, 0, 2).reshape(a.shape[1], -1)  # [N/nt, rows, nt] -> [rows, N]
+    w = untile(got["rotaq_q0_codes"]).astype(np.float32) * untile(got["rotaq_q0_scale"]) \
+        + untile(got["rotaq_q0_shift"])
+    assert np.abs(x @ w - want).max() <= 1e-5 * np.abs(want).max()
+    if _has_tvm():  # the kernel TVM builds from them, one row (factored) and GEMM
+        from rotaq.backends import tvm_kernels as K
+
+        for m in (1, 2):
+            xs = x[:m]
+            func = K.schedule_qmatmul_cpu(K.qmatmul_func(m, 64, 96, 8, 64, nt=32), m, 96, 32)
+            out = _run_tvm(func, [xs, *(got[f"rotaq_q0_{t}"] for t in ("codes", "scale",
+                                                                       "shift"))], (m, 96))
+            assert np.abs(out - want[:m]).max() <= 1e-5 * np.abs(want).max()
+
+
+def _has_tvm() -> bool:
+    try:
+        import tvm  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _run_tvm(func, args, shape):
+    import tvm
+
+    lib = tvm.compile(tvm.IRModule({"main": func}), target="llvm")
+    out = tvm.runtime.tensor(np.zeros(shape, np.float32))
+    lib["main"](*[tvm.runtime.tensor(np.ascontiguousarray(a)) for a in args], out)
+    return out.numpy()
 
 
 def test_matmul_rule_leaves_a_dequantized_weight_with_a_runtime_scale():
     proto, _ = _dq_graph(scale_input=True)
-    assert lower_matmuls(proto) == {"nbits": 0, "dense": 0}
+    assert lower_matmuls(proto) == {"nbits": 0, "dense": 0, "int8": 0}
     assert _ops(proto) == ["DequantizeLinear", "MatMul"]
     assert {t.name for t in proto.graph.initializer} == {"wq", "wzp"}
