@@ -119,7 +119,7 @@ PREFILL_TOKENS = (1, 16, 128, 512, 2048)
 
 def _repeats(n: int) -> tuple[int, int]:
     """(warmup, timed runs) per side for an ``n``-token prefill: fewer for long ones."""
-    return (3, 20) if n <= 16 else (2, 10) if n <= 128 else (1, 5) if n <= 512 else (1, 3)
+    return (3, 20) if n <= 16 else (2, 10) if n <= 128 else (1, 5) if n <= 512 else (1, 7)
 
 
 def bench_e2e(onnx_path: str, tokens=PREFILL_TOKENS, ppl: bool = False,
@@ -234,6 +234,7 @@ def _genai_runner(onnx_path: str, hf_config: str | None):
     key = hashlib.sha1(f"{os.path.abspath(onnx_path)}|{st.st_mtime}".encode()).hexdigest()[:12]
     out = os.path.join(assets.cache_dir(), "tvm", f"genai-{key}")
     if not os.path.exists(os.path.join(out, "genai_config.json")):
+        os.makedirs(os.path.dirname(out), exist_ok=True)  # a fresh cache has no tvm/ yet
         write_genai_folder(onnx_path, out, _onnx_tokenizer(onnx_path), hf_config)
     from pathlib import Path
 

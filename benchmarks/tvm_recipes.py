@@ -7,6 +7,7 @@ compiled with ``rotaq compile FILE --backend tvm --target llvm --tokens 1,16,128
 --tune N [--tune-db DIR]``. Writes benchmarks/results/tvm_recipes.json and tvm_recipes.md.
 
 Run: python benchmarks/tvm_recipes.py LABEL=tvm.json [LABEL=tvm.json ...] [--note TEXT]
+     [--keep]   (--keep: the rows already in tvm_recipes.json stay; a LABEL given replaces its row)
 """
 
 from __future__ import annotations
@@ -49,8 +50,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("runs", nargs="+", help="LABEL=path/to/tvm.json")
     ap.add_argument("--note", default="")
+    ap.add_argument("--keep", action="store_true", help="keep the recorded rows")
     args = ap.parse_args()
     runs = {}
+    saved = os.path.join(HERE, "tvm_recipes.json")
+    if args.keep and os.path.exists(saved):
+        with open(saved) as f:
+            old = json.load(f)
+        runs.update(old["runs"])
+        args.note = args.note or old["note"]
     for spec in args.runs:
         label, path = spec.split("=", 1)
         with open(path) as f:

@@ -357,7 +357,7 @@ class TvmGraph:
         args = [cache[k] if k in cache else self._tvm.runtime.tensor(np.ascontiguousarray(
             feeds[k])) for k in self._order]
         res = self.decode_vms[ctx](*args, *self._decode_params[ctx])
-        return [r.numpy() for r in (list(res) if not hasattr(res, "numpy") else [res])]
+        return [_host_array(r) for r in (list(res) if not hasattr(res, "numpy") else [res])]
 
     def sample_feeds(self, n: int, seed: int = 0) -> dict[str, np.ndarray]:
         """Feeds of ``n`` tokens shaped as compiled: integer inputs all ones (token 1, mask 1),
@@ -384,6 +384,8 @@ class TvmGraph:
             raise RotaqError(f"the TVM artefact runs batched inputs; got {first.shape}")
         rows = [self._run1({k: np.asarray(v)[i : i + 1] for k, v in feeds.items()})
                 for i in range(first.shape[0])]
+        if len(rows) == 1:  # no copy: 2048 tokens of SmolLM2 logits are 400 MB
+            return rows[0]
         return [np.concatenate([r[j] for r in rows]) for j in range(len(rows[0]))]
 
     def _tokens(self, feeds: dict[str, np.ndarray]) -> int | None:
@@ -427,11 +429,20 @@ class TvmGraph:
         res = list(res) if not hasattr(res, "numpy") else [res]
         out = []
         for r in res:
-            arr = r.numpy()
+            arr = _host_array(r)
             if n is not None and b > n and arr.ndim >= 2 and arr.shape[1] == b:
                 arr = arr[:, :n]
             out.append(arr)
         return out
+
+
+def _host_array(t: Any) -> np.ndarray:
+    """A VM output as numpy: the same memory for a CPU tensor (DLPack; the VM allocates its
+    outputs afresh every call, so nothing overwrites it), a copy from a GPU."""
+    try:
+        return np.from_dlpack(t)
+    except (BufferError, RuntimeError, TypeError, ValueError):
+        return t.numpy()
 
 
 def load(folder: str) -> Any:
