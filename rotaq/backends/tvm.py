@@ -176,6 +176,7 @@ def compile_tvm(model: Any, out_dir: str, target: str | dict = "llvm",
     with work_dir(out_dir, ".rotaq-tvm-") as work:
         import onnx
 
+        from rotaq.backends.tvm_graph import index_bounds
         from rotaq.backends.tvm_import import pad_axes as find_axes
         from rotaq.backends.tvm_import import static_shapes
 
@@ -256,6 +257,7 @@ def compile_tvm(model: Any, out_dir: str, target: str | dict = "llvm",
                 i.type.tensor_type.elem_type)) for i in proto.graph.input},
             "padding_exact": not any(nd.op_type == "DynamicQuantizeLinear"
                                      for nd in proto.graph.node), "buckets": buckets, "source": source,
+            "index_bounds": index_bounds(proto),
             "decode": steps, "onnx_metadata": {p.key: p.value for p in proto.metadata_props},
             "input_dims": {i.name: [d.dim_value if d.HasField("dim_value") else None
                                     for d in i.type.tensor_type.shape.dim]
@@ -355,7 +357,7 @@ class TvmGraph:
         """One decode step over ``ctx`` cache slots: ``feeds`` (ids, positions, mask) plus
         ``cache`` (past name -> TVM tensor, used in place)."""
         args = [cache[k] if k in cache else self._tvm.runtime.tensor(np.ascontiguousarray(
-            feeds[k])) for k in self._order]
+            self._in_bounds(k, feeds[k]))) for k in self._order]
         res = self.decode_vms[ctx](*args, *self._decode_params[ctx])
         return [_host_array(r) for r in (list(res) if not hasattr(res, "numpy") else [res])]
 
@@ -374,6 +376,21 @@ class TvmGraph:
             feeds[name] = (np.ones(shape, dtype) if np.issubdtype(dtype, np.integer) else
                            rng.standard_normal(shape).astype(dtype))
         return feeds
+
+    def _in_bounds(self, name: str, a: Any) -> np.ndarray:
+        """Input ``name`` checked against the table it indexes (metadata ``index_bounds``: the
+        compiled Gather has no bounds check): ids in ``[-rows, rows)``, negative ones wrapped
+        as ONNX's Gather does; out of range: RotaqError instead of a crash."""
+        a = np.asarray(a)
+        rows = (self.meta.get("index_bounds") or {}).get(name)
+        if rows is None or a.size == 0:
+            return a
+        lo, hi = int(a.min()), int(a.max())
+        if lo < -rows or hi >= rows:
+            bad = hi if hi >= rows else lo
+            raise RotaqError(f"input {name!r} holds {bad}, outside the {rows} rows of the table "
+                             f"it indexes (valid: {-rows} to {rows - 1})")
+        return np.where(a < 0, a + rows, a).astype(a.dtype) if lo < 0 else a
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         missing = [k for k in self._order if k not in feeds]
@@ -424,7 +441,7 @@ class TvmGraph:
             if want is not None and list(a.shape) != list(want):
                 raise RotaqError(f"input {name!r} has shape {list(a.shape)}; the artefact was "
                                  f"compiled for {list(want)} (token axes: {self.pad_axes})")
-            args.append(self._tvm.runtime.tensor(np.ascontiguousarray(a)))
+            args.append(self._tvm.runtime.tensor(np.ascontiguousarray(self._in_bounds(name, a))))
         res = self._vms[b](*args, *self._params[b])
         res = list(res) if not hasattr(res, "numpy") else [res]
         out = []

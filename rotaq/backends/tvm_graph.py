@@ -57,6 +57,45 @@ def static_dims(proto: Any) -> dict[str, list[int]]:
     return out
 
 
+_SAME_VALUES = ("Cast", "Unsqueeze", "Squeeze", "Reshape", "Identity", "Flatten")
+
+
+def index_bounds(proto: Any) -> dict[str, int]:
+    """Graph inputs that index a constant table: input -> rows of the smallest table it indexes
+    (``Gather`` over an initializer or ``Constant``, reached through ops that keep the values:
+    Cast, (Un)squeeze, Reshape, Identity, Flatten). TVM lowers Gather without bounds checks, so
+    an out-of-range token id read past the embedding and crashed the process (SIGSEGV); the
+    runtime checks these inputs against the bounds."""
+    from onnx import helper
+
+    rows: dict[str, list[int]] = {t.name: list(t.dims) for t in proto.graph.initializer}
+    readers: dict[str, list] = {}
+    for nd in proto.graph.node:
+        if nd.op_type == "Constant" and nd.attribute and nd.attribute[0].name == "value":
+            rows[nd.output[0]] = list(nd.attribute[0].t.dims)
+        for i in nd.input:
+            readers.setdefault(i, []).append(nd)
+    ints = {6, 7, 12, 13}  # TensorProto int32, int64, uint32, uint64
+    out: dict[str, int] = {}
+    for inp in proto.graph.input:
+        if inp.type.tensor_type.elem_type not in ints:
+            continue
+        todo, seen = [inp.name], set()
+        while todo:
+            v = todo.pop()
+            seen.add(v)
+            for nd in readers.get(v, []):
+                if nd.op_type in _SAME_VALUES and nd.input[0] == v and nd.output[0] not in seen:
+                    todo.append(nd.output[0])
+                elif nd.op_type == "Gather" and len(nd.input) > 1 and nd.input[1] == v and \
+                        nd.input[0] in rows and rows[nd.input[0]]:
+                    axis = next((helper.get_attribute_value(a) for a in nd.attribute
+                                 if a.name == "axis"), 0)
+                    n = rows[nd.input[0]][axis]
+                    out[inp.name] = min(out.get(inp.name, n), n)
+    return out
+
+
 def init_array(value: Any) -> np.ndarray | None:
     """The array of an ``onnx_ir`` value that is an initializer, else None (a Constant node's
     output is not one, as for :meth:`ProtoIndex.array`)."""

@@ -88,6 +88,26 @@ def test_padding_and_artifact(tiny_onnx, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".rotaq")]
 
 
+def test_out_of_range_token_ids_are_refused(tiny_onnx, tmp_path):
+    """TVM lowers Gather without bounds checks: an id past the embedding crashed the process
+    (SIGSEGV). The artefact records the table each integer input indexes and checks it; a
+    negative id wraps as in ONNX (and ORT)."""
+    path = str(tmp_path / "llama.onnx")
+    tiny_onnx["llama"].save(path)
+    meta = tb.compile_tvm(path, str(tmp_path / "art"), tokens=[SEQ], progress=False)
+    ref, model = rotaq.load(path), tb.load(str(tmp_path / "art"))
+    vocab = meta["index_bounds"]["input_ids"]
+    assert vocab == ref.graph.get_embedding(ref.analysis().residual.embedding).shape[0]
+    feeds = _feeds(ref, SEQ)
+    for bad in (vocab, 10**7, -vocab - 1):
+        f = dict(feeds, input_ids=np.full((1, SEQ), bad, np.int64))
+        with pytest.raises(RotaqError, match=f"holds {bad}, outside the {vocab} rows"):
+            model.graph.run(f)
+    neg = dict(feeds, input_ids=feeds["input_ids"] - vocab)  # -vocab .. -1: the same rows
+    (a,), (b,), (c,) = model.graph.run(neg), model.graph.run(feeds), ref.graph.run(neg)
+    assert np.array_equal(a, b) and _rel(a, c) < 1e-4
+
+
 @pytest.mark.parametrize("bits,block,act,m,avx512", [
     (4, 32, 0, 1, False), (4, 32, 0, 6, False), (2, 16, 0, 3, False), (8, 64, 8, 4, False),
     (4, 128, 0, 2, False), (4, 32, 0, 1, True), (4, 32, 0, 12, True), (8, 64, 8, 6, True)])

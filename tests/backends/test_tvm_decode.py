@@ -45,6 +45,10 @@ def test_decode_matches_ort(kv_artifact):
         contexts.add(runner.ctx)
         assert a.shape == (1, 1, b.shape[-1]) and _rel(a, b) < 1e-4
     assert contexts == {15, 31} and runner.length == 23
+    vocab = meta["index_bounds"]["input_ids"]  # a decode step's id is checked too (no crash)
+    with pytest.raises(RotaqError, match=f"holds {vocab}, outside"):
+        runner.run(np.array([[vocab]]))
+    assert runner.length == 23  # the refused step did not advance the cache
     for _ in range(8):  # 32 keys per step here: the tiled path of the attention kernel
         runner.run(np.array([[1]]))
     with pytest.raises(RotaqError, match="context is full"):
