@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import os
+import sys
 import tempfile
 import time
 
@@ -133,7 +134,11 @@ def bench_e2e(onnx_path: str, tokens=PREFILL_TOKENS, ppl: bool = False,
     sess = ort_session(onnx_path, "all", NO_SPIN, threads=2)
     spinning = ort_session(onnx_path, "all", threads=2)
     size = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder))
-    out = {"onnx": os.path.basename(onnx_path), "artifact": folder,
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from decode_bench import cpu_info
+
+    out = {"onnx": os.path.basename(onnx_path), "artifact": folder, "cpu": cpu_info(),
+           "mcpu": tvm_model.graph.meta.get("mcpu"),
            "compile_or_cache_s": round(compile_s, 1),
            "compile_s": tvm_model.graph.meta.get("compile_seconds"),
            "artifact_mib": round(size / 2**20, 1), "tokens": {}}
@@ -222,8 +227,6 @@ def bench_decode(onnx_path: str, folder: str, contexts=(128, 1024), steps: int =
 
 def _genai_runner(onnx_path: str, hf_config: str | None):
     """onnxruntime-genai on a generation folder written from ``onnx_path`` (cached)."""
-    import sys
-
     from rotaq.genai import write_genai_folder
     from rotaq.generate import _onnx_tokenizer
 

@@ -31,7 +31,9 @@ def render(runs: dict[str, dict], note: str) -> str:
         diffs += [r["max_rel_diff"] for r in dec["contexts"].values()]
         decs = [f"{r['tvm_tok_s']:.1f} / {r['genai_tok_s']:.1f} ({r['tvm_vs_genai']:.2f}x)"
                 for r in dec["contexts"].values()]
-        lines.append(f"| {label} (`{e['onnx']}`, {d['dates']['e2e']}) | {e['compile_s']:.0f} | "
+        cpu = e.get("cpu")  # recorded since 2026-12-02 16:00
+        where = f", {cpu['model']} ({', '.join(cpu['int8_flags'])})" if cpu else ""
+        lines.append(f"| {label} (`{e['onnx']}`, {d['dates']['e2e']}{where}) | {e['compile_s']:.0f} | "
                      f"{e['artifact_mib']:.1f} | " + " / ".join(f"{r:.2f}x" for r in ratios)
                      + f" | {max(ratios):.2f}x | " + "; ".join(decs)
                      + f" | {max(diffs):.1e} |")
