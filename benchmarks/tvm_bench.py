@@ -328,6 +328,10 @@ def write(results: dict) -> None:
         e = results["e2e"]
         built = (f" (compiled in {e['compile_s']} s, artefact {e['artifact_mib']} MiB)"
                  if e.get("compile_s") else "")
+        cpu = e.get("cpu")
+        if cpu:
+            built += (f"; CPU {cpu['model']}, {cpu.get('cores', '?')} cores, LLVM "
+                      f"`{e.get('mcpu')}`, int8 flags {', '.join(cpu['int8_flags']) or 'none'}")
         lines += [f"End to end (prefill from an empty cache), `{e['onnx']}`{built}:", "",
                   ("| tokens | TVM (ms) | ORT (ms) | TVM / ORT | runs | blocks: TVM (ms) | ORT, "
                    "spinning on (ms) | TVM / ORT | max rel logit diff |"),

@@ -40,6 +40,7 @@ import numpy as np
 from tqdm import tqdm
 
 from rotaq.backends.artifact_io import header, read_metadata, replace_dir, work_dir, write_metadata
+from rotaq.backends.tvm_io import host_array, in_bounds
 from rotaq.errors import MissingDependencyError, RotaqError
 from rotaq.progress import stage
 
@@ -359,7 +360,7 @@ class TvmGraph:
         args = [cache[k] if k in cache else self._tvm.runtime.tensor(np.ascontiguousarray(
             self._in_bounds(k, feeds[k]))) for k in self._order]
         res = self.decode_vms[ctx](*args, *self._decode_params[ctx])
-        return [_host_array(r) for r in (list(res) if not hasattr(res, "numpy") else [res])]
+        return [host_array(r) for r in (list(res) if not hasattr(res, "numpy") else [res])]
 
     def sample_feeds(self, n: int, seed: int = 0) -> dict[str, np.ndarray]:
         """Feeds of ``n`` tokens shaped as compiled: integer inputs all ones (token 1, mask 1),
@@ -378,19 +379,7 @@ class TvmGraph:
         return feeds
 
     def _in_bounds(self, name: str, a: Any) -> np.ndarray:
-        """Input ``name`` checked against the table it indexes (metadata ``index_bounds``: the
-        compiled Gather has no bounds check): ids in ``[-rows, rows)``, negative ones wrapped
-        as ONNX's Gather does; out of range: RotaqError instead of a crash."""
-        a = np.asarray(a)
-        rows = (self.meta.get("index_bounds") or {}).get(name)
-        if rows is None or a.size == 0:
-            return a
-        lo, hi = int(a.min()), int(a.max())
-        if lo < -rows or hi >= rows:
-            bad = hi if hi >= rows else lo
-            raise RotaqError(f"input {name!r} holds {bad}, outside the {rows} rows of the table "
-                             f"it indexes (valid: {-rows} to {rows - 1})")
-        return np.where(a < 0, a + rows, a).astype(a.dtype) if lo < 0 else a
+        return in_bounds(name, a, (self.meta.get("index_bounds") or {}).get(name))
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         missing = [k for k in self._order if k not in feeds]
@@ -448,20 +437,11 @@ class TvmGraph:
         res = list(res) if not hasattr(res, "numpy") else [res]
         out = []
         for r in res:
-            arr = _host_array(r)
+            arr = host_array(r)
             if n is not None and b > n and arr.ndim >= 2 and arr.shape[1] == b:
                 arr = arr[:, :n]
             out.append(arr)
         return out
-
-
-def _host_array(t: Any) -> np.ndarray:
-    """A VM output as numpy: the same memory for a CPU tensor (DLPack; the VM allocates its
-    outputs afresh every call, so nothing overwrites it), a copy from a GPU."""
-    try:
-        return np.from_dlpack(t)
-    except (BufferError, RuntimeError, TypeError, ValueError):
-        return t.numpy()
 
 
 def load(folder: str) -> Any:
