@@ -112,12 +112,24 @@ class TvmCacheRunner:
         self.ctx, self.cache, self.views = ctx, cache, views
 
     def prefill(self, ids: np.ndarray) -> np.ndarray:
-        """Forget the cache, run the prompt on a prefill bucket, keep its keys and values."""
+        """Forget the cache, run the prompt on a prefill bucket, keep its keys and values.
+
+        A graph whose per-tensor dynamic activation scales forbid padding (metadata
+        ``padding_exact`` false, e.g. ``w4a8-rotated``'s int8 head) runs a prompt of a length
+        it was not compiled for as its largest compiled length, then one decode step per
+        remaining token (logits of every prompt position returned as usual). Those tokens'
+        scales are then each token's own, where ORT's one-call prefill takes one scale over
+        the whole prompt: the same quantizer, applied as generation applies it."""
         from rotaq.rewriter.kv_capture import token_feeds
 
         self.reset()
         ids = np.asarray(ids, np.int64).reshape(1, -1)
         n = ids.shape[1]
+        fit = [b for b in self.g.buckets() if b <= n]
+        if not self.g.meta.get("padding_exact", True) and n not in self.g.buckets() and fit:
+            first = self.prefill(ids[:, : fit[-1]])
+            steps = [self.run(ids[:, i : i + 1]) for i in range(fit[-1], n)]
+            return np.concatenate([first, *steps], axis=1)
         outs = self.g.run(token_feeds(self.g, ids))
         self._grow(n)
         for name, arr in zip(self.outputs, outs):

@@ -55,6 +55,26 @@ def test_decode_matches_ort(kv_artifact):
         runner.run(np.array([[1]]))
 
 
+def test_prefill_without_padding_runs_the_rest_as_steps(kv_artifact):
+    """An artefact that may not pad (per-tensor dynamic activation scales, e.g. w4a8's int8
+    head) prefills a prompt of an uncompiled length as its largest compiled length, then one
+    step per remaining token: the same logits for every position as a padded prefill here
+    (this model's padding is exact), and the cache continues from there."""
+    path, art, _ = kv_artifact
+    ids = np.random.default_rng(4).integers(0, 200, (1, 13))
+    padded, chunked = TvmCacheRunner(tb.load(art).graph), TvmCacheRunner(tb.load(art).graph)
+    chunked.g.meta["padding_exact"] = False
+    with pytest.raises(RotaqError, match="padding would change"):
+        chunked.g.run(chunked.g.sample_feeds(13))  # what the runner now avoids
+    a, b = padded.prefill(ids), chunked.prefill(ids)  # 13 = 8 + 5 steps
+    assert a.shape == b.shape == (1, 13, a.shape[-1]) and _rel(b, a) < 1e-4
+    assert chunked.length == 13
+    tok = np.array([[int(a[0, -1].argmax())]])
+    assert _rel(chunked.run(tok), padded.run(tok)) < 1e-4
+    with pytest.raises(RotaqError, match="padding would change"):
+        chunked.prefill(ids[:, :5])  # shorter than every compiled length: refused as before
+
+
 def test_cache_artifact_prefill_feeds(kv_artifact):
     """token_feeds (empty pasts, positions) on the artefact itself, as perplexity uses it."""
     path, art, _ = kv_artifact
