@@ -70,7 +70,7 @@ def tile(arr: np.ndarray, nt: int) -> np.ndarray:
 
 
 class _Rules:
-    """The two rules, sharing the count that names their new initializers."""
+    """The three rules, sharing the count that names their new initializers."""
 
     def __init__(self) -> None:
         self.counts = {"nbits": 0, "dense": 0, "int8": 0}
