@@ -60,7 +60,7 @@ def test_prefill_without_padding_runs_the_rest_as_steps(kv_artifact):
     head) prefills a prompt of an uncompiled length as its largest compiled length, then one
     step per remaining token: the same logits for every position as a padded prefill here
     (this model's padding is exact), and the cache continues from there."""
-    path, art, _ = kv_artifact
+    _, art, _ = kv_artifact
     ids = np.random.default_rng(4).integers(0, 200, (1, 13))
     padded, chunked = TvmCacheRunner(tb.load(art).graph), TvmCacheRunner(tb.load(art).graph)
     chunked.g.meta["padding_exact"] = False
