@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 import rotaq
-from rotaq.backends.tvm_matmul import repack_nbits, tile
+from rotaq.backends.tvm_matmul import tile
 from rotaq.errors import MissingDependencyError, RotaqError
+from tests.backends.nbits import act_int8, random_nbits
 from tests.tiny import loaded
 
 tvm = pytest.importorskip("tvm", reason="the TVM extra is not installed (pip install rotaq[tvm])")
@@ -114,31 +115,9 @@ def test_out_of_range_token_ids_are_refused(tiny_onnx, tmp_path):
 def test_qmatmul_kernel(bits, block, act, m, avx512):
     rng = np.random.default_rng(bits + m)
     k, n = 80, 48  # K not a multiple of the block: zero-padded last block
-    nb = -(-k // block)
-    codes = rng.integers(0, 2**bits, (n, nb * block))
-    codes[:, k:] = 0
-    per = 8 // bits
-    packed = np.zeros((n, nb * block // per), np.uint16)
-    for i in range(per):
-        packed |= codes[:, i::per].astype(np.uint16) << (i * bits)
-    scales = rng.random((n, nb)).astype(np.float32) * 0.1
-    zp = rng.integers(0, 2**bits, (n, nb))
-    zpack = np.zeros((n, -(-nb // per)), np.uint16)
-    zfull = np.zeros((n, -(-nb // per) * per), np.int64)
-    zfull[:, :nb] = zp
-    for i in range(per):
-        zpack |= zfull[:, i::per].astype(np.uint16) << (i * bits)
-    w_codes, w_scale, w_shift = repack_nbits(packed.astype(np.uint8).reshape(n, nb, -1), scales,
-                                             zpack.astype(np.uint8), k, n, bits, block)
-    w = ((codes - np.repeat(zp, block, 1)) * np.repeat(scales, block, 1))[:, :k].T  # [K, N]
+    (w_codes, w_scale, w_shift), w = random_nbits(rng, k, n, bits, block)
     x = rng.standard_normal((m, k)).astype(np.float32)
-    xa = x
-    if act:
-        xb = np.zeros((m, nb * block))
-        xb[:, :k] = x
-        xb = xb.reshape(m, nb, block)
-        s = np.abs(xb).max(-1, keepdims=True) / 127
-        xa = (np.round(xb / s) * s).reshape(m, -1)[:, :k]
+    xa = act_int8(x, k, block) if act else x
     nt = 16
     f = schedule_qmatmul_cpu(qmatmul_func(m, k, n, bits, block, act, nt=nt), m, n, nt,
                              avx512=avx512)

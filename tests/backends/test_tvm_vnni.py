@@ -11,7 +11,8 @@ tvm = pytest.importorskip("tvm", reason="the TVM extra is not installed (pip ins
 from rotaq.backends import tvm_kernels as K
 from rotaq.backends import tvm_vnni as V
 from rotaq.backends.tvm_build import cpu_features
-from rotaq.backends.tvm_matmul import repack_nbits, tile
+from rotaq.backends.tvm_matmul import tile
+from tests.backends.nbits import act_int8, random_nbits
 
 VNNI_CPU = "znver4"  # any AVX-512 VNNI CPU: code for it builds on every host
 
@@ -22,34 +23,6 @@ def _host_target():
     return tb.make_target("llvm")
 
 
-def _weights(k, n, block, seed):
-    """Random int4 MatMulNBits weights -> (repacked codes / scale / shift, dense [K, N])."""
-    rng = np.random.default_rng(seed)
-    nb = -(-k // block)
-    codes = rng.integers(0, 16, (n, nb * block))
-    codes[:, k:] = 0
-    packed = (codes[:, 0::2] | (codes[:, 1::2] << 4)).astype(np.uint8).reshape(n, nb, -1)
-    scales = (rng.random((n, nb)) * 0.1 + 0.01).astype(np.float32)
-    zp = rng.integers(0, 16, (n, nb))
-    zfull = np.zeros((n, -(-nb // 2) * 2), np.int64)
-    zfull[:, :nb] = zp
-    zpack = (zfull[:, 0::2] | (zfull[:, 1::2] << 4)).astype(np.uint8)
-    rep = repack_nbits(packed, scales, zpack, k, n, 4, block)
-    w = ((codes - np.repeat(zp, block, 1)) * np.repeat(scales, block, 1))[:, :k].T
-    return rep, w
-
-
-def _act_reference(x, k, block):
-    """ORT's accuracy_level=4 activation: per row and block, round(x / s) * s, s = amax / 127."""
-    m = len(x)
-    nb = -(-k // block)
-    xb = np.zeros((m, nb * block))
-    xb[:, :k] = x
-    xb = xb.reshape(m, nb, block)
-    s = np.abs(xb).max(-1, keepdims=True) / 127
-    return (np.round(xb / np.where(s > 0, s, 1)) * s).reshape(m, -1)[:, :k]
-
-
 @pytest.mark.parametrize("m,k,n,block,nt", [(16, 80, 64, 32, 32), (32, 128, 128, 64, 64),
                                             (48, 64, 48, 16, 16)])
 def test_vnni_kernel_matches_the_reference_and_the_fp32_kernel(m, k, n, block, nt):
@@ -57,7 +30,7 @@ def test_vnni_kernel_matches_the_reference_and_the_fp32_kernel(m, k, n, block, n
     if V.FEATURE not in cpu_features(target):
         pytest.skip(f"this CPU ({target.attrs.get('mcpu')}) has no AVX-512 VNNI to run the "
                     "kernel on; its build is tested by test_vnni_kernel_builds_anywhere")
-    rep, w = _weights(k, n, block, m + k)
+    rep, w = random_nbits(np.random.default_rng(m + k), k, n, 4, block)
     x = np.random.default_rng(k).standard_normal((m, k)).astype(np.float32)
     x[3, :] = 0.0  # a row whose scale is zero
     args = [x, *(tile(a, nt) for a in rep)]
@@ -68,7 +41,7 @@ def test_vnni_kernel_matches_the_reference_and_the_fp32_kernel(m, k, n, block, n
         out = tvm.runtime.tensor(np.zeros((m, n), np.float32))
         lib["main"](*[tvm.runtime.tensor(a) for a in args], out)
         outs.append(out.numpy())
-    ref = _act_reference(x, k, block) @ w
+    ref = act_int8(x, k, block) @ w
     scale = np.abs(ref).max()
     assert np.abs(outs[0] - ref).max() < 1e-5 * scale
     assert np.abs(outs[0] - outs[1]).max() < 1e-5 * scale
