@@ -80,6 +80,17 @@ class _Rules:
 
         return op.initializer(ir.tensor(arr, name=name), name=name)
 
+    def _quantized(self, op: Any, kind: str, x: Any, packed: tuple, extra: list, name: str,
+                   **attrs: int) -> Any:
+        """``RotaqQMatMul(x, codes, scale, shift, *extra)`` from ``packed`` (codes ``[rows,
+        N]``, scale and shift ``[blocks, N]``), each tiled along N into ``rotaq_q<i>_*``."""
+        nt = K.pick_tile(attrs["N"])
+        idx = sum(self.counts.values())
+        consts = [self._const(op, tile(arr, nt), f"rotaq_q{idx}_{suffix}")
+                  for suffix, arr in zip(("codes", "scale", "shift"), packed)]
+        self.counts[kind] += 1
+        return op.op(QOP, x, *consts, *extra, **attrs, tile=nt, _name=name)
+
     # -- MatMulNBits
     @staticmethod
     def nbits_pattern(op: Any, a: Any) -> Any:
@@ -97,15 +108,10 @@ class _Rules:
             raise ValueError(f"{node.name}: MatMulNBits needs constant weights")
         at = node.attributes
         k, n, bits, block = (at.get_int(x) for x in ("K", "N", "bits", "block_size"))
-        nt = K.pick_tile(n)
-        idx = sum(self.counts.values())
         packed = repack_nbits(arrs[0], arrs[1], arrs[2], k, n, bits, block)
-        consts = [self._const(op, tile(arr, nt), f"rotaq_q{idx}_{suffix}")
-                  for suffix, arr in zip(("codes", "scale", "shift"), packed)]
         act = 8 if at.get_int("accuracy_level", 0) == 4 else 0
-        self.counts["nbits"] += 1
-        return op.op(QOP, a, *consts, *([ins[5]] if ins[5] is not None else []), K=k, N=n,
-                     bits=bits, block_size=block, act_bits=act, tile=nt, _name=node.name)
+        return self._quantized(op, "nbits", a, packed, [ins[5]] if ins[5] is not None else [],
+                               node.name, K=k, N=n, bits=bits, block_size=block, act_bits=act)
 
     # -- MatMul with a constant 2-D fp32 weight
     @staticmethod
@@ -123,16 +129,14 @@ class _Rules:
             t.shape[0] * t.shape[1] >= DENSE_MIN_ELEMS
 
     def dense_rewrite(self, op: Any, x: Any, w: Any, y: Any) -> Any:
-        return self._dense(op, x, init_array(w), y.producer().name)
-
-    def _dense(self, op: Any, x: Any, arr: np.ndarray, name: str) -> Any:
-        """``RotaqQMatMul(x, tiled fp32 weight)`` named ``name``."""
+        """``RotaqQMatMul(x, tiled fp32 weight)``."""
+        arr = init_array(w)
         nt = K.pick_tile(arr.shape[1])
         idx = sum(self.counts.values())
         weight = self._const(op, tile(arr, nt), f"rotaq_w{idx}")
         self.counts["dense"] += 1
         return op.op(QOP, x, weight, K=int(arr.shape[0]), N=int(arr.shape[1]), bits=32,
-                     block_size=1, act_bits=0, tile=nt, _name=name)
+                     block_size=1, act_bits=0, tile=nt, _name=y.producer().name)
 
     # -- MatMul with a constant int8 weight behind DequantizeLinear (QDQ int8 linears, heads)
     @staticmethod
@@ -168,14 +172,9 @@ class _Rules:
         codes = qa
         if qa.dtype == np.int8:
             codes, off = (qa.astype(np.int16) + 128).astype(np.uint8), off + 128.0
-        nt = K.pick_tile(n)
-        idx = sum(self.counts.values())
-        consts = [self._const(op, tile(arr, nt), f"rotaq_q{idx}_{suffix}") for suffix, arr in (
-            ("codes", codes), ("scale", scale.reshape(1, n)),
-            ("shift", (-off * scale).astype(np.float32).reshape(1, n)))]
-        self.counts["int8"] += 1
-        return op.op(QOP, x, *consts, K=int(k), N=int(n), bits=8, block_size=int(k), act_bits=0,
-                     tile=nt, _name=y.producer().name)
+        packed = (codes, scale.reshape(1, n), (-off * scale).astype(np.float32).reshape(1, n))
+        return self._quantized(op, "int8", x, packed, [], y.producer().name, K=int(k), N=int(n),
+                               bits=8, block_size=int(k), act_bits=0)
 
     def rules(self) -> list:
         from onnxscript.rewriter import pattern
