@@ -126,8 +126,9 @@ def schedule_qmatmul_cpu(func: Any, m: int, n: int, nt: int, mt: int = 0,
     """CPU schedule: parallel N tiles (the weight tile ``nt``); for one row of a quantized
     weight (with or without activation quantization), :func:`qgemv_func` (the affine
     dequantization factored out of the K loop: -10% to -17% on SmolLM2's int4 shapes); for one
-    row of an fp32 weight the weight is read inline (GEMV), for more rows it is decoded once per tile into a local buffer and
-    reused by every ``mt``-row register tile (GEMM); K outermost inside the tile, N vectorized;
+    row of an fp32 weight the weight is read inline (GEMV); for more rows it is decoded once per
+    tile into a local buffer and reused by every ``mt``-row register tile (GEMM); K outermost
+    inside the tile, N vectorized;
     the optional activation quantizer is computed once. ``avx512`` (32 vector registers of 16
     lanes): ``mt`` up to 4, so the 4 x 64 accumulator tile takes 16 registers instead of
     spilling as 8 x 64 does, and K unrolled by 4 for one row (znver4, SmolLM2's int4 linears:
