@@ -38,6 +38,7 @@ os.environ.setdefault("TVM_BIND_THREADS", "0")  # as rotaq.backends.tvm sets it 
 HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "rotaq", "backends")
 log = logging.getLogger("tvm_bench")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # benchmarks.*
 
 
 # ORT's intra-op threads spin after each run by default; timed alternately with TVM, the spinning
@@ -134,8 +135,7 @@ def bench_e2e(onnx_path: str, tokens=PREFILL_TOKENS, ppl: bool = False,
     sess = ort_session(onnx_path, "all", NO_SPIN, threads=2)
     spinning = ort_session(onnx_path, "all", threads=2)
     size = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder))
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from decode_bench import cpu_info
+    from benchmarks.decode_bench import cpu_info
 
     out = {"onnx": os.path.basename(onnx_path), "artifact": folder, "cpu": cpu_info(),
            "mcpu": tvm_model.graph.meta.get("mcpu"),
@@ -227,11 +227,9 @@ def bench_decode(onnx_path: str, folder: str, contexts=(128, 1024), steps: int =
 
 def _genai_runner(onnx_path: str, hf_config: str | None):
     """onnxruntime-genai on a generation folder written from ``onnx_path`` (cached)."""
+    from benchmarks.decode_bench import GenaiRunner
     from rotaq.genai import write_genai_folder
     from rotaq.generate import _onnx_tokenizer
-
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from benchmarks.decode_bench import GenaiRunner
 
     st = os.stat(onnx_path)
     key = hashlib.sha1(f"{os.path.abspath(onnx_path)}|{st.st_mtime}".encode()).hexdigest()[:12]
