@@ -290,11 +290,9 @@ def _importer_class():
             x2, shape, m = self._rows(inputs[0])
             if self._vnni and V.applies(m, k, bits, block, act, nt):  # integer products
                 self.stats["qmatmul_vnni"] += 1
-                y = self._call_tir(V.qmatmul_vnni_func(m, k, n, block, nt),
-                                   [x2, *inputs[1:4]], (m, n), "qmatmul_vnni")
-                if bias is not None:
-                    y = self.bb.normalize(relax.op.add(y, bias))
-                return self.bb.normalize(relax.op.reshape(y, (*shape[:-1], n)))
+                y = self._call(V.qmatmul_vnni_func(m, k, n, block, nt), [x2, *inputs[1:4]],
+                               m, n, shape, "qmatmul_vnni")
+                return y if bias is None else self.bb.normalize(relax.op.add(y, bias))
             func = K.qmatmul_func(m, k, n, bits, block, act, bias is not None, nt)
             func = self._schedule(func, m, n, nt)
             self.stats["qmatmul" if bits < 32 else "matmul_const"] += 1
