@@ -1,16 +1,20 @@
 """SpinQuant-style learned rotation (`w4a4-spin`) against the random Hadamard (`w4a4-rotated`)
-on SmolLM2-135M: same W4A4 quantizer (int4 g128 GPTQ weights, int4 per-token activations, int4
-KV cache), Wikipedia perplexity on 8192 tokens (512-token windows, ORT), calibration time.
+on SmolLM2-135M, side by side in one run: the same W4A4 quantizer (int4 g128 GPTQ weights, int4
+per-token activations, int4 KV cache), Wikipedia perplexity on 8192 tokens (512-token windows,
+ORT), calibration time.
 
 Each row runs through the CLI, as a user runs it, under ``/usr/bin/time -v`` (wall time, peak
-RSS): ``rotaq optimize smollm2-135m --recipe R -o R.onnx --json`` then ``rotaq eval R.onnx
---task ppl --tokens 8192 --json``. The spin pass report gives its loss before/after and its own
-time. Rows whose recipe is not run here (``--rows``) are taken from the recorded results named in
-the table (w4a4-rotated and kron-w4a4 from benchmarks/results/lowrank.json, run 2).
+RSS): ``rotaq optimize smollm2-135m --recipe R [--set OPT=V ...] -o R.onnx --json`` then
+``rotaq eval R.onnx --task ppl --tokens 8192 --json``. The spin pass report gives its loss
+before/after and its own time. ``kron-w4a4`` is taken from the recorded results
+(benchmarks/results/lowrank.json, run 2) unless a row runs it.
+
+Default rows: both recipes as shipped, and both with the activation clip 0.8 (the quantizer
+change measured alongside; it applies to either recipe). Earlier runs and their settings:
+benchmarks/results/spin_history.md.
 
 Writes benchmarks/results/spin.json and spin.md.
-Run: python benchmarks/spin_bench.py [--rows w4a4-spin,w4a4-rotated] [--set OPT=V ...]
-         [--work DIR --reuse]
+Run: python benchmarks/spin_bench.py [--row "LABEL=RECIPE[;OPT=V...]" ...] [--work DIR --reuse]
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from outliers_bench import _cli, _timed
@@ -28,24 +33,42 @@ HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 MODEL = "smollm2-135m"
 
 
-def _row(name: str, args) -> dict:
-    path = os.path.join(args.work, f"{name}.onnx")
+ROWS = ["w4a4-spin=w4a4-spin", "w4a4-rotated=w4a4-rotated",
+        "w4a4-spin, a_clip 0.8=w4a4-spin;quantize.a_clip=0.8",
+        "w4a4-rotated, a_clip 0.8=w4a4-rotated;quantize.a_clip=0.8"]
+
+
+def _parse(spec: str) -> tuple[str, str, list[str]]:
+    label, _, rest = spec.partition("=")
+    recipe, *sets = rest.split(";")
+    if not recipe:
+        raise SystemExit(f"--row {spec!r}: expected LABEL=RECIPE[;OPT=V...]")
+    return label, recipe, sets
+
+
+def _row(spec: str, args) -> dict:
+    label, recipe, sets = _parse(spec)
+    slug = "".join(c if c.isalnum() else "-" for c in label)
+    path = os.path.join(args.work, f"{slug}.onnx")
     record = path + ".json"
     if not (args.reuse and os.path.exists(record)):
-        cmd = _cli("optimize", MODEL, "--recipe", name, "-o", path, "--json")
-        for s in args.set if name == "w4a4-spin" else []:
-            cmd[-1:-1] = ["--set", s]
+        cmd = _cli("optimize", MODEL, "--recipe", recipe, "-o", path, "--json")
+        for opt in sets:
+            cmd[-1:-1] = ["--set", opt]
+        print(f"[spin_bench] {label}: optimize", flush=True)
         out, opt = _timed(cmd)
         report = json.loads(out)
+        print(f"[spin_bench] {label}: eval", flush=True)
         out, ev = _timed(_cli("eval", path, "--task", "ppl", "--tokens", str(args.tokens),
                               "--json"))
         with open(record, "w") as f:
             json.dump({"optimize": opt, "report": report, "eval": ev,
                        "ppl": json.loads(out)["ppl"]}, f)
+        os.remove(path)  # the model file is not needed once measured
     with open(record) as f:
         saved = json.load(f)
-    row = {"name": name, "ppl": saved["ppl"], "optimize": saved["optimize"],
-           "eval": saved["eval"]}
+    row = {"label": label, "recipe": recipe, "set": sets, "ppl": saved["ppl"],
+           "optimize": saved["optimize"], "eval": saved["eval"]}
     for p in saved["report"]["passes"]:
         if p.get("pass") == "spin":
             row["spin"] = {k: p["stats"].get(k) for k in (
@@ -69,8 +92,8 @@ def _recorded() -> dict[str, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rows", default="w4a4-spin")
-    ap.add_argument("--set", action="append", default=[], help="options for w4a4-spin")
+    ap.add_argument("--row", action="append", default=None,
+                    help=f"LABEL=RECIPE[;OPT=V...] (repeatable; default: {' | '.join(ROWS)})")
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--work", default=None)
     ap.add_argument("--reuse", action="store_true")
@@ -79,28 +102,35 @@ def main() -> None:
     args.work = args.work or tempfile.mkdtemp(prefix="rotaq-spin-")
     os.makedirs(args.work, exist_ok=True)
     rows = []
-    for name in args.rows.split(","):
-        rows.append(_row(name, args))
+    for spec in args.row or ROWS:
+        rows.append(_row(spec, args))
         print(json.dumps(rows[-1]), flush=True)
-    recorded = {k: v for k, v in _recorded().items() if k not in {r["name"] for r in rows}}
+    ran = {r["recipe"] for r in rows if not r["set"]}
+    recorded = {k: v for k, v in _recorded().items() if k in ("kron-w4a4",) and k not in ran}
+    when = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
     with open(os.path.join(args.out, "spin.json"), "w") as f:
-        json.dump({"tokens": args.tokens, "set": args.set, "rows": rows,
-                   "recorded": recorded}, f, indent=2)
-    title = (f"W4A4 on SmolLM2-135M (int4 g128 GPTQ weights, int4 per-token activations, int4 "
-             f"KV; Wikipedia perplexity on {args.tokens} tokens, 512-token windows, ORT). "
-             f"Options for w4a4-spin: {', '.join(args.set) or 'the recipe as shipped'}.")
-    header = ("| recipe | ppl | spin loss (start -> learned) | spin steps | spin time (s) | "
-              "optimize wall (s) | optimize peak RSS (MiB) |")
-    lines = [title, "", header, "|---|---|---|---|---|---|---|"]
+        json.dump({"date": when, "tokens": args.tokens, "rows": rows, "recorded": recorded},
+                  f, indent=2)
+    title = (f"W4A4 on SmolLM2-135M, one run ({when} UTC, 2-core machine): int4 g128 "
+             f"asymmetric GPTQ weights with MSE clip, int4 per-token activations, int4 KV "
+             f"cache; Wikipedia perplexity on {args.tokens} tokens (512-token windows, ORT), "
+             f"fp32 22.16. `python benchmarks/spin_bench.py`; each row `rotaq optimize "
+             f"smollm2-135m --recipe R [--set ...]` then `rotaq eval --task ppl`, under "
+             f"/usr/bin/time -v.")
+    header = ("| row | options | ppl | spin loss (start -> learned) | spin steps | "
+              "spin time (s) | optimize wall (s) | optimize peak RSS (MiB) |")
+    lines = [title, "", header, "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         s = r.get("spin") or {}
         loss = (f"{s['loss_init']:.4f} -> {s['loss_final']:.4f} ({s['objective']})"
                 if s else "")
-        lines.append(f"| {r['name']} | {r['ppl']:.2f} | {loss} | {s.get('steps', '')} | "
-                     f"{s.get('calibration_seconds', '')} | {r['optimize']['wall_s']} | "
-                     f"{r['optimize']['peak_rss_mib']} |")
+        opts = " ".join(f"`{o}`" for o in r["set"]) or "as shipped"
+        lines.append(f"| {r['label']} | {opts} | {r['ppl']:.2f} | {loss} | "
+                     f"{s.get('steps', '')} | {s.get('calibration_seconds', '')} | "
+                     f"{r['optimize']['wall_s']} | {r['optimize']['peak_rss_mib']} |")
     for name, ppl in recorded.items():
-        lines.append(f"| {name} (recorded: results/lowrank.md, run 2) | {ppl:.2f} | | | | | |")
+        lines.append(f"| {name} | recorded (results/lowrank.md, run 2) | {ppl:.2f} | | | | "
+                     f"| |")
     with open(os.path.join(args.out, "spin.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))

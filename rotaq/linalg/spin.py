@@ -149,6 +149,39 @@ def layer_objective(blocks: list[Block], quantizers: Quantizers) -> Objective:
     return fn
 
 
+def outlier_objective(xs: list[np.ndarray], p: float = 8.0, tokens: int = 32768,
+                      seed: int = 0) -> Objective:
+    """A smooth proxy of the per-token activation quantization error of the stream readers.
+
+    A token ``y = x R`` quantized symmetrically per token with ``b`` bits and clip ``c`` has the
+    step ``c max_j |y_j| / q`` (``q = 2^(b-1) - 1``), so its rounding error is about
+    ``d (c max_j |y_j| / q)^2 / 12`` against the signal ``||y||^2 = ||x||^2`` (``R`` is
+    orthogonal). Only the peak-to-RMS ratio ``max_j y_j^2 / mean_j y_j^2`` depends on ``R``;
+    the max is replaced by the power mean ``(mean_j |y_j|^p)^(1/p)`` (at most the max, equal to
+    it as ``p -> inf``) so that the loss is differentiable everywhere:
+
+        L(R) = mean_t (mean_j |(x_t R)_j|^p)^(2/p) / mean_j x_tj^2
+
+    over ``tokens`` rows drawn (with ``seed``) from the readers' captured inputs ``xs``. Unlike
+    the straight-through gradient of the rounding error (noise: any finite step redraws the
+    rounding), this gradient moves ``R`` towards flatter tokens, which is all a rotation can do
+    for per-token quantization. Weights are not in the loss (GPTQ follows)."""
+    rows = np.concatenate([np.asarray(x, np.float32).reshape(-1, x.shape[-1]) for x in xs])
+    rng = np.random.default_rng(seed)
+    if len(rows) > tokens:
+        rows = rows[np.sort(rng.choice(len(rows), tokens, replace=False))]
+    rms = np.sqrt((rows.astype(np.float64) ** 2).mean(-1, keepdims=True))
+    keep = rms[:, 0] > 0
+    data = torch.as_tensor((rows[keep] / rms[keep]).astype(np.float32))
+
+    def fn(rt: torch.Tensor, step: int = 0) -> float:
+        loss = (data @ rt).abs().pow(p).mean(-1).pow(2.0 / p).mean()
+        loss.backward()
+        return float(loss.detach())
+
+    return fn
+
+
 def reader(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, r: torch.Tensor,
            q: Quantizers) -> torch.Tensor:
     """A stream reader of the rotated, quantized model: ``Q_a(x) Q_w(W R)^T + b`` (``x`` is

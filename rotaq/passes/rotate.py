@@ -79,6 +79,7 @@ class Rotate(Pass):
     mode: Literal["auto", "residual", "online"] = "auto"
     seed: int = 0
     online_down: bool = True
+    online_o: bool = False  # residual mode: also an online Hadamard before each o_proj
     rotate_ov: bool = True
     rotate_qk: bool = False
     online_head: bool = False  # online mode: also rotate the head's input
@@ -136,7 +137,7 @@ class Rotate(Pass):
         ov = folds.rotate_ov(a, edits) if self.rotate_ov else 0
         o_projs = {s.o_proj for s in a.attention}
         online = 0
-        for wk in (w for w in writers if w not in o_projs) if self.online_down else ():
+        for wk in (w for w in writers if (self.online_o if w in o_projs else self.online_down)):
             if folds.online_before(g, a, edits, [wk]):
                 online += 1
             else:

@@ -12,6 +12,10 @@ group under the weight/activation quantizers that the following ``quantize`` pas
   in memory: a whole-model cost, like SpinQuant's own training);
 - ``layer``: the mean relative output error of every stream linear on captured inputs (one
   block-wise capture; memory grows with the captures, not the activations of a whole forward).
+- ``outlier``: a smooth proxy of the readers' per-token activation quantization error, the
+  mean squared peak-to-RMS ratio of the rotated reader inputs (:func:`spin.outlier_objective`);
+  needs a sample of ``outlier_tokens`` captured rows only, and its gradient is the signal the
+  straight-through gradient of the rounding error lacks.
 
 Order of work: (1) the R1-independent folds: norm scales into their readers, the per-head V/O
 Hadamard, the online Hadamard before each MLP writer, the optional online Q/K rotation; (2) the
@@ -53,6 +57,7 @@ class Spin(Pass, Calibrated):
     exact: ClassVar[bool] = True
     seed: int = 0
     online_down: bool = True
+    online_o: bool = False
     rotate_ov: bool = True
     rotate_qk: bool = False
     w_bits: int = 4
@@ -60,18 +65,22 @@ class Spin(Pass, Calibrated):
     w_symmetric: bool = False
     a_bits: int = 4
     a_clip: float = 0.9
-    objective: Literal["e2e", "layer"] = "e2e"
+    objective: Literal["e2e", "layer", "outlier"] = "e2e"
     steps: int = 24
     lr: float = 0.02
     calib_tokens: int = 512
     batch_tokens: int = 0  # e2e: tokens per step (whole rows); 0: all calibration tokens
     check_rows: int = 4  # e2e minibatches: rows on which the start and the result are compared
+    outlier_p: float = 8.0  # outlier: the power mean that stands in for the max
+    outlier_tokens: int = 32768  # outlier: reader-input rows sampled (over all blocks)
 
     def validate(self) -> None:
         if self.w_bits not in (0, 2, 3, 4, 8) or self.a_bits not in (0, 2, 3, 4, 8):
             raise RewriteError("spin: w_bits / a_bits must be 0 (off), 2, 3, 4 or 8")
         if self.steps < 0 or self.lr <= 0:
             raise RewriteError("spin: steps must be >= 0 and lr > 0")
+        if self.outlier_p < 2 or self.outlier_tokens < 1:
+            raise RewriteError("spin: outlier_p must be >= 2 and outlier_tokens >= 1")
         if not 0 < self.a_clip <= 1:
             raise RewriteError("spin: a_clip must be in (0, 1]")
 
@@ -96,7 +105,7 @@ class Spin(Pass, Calibrated):
         o_projs = {s.o_proj for s in a.attention}
         writers = [wk for b in res.blocks for wk in b.writers]
         online = sum(folds.online_before(g, a, edits, [wk]) for wk in writers
-                     if self.online_down and wk not in o_projs)
+                     if (self.online_o if wk in o_projs else self.online_down))
         edits.flush()
         qk = folds.online_qk(g, a) if self.rotate_qk else 0
         # 2.-3. learn R1 from rotate's Hadamard
@@ -110,8 +119,10 @@ class Spin(Pass, Calibrated):
         check = None
         if self.objective == "e2e":
             objective, check, tokens = self._e2e(model, a, readers, feeds, q)
-        else:
+        elif self.objective == "layer":
             objective, tokens = self._layer(model, a, readers, feeds, q)
+        else:
+            objective, tokens = self._outlier(model, a, readers, feeds)
         if check is None or check.full_batch:
             check = None
         bar = tqdm(total=self.steps + 1, desc=f"spin ({self.objective}, Cayley SGD)",
@@ -159,6 +170,21 @@ class Spin(Pass, Calibrated):
                   for groups, ws in layout]
         tokens = max((x.shape[0] for x in xs.values()), default=0)
         return spin.layer_objective(blocks, q), tokens
+
+    def _outlier(self, model: Model, a, readers: dict[str, list[str]], feeds):
+        """The outlier objective: a sample of every block's reader inputs (the normalized
+        stream before each quantized reader group; the float head's input is left out)."""
+        values = sorted({a.linears[readers[nk][0]].input for b in a.residual.blocks
+                         for nk in b.norms})
+        # a text model: sample while capturing, so memory is outlier_tokens rows, not
+        # blocks x tokens (other inputs: everything captured, then sampled)
+        total = int(np.asarray(feeds["input_ids"]).size) if "input_ids" in feeds else 0
+        keep = min(1.0, self.outlier_tokens / (len(values) * total)) if total else 1.0
+        xs = capture_rows(model, values, feeds, batch=2, desc="spin calibration", keep=keep,
+                          seed=self.seed)
+        tokens = max((len(x) for x in xs.values()), default=0)
+        return (spin.outlier_objective(list(xs.values()), self.outlier_p, self.outlier_tokens,
+                                       self.seed), total or tokens)
 
     def _e2e(self, model: Model, a, readers: dict[str, list[str]], feeds, q: spin.Quantizers):
         """The end-to-end objective: next-token cross-entropy of the rotated, quantized network

@@ -39,6 +39,20 @@ def test_residual_rotation_exact(family, qk):
     assert len(a.linears) == 15
 
 
+@pytest.mark.parametrize("ir", ["fx", "onnx"])
+def test_online_hadamard_before_o_proj_is_exact(ir):
+    """``online_o``: QuaRot's online Hadamard across heads before o_proj, on top of the folded
+    per-head one (the o_proj input is then fully rotated); exact, one more online transform per
+    block, and the o_proj weight really changed."""
+    base = rotaq.optimize(loaded("llama", ir), "rotate", options={"online_o": False})
+    res = rotaq.optimize(loaded("llama", ir), "rotate", options={"online_o": True})
+    st_, st0 = (r.report["passes"][0]["stats"] for r in (res, base))
+    assert st0["online_hadamards"] == 2 and st_["online_hadamards"] == 4
+    assert res.report["max_rel_error"] < TOL
+    o = base.model.analysis().attention[0].o_proj
+    assert np.abs(res.model.graph.get_linear(o)[0] - base.model.graph.get_linear(o)[0]).max() > 1e-3
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2", "bert"])
 def test_rotation_exact_onnx(family):
     """Same pass, ONNX IR: runs in ONNX Runtime, exact, online transforms as Kronecker."""
