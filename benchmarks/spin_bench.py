@@ -9,8 +9,8 @@ RSS): ``rotaq optimize smollm2-135m --recipe R [--set OPT=V ...] -o R.onnx --jso
 before/after and its own time. ``kron-w4a4`` is taken from the recorded results
 (benchmarks/results/lowrank.json, run 2) unless a row runs it.
 
-Default rows: both recipes as shipped, and both with the activation clip 0.8 (the quantizer
-change measured alongside; it applies to either recipe). Earlier runs and their settings:
+Default rows: `w4a4-spin`, `w4a4-rotated` and `kron-w4a4` as shipped, and each with the
+activation clip 0.8 (the quantizer change measured alongside; it applies to every recipe). Earlier runs and their settings:
 benchmarks/results/spin_history.md.
 
 Writes benchmarks/results/spin.json and spin.md.
@@ -35,7 +35,8 @@ MODEL = "smollm2-135m"
 
 ROWS = ["w4a4-spin=w4a4-spin", "w4a4-rotated=w4a4-rotated",
         "w4a4-spin, a_clip 0.8=w4a4-spin;quantize.a_clip=0.8",
-        "w4a4-rotated, a_clip 0.8=w4a4-rotated;quantize.a_clip=0.8"]
+        "w4a4-rotated, a_clip 0.8=w4a4-rotated;quantize.a_clip=0.8",
+        "kron-w4a4=kron-w4a4", "kron-w4a4, a_clip 0.8=kron-w4a4;quantize.a_clip=0.8"]
 
 
 def _parse(spec: str) -> tuple[str, str, list[str]]:
@@ -111,7 +112,7 @@ def main() -> None:
     with open(os.path.join(args.out, "spin.json"), "w") as f:
         json.dump({"date": when, "tokens": args.tokens, "rows": rows, "recorded": recorded},
                   f, indent=2)
-    title = (f"W4A4 on SmolLM2-135M, one run ({when} UTC, 2-core machine): int4 g128 "
+    title = (f"W4A4 on SmolLM2-135M, rows run one after another ({when} UTC, 2-core machine): int4 g128 "
              f"asymmetric GPTQ weights with MSE clip, int4 per-token activations, int4 KV "
              f"cache; Wikipedia perplexity on {args.tokens} tokens (512-token windows, ORT), "
              f"fp32 22.16. `python benchmarks/spin_bench.py`; each row `rotaq optimize "

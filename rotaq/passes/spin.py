@@ -7,6 +7,7 @@ group under the weight/activation quantizers that the following ``quantize`` pas
 (``w_bits``, ``w_group``, ``w_symmetric``, ``a_bits``, ``a_clip``: repeat its settings). Math in
 :mod:`rotaq.linalg.spin`. ``objective``:
 
+- ``outlier`` (default, the ``w4a4-spin`` recipe's): see the last item;
 - ``e2e`` (SpinQuant's): next-token cross-entropy of the quantized network on the calibration
   text, through a differentiable torch forward of the graph (needs ``input_ids`` and the weights
   in memory: a whole-model cost, like SpinQuant's own training);
@@ -49,6 +50,11 @@ from rotaq.rewriter import torch_exec
 log = logging.getLogger(__name__)
 
 
+STEPS_LR = {"outlier": (300, 3.0), "e2e": (24, 0.02), "layer": (48, 0.02)}
+"""Default Cayley SGD steps and learning rate per objective (measured on SmolLM2-135M:
+benchmarks/results/spin_history.md; the angle cap bounds a step whatever ``lr``)."""
+
+
 @dataclass(frozen=True)
 class Spin(Pass, Calibrated):
     """Learned residual rotation (Cayley SGD under the W/A quantizers), folded exactly."""
@@ -65,9 +71,9 @@ class Spin(Pass, Calibrated):
     w_symmetric: bool = False
     a_bits: int = 4
     a_clip: float = 0.9
-    objective: Literal["e2e", "layer", "outlier"] = "e2e"
-    steps: int = 24
-    lr: float = 0.02
+    objective: Literal["e2e", "layer", "outlier"] = "outlier"
+    steps: int | None = None  # None: the objective's default (STEPS_LR)
+    lr: float | None = None
     calib_tokens: int = 512
     batch_tokens: int = 0  # e2e: tokens per step (whole rows); 0: all calibration tokens
     check_rows: int = 4  # e2e minibatches: rows on which the start and the result are compared
@@ -77,7 +83,8 @@ class Spin(Pass, Calibrated):
     def validate(self) -> None:
         if self.w_bits not in (0, 2, 3, 4, 8) or self.a_bits not in (0, 2, 3, 4, 8):
             raise RewriteError("spin: w_bits / a_bits must be 0 (off), 2, 3, 4 or 8")
-        if self.steps < 0 or self.lr <= 0:
+        if (self.steps is not None and self.steps < 0) or (self.lr is not None
+                                                          and self.lr <= 0):
             raise RewriteError("spin: steps must be >= 0 and lr > 0")
         if self.outlier_p < 2 or self.outlier_tokens < 1:
             raise RewriteError("spin: outlier_p must be >= 2 and outlier_tokens >= 1")
@@ -125,7 +132,9 @@ class Spin(Pass, Calibrated):
             objective, tokens = self._outlier(model, a, readers, feeds)
         if check is None or check.full_batch:
             check = None
-        bar = tqdm(total=self.steps + 1, desc=f"spin ({self.objective}, Cayley SGD)",
+        steps, lr = (v if v is not None else d for v, d in
+                     zip((self.steps, self.lr), STEPS_LR[self.objective]))
+        bar = tqdm(total=steps + 1, desc=f"spin ({self.objective}, Cayley SGD)",
                    unit="step", leave=False)
 
         def progress(step: int, loss: float) -> None:
@@ -133,7 +142,7 @@ class Spin(Pass, Calibrated):
             bar.set_postfix(loss=f"{loss:.4g}")
 
         try:
-            learned = spin.cayley_minimize(objective, r0, steps=self.steps, lr=self.lr,
+            learned = spin.cayley_minimize(objective, r0, steps=steps, lr=lr,
                                            keep_best=check is None, progress=progress)
         finally:
             bar.close()

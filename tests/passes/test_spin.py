@@ -154,7 +154,7 @@ def _calibrated(ir: str, kv: bool = False):
 def test_spin_is_exact_and_lowers_the_quantized_loss(ir, kv):
     model = _calibrated(ir, kv)
     ref = model.run()
-    res = Spin(steps=8, lr=0.05, rotate_qk=True)(model.clone())
+    res = Spin(objective="e2e", steps=8, lr=0.05, rotate_qk=True)(model.clone())
     st = res.stats
     assert res.modified and st["objective"] == "e2e" and st["steps"] == 8
     assert st["qk_rotated"] == 2 and st["ov_heads_rotated"] == 2 and st["online_hadamards"] == 2
@@ -168,8 +168,9 @@ def test_spin_is_exact_and_lowers_the_quantized_loss(ir, kv):
 def test_float_loss_is_invariant_under_the_rotation():
     """Without quantizers the e2e objective is the float model's cross-entropy at every R."""
     model = _calibrated("fx")
-    a = Spin(steps=0, w_bits=0, a_bits=0, seed=0)(model.clone()).stats["loss_init"]
-    b = Spin(steps=0, w_bits=0, a_bits=0, seed=5)(model.clone()).stats["loss_init"]
+    a = Spin(objective="e2e", steps=0, w_bits=0, a_bits=0, seed=0)(model.clone())
+    b = Spin(objective="e2e", steps=0, w_bits=0, a_bits=0, seed=5)(model.clone())
+    a, b = a.stats["loss_init"], b.stats["loss_init"]
     ids = np.asarray(model.calibration["input_ids"])
     logits = torch.as_tensor(model.run({"input_ids": ids})[0])
     ce = float(torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
@@ -180,7 +181,8 @@ def test_float_loss_is_invariant_under_the_rotation():
 def test_minibatches_and_the_layer_objective():
     model = _calibrated("fx")
     ref = model.run()
-    mb = Spin(steps=4, batch_tokens=32)(model.clone())  # one 32-token row per step
+    # one 32-token row per step
+    mb = Spin(objective="e2e", steps=4, batch_tokens=32)(model.clone())
     assert mb.stats["loss_final"] <= mb.stats["loss_init"]
     assert rel_error(ref[:1], mb.model.run()[:1]) < 1e-5
     lay = Spin(steps=4, objective="layer")(model.clone())
