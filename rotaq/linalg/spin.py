@@ -5,7 +5,9 @@ A pre-norm stream rotated by an orthogonal ``R`` (``x -> x R``) leaves the float
 unchanged (:mod:`rotaq.passes.folds`), but not its quantized version: every reader linear
 computes ``Q_a(x R) Q_w(W R)^T`` (:func:`reader`, with ``x R`` the rotated stream) and every writer
 ``Q_a(x) Q_w(R^T W)^T`` (:func:`writer`). ``Q_w``, ``Q_a``: the round-to-nearest quantizers of
-:mod:`rotaq.linalg.flatquant` with straight-through gradients. Two objectives:
+:mod:`rotaq.linalg.flatquant` with straight-through gradients. Three objectives: the peak-to-RMS
+proxy :func:`outlier_objective` (no quantizer in the loss; see its doc for why), and two through
+the quantizers:
 
 - end to end (SpinQuant's): the quantized network's next-token cross-entropy on calibration
   text, through a differentiable forward of the graph (:mod:`rotaq.rewriter.torch_exec`) whose

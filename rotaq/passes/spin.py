@@ -7,16 +7,15 @@ group under the weight/activation quantizers that the following ``quantize`` pas
 (``w_bits``, ``w_group``, ``w_symmetric``, ``a_bits``, ``a_clip``: repeat its settings). Math in
 :mod:`rotaq.linalg.spin`. ``objective``:
 
-- ``outlier`` (default, the ``w4a4-spin`` recipe's): see the last item;
+- ``outlier`` (default, the ``w4a4-spin`` recipe's): a smooth proxy of the readers' per-token
+  activation quantization error, the mean squared peak-to-RMS ratio of the rotated reader inputs
+  (:func:`spin.outlier_objective`); needs a sample of ``outlier_tokens`` captured rows only, and
+  its gradient is the signal the straight-through gradient of the rounding error lacks;
 - ``e2e`` (SpinQuant's): next-token cross-entropy of the quantized network on the calibration
   text, through a differentiable torch forward of the graph (needs ``input_ids`` and the weights
   in memory: a whole-model cost, like SpinQuant's own training);
 - ``layer``: the mean relative output error of every stream linear on captured inputs (one
   block-wise capture; memory grows with the captures, not the activations of a whole forward).
-- ``outlier``: a smooth proxy of the readers' per-token activation quantization error, the
-  mean squared peak-to-RMS ratio of the rotated reader inputs (:func:`spin.outlier_objective`);
-  needs a sample of ``outlier_tokens`` captured rows only, and its gradient is the signal the
-  straight-through gradient of the rounding error lacks.
 
 Order of work: (1) the R1-independent folds: norm scales into their readers, the per-head V/O
 Hadamard, the online Hadamard before each MLP writer, the optional online Q/K rotation; (2) the
@@ -188,7 +187,7 @@ class Spin(Pass, Calibrated):
         # a text model: sample while capturing, so memory is outlier_tokens rows, not
         # blocks x tokens (other inputs: everything captured, then sampled)
         total = int(np.asarray(feeds["input_ids"]).size) if "input_ids" in feeds else 0
-        keep = min(1.0, self.outlier_tokens / (len(values) * total)) if total else 1.0
+        keep = min(1.0, self.outlier_tokens / max(1, len(values) * total)) if total else 1.0
         xs = capture_rows(model, values, feeds, batch=2, desc="spin calibration", keep=keep,
                           seed=self.seed)
         tokens = max((len(x) for x in xs.values()), default=0)
