@@ -14,6 +14,8 @@ Notation: a linear computes ``y = x W^T + b`` with ``W [out, in]``. For an ortho
   mixes tokens, not channels, so ``P (V H) = (P V) H`` and ``H`` cancels inside ``W_o``.
 - :func:`online_before`: ``Linear(x) = Linear'(x K)`` with ``W' = W K`` and ``x K`` emitted
   online (``K = A (x) B`` as two small MatMuls): ``x K K^T W^T = x W^T``.
+  :func:`online_before_writers` applies it before the chosen stream writers (``down_proj``,
+  optionally ``o_proj``).
 - :func:`online_qk`: ``q -> q H, k -> k H`` after RoPE leaves ``q k^T`` unchanged.
 
 Weight edits are queued in :class:`WeightEdits` and applied one linear at a time in float64
@@ -218,6 +220,24 @@ def online_before(g, a: Analysis, edits: WeightEdits, keys: list[str]) -> bool:
         edits.apply(key, lambda wk, bk, fa=fa, fb=fb: (apply_kronecker(wk, fa, fb), bk))
     g.insert_transform(a.linears[keys[0]].input, keys, Kronecker((fa, fb)))
     return True
+
+
+def online_before_writers(g, a: Analysis, edits: WeightEdits, writers: list[str], *,
+                          mlp: bool = True, attention: bool = False) -> int:
+    """:func:`online_before` for each stream writer chosen: the MLP's (``down_proj``) when
+    ``mlp``, the attention's ``o_proj`` when ``attention`` (QuaRot's online Hadamard across
+    heads, on top of the folded per-head one). Returns the count; a size with no Hadamard is
+    skipped with a warning."""
+    o_projs = {s.o_proj for s in a.attention}
+    done = 0
+    for wk in (w for w in writers if (attention if w in o_projs else mlp)):
+        if online_before(g, a, edits, [wk]):
+            done += 1
+        else:
+            lin = a.linears[wk]
+            log.warning("no Hadamard of size %d: no online rotation before %s",
+                        lin.in_features, lin.name or wk)
+    return done
 
 
 def online_qk(g, a: Analysis) -> int:

@@ -135,15 +135,8 @@ class Rotate(Pass):
         folded = folds.fold_norms(g, a, readers, edits)
         writers = folds.rotate_residual(g, a, random_rotation(d, self.seed), readers, edits)
         ov = folds.rotate_ov(a, edits) if self.rotate_ov else 0
-        o_projs = {s.o_proj for s in a.attention}
-        online = 0
-        for wk in (w for w in writers if (self.online_o if w in o_projs else self.online_down)):
-            if folds.online_before(g, a, edits, [wk]):
-                online += 1
-            else:
-                lin = a.linears[wk]
-                log.warning("no Hadamard of size %d: no online rotation before %s",
-                            lin.in_features, lin.name or wk)
+        online = folds.online_before_writers(g, a, edits, writers, mlp=self.online_down,
+                                             attention=self.online_o)
         edits.flush()
         qk = folds.online_qk(g, a) if self.rotate_qk else 0
         return {"dim": d, "norms_folded": folded, "writers": len(writers),

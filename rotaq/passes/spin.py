@@ -108,10 +108,9 @@ class Spin(Pass, Calibrated):
         readers = folds.norm_readers(g, a)
         folded = folds.fold_norms(g, a, readers, edits)
         ov = folds.rotate_ov(a, edits) if self.rotate_ov else 0
-        o_projs = {s.o_proj for s in a.attention}
         writers = [wk for b in res.blocks for wk in b.writers]
-        online = sum(folds.online_before(g, a, edits, [wk]) for wk in writers
-                     if (self.online_o if wk in o_projs else self.online_down))
+        online = folds.online_before_writers(g, a, edits, writers, mlp=self.online_down,
+                                             attention=self.online_o)
         edits.flush()
         qk = folds.online_qk(g, a) if self.rotate_qk else 0
         # 2.-3. learn R1 from rotate's Hadamard
