@@ -10,9 +10,9 @@ before/after and its own time. ``kron-w4a4`` is taken from the recorded results
 (benchmarks/results/lowrank.json, run 2) unless a row runs it.
 
 Default rows: `w4a4-spin` (activation clip 0.8) and `w4a4-rotated` (clip 0.9) as shipped, and
-each with the other's clip, so that the learned rotation and the clip are measured apart. `kron-w4a4` is not a
-default row: its calibration took 56 min here (lowrank.json, run 2); add it with
-``--row kron-w4a4=kron-w4a4``. Earlier runs and their settings:
+each with the other's clip, so that the learned rotation and the clip are measured apart.
+`kron-w4a4` is not a default row: its calibration took 56 min here (lowrank.json, run 2); add
+it with ``--row kron-w4a4=kron-w4a4``. Earlier runs and their settings:
 benchmarks/results/spin_history.md.
 
 Writes benchmarks/results/spin.json and spin.md.
@@ -112,13 +112,13 @@ def main() -> None:
         rows.append(_row(spec, args))
         print(json.dumps(rows[-1]), flush=True)
     ran = {r["recipe"] for r in rows if not r["set"]}
-    recorded = {k: v for k, v in _recorded().items() if k in ("kron-w4a4",) and k not in ran}
+    recorded = {k: v for k, v in _recorded().items() if k == "kron-w4a4" and k not in ran}
     when = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
     with open(os.path.join(args.out, "spin.json"), "w") as f:
         json.dump({"date": when, "tokens": args.tokens, "rows": rows, "recorded": recorded},
                   f, indent=2)
-    title = (f"W4A4 on SmolLM2-135M, rows run one after another ({when} UTC, 2-core machine): int4 g128 "
-             f"asymmetric GPTQ weights with MSE clip, int4 per-token activations, int4 KV "
+    title = (f"W4A4 on SmolLM2-135M, rows run one after another ({when} UTC, 2-core "
+             f"machine): int4 g128 asymmetric GPTQ weights with MSE clip, int4 per-token activations, int4 KV "
              f"cache; Wikipedia perplexity on {args.tokens} tokens (512-token windows, ORT), "
              f"fp32 22.16. `python benchmarks/spin_bench.py`; each row `rotaq optimize "
              f"smollm2-135m --recipe R [--set ...]` then `rotaq eval --task ppl`, under "
