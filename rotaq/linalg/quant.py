@@ -178,3 +178,26 @@ def quantize_per_tensor(
     x = np.asarray(x, dtype=np.float64)
     q = np.clip(np.rint(x / scale) + zero_point, qmin, qmax)
     return (q - zero_point) * scale
+
+
+def search_act_clip(x: np.ndarray, weights: list[np.ndarray], grid: tuple[float, ...],
+                    bits: int = 4, symmetric: bool = True) -> tuple[float, dict[float, float]]:
+    """The clip ratio of ``grid`` whose per-token quantizer of ``x`` (rows = tokens) gives the
+    smallest output error of the linears reading it: ``sum_k ||(Q_c(x) - x) W_k^T||^2 /
+    ||x W_k^T||^2`` (each linear weighted equally). Returns (best clip, error per clip).
+
+    A smaller clip shrinks every token's step (``clip * amax / qmax``) and saturates its few
+    largest entries; which wins depends on the tails, so it is chosen per tensor, on the
+    calibration inputs, in the linears' output space (an entry a weight ignores costs nothing).
+    """
+    if not grid:
+        raise ValueError("search_act_clip: empty grid")
+    x = np.asarray(x, np.float32).reshape(-1, np.shape(x)[-1])
+    wt = [np.asarray(w, np.float32).T for w in weights]
+    ref = [float(np.square(x @ w).sum()) or 1.0 for w in wt]
+    errs: dict[float, float] = {}
+    for c in grid:
+        d = (quantize_per_token(x, bits, symmetric, float(c)) - x).astype(np.float32)
+        errs[float(c)] = sum(float(np.square(d @ w).sum()) / r for w, r in zip(wt, ref))
+    best = min(errs, key=lambda c: (errs[c], -c))
+    return best, errs

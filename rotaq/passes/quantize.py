@@ -66,7 +66,13 @@ class Quantize(Pass, Selected, Calibrated):
     a_calib: Literal["minmax", "percentile"] = "minmax"  # static only
     a_percentile: float = 99.99
     a_clip: float = 1.0
+    a_symmetric: bool = True  # dynamic: absmax (True) or min/max with a zero point per token
+    # dynamic: clip ratios to try per input (calibrated; the one with the least output error of
+    # the linears reading it wins, else a_clip for all)
+    a_clip_search: tuple[float, ...] = ()
     kv_bits: int = 0
+    kv_symmetric: bool = True
+    kv_clip: float = 1.0
     quantize_head: bool = False  # the head in the main format
     head_bits: int = 0  # >0: the head in its own int format (8: per channel; 4: w_group), RTN
     lowering: Literal["auto", "qdq", "matmulnbits", "dequant"] = "auto"  # ONNX only
@@ -82,6 +88,10 @@ class Quantize(Pass, Selected, Calibrated):
                                "or 8")
         if self.lowrank_rank < 0:
             raise RewriteError("quantize: lowrank_rank must be >= 0")
+        for c in (self.a_clip, self.kv_clip, *self.a_clip_search):
+            if not 0 < c <= 1:
+                raise RewriteError(f"quantize: clip ratio {c} (a_clip, kv_clip, a_clip_search) "
+                                   "must be in (0, 1]")
 
     def requires(self) -> tuple[str, ...]:
         return ("linears",)
@@ -103,7 +113,8 @@ class Quantize(Pass, Selected, Calibrated):
         keys = self._select(a)
         if not keys and not (self.head_bits or self.kv_bits):
             raise RewriteError(self._nothing_selected(a))
-        needs_calib = self.method == "gptq" or (self.a_bits and self.a_mode == "static")
+        needs_calib = self.method == "gptq" or bool(self.a_bits and (
+            self.a_mode == "static" or self.a_clip_search))
         eora = self.lowrank_rank > 0 and self.lowrank_mode == "eora"
         feeds = None
         if needs_calib or eora:
@@ -116,10 +127,11 @@ class Quantize(Pass, Selected, Calibrated):
             grams.update({k: st[v].gram for k, v in ins.items()})
             seen = max((s.count for s in st.values()), default=0)
         errors: dict[str, float] = {}
+        clips: dict[str, float] = {}  # the activation clip chosen per linear (a_clip_search)
         if needs_calib:
             from rotaq.passes.quantize_calib import calibrate_blockwise
 
-            errors, got = calibrate_blockwise(self, model, a, keys, feeds, grams)
+            errors, got, clips = calibrate_blockwise(self, model, a, keys, feeds, grams)
             seen = max(seen, got)
         else:
             for key in tqdm(keys, desc=f"quantize ({self.method})", unit="linear",
@@ -141,6 +153,11 @@ class Quantize(Pass, Selected, Calibrated):
         stats["kept_float"] = [a.linears[k].name or k for k in a.linears if k not in done]
         if self.lowrank_rank:
             stats["lowrank"] = f"{self.lowrank_mode} rank {self.lowrank_rank}"
+        if clips:
+            chosen = [clips[k] for k in a.linears if k in clips]
+            stats["a_clip_chosen"] = ", ".join(f"{c:g} x {chosen.count(c)}"
+                                               for c in sorted(set(chosen)))
+            stats["a_clip_per_linear"] = {a.linears[k].name or k: c for k, c in clips.items()}
         from rotaq.decoder_io import is_cache_graph
 
         if kv and is_cache_graph(model.graph):  # the fake-quantized K/V are what present.* holds
@@ -179,12 +196,12 @@ class Quantize(Pass, Selected, Calibrated):
         return groups
 
     # ---- calibration ---------------------------------------------------------------------
-    def _act(self, x: np.ndarray | None) -> ActQuant | None:
+    def _act(self, x: np.ndarray | None, clip: float | None = None) -> ActQuant | None:
         if not self.a_bits:
             return None
         if self.a_mode == "dynamic":
-            return ActQuant(bits=self.a_bits, mode="dynamic", symmetric=True,
-                            clip_ratio=self.a_clip)
+            return ActQuant(bits=self.a_bits, mode="dynamic", symmetric=self.a_symmetric,
+                            clip_ratio=self.a_clip if clip is None else clip)
         scale, zp = calibrate_per_tensor(x, bits=self.a_bits, method=self.a_calib,
                                          percentile=self.a_percentile, symmetric=False)
         return ActQuant(bits=self.a_bits, mode="static", symmetric=False, scale=float(scale),
@@ -207,10 +224,12 @@ class Quantize(Pass, Selected, Calibrated):
         return self._apply(g, key, sol)
 
     def _solve(self, w: np.ndarray, xtx: np.ndarray | None, count: int, x: np.ndarray | None,
-               fmt: QFormat | None = None, gram: np.ndarray | None = None) -> tuple:
+               fmt: QFormat | None = None, gram: np.ndarray | None = None,
+               a_clip: float | None = None) -> tuple:
         """(quantized weight, low-rank correction | None, activation quantizer | None, relative
         weight error) of weight ``w`` given its inputs' ``X^T X`` over ``count`` tokens (GPTQ's
-        Hessian is ``2 X^T X / count``) and, for static activations, the inputs ``x``."""
+        Hessian is ``2 X^T X / count``) and, for static activations, the inputs ``x``;
+        ``a_clip`` overrides the dynamic activation clip (chosen by ``a_clip_search``)."""
         head = fmt is not None
         fmt = fmt or self.fmt()
         n_in = w.shape[1]
@@ -236,7 +255,7 @@ class Quantize(Pass, Selected, Calibrated):
                 qw, correction = self._lowrank(w, xtx if gram is None else gram, quant)
             else:
                 qw = quant(w)
-        act = self._act(x) if not head or self.a_mode == "dynamic" else None
+        act = self._act(x, a_clip) if not head or self.a_mode == "dynamic" else None
         approx = qw.dequantize()[:, :n_in]
         if correction is not None:
             approx = approx + correction[0] @ correction[1]
@@ -269,7 +288,8 @@ class Quantize(Pass, Selected, Calibrated):
     def _kv_cache(self, model: Model) -> int:
         """Per-token fake quantization of K (post rotation) and V, per attention site."""
         a = model.analysis()
-        act = ActQuant(bits=self.kv_bits, mode="dynamic", symmetric=True)
+        act = ActQuant(bits=self.kv_bits, mode="dynamic", symmetric=self.kv_symmetric,
+                       clip_ratio=self.kv_clip)
         done = 0
         for site in a.attention:
             if not site.k_value or site.kind == "onnx-attention":
@@ -286,7 +306,8 @@ class Quantize(Pass, Selected, Calibrated):
         f = self.fmt()
         w = f"{f.kind}{f.bits if f.kind == 'int' else ''}"
         g = "per-channel" if f.group_size == -1 else f"g{f.group_size}"
-        a = f", a{self.a_bits} {self.a_mode}" if self.a_bits else ""
-        kv = f", kv{self.kv_bits}" if self.kv_bits else ""
+        a_asym = " asym" if self.a_mode == "dynamic" and not self.a_symmetric else ""
+        a = f", a{self.a_bits} {self.a_mode}{a_asym}" if self.a_bits else ""
+        kv = f", kv{self.kv_bits}{'' if self.kv_symmetric else ' asym'}" if self.kv_bits else ""
         sym = "sym" if f.symmetric else "asym"
         return f"w {w} {sym} {g}{' mse-clip' if f.clip == 'mse' else ''}{a}{kv}"

@@ -21,6 +21,7 @@ import numpy as np
 
 from rotaq import dist
 from rotaq.inputs import rows_of
+from rotaq.linalg.quant import search_act_clip
 from rotaq.model import Model
 from rotaq.rewriter.analysis import Analysis
 from rotaq.rewriter.blocks import BlockRunner, SegmentRun
@@ -28,6 +29,7 @@ from rotaq.rewriter.blocks import BlockRunner, SegmentRun
 log = logging.getLogger(__name__)
 
 CALIB_BATCH = 1  # rows per run: a row's activations do not depend on how rows are split
+CLIP_ROWS = 4096  # rows (tokens) of an input the activation clip search scores, evenly spaced
 
 
 def plan(a: Analysis, segs: list, keys: list[str]) -> dict[int, list[list[str]]]:
@@ -62,15 +64,18 @@ def shard_rows(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def calibrate_blockwise(q: Any, model: Model, a: Analysis, keys: list[str],
                         feeds: dict[str, np.ndarray], grams: dict[str, np.ndarray],
-                        spill: bool | str = False) -> tuple[dict[str, float], int]:
+                        spill: bool | str = False) -> tuple[dict[str, float], int, dict[str, float]]:
     """Quantize ``keys`` with ``q`` (a :class:`rotaq.passes.quantize.Quantize`) block by block;
-    returns (relative weight error per linear, tokens a calibrated linear saw)."""
+    returns (relative weight error per linear, tokens a calibrated linear saw, the activation
+    clip chosen per linear when ``q.a_clip_search`` is set)."""
     g = model.graph
     view = g.view()
     xin = {k: view.by_key[k].inputs[0] for k in keys}
     groups: dict[int, list[list[str]]] = {}
-    need_x = bool(q.a_bits and q.a_mode == "static")
+    search = bool(q.a_bits and q.a_mode == "dynamic" and q.a_clip_search)
+    need_x = bool(q.a_bits and q.a_mode == "static") or search
     errors: dict[str, float] = {}
+    clips: dict[str, float] = {}
     seen = 0
 
     def calibrate(group: list[str], sr: SegmentRun) -> None:
@@ -92,11 +97,17 @@ def calibrate_blockwise(q: Any, model: Model, a: Analysis, keys: list[str],
             count[v] = dist.allreduce_int(count[v])
             seen = max(seen, count[v])
         xs_all = {v: dist.gather_rows(np.concatenate(rows[v])) for v in values} if need_x else {}
+        for v in values if search else ():  # one clip per input, shared by the linears reading it
+            readers = [k for k in group if xin[k] == v]
+            x = xs_all[v][:: max(1, len(xs_all[v]) // CLIP_ROWS)]
+            best, _ = search_act_clip(x, [g.get_linear(k)[0] for k in readers], q.a_clip_search,
+                                      q.a_bits, q.a_symmetric)
+            clips.update(dict.fromkeys(readers, best))
 
         def solve(key: str) -> tuple:
             v = xin[key]
             return q._solve(g.get_linear(key)[0], xtx[v], count[v], xs_all.get(v),
-                            gram=grams.get(key))
+                            gram=grams.get(key), a_clip=clips.get(key))
 
         for key, sol in zip(group, dist.share(group, solve)):
             errors[key] = q._apply(g, key, sol)
@@ -113,4 +124,4 @@ def calibrate_blockwise(q: Any, model: Model, a: Analysis, keys: list[str],
                      analysis=a) as runner:
         groups.update(plan(a, runner.segments, keys))
         runner.run(hook, until=max(groups, default=-1), desc=f"quantize ({q.method})")
-    return errors, seen
+    return errors, seen, clips

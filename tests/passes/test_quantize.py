@@ -121,3 +121,36 @@ def test_w4a4_rotated_recipe_onnx():
     assert res.report["verify"]["rewrite"]["runtime"] == "ort"
     assert 0 < res.report["verify"]["rewrite"]["max_rel_error"] < 0.5
     assert sum(n.op == "quant" for n in res.model.graph.view().nodes) > 14
+
+
+def test_activation_clip_search_and_asymmetric_options(llama):
+    """``a_clip_search``: one clip per input tensor, shared by the linears reading it, recorded
+    per linear and used by the emitted quantizer (a one-value grid equals that fixed clip, bit
+    for bit); ``a_symmetric`` / ``kv_symmetric`` / ``kv_clip`` reach the emitted quantizers."""
+    model, heldout = llama
+    res = _q(model, w_bits=8, a_bits=4, a_clip_search=(0.6, 0.7, 0.8, 0.9, 1.0))
+    st = res.report["passes"][0]["stats"]
+    per = st["a_clip_per_linear"]
+    assert len(per) == 14 and set(per.values()) <= {0.6, 0.7, 0.8, 0.9, 1.0}
+    for i in range(2):
+        p = f"model.layers.{i}."
+        assert len({per[p + f"self_attn.{n}_proj"] for n in "qkv"}) == 1
+        assert per[p + "mlp.gate_proj"] == per[p + "mlp.up_proj"]
+    assert sum(int(part.split(" x ")[1]) for part in st["a_clip_chosen"].split(", ")) == 14
+    one = _q(model, w_bits=8, a_bits=4, a_clip_search=(0.8,)).model.run(heldout)
+    fixed = _q(model, w_bits=8, a_bits=4, a_clip=0.8).model.run(heldout)
+    other = _q(model, w_bits=8, a_bits=4, a_clip=0.9).model.run(heldout)
+    assert np.array_equal(one[0], fixed[0]) and not np.array_equal(one[0], other[0])
+    def chains(**opts):  # (asymmetric, symmetric) fake-quant chains: amin / abs first steps
+        r = _q(model, w_bits=8, a_bits=4, kv_bits=4, **opts)
+        first = [n.key.split("_")[0] for n in r.model.graph.view().nodes if n.op == "quant"]
+        return r, (first.count("amin"), first.count("abs"))
+
+    assert chains()[1] == (0, 14 + 4)  # 14 linear inputs, K and V of 2 layers
+    assert chains(a_symmetric=False)[1] == (14, 4)
+    asym, counted = chains(a_symmetric=False, kv_symmetric=False, kv_clip=0.95)
+    assert counted == (18, 0)
+    assert asym.report["passes"][0]["stats"]["format"].endswith("a4 dynamic asym, kv4 asym")
+    assert 0 < asym.report["max_rel_error"] < 0.2
+    with pytest.raises(RewriteError, match="clip ratio 1.5"):
+        rotaq.Recipe("q", [{"pass": "quantize", "a_clip_search": (0.8, 1.5)}], None).build()
