@@ -17,8 +17,8 @@ from rotaq.linalg.quant import (
     quant_error,
     quantize_per_tensor,
     quantize_per_token,
-    search_act_clip,
     quantize_rtn,
+    search_act_clip,
 )
 
 TOL = 1e-12
