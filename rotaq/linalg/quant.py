@@ -193,11 +193,16 @@ def search_act_clip(x: np.ndarray, weights: list[np.ndarray], grid: tuple[float,
     if not grid:
         raise ValueError("search_act_clip: empty grid")
     x = np.asarray(x, np.float32).reshape(-1, np.shape(x)[-1])
-    wt = [np.asarray(w, np.float32).T for w in weights]
-    ref = [float(np.square(x @ w).sum()) or 1.0 for w in wt]
+    # the stacked weights, each scaled by 1/sqrt(||x W_k^T||^2): the score is ||d M^T||^2, and
+    # when M has more rows than columns its R factor (M = Q R) gives the same norm, cheaper
+    m = np.concatenate([np.asarray(w, np.float32) / np.float32(
+        np.sqrt(float(np.square(x @ np.asarray(w, np.float32).T).sum()) or 1.0))
+        for w in weights])
+    if m.shape[0] > m.shape[1]:
+        m = np.linalg.qr(m.astype(np.float64), mode="r").astype(np.float32)
     errs: dict[float, float] = {}
     for c in grid:
         d = (quantize_per_token(x, bits, symmetric, float(c)) - x).astype(np.float32)
-        errs[float(c)] = sum(float(np.square(d @ w).sum()) / r for w, r in zip(wt, ref))
+        errs[float(c)] = float(np.square(d @ m.T).sum())
     best = min(errs, key=lambda c: (errs[c], -c))
     return best, errs
