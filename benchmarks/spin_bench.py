@@ -1,7 +1,7 @@
 """SpinQuant-style learned rotation (`w4a4-spin`) against the random Hadamard (`w4a4-rotated`)
-on SmolLM2-135M, side by side in one run: the same W4A4 quantizer (int4 g128 GPTQ weights, int4
-per-token activations, int4 KV cache), Wikipedia perplexity on 8192 tokens (512-token windows,
-ORT), calibration time.
+on SmolLM2-135M, side by side in one run: W4A4 (int4 g128 GPTQ weights, int4 per-token
+activations, int4 KV cache), Wikipedia perplexity on 8192 tokens (512-token windows, ORT),
+calibration time.
 
 Each row runs through the CLI, as a user runs it, under ``/usr/bin/time -v`` (wall time, peak
 RSS): ``rotaq optimize smollm2-135m --recipe R [--set OPT=V ...] -o R.onnx --json`` then
@@ -9,8 +9,9 @@ RSS): ``rotaq optimize smollm2-135m --recipe R [--set OPT=V ...] -o R.onnx --jso
 before/after and its own time. ``kron-w4a4`` is taken from the recorded results
 (benchmarks/results/lowrank.json, run 2) unless a row runs it.
 
-Default rows: `w4a4-spin` (activation clip 0.8) and `w4a4-rotated` (clip 0.9) as shipped, and
-each with the other's clip, so that the learned rotation and the clip are measured apart.
+Default rows: `w4a4-spin` and `w4a4-rotated` as shipped, and `w4a4-rotated` with the quantizer
+of `w4a4-spin` (asymmetric activations with a searched clip, asymmetric KV cache at clip 0.95,
+GPTQ on 8192 tokens), so that the learned rotation and the quantizer are measured apart.
 `kron-w4a4` is not a default row: its calibration took 56 min here (lowrank.json, run 2); add
 it with ``--row kron-w4a4=kron-w4a4``. Earlier runs and their settings:
 benchmarks/results/spin_history.md.
@@ -37,9 +38,11 @@ HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 MODEL = "smollm2-135m"
 
 
+SPIN_QUANTIZER = ("quantize.a_symmetric=false;quantize.a_clip_search=0.6,0.7,0.75,0.8,0.85,0.9,1.0;"
+                  "quantize.kv_symmetric=false;quantize.kv_clip=0.95;quantize.calib_tokens=8192;"
+                  "quantize.calib_window=512")  # the quantizer of w4a4-spin
 ROWS = ["w4a4-spin=w4a4-spin", "w4a4-rotated=w4a4-rotated",
-        "w4a4-spin, a_clip 0.9=w4a4-spin;spin.a_clip=0.9;quantize.a_clip=0.9",
-        "w4a4-rotated, a_clip 0.8=w4a4-rotated;quantize.a_clip=0.8"]
+        f"w4a4-rotated, w4a4-spin's quantizer=w4a4-rotated;{SPIN_QUANTIZER}"]
 
 
 def _parse(spec: str) -> tuple[str, str, list[str]]:
@@ -118,8 +121,8 @@ def main() -> None:
         json.dump({"date": when, "tokens": args.tokens, "rows": rows, "recorded": recorded},
                   f, indent=2)
     title = (f"W4A4 on SmolLM2-135M, rows run one after another ({when} UTC, 2-core "
-             f"machine): int4 g128 asymmetric GPTQ weights with MSE clip, int4 per-token activations, int4 KV "
-             f"cache; Wikipedia perplexity on {args.tokens} tokens (512-token windows, ORT), "
+             f"machine): int4 g128 asymmetric GPTQ weights with MSE clip, int4 per-token "
+             f"activations, int4 KV cache (each recipe's own settings); Wikipedia perplexity on {args.tokens} tokens (512-token windows, ORT), "
              f"fp32 22.16. `python benchmarks/spin_bench.py`; each row `rotaq optimize "
              f"smollm2-135m --recipe R [--set ...]` then `rotaq eval --task ppl`, under "
              f"/usr/bin/time -v.")

@@ -227,24 +227,3 @@ def gptq(
         time.perf_counter() - t0,
     )
     return QuantizedWeight(codes_orig, scale, zero, fmt, gscale)
-
-
-def fit_quantized_inputs(w: np.ndarray, xq_gram: np.ndarray, cross: np.ndarray,
-                         damp: float = 0.01) -> np.ndarray:
-    """The weight that best maps the quantized inputs to the float outputs:
-    ``argmin_V ||X W^T - Xq V^T||^2 = W C (Xq^T Xq + d I)^-1`` with ``C = X^T Xq`` (``cross``)
-    and ``Xq^T Xq`` (``xq_gram``), damped as GPTQ damps its Hessian (``d = damp *
-    mean(diag)``).
-
-    Rows of ``X`` are the inputs a linear sees, ``Xq`` the same rows after its activation
-    quantizer. GPTQ on this weight with ``Xq``'s Hessian minimizes the error of the product the
-    deployed linear computes, ``Q(V) Xq``, against the float ``W X`` (its plain form assumes
-    float inputs): ``||X W^T - Xq Q^T||^2 = tr((Q - V) Xq^T Xq (Q - V)^T) + const``.
-    """
-    h = np.array(xq_gram, dtype=np.float64, copy=True)
-    scale = float(np.mean(np.diag(h)))
-    if not scale > 0:  # no input reached the linear
-        return np.array(w, dtype=np.float64, copy=True)
-    h[np.diag_indices_from(h)] += damp * scale
-    rhs = np.asarray(cross, np.float64).T @ np.asarray(w, np.float64).T  # Xq^T X W^T
-    return np.linalg.solve(h, rhs).T

@@ -61,8 +61,6 @@ class Quantize(Pass, Selected, Calibrated):
     method: Literal["rtn", "gptq"] = "rtn"
     gptq_damp: float = 0.01
     gptq_act_order: bool = True
-    # GPTQ fits W x from the inputs after this linear's own activation quantizer (dynamic a_bits)
-    gptq_act_inputs: bool = False
     a_bits: int = 0  # 0: weight-only
     a_mode: Literal["dynamic", "static"] = "dynamic"  # per token | per tensor, calibrated
     a_calib: Literal["minmax", "percentile"] = "minmax"  # static only
@@ -90,10 +88,6 @@ class Quantize(Pass, Selected, Calibrated):
                                "or 8")
         if self.lowrank_rank < 0:
             raise RewriteError("quantize: lowrank_rank must be >= 0")
-        if self.gptq_act_inputs and not (self.method == "gptq" and self.a_bits
-                                         and self.a_mode == "dynamic"):
-            raise RewriteError("quantize: gptq_act_inputs needs method=gptq and dynamic "
-                               "activations (a_bits > 0, a_mode=dynamic)")
         for c in (self.a_clip, self.kv_clip, *self.a_clip_search):
             if not 0 < c <= 1:
                 raise RewriteError(f"quantize: clip ratio {c} (a_clip, kv_clip, a_clip_search) "

@@ -21,8 +21,7 @@ import numpy as np
 
 from rotaq import dist
 from rotaq.inputs import rows_of
-from rotaq.linalg.gptq import fit_quantized_inputs
-from rotaq.linalg.quant import quant_error, quantize_per_token, search_act_clip
+from rotaq.linalg.quant import search_act_clip
 from rotaq.model import Model
 from rotaq.rewriter.analysis import Analysis
 from rotaq.rewriter.blocks import BlockRunner, SegmentRun
@@ -74,8 +73,7 @@ def calibrate_blockwise(q: Any, model: Model, a: Analysis, keys: list[str],
     xin = {k: view.by_key[k].inputs[0] for k in keys}
     groups: dict[int, list[list[str]]] = {}
     search = bool(q.a_bits and q.a_mode == "dynamic" and q.a_clip_search)
-    fit_q = bool(q.gptq_act_inputs)
-    need_x = bool(q.a_bits and q.a_mode == "static") or search or fit_q
+    need_x = bool(q.a_bits and q.a_mode == "static") or search
     errors: dict[str, float] = {}
     clips: dict[str, float] = {}
     seen = 0
@@ -105,23 +103,11 @@ def calibrate_blockwise(q: Any, model: Model, a: Analysis, keys: list[str],
             best, _ = search_act_clip(x, [g.get_linear(k)[0] for k in readers], q.a_clip_search,
                                       q.a_bits, q.a_symmetric)
             clips.update(dict.fromkeys(readers, best))
-        fit = {}  # input -> (Xq^T Xq, X^T Xq): GPTQ fits the quantized inputs (gptq_act_inputs)
-        for v in values if fit_q else ():
-            k = next(k for k in group if xin[k] == v)
-            xs = np.asarray(xs_all[v], np.float64)
-            xq = quantize_per_token(xs, q.a_bits, q.a_symmetric, clips.get(k, q.a_clip))
-            fit[v] = (xq.T @ xq, xs.T @ xq)
 
         def solve(key: str) -> tuple:
             v = xin[key]
-            w = g.get_linear(key)[0]
-            if v not in fit:
-                return q._solve(w, xtx[v], count[v], xs_all.get(v), gram=grams.get(key),
-                                a_clip=clips.get(key))
-            target = fit_quantized_inputs(w, *fit[v], damp=q.gptq_damp)
-            qw, corr, act, _ = q._solve(target, fit[v][0], count[v], xs_all.get(v),
-                                        gram=grams.get(key), a_clip=clips.get(key))
-            return qw, corr, act, quant_error(w, qw.dequantize()[:, :w.shape[1]])
+            return q._solve(g.get_linear(key)[0], xtx[v], count[v], xs_all.get(v),
+                            gram=grams.get(key), a_clip=clips.get(key))
 
         for key, sol in zip(group, dist.share(group, solve)):
             errors[key] = q._apply(g, key, sol)
