@@ -73,7 +73,9 @@ def calibrate_blockwise(q: Any, model: Model, a: Analysis, keys: list[str],
     xin = {k: view.by_key[k].inputs[0] for k in keys}
     groups: dict[int, list[list[str]]] = {}
     search = bool(q.a_bits and q.a_mode == "dynamic" and q.a_clip_search)
-    need_x = bool(q.a_bits and q.a_mode == "static") or search
+    static = bool(q.a_bits and q.a_mode == "static")
+    need_x = static or search
+    n_rows = rows_of(feeds)  # the rows of every rank; the runner takes CALIB_BATCH (1) at a time
     errors: dict[str, float] = {}
     clips: dict[str, float] = {}
     seen = 0
@@ -90,8 +92,10 @@ def calibrate_blockwise(q: Any, model: Model, a: Analysis, keys: list[str],
                 xs = np.asarray(x, np.float64).reshape(-1, x.shape[-1])
                 xtx[v] = xtx[v] + xs.T @ xs if v in xtx else xs.T @ xs
                 count[v] = count.get(v, 0) + xs.shape[0]
-                if need_x:
-                    rows[v].append(x.reshape(-1, x.shape[-1]))
+                if need_x:  # static: every row; the clip search: ~CLIP_ROWS evenly spaced (a copy,
+                    xr = x.reshape(-1, x.shape[-1])  # so the part's buffer is not kept)
+                    step = 1 if static else max(1, n_rows * len(xr) // CLIP_ROWS)
+                    rows[v].append(xr if step == 1 else np.ascontiguousarray(xr[::step]))
         for v in values:
             xtx[v] = dist.allreduce_sum(xtx[v])
             count[v] = dist.allreduce_int(count[v])
@@ -99,9 +103,8 @@ def calibrate_blockwise(q: Any, model: Model, a: Analysis, keys: list[str],
         xs_all = {v: dist.gather_rows(np.concatenate(rows[v])) for v in values} if need_x else {}
         for v in values if search else ():  # one clip per input, shared by the linears reading it
             readers = [k for k in group if xin[k] == v]
-            x = xs_all[v][:: max(1, len(xs_all[v]) // CLIP_ROWS)]
-            best, _ = search_act_clip(x, [g.get_linear(k)[0] for k in readers], q.a_clip_search,
-                                      q.a_bits, q.a_symmetric)
+            best, _ = search_act_clip(xs_all[v], [g.get_linear(k)[0] for k in readers],
+                                      q.a_clip_search, q.a_bits, q.a_symmetric)
             clips.update(dict.fromkeys(readers, best))
 
         def solve(key: str) -> tuple:
