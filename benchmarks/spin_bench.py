@@ -38,11 +38,22 @@ HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 MODEL = "smollm2-135m"
 
 
-SPIN_QUANTIZER = ("quantize.a_symmetric=false;quantize.a_clip_search=0.6,0.7,0.75,0.8,0.85,0.9,1.0;"
-                  "quantize.kv_symmetric=false;quantize.kv_clip=0.95;quantize.calib_tokens=8192;"
-                  "quantize.calib_window=512")  # the quantizer of w4a4-spin
+def _spin_quantizer() -> str:
+    """The ``quantize`` options where `w4a4-spin` differs from `w4a4-rotated`, read from the two
+    recipes, as ``quantize.OPT=V;...`` (options `w4a4-spin` leaves out keep `w4a4-rotated`'s)."""
+    from rotaq.recipe import Recipe
+
+    spin, rot = (Recipe.load(r).passes[-1] for r in ("w4a4-spin", "w4a4-rotated"))
+
+    def text(v) -> str:
+        return ",".join(map(str, v)) if isinstance(v, list | tuple) else str(v).lower()
+
+    return ";".join(f"quantize.{k}={text(v)}" for k, v in spin.items()
+                    if k != "pass" and rot.get(k) != v)
+
+
 ROWS = ["w4a4-spin=w4a4-spin", "w4a4-rotated=w4a4-rotated",
-        f"w4a4-rotated, w4a4-spin's quantizer=w4a4-rotated;{SPIN_QUANTIZER}"]
+        f"w4a4-rotated, w4a4-spin's quantizer=w4a4-rotated;{_spin_quantizer()}"]
 
 
 def _parse(spec: str) -> tuple[str, str, list[str]]:
@@ -122,7 +133,8 @@ def main() -> None:
                   f, indent=2)
     title = (f"W4A4 on SmolLM2-135M, rows run one after another ({when} UTC, 2-core "
              f"machine): int4 g128 asymmetric GPTQ weights with MSE clip, int4 per-token "
-             f"activations, int4 KV cache (each recipe's own settings); Wikipedia perplexity on {args.tokens} tokens (512-token windows, ORT), "
+             f"activations, int4 KV cache (each recipe's own settings); Wikipedia perplexity "
+             f"on {args.tokens} tokens (512-token windows, ORT), "
              f"fp32 22.16. `python benchmarks/spin_bench.py`; each row `rotaq optimize "
              f"smollm2-135m --recipe R [--set ...]` then `rotaq eval --task ppl`, under "
              f"/usr/bin/time -v.")

@@ -92,8 +92,8 @@ def calibrate_blockwise(q: Any, model: Model, a: Analysis, keys: list[str],
                 xs = np.asarray(x, np.float64).reshape(-1, x.shape[-1])
                 xtx[v] = xtx[v] + xs.T @ xs if v in xtx else xs.T @ xs
                 count[v] = count.get(v, 0) + xs.shape[0]
-                if need_x:  # static: every row; the clip search: ~CLIP_ROWS evenly spaced (a copy,
-                    xr = x.reshape(-1, x.shape[-1])  # so the part's buffer is not kept)
+                if need_x:  # static: every row; the clip search: ~CLIP_ROWS evenly spaced,
+                    xr = x.reshape(-1, x.shape[-1])  # copied so the part's buffer is freed
                     step = 1 if static else max(1, n_rows * len(xr) // CLIP_ROWS)
                     rows[v].append(xr if step == 1 else np.ascontiguousarray(xr[::step]))
         for v in values:

@@ -141,6 +141,7 @@ def test_activation_clip_search_and_asymmetric_options(llama):
     fixed = _q(model, w_bits=8, a_bits=4, a_clip=0.8).model.run(heldout)
     other = _q(model, w_bits=8, a_bits=4, a_clip=0.9).model.run(heldout)
     assert np.array_equal(one[0], fixed[0]) and not np.array_equal(one[0], other[0])
+
     def chains(**opts):  # (asymmetric, symmetric) fake-quant chains: amin / abs first steps
         r = _q(model, w_bits=8, a_bits=4, kv_bits=4, **opts)
         first = [n.key.split("_")[0] for n in r.model.graph.view().nodes if n.op == "quant"]
