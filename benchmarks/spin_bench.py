@@ -81,19 +81,22 @@ def _row(spec: str, args) -> dict:
                               "--json"))
         with open(record, "w") as f:
             json.dump({"optimize": opt, "report": report, "eval": ev,
-                       "ppl": json.loads(out)["ppl"]}, f)
+                       "ppl": json.loads(out)["ppl"],
+                       "when": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}, f)
         for f in glob.glob(path + "*"):  # the model files are not needed once measured
             if f != record:
                 shutil.rmtree(f) if os.path.isdir(f) else os.remove(f)
     with open(record) as f:
         saved = json.load(f)
+    when = saved.get("when") or time.strftime("%Y-%m-%d %H:%M",  # records before 2026-12-03
+                                              time.gmtime(os.path.getmtime(record)))
     row = {"label": label, "recipe": recipe, "set": sets, "ppl": saved["ppl"],
-           "optimize": saved["optimize"], "eval": saved["eval"]}
+           "optimize": saved["optimize"], "eval": saved["eval"], "when": when}
     for p in saved["report"]["passes"]:
         if p.get("pass") == "spin":
             row["spin"] = {k: p["stats"].get(k) for k in (
                 "objective", "loss_init", "loss_final", "steps", "calibration_seconds",
-                "calibration_tokens")}
+                "calibration_tokens", "ov_learned", "ov_loss_init", "ov_loss_final")}
     return row
 
 
@@ -131,27 +134,32 @@ def main() -> None:
     with open(os.path.join(args.out, "spin.json"), "w") as f:
         json.dump({"date": when, "tokens": args.tokens, "rows": rows, "recorded": recorded},
                   f, indent=2)
-    title = (f"W4A4 on SmolLM2-135M, rows run one after another ({when} UTC, 2-core "
-             f"machine): int4 g128 asymmetric GPTQ weights with MSE clip, int4 per-token "
+    title = (f"W4A4 on SmolLM2-135M, rows run one after another (finished {when} UTC, each "
+             f"row's own time in the last column; a row reused with --reuse keeps its time; "
+             f"2-core machine): int4 g128 asymmetric GPTQ weights with MSE clip, int4 per-token "
              f"activations, int4 KV cache (each recipe's own settings); Wikipedia perplexity "
              f"on {args.tokens} tokens (512-token windows, ORT), "
              f"fp32 22.16. `python benchmarks/spin_bench.py`; each row `rotaq optimize "
              f"smollm2-135m --recipe R [--set ...]` then `rotaq eval --task ppl`, under "
              f"/usr/bin/time -v.")
-    header = ("| row | options | ppl | spin loss (start -> learned) | spin steps | "
-              "spin time (s) | optimize wall (s) | optimize peak RSS (MiB) |")
-    lines = [title, "", header, "|---|---|---|---|---|---|---|---|"]
+    header = ("| row | options | ppl | spin loss R1 (start -> learned) | R2 loss, mean per "
+              "attention | spin steps | spin time (s) | optimize wall (s) | optimize peak RSS "
+              "(MiB) | run (UTC) |")
+    lines = [title, "", header, "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         s = r.get("spin") or {}
         loss = (f"{s['loss_init']:.4f} -> {s['loss_final']:.4f} ({s['objective']})"
                 if s else "")
+        r2 = (f"{s['ov_loss_init']:.4f} -> {s['ov_loss_final']:.4f} ({s['ov_learned']})"
+              if s.get("ov_learned") else "")
         opts = " ".join(f"`{o}`" for o in r["set"]) or "as shipped"
-        lines.append(f"| {r['label']} | {opts} | {r['ppl']:.2f} | {loss} | "
+        lines.append(f"| {r['label']} | {opts} | {r['ppl']:.2f} | {loss} | {r2} | "
                      f"{s.get('steps', '')} | {s.get('calibration_seconds', '')} | "
-                     f"{r['optimize']['wall_s']} | {r['optimize']['peak_rss_mib']} |")
+                     f"{r['optimize']['wall_s']} | {r['optimize']['peak_rss_mib']} | "
+                     f"{r['when']} |")
     for name, ppl in recorded.items():
-        lines.append(f"| {name} | recorded (results/lowrank.md, run 2) | {ppl:.2f} | | | | "
-                     f"| |")
+        lines.append(f"| {name} | recorded (results/lowrank.md, run 2) | {ppl:.2f} | | | | | "
+                     f"| | |")
     lines += ["", "Commands as run (from each row's record):", ""]
     lines += [f"- {r['label']}: `{r['optimize']['cmd']}`" for r in rows]
     with open(os.path.join(args.out, "spin.md"), "w") as f:

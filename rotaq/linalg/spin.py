@@ -172,16 +172,55 @@ def outlier_objective(xs: list[np.ndarray], p: float = 8.0, tokens: int = 32768,
     rng = np.random.default_rng(seed)
     if len(rows) > tokens:
         rows = rows[np.sort(rng.choice(len(rows), tokens, replace=False))]
-    rms = np.sqrt((rows.astype(np.float64) ** 2).mean(-1, keepdims=True))
-    keep = rms[:, 0] > 0
-    data = torch.as_tensor((rows[keep] / rms[keep]).astype(np.float32))
+    data = _unit_rms(rows)
 
     def fn(rt: torch.Tensor, step: int = 0) -> float:
-        loss = (data @ rt).abs().pow(p).mean(-1).pow(2.0 / p).mean()
+        loss = _peak_ratio(data @ rt, p).mean()
         loss.backward()
         return float(loss.detach())
 
     return fn
+
+
+def head_outlier_objective(sets: list[tuple[np.ndarray, int]], head_dim: int,
+                           p: float = 8.0) -> Objective:
+    """:func:`outlier_objective` for a per-head rotation ``R2`` (``[head_dim, head_dim]``) that
+    acts on every head of a row, ``(x_1, .., x_k) -> (x_1 R2, .., x_k R2)`` (``rotate_ov``'s
+    fold: the values and the o_proj input of one attention).
+
+    ``sets``: ``(rows [T, n], group)`` with ``n`` and ``group`` multiples of ``head_dim``; the
+    peak-to-RMS power mean is taken over each ``group`` consecutive channels, the span of the
+    quantizer that reads them (the whole row for o_proj's per-token activation, one head for
+    the per-token-and-head KV cache), averaged over the groups of a set, summed over the sets.
+    A group's RMS does not depend on ``R2`` (it acts within heads), so it is divided out once."""
+    data = []
+    for rows, group in sets:
+        rows = np.asarray(rows, np.float32)
+        n = rows.shape[-1]
+        if group % head_dim or n % group:
+            raise ValueError(f"spin: group {group} does not tile rows of {n} channels in heads "
+                             f"of {head_dim}")
+        g = _unit_rms(rows.reshape(-1, group))
+        data.append(g.reshape(len(g), group // head_dim, head_dim))
+
+    def fn(rt: torch.Tensor, step: int = 0) -> float:
+        loss = sum(_peak_ratio((x @ rt).flatten(1), p).mean() for x in data)
+        loss.backward()
+        return float(loss.detach())
+
+    return fn
+
+
+def _unit_rms(rows: np.ndarray) -> torch.Tensor:
+    """The rows divided by their RMS (all-zero rows dropped), float32."""
+    rms = np.sqrt((rows.astype(np.float64) ** 2).mean(-1, keepdims=True))
+    keep = rms[:, 0] > 0
+    return torch.as_tensor((rows[keep] / rms[keep]).astype(np.float32))
+
+
+def _peak_ratio(y: torch.Tensor, p: float) -> torch.Tensor:
+    """Per row, ``(mean_j |y_j|^p)^(2/p)`` (the squared power mean; rows of unit RMS)."""
+    return y.abs().pow(p).mean(-1).pow(2.0 / p)
 
 
 def reader(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, r: torch.Tensor,

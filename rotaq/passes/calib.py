@@ -134,20 +134,25 @@ def capture_blockwise(model: Model, values: list[str], feeds: dict[str, np.ndarr
 
 
 def capture_rows(model: Model, values: list[str], feeds: dict[str, np.ndarray],
-                 batch: int = 2, desc: str = "calibrate", keep: float = 1.0,
+                 batch: int = 2, desc: str = "calibrate", keep: float | dict[str, float] = 1.0,
                  seed: int = 0) -> dict[str, np.ndarray]:
     """Each value over all tokens of ``feeds`` as float32 ``[tokens, channels]``, in one
-    block-wise pass (across processes: every rank's rows, gathered in rank order). ``keep < 1``:
-    each token row kept with that probability (seeded), so memory is that fraction."""
+    block-wise pass (across processes: every rank's rows, gathered in rank order). ``keep < 1``
+    (one fraction, or one per value): each row kept with that probability, drawn from a
+    generator of ``seed`` and the value's name, so a value's sample does not depend on what
+    else is captured; memory is that fraction."""
+    import zlib
+
     from rotaq import dist
 
     parts: dict[str, list[np.ndarray]] = {v: [] for v in values}
-    rng = np.random.default_rng(seed)
+    rngs = {v: np.random.default_rng([seed, zlib.crc32(v.encode())]) for v in values}
 
     def take(v: str, x: np.ndarray) -> None:
         x = np.asarray(x, np.float32)
         x = x.reshape(-1, x.shape[-1])
-        parts[v].append(x if keep >= 1 else x[rng.random(len(x)) < keep].copy())
+        frac = keep.get(v, 1.0) if isinstance(keep, dict) else keep
+        parts[v].append(x if frac >= 1 else x[rngs[v].random(len(x)) < frac].copy())
 
     capture_blockwise(model, sorted(set(values)), rank_rows(model, feeds), batch, take, desc)
     return {v: dist.gather_rows(np.concatenate(p)) for v, p in parts.items()}

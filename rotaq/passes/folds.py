@@ -25,7 +25,7 @@ Weight edits are queued in :class:`WeightEdits` and applied one linear at a time
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import numpy as np
 
@@ -155,15 +155,21 @@ def rotate_residual(g, a: Analysis, q: Rotation, readers: dict[str, list[str]],
     return writers
 
 
-def rotate_ov(a: Analysis, edits: WeightEdits, h: np.ndarray | None = None) -> int:
+def rotate_ov(a: Analysis, edits: WeightEdits,
+              h: np.ndarray | Mapping[str, np.ndarray] | None = None) -> int:
     """Per-head ``W_v <- (I (x) H)^T W_v``, ``W_o <- W_o (I (x) H)`` at every attention whose V
     and O projections are separate linears (or one packed q|k|v projection feeding ORT's
     GroupQueryAttention). ``h``: the [head_dim, head_dim] rotation (default: the normalized
-    Hadamard). Returns the attentions rotated."""
+    Hadamard), or one per attention keyed by its o_proj linear (attentions left out are not
+    rotated). Folds compose: a second call rotates by ``H H'``. Returns the attentions
+    rotated."""
     done = 0
     for site in a.attention:
         hd = site.head_dim
-        hh = normalized_hadamard(hd) if h is None and is_hadamard_size(hd) else h
+        if isinstance(h, Mapping):
+            hh = h.get(site.o_proj or "")
+        else:
+            hh = normalized_hadamard(hd) if h is None and is_hadamard_size(hd) else h
         if hh is None or hh.shape != (hd, hd):
             continue
         if _rotate_packed_ov(edits, site, a, hh):

@@ -17,10 +17,17 @@ group under the weight/activation quantizers that the following ``quantize`` pas
 - ``layer``: the mean relative output error of every stream linear on captured inputs (one
   block-wise capture; memory grows with the captures, not the activations of a whole forward).
 
+``learn_ov``: the per-head V/O rotation ``R2`` of each attention is learned too (SpinQuant's
+R2), from ``rotate``'s Hadamard, by Cayley SGD on the same outlier proxy taken over the
+quantizers that read the rotated heads: o_proj's per-token input (the whole row) and the
+per-token-and-head KV cache (one head of V) (:func:`spin.head_outlier_objective`). One small
+problem per attention on a sample of its captured rows, so its cost grows with one block.
+
 Order of work: (1) the R1-independent folds: norm scales into their readers, the per-head V/O
 Hadamard, the online Hadamard before each MLP writer, the optional online Q/K rotation; (2) the
-calibration data; (3) Cayley SGD on R1 (the best iterate is kept); (4) ``rotate_residual(R1)``.
-In float the result equals the input model whatever R1 is learned (the folds are exact).
+calibration data; (3) Cayley SGD on R1 (the best iterate is kept), then on each R2;
+(4) ``rotate_residual(R1)`` and ``rotate_ov(R2)`` on top of the Hadamard. In float the result
+equals the input model whatever R1 and R2 are learned (the folds are exact).
 """
 
 from __future__ import annotations
@@ -78,6 +85,7 @@ class Spin(Pass, Calibrated):
     check_rows: int = 4  # e2e minibatches: rows on which the start and the result are compared
     outlier_p: float = 8.0  # outlier: the power mean that stands in for the max
     outlier_tokens: int = 32768  # outlier: reader-input rows sampled (over all blocks)
+    learn_ov: bool = False  # R2: learn each attention's per-head V/O rotation (module doc)
 
     def validate(self) -> None:
         if self.w_bits not in (0, 2, 3, 4, 8) or self.a_bits not in (0, 2, 3, 4, 8):
@@ -89,6 +97,9 @@ class Spin(Pass, Calibrated):
             raise RewriteError("spin: outlier_p must be >= 2 and outlier_tokens >= 1")
         if not 0 < self.a_clip <= 1:
             raise RewriteError("spin: a_clip must be in (0, 1]")
+        if self.learn_ov and (not self.rotate_ov or self.online_o):
+            raise RewriteError("spin: learn_ov learns the per-head V/O rotation from rotate_ov's "
+                               "Hadamard: it needs rotate_ov=true and online_o=false")
 
     def requires(self) -> tuple[str, ...]:
         return ("linears", "residual", "before:rotate", "before:spin", "before:quantize")
@@ -107,7 +118,10 @@ class Spin(Pass, Calibrated):
         edits = folds.WeightEdits(g)
         readers = folds.norm_readers(g, a)
         folded = folds.fold_norms(g, a, readers, edits)
+        before = {k: len(v) for k, v in edits.ops.items()}
         ov = folds.rotate_ov(a, edits) if self.rotate_ov else 0
+        ov_keys = [s.o_proj for s in a.attention if self.learn_ov and s.o_proj and
+                   len(edits.ops.get(s.o_proj, ())) > before.get(s.o_proj, 0)]
         writers = [wk for b in res.blocks for wk in b.writers]
         online = folds.online_before_writers(g, a, edits, writers, mlp=self.online_down,
                                              attention=self.online_o)
@@ -121,17 +135,24 @@ class Spin(Pass, Calibrated):
         r0 = spin.random_start(d, self.seed)
         q = spin.Quantizers(self.w_bits, self.w_group, self.w_symmetric, self.a_bits,
                             self.a_clip)
-        check = None
+        check, ov_rows = None, {}
+        ov_sets = self._ov_sets(a, ov_keys)
+        ov_values = sorted({v for _, vs in ov_sets.values() for v, _ in vs})
         if self.objective == "e2e":
             objective, check, tokens = self._e2e(model, a, readers, feeds, q)
         elif self.objective == "layer":
             objective, tokens = self._layer(model, a, readers, feeds, q)
         else:
-            objective, tokens = self._outlier(model, a, readers, feeds)
+            values = sorted({a.linears[readers[nk][0]].input for b in a.residual.blocks
+                             for nk in b.norms})
+            (xs, ov_rows), tokens = self._sample(model, feeds, [values, ov_values])
+            objective = spin.outlier_objective(list(xs.values()), self.outlier_p,
+                                               self.outlier_tokens, self.seed)
+        if ov_values and self.objective != "outlier":
+            (ov_rows,), _ = self._sample(model, feeds, [ov_values])
         if check is None or check.full_batch:
             check = None
-        steps, lr = (v if v is not None else d for v, d in
-                     zip((self.steps, self.lr), STEPS_LR[self.objective]))
+        steps, lr = self._steps_lr(self.objective)
         bar = tqdm(total=steps + 1, desc=f"spin ({self.objective}, Cayley SGD)",
                    unit="step", leave=False)
 
@@ -147,9 +168,11 @@ class Spin(Pass, Calibrated):
         if check is not None:  # minibatches: compare start and end on the check rows
             learned = check.choose(r0, learned)
         del objective, check
-        # 4. the learned rotation, folded exactly
+        r2, ov_stats = self._learn_ov(ov_sets, ov_rows) if ov_keys else ({}, {})
+        # 4. the learned rotations, folded exactly
         edits = folds.WeightEdits(g)
         folds.rotate_residual(g, a, folds.dense_rotation(learned.rotation), readers, edits)
+        folds.rotate_ov(a, edits, r2)
         edits.flush()
         seconds = time.time() - t0
         log.info("spin: %s loss %.5g -> %.5g in %d steps (%.0f s)", self.objective,
@@ -159,7 +182,8 @@ class Spin(Pass, Calibrated):
                  "objective": self.objective, "loss_init": learned.loss_init,
                  "loss_final": learned.loss_final, "steps": learned.steps,
                  "loss_per_step": [round(v, 5) for v in learned.history],
-                 "calibration_seconds": round(seconds, 1), **counts(feeds, tokens)}
+                 **ov_stats, "calibration_seconds": round(seconds, 1),
+                 **counts(feeds, tokens)}
         folds.cache_note(model, stats)
         return PassResult(model, True, stats)
 
@@ -178,20 +202,57 @@ class Spin(Pass, Calibrated):
         tokens = max((x.shape[0] for x in xs.values()), default=0)
         return spin.layer_objective(blocks, q), tokens
 
-    def _outlier(self, model: Model, a, readers: dict[str, list[str]], feeds):
-        """The outlier objective: a sample of every block's reader inputs (the normalized
-        stream before each quantized reader group; the float head's input is left out)."""
-        values = sorted({a.linears[readers[nk][0]].input for b in a.residual.blocks
-                         for nk in b.norms})
-        # a text model: sample while capturing, so memory is outlier_tokens rows, not
-        # blocks x tokens (other inputs: everything captured, then sampled)
+    def _steps_lr(self, objective: str) -> tuple[int, float]:
+        """``steps`` and ``lr`` as set, else ``objective``'s defaults (STEPS_LR)."""
+        own = objective == self.objective
+        return tuple(v if v is not None and own else d for v, d in
+                     zip((self.steps, self.lr), STEPS_LR[objective]))
+
+    def _sample(self, model: Model, feeds, groups: list[list[str]]):
+        """One block-wise capture of several groups of values, each group sampled while
+        capturing to about ``outlier_tokens`` rows in all (a text model: memory is that sample,
+        not blocks x tokens; other inputs: everything captured). Returns one dict per group and
+        the tokens seen."""
         total = int(np.asarray(feeds["input_ids"]).size) if "input_ids" in feeds else 0
-        keep = min(1.0, self.outlier_tokens / max(1, len(values) * total)) if total else 1.0
-        xs = capture_rows(model, values, feeds, batch=2, desc="spin calibration", keep=keep,
-                          seed=self.seed)
+        keep = {v: min(1.0, self.outlier_tokens / max(1, len(vs) * total)) if total else 1.0
+                for vs in groups for v in vs}
+        xs = capture_rows(model, sorted(keep), feeds, batch=2, desc="spin calibration",
+                          keep=keep, seed=self.seed)
         tokens = max((len(x) for x in xs.values()), default=0)
-        return (spin.outlier_objective(list(xs.values()), self.outlier_p, self.outlier_tokens,
-                                       self.seed), total or tokens)
+        return [{v: xs[v] for v in vs} for vs in groups], total or tokens
+
+    @staticmethod
+    def _ov_sets(a, keys: list[str]) -> dict[str, tuple[int, list[tuple[str, int]]]]:
+        """Per attention (keyed by o_proj) its head_dim and the captured values its R2 rotates,
+        each with the span of the quantizer reading it: o_proj's input (its whole row) and,
+        unless packed with q/k, V as the attention reads it (one head)."""
+        sets = {}
+        for site in a.attention:
+            if site.o_proj in keys:
+                vs = [(a.linears[site.o_proj].input, a.linears[site.o_proj].in_features)]
+                if site.v_value and site.v_proj not in (site.q_proj, site.k_proj):
+                    vs.append((site.v_value, site.head_dim))
+                sets[site.o_proj] = (site.head_dim, vs)
+        return sets
+
+    def _learn_ov(self, sets: dict[str, tuple[int, list[tuple[str, int]]]],
+                  rows: dict[str, np.ndarray]):
+        """R2 of each attention: Cayley SGD from the identity (on top of the folded Hadamard)
+        on :func:`spin.head_outlier_objective` of its sampled rows."""
+        steps, lr = self._steps_lr("outlier")
+        out, init, final = {}, 0.0, 0.0
+        for key, (hd, vs) in tqdm(sets.items(), desc="spin R2 (per-head V/O, Cayley SGD)",
+                                  unit="attention", leave=False):
+            fn = spin.head_outlier_objective([(rows[v], group) for v, group in vs], hd,
+                                             self.outlier_p)
+            res = spin.cayley_minimize(fn, np.eye(hd), steps=steps, lr=lr)
+            out[key] = res.rotation
+            init, final = init + res.loss_init, final + res.loss_final
+        n = max(1, len(out))
+        log.info("spin: R2 of %d attentions, outlier loss %.5g -> %.5g", len(out), init / n,
+                 final / n)
+        return out, {"ov_learned": len(out), "ov_loss_init": round(init / n, 5),
+                     "ov_loss_final": round(final / n, 5)}
 
     def _e2e(self, model: Model, a, readers: dict[str, list[str]], feeds, q: spin.Quantizers):
         """The end-to-end objective: next-token cross-entropy of the rotated, quantized network
