@@ -191,20 +191,26 @@ def head_outlier_objective(sets: list[tuple[np.ndarray, int]], head_dim: int,
     ``sets``: ``(rows [T, n], group)`` with ``n`` and ``group`` multiples of ``head_dim``; the
     peak-to-RMS power mean is taken over each ``group`` consecutive channels, the span of the
     quantizer that reads them (the whole row for o_proj's per-token activation, one head for
-    the per-token-and-head KV cache), averaged over the groups of a set, summed over the sets.
-    A group's RMS does not depend on ``R2`` (it acts within heads), so it is divided out once."""
+    the per-token-and-head KV cache, ``w_group`` inputs for a row of W_o, whose columns R2
+    rotates too), averaged over the groups of a set, summed over the sets. A ragged last group
+    (576 inputs in groups of 128) is a group of its own size. A group's RMS does not depend on
+    ``R2`` (it acts within heads), so it is divided out once."""
     data = []
     for rows, group in sets:
         rows = np.asarray(rows, np.float32)
         n = rows.shape[-1]
-        if group % head_dim or n % group:
-            raise ValueError(f"spin: group {group} does not tile rows of {n} channels in heads "
-                             f"of {head_dim}")
-        g = _unit_rms(rows.reshape(-1, group))
-        data.append(g.reshape(len(g), group // head_dim, head_dim))
+        full = n - n % group
+        chunks = [(rows[:, :full], group), (rows[:, full:], n - full)]
+        if any(size % head_dim for _, size in chunks):
+            raise ValueError(f"spin: groups of {group} of rows of {n} channels do not fall on "
+                             f"heads of {head_dim}")
+        parts = [_unit_rms(x.reshape(-1, size)).reshape(-1, size // head_dim, head_dim)
+                 for x, size in chunks if size]
+        data.append((parts, max(1, sum(len(x) for x in parts))))
 
     def fn(rt: torch.Tensor, step: int = 0) -> float:
-        loss = sum(_peak_ratio((x @ rt).flatten(1), p).mean() for x in data)
+        loss = sum(sum(_peak_ratio((x @ rt).flatten(1), p).sum() for x in parts) / count
+                   for parts, count in data)
         loss.backward()
         return float(loss.detach())
 

@@ -133,7 +133,15 @@ def test_head_outlier_objective_spans_and_flattens_a_planted_head_channel():
     for rows, group in ((x, heads * hd), (v, hd)):
         before, after = int4_error(rows, np.eye(hd), group), int4_error(rows, res.rotation, group)
         assert after < before / 3, (group, before, after)
-    with pytest.raises(ValueError, match="does not tile"):
+    # a ragged last group is a group of its own size: 5 heads in groups of 2 heads -> 2 + 2 + 1
+    x5 = rng.standard_normal((40, 5 * hd))
+    ragged = spin.head_outlier_objective([(x5, 2 * hd)], hd, p=6.0)(
+        torch.eye(hd, requires_grad=True), 0)
+    groups = [x5[:, :2 * hd], x5[:, 2 * hd:4 * hd], x5[:, 4 * hd:]]
+    want = np.mean(np.concatenate([np.mean(np.abs(g) ** 6, -1) ** (1 / 3) / np.mean(g ** 2, -1)
+                                   for g in groups]))
+    assert abs(ragged - want) < 1e-5 * want
+    with pytest.raises(ValueError, match="do not fall on"):
         spin.head_outlier_objective([(x, 24)], hd)
 
 
