@@ -156,14 +156,14 @@ def rotate_residual(g, a: Analysis, q: Rotation, readers: dict[str, list[str]],
 
 
 def rotate_ov(a: Analysis, edits: WeightEdits,
-              h: np.ndarray | Mapping[str, np.ndarray] | None = None) -> int:
+              h: np.ndarray | Mapping[str, np.ndarray] | None = None) -> list[str]:
     """Per-head ``W_v <- (I (x) H)^T W_v``, ``W_o <- W_o (I (x) H)`` at every attention whose V
     and O projections are separate linears (or one packed q|k|v projection feeding ORT's
     GroupQueryAttention). ``h``: the [head_dim, head_dim] rotation (default: the normalized
     Hadamard), or one per attention keyed by its o_proj linear (attentions left out are not
-    rotated). Folds compose: a second call rotates by ``H H'``. Returns the attentions
-    rotated."""
-    done = 0
+    rotated). Folds compose: a second call rotates by ``H H'``. Returns the o_proj keys of the
+    attentions rotated."""
+    done = []
     for site in a.attention:
         hd = site.head_dim
         if isinstance(h, Mapping):
@@ -173,7 +173,7 @@ def rotate_ov(a: Analysis, edits: WeightEdits,
         if hh is None or hh.shape != (hd, hd):
             continue
         if _rotate_packed_ov(edits, site, a, hh):
-            done += 1
+            done.append(site.o_proj)
             continue
         if site.v_proj and site.o_proj and site.v_proj not in (site.q_proj, site.k_proj):
             hv = np.kron(np.eye(a.linears[site.v_proj].out_features // hd), hh)
@@ -181,7 +181,7 @@ def rotate_ov(a: Analysis, edits: WeightEdits,
             edits.apply(site.v_proj, lambda wv, bv, hv=hv: (
                 hv.T @ wv, None if bv is None else bv @ hv))
             edits.apply(site.o_proj, lambda wo, bo, ho=ho: (wo @ ho, bo))
-            done += 1
+            done.append(site.o_proj)
     return done
 
 

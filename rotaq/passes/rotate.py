@@ -134,13 +134,13 @@ class Rotate(Pass):
         readers = folds.norm_readers(g, a)
         folded = folds.fold_norms(g, a, readers, edits)
         writers = folds.rotate_residual(g, a, random_rotation(d, self.seed), readers, edits)
-        ov = folds.rotate_ov(a, edits) if self.rotate_ov else 0
+        ov = folds.rotate_ov(a, edits) if self.rotate_ov else []
         online = folds.online_before_writers(g, a, edits, writers, mlp=self.online_down,
                                              attention=self.online_o)
         edits.flush()
         qk = folds.online_qk(g, a) if self.rotate_qk else 0
         return {"dim": d, "norms_folded": folded, "writers": len(writers),
-                "readers": sum(len(r) for r in readers.values()), "ov_heads_rotated": ov,
+                "readers": sum(len(r) for r in readers.values()), "ov_heads_rotated": len(ov),
                 "online_hadamards": online, "qk_rotated": qk}
 
     # ---- per-linear online rotation ---------------------------------------------------------

@@ -118,10 +118,8 @@ class Spin(Pass, Calibrated):
         edits = folds.WeightEdits(g)
         readers = folds.norm_readers(g, a)
         folded = folds.fold_norms(g, a, readers, edits)
-        before = {k: len(v) for k, v in edits.ops.items()}
-        ov = folds.rotate_ov(a, edits) if self.rotate_ov else 0
-        ov_keys = [s.o_proj for s in a.attention if self.learn_ov and s.o_proj and
-                   len(edits.ops.get(s.o_proj, ())) > before.get(s.o_proj, 0)]
+        ov = folds.rotate_ov(a, edits) if self.rotate_ov else []
+        ov_keys = ov if self.learn_ov else []
         writers = [wk for b in res.blocks for wk in b.writers]
         online = folds.online_before_writers(g, a, edits, writers, mlp=self.online_down,
                                              attention=self.online_o)
@@ -178,7 +176,7 @@ class Spin(Pass, Calibrated):
         log.info("spin: %s loss %.5g -> %.5g in %d steps (%.0f s)", self.objective,
                  learned.loss_init, learned.loss_final, learned.steps, seconds)
         stats = {"dim": d, "norms_folded": folded, "writers": len(writers),
-                 "ov_heads_rotated": ov, "online_hadamards": int(online), "qk_rotated": qk,
+                 "ov_heads_rotated": len(ov), "online_hadamards": int(online), "qk_rotated": qk,
                  "objective": self.objective, "loss_init": learned.loss_init,
                  "loss_final": learned.loss_final, "steps": learned.steps,
                  "loss_per_step": [round(v, 5) for v in learned.history],
