@@ -57,7 +57,7 @@ class RandomOrthogonal(Pass):
         writers = folds.rotate_residual(g, a, q, readers, edits)
         ov = 0
         if self.rotate_ov and a.attention:
-            ov = folds.rotate_ov(a, edits, haar_orthogonal(a.attention[0].head_dim, rng))
+            ov = len(folds.rotate_ov(a, edits, haar_orthogonal(a.attention[0].head_dim, rng)))
         edits.flush()
         stats = {"dim": d, "norms_folded": folded, "writers": len(writers),
                  "ov_heads_rotated": ov}
